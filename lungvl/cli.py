@@ -1,0 +1,27 @@
+"""The ``lungvl`` command: one front door for hospital IT, the consortium coordinator and researchers."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from lungvl import cmd_data, cmd_demo, cmd_report, cmd_rules, cmd_site, cmd_train
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+app = typer.Typer(
+    help="lungvl: federated, differentially private, explainable lung-cancer risk from chest CT.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(cmd_data.app, name="data")
+app.add_typer(cmd_rules.app, name="rules")
+app.add_typer(cmd_report.app, name="report")
+app.add_typer(cmd_site.app, name="site")
+app.command("demo")(cmd_demo.demo)
+app.command("train")(cmd_train.train)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,69 @@
+"""``lungvl rules``: Lung-RADS v2022 and Brock on CSV files."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+
+from lungvl.console import err
+from lungvl_model.clinical import (
+    BROCK_COLUMN,
+    LUNG_RADS_COLUMN,
+    brock_csv,
+    lung_rads_csv,
+    read_csv_rows,
+    write_csv_rows,
+)
+
+app = typer.Typer(help="Clinical rules: Lung-RADS v2022 and the Brock model on CSV rows.", no_args_is_help=True)
+
+
+def _run(csv_path: Path, out: Path | None, fn: Callable, column: str) -> None:
+    try:
+        header, rows = read_csv_rows(csv_path)
+    except OSError as e:
+        err.print(f"[red]cannot read {csv_path}: {e}")
+        raise typer.Exit(2) from e
+    answered, errors = fn(rows)
+    header = [*header, column] if column not in header else header
+    if out is None:
+        write_csv_rows(sys.stdout, header, answered)
+    else:
+        with out.open("w", encoding="utf-8", newline="") as fh:
+            write_csv_rows(fh, header, answered)
+    for e in errors:
+        err.print(f"[red]error[/red] {csv_path.name}: {e}", highlight=False)
+    if errors:
+        err.print(f"{len(errors)} error(s); the other rows were answered.")
+        raise typer.Exit(1)
+
+
+@app.command("lung-rads")
+def lung_rads(
+    csv_path: Path = typer.Option(
+        ...,
+        "--csv",
+        help="columns: type, mean_diameter_mm, solid_component_mm, context, "
+        "juxtapleural, benign_pattern, suspicious_features",
+    ),
+    out: Path | None = typer.Option(None, "--out", help="write here instead of stdout"),
+) -> None:
+    """Add a ``lung_rads`` column (ACR Lung-RADS v2022, the implemented rows)."""
+    _run(csv_path, out, lung_rads_csv, LUNG_RADS_COLUMN)
+
+
+@app.command("brock")
+def brock(
+    csv_path: Path = typer.Option(
+        ...,
+        "--csv",
+        help="columns: age, female, family_history, emphysema, "
+        "longest_diameter_mm, type, upper_lobe, nodule_count, spiculation",
+    ),
+    out: Path | None = typer.Option(None, "--out", help="write here instead of stdout"),
+) -> None:
+    """Add a ``brock_probability`` column (McWilliams 2013 full model with spiculation)."""
+    _run(csv_path, out, brock_csv, BROCK_COLUMN)

@@ -1,0 +1,50 @@
+"""``lungvl train``: one training stage, centrally, on site directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lungvl.console import err, progress_callback
+
+
+def train(
+    site_dirs: list[Path] = typer.Argument(..., help="site directories to train on"),
+    stage: str = typer.Option(..., "--stage", help="text | ssl | seg | vl"),
+    preset: str = typer.Option("tiny", "--preset", help="tiny | base (ignored with --init)"),
+    out_dir: Path = typer.Option(..., "--out", help="output directory"),
+    init: Path | None = typer.Option(None, "--init", help="checkpoint directory of the previous stage"),
+    max_steps: int = typer.Option(50, "--max-steps", min=1),
+    batch_size: int = typer.Option(2, "--batch-size", min=1),
+    lr: float = typer.Option(3e-4, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+) -> None:
+    """Train one stage; writes checkpoint/, config.json, metrics.json and loss_curve.png to --out."""
+    from lungvl_model.models.config import get_preset
+    from lungvl_model.training.config import TrainConfig
+    from lungvl_model.training.stages import run_stage
+
+    try:
+        cfg = TrainConfig(stage=stage, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, device=device)
+        model_cfg = None if init else get_preset(preset)
+    except (ValueError, KeyError) as e:
+        err.print(f"[red]{e}")
+        raise typer.Exit(2) from e
+    with progress_callback(f"train {stage}") as cb:
+
+        def on_step(step: int, total: int, losses: dict[str, float]) -> None:
+            cb(step, total, f"loss {losses.get('loss', float('nan')):.3f}")
+
+        run = run_stage(
+            site_dirs,
+            out_dir,
+            cfg,
+            config=model_cfg,
+            init=init,
+            on_step=on_step,
+            log=lambda m: err.print(m, highlight=False),
+        )
+    s = run.metrics["summary"]
+    err.print({k: round(v, 4) for k, v in s.items() if isinstance(v, float)}, highlight=False)

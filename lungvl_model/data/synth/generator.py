@@ -1,0 +1,405 @@
+"""Write a complete synthetic site (DESIGN.md section 2) for one cohort profile.
+
+``generate_site(SynthConfig(...))`` samples the patients (:mod:`.patients`), renders each study
+(anatomy :mod:`.phantom`, nodules :mod:`.nodules`, scanner :mod:`.scanner`) and writes::
+
+    <out_dir>/site.toml                       [site] [privacy] [compute] [synth] (the resolved config)
+    <out_dir>/dicom/<study>/<series>/*.dcm   CT Image Storage, one file per slice
+    <out_dir>/annotations/<series>.nii.gz    nodule label map (k = nodule_id k)
+    <out_dir>/annotations/<series>_lobes.nii.gz
+    <out_dir>/reports.jsonl                  one report per study (priors included)
+    <out_dir>/labels.csv                     study rows and nodule rows (true features)
+
+Patient ``i`` depends only on ``(seed, i)``; a prior study re-uses the patient's anatomy seed and
+nodule positions with an earlier size, a separate StudyInstanceUID and a StudyDate 12 months earlier.
+UIDs are derived from the site name, seed and patient index, so the same config writes the same site.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import tomllib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.uid import generate_uid
+
+from lungvl_model.data.dicom_io import write_ct_series
+from lungvl_model.data.nifti_io import write_label_nifti
+from lungvl_model.data.site_layout import (
+    LOBE_LABELS,
+    ReportRecord,
+    lobe_map_path,
+    mask_path,
+    site_paths,
+    toml_dumps,
+    write_labels,
+    write_reports,
+)
+from lungvl_model.data.volume import CTVolume
+
+from .anatomy import AnatomyParams, make_grid, sample_anatomy
+from .cohorts import CohortProfile, get_profile
+from .nodules import place_nodule
+from .patients import NoduleState, PatientCase, exam_category, nodule_states, sample_patients
+from .render import render_study
+from .reports import write_report
+from .vessels import Trees, grow_trees
+
+GENERATOR = "lungvl.synth 1"
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """What to generate.
+
+    Attributes:
+        cohort: ``screening``, ``referral`` or ``low_resource`` (see :mod:`.cohorts`).
+        n_studies: number of patients, i.e. current studies; prior studies come on top.
+        out_dir: site directory to write.
+        seed: site seed.
+        matrix: in-plane pixels.
+        fov_mm: in-plane field of view (mm).
+        z_extent_mm: cranio-caudal coverage (mm).
+        site_name: ``[site] name``; defaults to the folder name.
+        prior_fraction: share of patients with a prior study; None = the profile's.
+    """
+
+    cohort: str
+    n_studies: int
+    out_dir: Path
+    seed: int = 0
+    matrix: int = 192
+    fov_mm: float = 320.0
+    z_extent_mm: float = 220.0
+    site_name: str | None = None
+    prior_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        get_profile(self.cohort)
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if isinstance(self.n_studies, bool) or not isinstance(self.n_studies, int) or self.n_studies < 1:
+            raise ValueError(f"SynthConfig.n_studies must be an integer >= 1, got {self.n_studies!r}")
+        if not isinstance(self.matrix, int) or self.matrix < 32:
+            raise ValueError(f"SynthConfig.matrix must be an integer >= 32, got {self.matrix!r}")
+        if not 150.0 <= self.fov_mm <= 600.0:
+            raise ValueError(f"SynthConfig.fov_mm must be within 150-600 mm, got {self.fov_mm!r}")
+        if not 60.0 <= self.z_extent_mm <= 500.0:
+            raise ValueError(f"SynthConfig.z_extent_mm must be within 60-500 mm, got {self.z_extent_mm!r}")
+        if self.prior_fraction is not None and not 0.0 <= self.prior_fraction <= 1.0:
+            raise ValueError(f"SynthConfig.prior_fraction must be in [0, 1] or None, got {self.prior_fraction!r}")
+        if self.seed < 0:
+            raise ValueError(f"SynthConfig.seed must be >= 0, got {self.seed!r}")
+
+    @property
+    def name(self) -> str:
+        """Resolved site name."""
+        return self.site_name or self.out_dir.name or f"synthetic-{self.cohort}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (``out_dir`` as a string, None values kept)."""
+        d = asdict(self)
+        d["out_dir"] = str(self.out_dir)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SynthConfig:
+        """Build from :meth:`to_dict` output (or a TOML table); unknown keys raise ``KeyError``."""
+        known = {f.name for f in fields(cls)}
+        extra = set(data) - known
+        if extra:
+            raise KeyError(f"SynthConfig has no field(s) {sorted(extra)}; known: {sorted(known)}")
+        return cls(**{k: (Path(v) if k == "out_dir" else v) for k, v in data.items()})
+
+
+@dataclass
+class SynthSummary:
+    """What :func:`generate_site` wrote.
+
+    Attributes:
+        site_dir: the site directory.
+        cohort: cohort profile name.
+        n_patients: patients (= current studies).
+        studies_written: DICOM studies written (current + prior).
+        priors_written: prior studies among them.
+        nodules: nodules on the current studies.
+        nodule_rows: nodule rows of labels.csv (current + prior).
+        seconds: wall-clock time.
+        bytes_on_disk: size of the site directory.
+        stats: per-cohort statistics (prevalence, Lung-RADS mix, slice thickness, noise...).
+    """
+
+    site_dir: Path
+    cohort: str
+    n_patients: int
+    studies_written: int
+    priors_written: int
+    nodules: int
+    nodule_rows: int
+    seconds: float
+    bytes_on_disk: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = asdict(self)
+        d["site_dir"] = str(self.site_dir)
+        return d
+
+
+def _uid(config: SynthConfig, *parts: object) -> str:
+    return generate_uid(entropy_srcs=[GENERATOR, config.name, str(config.seed), config.cohort, *map(str, parts)])
+
+
+def _prepare_dir(config: SynthConfig) -> dict[str, Path]:
+    """Create the site folder; clear a previous synthetic site there, refuse anything else."""
+    paths = site_paths(config.out_dir)
+    dicom = paths["dicom"]
+    if dicom.exists() and any(dicom.iterdir()):
+        previous = ""
+        try:
+            previous = tomllib.loads(paths["toml"].read_text(encoding="utf-8")).get("site", {}).get("generator", "")
+        except (OSError, tomllib.TOMLDecodeError):
+            pass
+        if not str(previous).startswith("lungvl.synth"):
+            raise FileExistsError(
+                f"{config.out_dir} already holds DICOM data that this generator did not write; choose an empty out_dir"
+            )
+        for key in ("dicom", "annotations", "cache"):
+            shutil.rmtree(paths[key], ignore_errors=True)
+    for key in ("dicom", "annotations"):
+        paths[key].mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+def place_case_nodules(case: PatientCase, anatomy: AnatomyParams) -> tuple[dict[int, np.ndarray], int]:
+    """Patient-frame centres of a patient's nodules (shared by its prior and current studies).
+
+    Returns:
+        ``(centres by nodule id, number of nodules whose constraints could not all be met)``.
+    """
+    centres: dict[int, np.ndarray] = {}
+    taken: list[tuple[np.ndarray, float]] = []
+    misses = 0
+    for spec in case.nodules:
+        radius = spec.shape.bounding_radius()
+        pos, ok = place_nodule(
+            anatomy,
+            LOBE_LABELS[spec.lobe],
+            radius,
+            spec.juxtapleural,
+            np.random.default_rng(spec.seed),
+            taken,
+        )
+        centres[spec.nodule_id] = pos
+        taken.append((pos, max(radius, spec.shape.spicule_reach())))
+        misses += not ok
+    return centres, misses
+
+
+def _nodule_row(study_uid: str, series_uid: str, s: NoduleState, centroid_lps: np.ndarray) -> dict[str, Any]:
+    spec = s.spec
+    return {
+        "study_uid": study_uid,
+        "level": "nodule",
+        "series_uid": series_uid,
+        "nodule_id": spec.nodule_id,
+        "centroid_x_mm": round(float(centroid_lps[0]), 2),
+        "centroid_y_mm": round(float(centroid_lps[1]), 2),
+        "centroid_z_mm": round(float(centroid_lps[2]), 2),
+        "longest_diameter_mm": round(s.longest_diameter_mm, 2),
+        "short_axis_mm": round(s.short_axis_mm, 2),
+        "mean_diameter_mm": round(s.mean_diameter_mm, 2),
+        "volume_mm3": round(s.volume_mm3, 1),
+        "type": spec.type,
+        "solid_component_mm": round(s.solid_component_mm, 2),
+        "margin": spec.margin,
+        "spiculation": spec.margin == "spiculated",
+        "calcification": spec.kind == "calcified",
+        "juxtapleural": spec.juxtapleural,
+        "lobe": spec.lobe,
+        "context": s.context,
+        "growth_mm": None if s.growth_mm is None else round(s.growth_mm, 2),
+        "malignant": spec.malignant,
+        "brock_probability": round(s.brock_probability, 5),
+        "lung_rads": s.lung_rads,
+    }
+
+
+def _study_row(
+    case: PatientCase, study_uid: str, series_uid: str, states: list[NoduleState], prior: bool
+) -> dict[str, Any]:
+    return {
+        "study_uid": study_uid,
+        "level": "study",
+        "series_uid": series_uid,
+        "age": case.age - (1 if prior else 0),
+        "sex": case.sex,
+        "family_history": case.family_history,
+        "smoking_pack_years": case.pack_years,
+        "emphysema": case.emphysema.kind != "none",
+        "nodule_count": len(states),
+        "lung_rads": exam_category(states),
+        "malignant": any(s.spec.malignant for s in states),
+    }
+
+
+def _write_case(
+    case: PatientCase, config: SynthConfig, profile: CohortProfile, paths: dict[str, Path]
+) -> tuple[list[ReportRecord], list[dict[str, Any]], dict[str, Any]]:
+    """Render and write the prior (if any) and current study of one patient."""
+    anatomy = sample_anatomy(
+        np.random.default_rng(case.anatomy_seed), config.z_extent_mm, config.fov_mm, case.sex == "F"
+    )
+    # vessel detail follows the pixel size: vessels far below a pixel are invisible anyway
+    pixel = config.fov_mm / config.matrix
+    trees: Trees = grow_trees(anatomy, n_points=int(np.clip(4000 * (1.67 / pixel) ** 2, 500, 4000)))
+    centres, misses = place_case_nodules(case, anatomy)
+    records: list[ReportRecord] = []
+    rows: list[dict[str, Any]] = []
+    prior_uid: str | None = None
+    info: dict[str, Any] = {"placement_misses": misses, "sigma": [], "thickness": []}
+    for prior in (True, False) if case.has_prior else (False,):
+        tag = "prior" if prior else "current"
+        study_uid, series_uid = (
+            _uid(config, case.index, tag, "study"),
+            _uid(config, case.index, tag, "series"),
+        )
+        scan = case.prior_scan if prior else case.scan
+        states = nodule_states(case, prior=prior)
+        grid = make_grid(config.matrix, config.fov_mm, config.z_extent_mm, scan.slice_thickness_mm)
+        stream = case.streams[1 if prior else 0]
+        out = render_study(
+            anatomy,
+            trees,
+            case,
+            states,
+            centres,
+            scan,
+            config.matrix,
+            config.fov_mm,
+            config.z_extent_mm,
+            stream,
+        )
+        study_date = case.prior_date if prior else case.study_date
+        volume = CTVolume(
+            hu=out.hu,
+            spacing=grid.spacing,
+            origin=out.origin_lps,
+            study_uid=study_uid,
+            series_uid=series_uid,
+        )
+        tags = {
+            "PatientID": case.patient_id,
+            "PatientAge": f"{case.age - (1 if prior else 0):03d}Y",
+            "PatientSex": case.sex,
+            "StudyDate": study_date.strftime("%Y%m%d"),
+            "SeriesDate": study_date.strftime("%Y%m%d"),
+            "StudyDescription": profile.study_description,
+            "SeriesDescription": f"AXIAL {scan.slice_thickness_mm:g}MM {scan.kernel.upper()}",
+            "BodyPartExamined": "CHEST",
+            "PatientIdentityRemoved": "YES",
+            **scan.dicom_tags(),
+        }
+        write_ct_series(volume, paths["dicom"] / study_uid / series_uid, tags=tags)
+        write_label_nifti(out.labels, volume, mask_path(config.out_dir, series_uid))
+        write_label_nifti(out.lobes, volume, lobe_map_path(config.out_dir, series_uid))
+        text = write_report(case, states, profile, np.random.default_rng([stream, 7]), prior=prior, images=out.images)
+        records.append(ReportRecord(study_uid, text, study_date.strftime("%Y%m%d"), None if prior else prior_uid))
+        rows.append(_study_row(case, study_uid, series_uid, states, prior))
+        rows += [_nodule_row(study_uid, series_uid, s, out.centroids_lps[s.spec.nodule_id]) for s in states]
+        info["sigma"].append(scan.noise_sigma_hu)
+        info["thickness"].append(scan.slice_thickness_mm)
+        if prior:
+            prior_uid = study_uid
+    return records, rows, info
+
+
+def _cohort_stats(cases: list[PatientCase], infos: list[dict[str, Any]]) -> dict[str, Any]:
+    current = [nodule_states(c) for c in cases]
+    cats = Counter(exam_category(s) for s in current)
+    diam = [s.mean_diameter_mm for st in current for s in st]
+    return {
+        "prevalence": float(np.mean([c.malignant for c in cases])),
+        "nodules_per_study": float(np.mean([len(c.nodules) for c in cases])),
+        "studies_without_nodule": float(np.mean([not c.nodules for c in cases])),
+        "prior_fraction": float(np.mean([c.has_prior for c in cases])),
+        "median_mean_diameter_mm": float(np.median(diam)) if diam else 0.0,
+        "emphysema_fraction": float(np.mean([c.emphysema.kind != "none" for c in cases])),
+        "lung_rads": dict(sorted(cats.items())),
+        "mean_slice_thickness_mm": float(np.mean([t for i in infos for t in i["thickness"]])),
+        "mean_noise_sigma_hu": float(np.mean([s for i in infos for s in i["sigma"]])),
+        "placement_misses": int(sum(i["placement_misses"] for i in infos)),
+    }
+
+
+def _dir_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def generate_site(config: SynthConfig, progress: Progress | None = None) -> SynthSummary:
+    """Generate a synthetic site.
+
+    Args:
+        config: what to generate.
+        progress: called as ``progress(done, total, message)`` after each study (total counts priors).
+
+    Returns:
+        The summary.
+
+    Raises:
+        FileExistsError: when ``out_dir`` holds DICOM data that is not a previous synthetic site.
+    """
+    t0 = time.perf_counter()
+    profile = get_profile(config.cohort)
+    paths = _prepare_dir(config)
+    cases = sample_patients(profile, config.n_studies, config.seed, config.prior_fraction)
+    total = sum(2 if c.has_prior else 1 for c in cases)
+    records: list[ReportRecord] = []
+    rows: list[dict[str, Any]] = []
+    infos: list[dict[str, Any]] = []
+    done = 0
+    for case in cases:
+        r, lab, info = _write_case(case, config, profile, paths)
+        records += r
+        rows += lab
+        infos.append(info)
+        done += len(r)
+        if progress is not None:
+            progress(done, total, f"{case.patient_id}: {len(r)} stud{'ies' if len(r) > 1 else 'y'}")
+    write_reports(paths["reports"], records)
+    write_labels(paths["labels"], rows)
+    stats = _cohort_stats(cases, infos)
+    manifest = {
+        "site": {
+            "name": config.name,
+            "cohort": profile.name,
+            "description": profile.description,
+            "n_studies": config.n_studies,
+            "seed": config.seed,
+            "generator": GENERATOR,
+        },
+        "privacy": {"epsilon_budget": 8.0, "delta": 1e-5},
+        "compute": {"device": "auto"},
+        "synth": {k: v for k, v in config.to_dict().items() if v is not None and k != "out_dir"},
+    }
+    paths["toml"].write_text(toml_dumps(manifest), encoding="utf-8")
+    n_rows = sum(1 for r in rows if r["level"] == "nodule")
+    return SynthSummary(
+        site_dir=config.out_dir,
+        cohort=profile.name,
+        n_patients=len(cases),
+        studies_written=len(records),
+        priors_written=sum(c.has_prior for c in cases),
+        nodules=sum(len(c.nodules) for c in cases),
+        nodule_rows=n_rows,
+        seconds=round(time.perf_counter() - t0, 2),
+        bytes_on_disk=_dir_bytes(config.out_dir),
+        stats=stats,
+    )

@@ -1,0 +1,151 @@
+"""Study-level training targets from labels.csv rows, or weak labels from the report text.
+
+Priority per target: the study row of labels.csv → the nodule rows → the report labeler. Unknown
+values are NaN (floats) or −1 (class indices) so losses can mask them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from lungvl_model.data.site_layout import NODULE_TYPES
+
+LUNG_RADS_CLASSES: tuple[str, ...] = ("1", "2", "3", "4A", "4B", "4X")
+#: LIDC malignancy ratings above this count as malignant when no pathology is known (a convention).
+LIDC_MALIGNANT_SCORE = 3.0
+
+
+@dataclass(frozen=True)
+class StudyTargets:
+    """Targets of one study (NaN / −1 = unknown).
+
+    Attributes:
+        malignant: 1.0 when any nodule is malignant.
+        lung_rads: index into :data:`LUNG_RADS_CLASSES` (exam category).
+        growth_mm: mean-diameter growth of the fastest-growing nodule over 12 months.
+        nodule_type: index into ``NODULE_TYPES`` of the dominant (largest) nodule.
+        spiculated: dominant nodule spiculated (0/1).
+        calcified: dominant nodule with benign calcification (0/1).
+        juxtapleural: dominant nodule touching the pleura (0/1).
+        roundness: short/long axis ratio of the dominant nodule.
+        diameter_mm: mean diameter of the dominant nodule (0 when there is none).
+        n_nodules: number of nodules (−1 unknown).
+        source: ``"labels"``, ``"report"`` or ``"none"``.
+    """
+
+    malignant: float = math.nan
+    lung_rads: int = -1
+    growth_mm: float = math.nan
+    nodule_type: int = -1
+    spiculated: float = math.nan
+    calcified: float = math.nan
+    juxtapleural: float = math.nan
+    roundness: float = math.nan
+    diameter_mm: float = math.nan
+    n_nodules: int = -1
+    source: str = "none"
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        """Plain dict."""
+        return asdict(self)
+
+
+def _f(row: dict[str, str] | None, key: str) -> float:
+    if not row:
+        return math.nan
+    v = row.get(key, "")
+    try:
+        return float(v) if v != "" else math.nan
+    except ValueError:
+        return math.nan
+
+
+def _max(values: list[float]) -> float:
+    known = [v for v in values if not math.isnan(v)]
+    return max(known) if known else math.nan
+
+
+def lung_rads_index(category: str | None) -> int:
+    """Index of a Lung-RADS category in :data:`LUNG_RADS_CLASSES`, −1 when unknown."""
+    if not category:
+        return -1
+    cat = category.strip().upper().removesuffix("S")
+    return LUNG_RADS_CLASSES.index(cat) if cat in LUNG_RADS_CLASSES else -1
+
+
+def _worst_category(cats: list[str]) -> str | None:
+    idx = [lung_rads_index(c) for c in cats]
+    idx = [i for i in idx if i >= 0]
+    return LUNG_RADS_CLASSES[max(idx)] if idx else None
+
+
+def targets_from_labels(study_row: dict[str, str] | None, nodule_rows: list[dict[str, str]]) -> StudyTargets:
+    """Targets from labels.csv rows of one study."""
+    if study_row is None and not nodule_rows:
+        return StudyTargets()
+    malignant = _f(study_row, "malignant")
+    if math.isnan(malignant):
+        malignant = _max([_f(r, "malignant") for r in nodule_rows])
+    if math.isnan(malignant) and nodule_rows:
+        scores = [_f(r, "malignancy_score") for r in nodule_rows]
+        best = _max(scores)
+        if not math.isnan(best):
+            malignant = float(best > LIDC_MALIGNANT_SCORE)
+    cat = (study_row or {}).get("lung_rads") or _worst_category([r.get("lung_rads", "") for r in nodule_rows])
+    n_nod = _f(study_row, "nodule_count")
+    n_nodules = int(n_nod) if not math.isnan(n_nod) else len(nodule_rows)
+    if not nodule_rows:
+        return StudyTargets(
+            malignant=malignant if not math.isnan(malignant) else (0.0 if n_nodules == 0 else math.nan),
+            lung_rads=lung_rads_index(cat),
+            growth_mm=0.0 if n_nodules == 0 else math.nan,
+            diameter_mm=0.0 if n_nodules == 0 else math.nan,
+            n_nodules=n_nodules,
+            source="labels",
+        )
+    dom = max(nodule_rows, key=lambda r: _f(r, "mean_diameter_mm") if not math.isnan(_f(r, "mean_diameter_mm")) else -1)
+    typ = dom.get("type", "")
+    long_ax, short_ax = _f(dom, "longest_diameter_mm"), _f(dom, "short_axis_mm")
+    return StudyTargets(
+        malignant=malignant,
+        lung_rads=lung_rads_index(cat),
+        growth_mm=_max([_f(r, "growth_mm") for r in nodule_rows]),
+        nodule_type=NODULE_TYPES.index(typ) if typ in NODULE_TYPES else -1,
+        spiculated=_f(dom, "spiculation"),
+        calcified=_f(dom, "calcification"),
+        juxtapleural=_f(dom, "juxtapleural"),
+        roundness=short_ax / long_ax if long_ax > 0 else math.nan,
+        diameter_mm=_f(dom, "mean_diameter_mm"),
+        n_nodules=n_nodules,
+        source="labels",
+    )
+
+
+def targets_from_report(text: str) -> StudyTargets:
+    """Weak targets from a report via the rule-based labeler (sites without labels.csv)."""
+    from lungvl_model.text.labeler import label_report
+
+    lab = label_report(text)
+    if lab.nodule_present is False:
+        return StudyTargets(
+            malignant=0.0,
+            lung_rads=lung_rads_index(lab.lung_rads) if lab.lung_rads else 0,
+            growth_mm=0.0,
+            diameter_mm=0.0,
+            n_nodules=0,
+            source="report",
+        )
+    if not lab.nodules:
+        return StudyTargets(lung_rads=lung_rads_index(lab.lung_rads), source="report")
+    sized = [n for n in lab.nodules if n.size_mm is not None]
+    dom = max(sized, key=lambda n: n.size_mm or 0.0) if sized else lab.nodules[0]
+    return StudyTargets(
+        lung_rads=lung_rads_index(lab.lung_rads),
+        nodule_type=NODULE_TYPES.index(dom.type) if dom.type in NODULE_TYPES else -1,
+        spiculated=math.nan if dom.margin is None else float(dom.margin == "spiculated"),
+        calcified=math.nan if dom.calcified is None else float(dom.calcified),
+        diameter_mm=dom.size_mm if dom.size_mm is not None else math.nan,
+        n_nodules=len(lab.nodules),
+        source="report",
+    )

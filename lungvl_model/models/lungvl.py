@@ -1,0 +1,237 @@
+"""The multi-scale vision-language model (DESIGN.md section 3), one forward per training stage.
+
+Stages: ``"ssl"`` masked-subvolume reconstruction, ``"seg"`` segmentation fine-tune, ``"vl"``
+end-to-end (report CE + image–report contrastive + mention grounding + segmentation + risk heads +
+concepts). Every stage uses the same module tree, so checkpoints chain from stage to stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lungvl_model.data.site_layout import LOBE_LABELS
+from lungvl_model.losses.multimodal import GroundingLoss, InfoNCELoss, MaskedTargetLoss
+from lungvl_model.losses.segmentation import SegmentationLoss
+from lungvl_model.models.config import LungVLConfig
+from lungvl_model.models.decoder import ReportDecoder, attention_implementation
+from lungvl_model.models.fusion import TokenLayout, VisualTokenizer, region_fraction_per_token
+from lungvl_model.models.heads import RiskHeads, RiskOutput
+from lungvl_model.models.masked_reconstruction import (
+    MaskedReconstructionLoss,
+    ReconstructionHead,
+    mask_subvolumes,
+)
+from lungvl_model.models.vision import SegmentationHead, VisionEncoder, VisionOutput
+from lungvl_model.text.mentions import N_REGIONS, find_mentions, token_regions
+from lungvl_model.text.tokenizer import encode_reports
+
+STAGES = ("ssl", "seg", "vl")
+EMBED_DIM = 128
+
+
+@dataclass
+class LungVLOutput:
+    """What a forward pass returns (STYLE.md habit 6).
+
+    Attributes:
+        loss: weighted total loss of the stage.
+        losses: each term, detached, for logging.
+        seg_logits: ``(B, 1, D, H, W)`` nodule logits (seg/vl stages).
+        risk: head outputs (vl stage).
+        image_embeds: ``(B, 128)`` normalised image embeddings (vl stage).
+        text_embeds: ``(B, 128)`` normalised report embeddings (vl stage).
+        cross_attention: ``(B, T, N)`` decoder→visual attention averaged over layers and heads.
+        layout: where the visual tokens come from.
+    """
+
+    loss: torch.Tensor
+    losses: dict[str, float] = field(default_factory=dict)
+    seg_logits: torch.Tensor | None = None
+    risk: RiskOutput | None = None
+    image_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    cross_attention: torch.Tensor | None = None
+    layout: TokenLayout | None = None
+
+
+def region_masks(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grounding regions of a batch: nodule mask + one mask per lobe.
+
+    Returns:
+        ``(masks (B, 6, D, H, W) float, valid (B, 6) bool)``.
+    """
+    seg, lobes = batch["seg"], batch["lobes"][:, 0]
+    masks = [seg[:, 0].float()] + [(lobes == LOBE_LABELS[k]).float() for k in LOBE_LABELS]
+    m = torch.stack(masks, dim=1)
+    nonempty = m.flatten(2).amax(-1) > 0
+    has = torch.stack([batch["has_mask"]] + [batch["has_lobes"]] * len(LOBE_LABELS), dim=1).bool()
+    return m, nonempty & has
+
+
+def mention_regions(tokenizer: Any, texts: list[str], width: int) -> torch.Tensor:
+    """Region of each token of :func:`encode_reports` rows (−1 = not a mention), ``(B, width)``."""
+    out = torch.full((len(texts), width), -1, dtype=torch.long)
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    for i, (text, offsets) in enumerate(zip(texts, enc["offset_mapping"], strict=True)):
+        regions = token_regions([tuple(o) for o in offsets], find_mentions(text))
+        row = torch.tensor(regions[: width - 1], dtype=torch.long)
+        out[i, 1 : 1 + len(row)] = row  # position 0 is <bos>
+    return out
+
+
+class LungVLModel(nn.Module):
+    """Encoder + segmentation/reconstruction heads + grounded report decoder + risk heads.
+
+    Args:
+        config: the model config.
+        tokenizer: the trained report tokenizer (its vocabulary sizes the decoder).
+    """
+
+    def __init__(self, config: LungVLConfig, tokenizer: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        v = config.vision
+        a = v.aggregation_channels
+        self.vision = VisionEncoder(v)
+        self.seg_head = SegmentationHead(a, hidden=a, norm_groups=v.norm_groups, prior=0.01)
+        self.recon_head = ReconstructionHead(a, hidden=a, norm_groups=v.norm_groups)
+        self.visual_tokens = VisualTokenizer(a, config.text.n_embd, config.text.visual_scales)
+        self.decoder = ReportDecoder(config.text, tokenizer)
+        self.image_proj = nn.Linear(self.vision.pooled_channels, EMBED_DIM)
+        self.text_proj = nn.Linear(config.text.n_embd, EMBED_DIM)
+        self.heads = RiskHeads(self.vision.pooled_channels, config.text.n_embd, config.heads)
+        self.seg_loss = SegmentationLoss(dice_weight=1.0, boundary_weight=0.05)
+        self.recon_loss = MaskedReconstructionLoss()
+        self.contrastive = InfoNCELoss()
+        self.grounding = GroundingLoss()
+        self.bce = MaskedTargetLoss("binary")
+        self.ce = MaskedTargetLoss("multiclass")
+        self.reg = MaskedTargetLoss("regression")
+
+    # ---------------------------------------------------------------- pieces
+    def encode_image(self, image: torch.Tensor) -> VisionOutput:
+        """Vision encoder on ``(B, 1, D, H, W)``."""
+        return self.vision(image)
+
+    def tokens(self, vis: VisionOutput) -> tuple[torch.Tensor, TokenLayout]:
+        """Visual tokens ``(B, N, E)`` for the decoder."""
+        return self.visual_tokens(vis.scales)
+
+    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Report embedding ``(B, E)`` (decoder without visual tokens, mean-pooled)."""
+        return self.decoder.text_embedding(input_ids, attention_mask)
+
+    # ---------------------------------------------------------------- stages
+    def forward(
+        self, batch: dict[str, Any], stage: str = "vl", generator: torch.Generator | None = None
+    ) -> LungVLOutput:
+        """Loss of one stage on a collated batch of :class:`~lungvl_model.data.dataset.SiteDataset`.
+
+        Args:
+            batch: ``image``/``seg``/``lobes`` ``(B, 1, D, H, W)``, ``has_mask``/``has_lobes`` ``(B,)``,
+                ``targets`` dict, ``text`` list of B strings.
+            stage: ``"ssl"``, ``"seg"`` or ``"vl"``.
+            generator: RNG for the SSL masks.
+
+        Returns:
+            :class:`LungVLOutput`.
+        """
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        image = batch["image"]
+        if stage == "ssl":
+            masked, mask = mask_subvolumes(image, ratio=0.4, block=8, generator=generator)
+            recon = self.recon_head(self.encode_image(masked).scales[0])
+            loss = self.recon_loss(recon, image, mask)
+            return LungVLOutput(loss=loss, losses={"reconstruction": float(loss.detach())})
+        vis = self.encode_image(image)
+        seg_logits = self.seg_head(vis.scales[0])
+        seg = self.seg_loss(seg_logits, batch["seg"], batch["has_mask"].bool())
+        if stage == "seg":
+            return LungVLOutput(loss=seg, losses={"segmentation": float(seg.detach())}, seg_logits=seg_logits)
+        return self._vl(batch, vis, seg_logits, seg)
+
+    def _vl(
+        self, batch: dict[str, Any], vis: VisionOutput, seg_logits: torch.Tensor, seg: torch.Tensor
+    ) -> LungVLOutput:
+        w = self.config.loss
+        texts = list(batch["text"])
+        has_text = torch.tensor([bool(t.strip()) for t in texts], device=seg.device)
+        enc = encode_reports(self.tokenizer, [t or " " for t in texts], self.config.text.n_positions)
+        ids, am = enc["input_ids"].to(seg.device), enc["attention_mask"].to(seg.device)
+        labels = enc["labels"].to(seg.device).masked_fill(~has_text.unsqueeze(1), -100)
+        vt, layout = self.tokens(vis)
+        need_attn = w.grounding > 0
+        impl = "eager" if need_attn else self.config.text.attn_implementation
+        with attention_implementation(self.decoder.lm, impl):
+            out = self.decoder(ids, am, visual_tokens=vt, labels=labels, output_attentions=need_attn)
+        report = out.loss if out.loss is not None else vt.sum() * 0.0
+        attn = None
+        grounding = vt.sum() * 0.0
+        if need_attn and out.cross_attentions:
+            attn = torch.stack(list(out.cross_attentions), 0).mean(dim=(0, 2))  # (B, T, N)
+            regions, valid = region_masks(batch)
+            frac = region_fraction_per_token(regions, layout)
+            tok_regions = mention_regions(self.tokenizer, texts, ids.shape[1]).to(seg.device)
+            # attention at query t chose token t+1
+            grounding = self.grounding(attn[:, :-1], tok_regions[:, 1:], frac, valid)
+            assert frac.shape[1] == N_REGIONS
+        text_emb = self.embed_text(ids, am)
+        img_z = F.normalize(self.image_proj(vis.pooled), dim=-1)
+        txt_z = F.normalize(self.text_proj(text_emb), dim=-1)
+        contrastive = self.contrastive(img_z, txt_z, has_text)
+        risk = self.heads(vis.pooled, text_emb * has_text.unsqueeze(1).to(text_emb.dtype))
+        t = batch["targets"]
+        mal = self.bce(risk.malignancy_logit, t["malignant"])
+        lr = self.ce(risk.lung_rads_logits, t["lung_rads"])
+        growth = self.reg(risk.growth_mm, t["growth_mm"])
+        concepts = (
+            self.ce(risk.type_logits, t["nodule_type"])
+            + self.bce(risk.spiculated_logit, t["spiculated"])
+            + self.bce(risk.calcified_logit, t["calcified"])
+            + self.bce(risk.juxtapleural_logit, t["juxtapleural"])
+            + self.reg(risk.roundness, t["roundness"])
+            + self.reg(torch.log1p(risk.diameter_mm), torch.log1p(t["diameter_mm"]))
+            + 0.1 * risk.residual_logit.pow(2).mean()  # decomposition: explain risk by concepts
+        )
+        terms = {
+            "report": (w.report, report),
+            "contrastive": (w.contrastive, contrastive),
+            "grounding": (w.grounding, grounding),
+            "segmentation": (w.segmentation, seg),
+            "malignancy": (w.malignancy, mal),
+            "lung_rads": (w.lung_rads, lr),
+            "growth": (w.growth, growth),
+            "concepts": (w.concepts, concepts),
+        }
+        loss = sum(wt * v for wt, v in terms.values() if wt > 0)
+        return LungVLOutput(
+            loss=loss,  # type: ignore[arg-type]
+            losses={k: float(v.detach()) for k, (_, v) in terms.items()},
+            seg_logits=seg_logits,
+            risk=risk,
+            image_embeds=img_z,
+            text_embeds=txt_z,
+            cross_attention=attn,
+            layout=layout,
+        )
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts per component."""
+        parts = {
+            "vision": self.vision,
+            "seg_head": self.seg_head,
+            "recon_head": self.recon_head,
+            "fusion": self.visual_tokens,
+            "decoder": self.decoder,
+            "heads": self.heads,
+        }
+        out = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
+        out["total"] = sum(p.numel() for p in self.parameters())
+        return out

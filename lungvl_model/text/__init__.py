@@ -1,0 +1,25 @@
+"""Report text tools: the rule-based chest CT report labeler and its clinical-concept metric."""
+
+from lungvl_model.text.labeler import (
+    CONCEPT_KEYS,
+    LabeledNodule,
+    ReportLabels,
+    concept_f1,
+    concept_vector,
+    dominant_nodule,
+    label_report,
+    label_reports_jsonl,
+    size_bucket,
+)
+
+__all__ = [
+    "CONCEPT_KEYS",
+    "LabeledNodule",
+    "ReportLabels",
+    "concept_f1",
+    "concept_vector",
+    "dominant_nodule",
+    "label_report",
+    "label_reports_jsonl",
+    "size_bucket",
+]

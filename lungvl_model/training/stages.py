@@ -1,0 +1,175 @@
+"""``lungvl train``: one stage on one or more site directories, from a preset or a previous stage.
+
+Stages chain through checkpoints: ``text`` (report warm-up, optional) → ``ssl`` → ``seg`` → ``vl``;
+each ``--init`` is the previous stage's checkpoint directory. The first stage trains the report
+tokenizer on the sites' reports; later stages reuse the checkpoint's tokenizer.
+
+Outputs in ``out_dir``: ``checkpoint/`` (see :mod:`lungvl_model.training.checkpoint`), ``config.json``
+(resolved model + training config, sites, init), ``metrics.json`` (summary and per-step history) and
+``loss_curve.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lungvl_model.data.catalogue import build_catalogue
+from lungvl_model.data.dataset import SiteDataset
+from lungvl_model.models.config import LungVLConfig
+from lungvl_model.models.lungvl import LungVLModel
+from lungvl_model.models.report_pretrain import pretrain_reports
+from lungvl_model.text.tokenizer import train_tokenizer
+from lungvl_model.training.checkpoint import load_checkpoint, save_checkpoint
+from lungvl_model.training.config import TrainConfig
+from lungvl_model.training.loop import StepCallback, TrainResult, seed_everything, train_stage
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class StageRun:
+    """Result of :func:`run_stage`."""
+
+    out_dir: Path
+    checkpoint: Path
+    metrics: dict[str, Any]
+
+
+def site_reports(site_dirs: Sequence[str | Path]) -> list[str]:
+    """All report texts of the usable studies of ``site_dirs``."""
+    texts = []
+    for d in site_dirs:
+        texts += [e.report.text for e in build_catalogue(d).usable if e.report is not None]
+    return texts
+
+
+def build_model(
+    config: LungVLConfig, site_dirs: Sequence[str | Path], *, seed: int = 0, extra_texts: Sequence[str] = ()
+) -> LungVLModel:
+    """A fresh model whose tokenizer is trained on the sites' reports."""
+    texts = [*site_reports(site_dirs), *extra_texts]
+    if len(texts) < 2:
+        raise ValueError(
+            f"need at least 2 reports to train the tokenizer, found {len(texts)} in {list(map(str, site_dirs))}"
+        )
+    seed_everything(seed)
+    tok = train_tokenizer(texts, vocab_size=config.text.vocab_size)
+    return LungVLModel(config, tok)
+
+
+def plot_history(history: list[dict[str, float]], path: Path, title: str) -> None:
+    """Loss curves (each term, moving average over 5 steps) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keys = sorted({k for h in history for k in h} - {"lr"})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k in keys:
+        ys = np.array([h.get(k, np.nan) for h in history], dtype=float)
+        if np.all(np.isnan(ys)):
+            continue
+        kernel = np.ones(min(5, len(ys))) / min(5, len(ys))
+        ax.plot(
+            np.arange(1, len(ys) + 1)[len(kernel) - 1 :],
+            np.convolve(ys, kernel, mode="valid"),
+            label=k,
+            lw=2 if k == "loss" else 1,
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (moving average)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_stage(
+    site_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    train: TrainConfig,
+    *,
+    config: LungVLConfig | None = None,
+    init: str | Path | None = None,
+    on_step: StepCallback | None = None,
+    log: Log = print,
+) -> StageRun:
+    """Train one stage and write its checkpoint, config, metrics and loss plot.
+
+    Args:
+        site_dirs: site directories to train on.
+        out_dir: output directory.
+        train: training settings (``train.stage`` picks the stage).
+        config: model config for a fresh model (ignored when ``init`` is given).
+        init: checkpoint directory of the previous stage.
+        on_step: progress callback.
+        log: line logger.
+
+    Returns:
+        Where the checkpoint went and the metrics.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if init is not None:
+        model, init_meta = load_checkpoint(init)
+        log(f"initialised from {init} (stage {init_meta.get('stage')}, {init_meta.get('steps')} steps)")
+    else:
+        if config is None:
+            raise ValueError("run_stage needs a model config (preset) or an --init checkpoint")
+        model = build_model(config, site_dirs, seed=train.seed)
+        init_meta = {}
+    cfg = model.config
+    resolved = {
+        "model": cfg.to_dict(),
+        "train": train.to_dict(),
+        "sites": [str(s) for s in site_dirs],
+        "init": str(init) if init else None,
+    }
+    (out / "config.json").write_text(json.dumps(resolved, indent=2))
+    if train.stage == "text":
+        texts = site_reports(site_dirs)
+        history: list[dict[str, float]] = []
+        summary = pretrain_reports(
+            texts,
+            model.tokenizer,
+            model.decoder,
+            steps=train.max_steps,
+            batch_size=max(2, train.batch_size),
+            lr=train.lr,
+            seed=train.seed,
+            progress=lambda s, m: (history.append(dict(m)), on_step and on_step(s, train.max_steps, m)),
+        )
+        result = TrainResult(stage="text", steps=train.max_steps, history=history)
+        metrics: dict[str, Any] = {"summary": summary, "history": history}
+    else:
+        dataset = SiteDataset(site_dirs, cfg.input, require_report=train.stage == "vl")
+        log(f"stage {train.stage}: {len(dataset)} studies from {len(site_dirs)} site(s), input {cfg.input.size}")
+        result = train_stage(model, dataset, train, on_step=on_step)
+        metrics = {"summary": result.summary(), "history": result.history}
+    metrics["stage"] = train.stage
+    metrics["init_stage"] = init_meta.get("stage")
+    ckpt = save_checkpoint(
+        out / "checkpoint",
+        model.cpu(),
+        {
+            "stage": train.stage,
+            "steps": result.steps,
+            "train": train.to_dict(),
+            "history_stages": [*init_meta.get("history_stages", []), train.stage],
+            "summary": metrics["summary"],
+            "sites": resolved["sites"],
+        },
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    if metrics["history"]:
+        plot_history(metrics["history"], out / "loss_curve.png", f"stage {train.stage}")
+    log(f"wrote {ckpt}, {out / 'metrics.json'}, {out / 'loss_curve.png'}")
+    return StageRun(out, ckpt, metrics)

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny CT volumes and sites written with lungvl's own DICOM writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lungvl_model.data.dicom_io import write_ct_series
+from lungvl_model.data.site_layout import ReportRecord, toml_dumps, write_reports
+from lungvl_model.data.volume import CTVolume
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+LIDC_DIR = SHARED / "data" / "lidc"
+
+
+def make_volume(
+    shape: tuple[int, int, int] = (12, 32, 32),
+    spacing: tuple[float, float, float] = (2.5, 0.8, 0.8),
+    study_uid: str = "1.2.826.0.1.3680043.10.1.1",
+    series_uid: str = "1.2.826.0.1.3680043.10.1.1.1",
+    seed: int = 0,
+) -> CTVolume:
+    """A chest-like toy volume: air, a body ellipse of soft tissue, a lung of -850 HU, a nodule."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]].astype(np.float32)
+    cy, cx = (shape[1] - 1) / 2, (shape[2] - 1) / 2
+    body = ((y - cy) / (0.45 * shape[1])) ** 2 + ((x - cx) / (0.45 * shape[2])) ** 2 <= 1
+    lung = ((y - cy) / (0.3 * shape[1])) ** 2 + ((x - cx) / (0.3 * shape[2])) ** 2 <= 1
+    hu = np.full(shape, -1000.0, np.float32)
+    hu[body] = 40.0
+    hu[lung] = -850.0
+    nod = (z - shape[0] / 2) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 <= 9
+    hu[nod] = 30.0
+    hu += rng.normal(0, 5, shape).astype(np.float32)
+    return CTVolume(
+        hu=np.rint(hu), spacing=spacing, origin=(-12.0, -20.0, -100.0), study_uid=study_uid, series_uid=series_uid
+    )
+
+
+def write_mini_site(root: Path, n_studies: int = 3, *, shape=(10, 24, 24)) -> dict[str, Path]:
+    """A site with ``n_studies`` toy studies, reports and a site.toml; returns study_uid → series dir."""
+    root.mkdir(parents=True, exist_ok=True)
+    series_dirs = {}
+    records = []
+    for i in range(n_studies):
+        study = f"1.2.826.0.1.3680043.10.2.{i + 1}"
+        vol = make_volume(shape, study_uid=study, series_uid=f"{study}.1", seed=i)
+        d = root / "dicom" / f"patient{i}" / "ct"
+        write_ct_series(vol, d, tags={"PatientID": f"SYN{i:03d}", "StudyDate": "20250101"})
+        series_dirs[study] = d
+        records.append(ReportRecord(study, f"A 6 mm solid nodule in the right upper lobe. Study {i}.", "20250101"))
+    write_reports(root / "reports.jsonl", records)
+    (root / "site.toml").write_text(toml_dumps({"site": {"name": "mini", "cohort": "screening"}}))
+    return series_dirs
+
+
+@pytest.fixture
+def mini_site(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    site = tmp_path / "site"
+    return site, write_mini_site(site)

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from lungvl.cli import app
+from tests.conftest import write_mini_site
+
+runner = CliRunner()
+
+
+def test_rules_lung_rads_bad_row_named_rest_answered(tmp_path: Path) -> None:
+    csv = tmp_path / "in.csv"
+    csv.write_text(
+        "type,mean_diameter_mm,solid_component_mm,context,juxtapleural,benign_pattern,suspicious_features\n"
+        "solid,7,,baseline,0,0,0\n"
+        "solid,abc,,baseline,0,0,0\n"
+        "part_solid,12,8,baseline,0,0,0\n"
+    )
+    res = runner.invoke(app, ["rules", "lung-rads", "--csv", str(csv)])
+    assert res.exit_code == 1
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].endswith("lung_rads")
+    assert lines[1].endswith(",3") and lines[3].endswith(",4B")
+    assert "row 2" in res.stderr and "mean_diameter_mm" in res.stderr and "abc" in res.stderr
+
+
+def test_rules_brock(tmp_path: Path) -> None:
+    csv = tmp_path / "in.csv"
+    csv.write_text(
+        "age,female,family_history,emphysema,longest_diameter_mm,type,upper_lobe,nodule_count,spiculation\n"
+        "62,1,0,0,10,solid,1,1,1\n"
+    )
+    res = runner.invoke(app, ["rules", "brock", "--csv", str(csv)])
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout.strip().splitlines()[1].endswith("0.20097")
+
+
+def test_site_check_exit_codes(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    write_mini_site(site, 2)
+    res = runner.invoke(app, ["site", "check", str(site), "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["usable"] == 2
+    empty = tmp_path / "empty"
+    (empty / "dicom").mkdir(parents=True)
+    (empty / "dicom" / "x.txt.bin").write_bytes(b"nope")
+    res = runner.invoke(app, ["site", "check", str(empty)])
+    assert res.exit_code == 1
+    res = runner.invoke(app, ["site", "check", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "does not exist" in res.stderr
+
+
+def test_report_label_jsonl(tmp_path: Path) -> None:
+    f = tmp_path / "in.jsonl"
+    f.write_text(
+        '{"id": "a", "text": "No pulmonary nodules. Lung-RADS 1."}\n'
+        "this is not json\n"
+        '{"id": "b", "text": "8 mm spiculated solid nodule in the left upper lobe. Lung-RADS 4X."}\n'
+    )
+    res = runner.invoke(app, ["report", "label", "--jsonl", str(f)])
+    assert res.exit_code == 1
+    out = [json.loads(line) for line in res.stdout.strip().splitlines()]
+    assert [o["id"] for o in out] == ["a", "b"]
+    assert out[0]["nodule_present"] is False and out[0]["lung_rads"] == "1"
+    assert out[1]["nodules"][0]["lobe"] == "LUL" and out[1]["nodules"][0]["margin"] == "spiculated"
+    assert out[1]["lung_rads"] == "4X"
+    assert "line 2" in res.stderr
