@@ -20,6 +20,7 @@ def train(
     lr: float = typer.Option(3e-4, "--lr"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    peer: str | None = typer.Option(None, "--peer", help="dynunet: train the segmentation anchor instead"),
 ) -> None:
     """Train one stage; writes checkpoint/, config.json, metrics.json and loss_curve.png to --out."""
     from lungvl_model.models.config import get_preset
@@ -37,6 +38,15 @@ def train(
         def on_step(step: int, total: int, losses: dict[str, float]) -> None:
             cb(step, total, f"loss {losses.get('loss', float('nan')):.3f}")
 
+        if peer is not None:
+            from lungvl_model.training.peer import train_dynunet
+
+            if peer != "dynunet" or stage != "seg":
+                err.print(f"[red]--peer supports only 'dynunet' with --stage seg, got {peer!r} / {stage!r}")
+                raise typer.Exit(2)
+            res = train_dynunet(site_dirs, out_dir, model_cfg or get_preset(preset), cfg, on_step=on_step)
+            err.print({k: round(v, 4) for k, v in res.summary().items()}, highlight=False)
+            return
         run = run_stage(
             site_dirs,
             out_dir,

@@ -1,0 +1,60 @@
+"""``lungvl explain``: findings, risk and a grounded explanation for one study."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from lungvl.console import err, out
+
+
+def _load_study(site: Path | None, study: str | None, dicom: Path | None):  # noqa: ANN202
+    from lungvl_model.data.catalogue import build_catalogue
+    from lungvl_model.data.dicom_io import read_series, read_series_dir
+
+    if dicom is not None:
+        return read_series_dir(dicom)
+    if site is None or study is None:
+        raise ValueError("give --dicom SERIES_DIR, or --site SITE_DIR with --study STUDY_UID")
+    cat = build_catalogue(site)
+    entry = cat.studies.get(study)
+    if entry is None or entry.series is None:
+        raise ValueError(f"study {study} not found in {site} ({len(cat.studies)} studies there)")
+    return read_series(entry.series.files)
+
+
+def explain(
+    model_dir: Path = typer.Option(..., "--model", help="checkpoint directory (stage vl)"),
+    out_dir: Path = typer.Option(..., "--out", help="output directory"),
+    site: Path | None = typer.Option(None, "--site", help="site directory"),
+    study: str | None = typer.Option(None, "--study", help="StudyInstanceUID in --site"),
+    dicom: Path | None = typer.Option(None, "--dicom", help="a folder with one CT series"),
+    prior: str | None = typer.Option(None, "--prior", help="prior StudyInstanceUID (in --site) or a series folder"),
+    ask: str | None = typer.Option(None, "--ask", help='e.g. "what about nodule 2?"'),
+    threshold: float | None = typer.Option(None, "--threshold", help="override the deferral entropy threshold"),
+) -> None:
+    """Write report.json, report.md and nodule_<k>.png overlays for one study."""
+    from lungvl_model.inference.calibration import load_threshold
+    from lungvl_model.inference.explain import explain_study
+    from lungvl_model.inference.render import write_explanation
+    from lungvl_model.training.checkpoint import load_checkpoint
+
+    try:
+        model, _ = load_checkpoint(model_dir)
+        volume = _load_study(site, study, dicom)
+        prior_vol = None
+        if prior is not None:
+            p = Path(prior)
+            prior_vol = _load_study(None, None, p) if p.is_dir() else _load_study(site, prior, None)
+    except (ValueError, OSError) as e:
+        err.print(f"[red]{e}")
+        raise typer.Exit(2) from e
+    thr = threshold if threshold is not None else load_threshold(model_dir)
+    exp = explain_study(model, volume, prior=prior_vol, ask=ask, threshold=thr)
+    paths = write_explanation(exp, volume, out_dir)
+    out.print(
+        json.dumps({k: exp.to_dict()[k] for k in ("model", "lung_rads_rule_engine", "defer_to_radiologist")}, indent=1)
+    )
+    err.print("wrote " + ", ".join(str(p) for p in paths), highlight=False)

@@ -1,0 +1,354 @@
+"""Explain one CT study: findings, risk, a grounded narrative with confidence, and deferral.
+
+Pipeline (DESIGN.md section 3, Inference): triage segmentation on the model grid → native-resolution
+analysis of each candidate (:mod:`.findings`) → measurements, attenuation, lobe, juxtapleural →
+comparison with a prior study → Brock (measured features) and Lung-RADS (rule engine) per nodule →
+ranking by volume-weighted risk → generated explanation with per-sentence entropy confidence and
+grounding boxes (:mod:`.narrative`) → risk heads on image + explanation → deferral and
+disagreement flags. ``ask`` answers a question about one nodule with attention restricted to it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from lungvl_model.clinical.brock import BrockInputs, brock_probability
+from lungvl_model.clinical.lung_rads import InvalidFieldError, NoduleFinding, categorize_exam, categorize_nodule
+from lungvl_model.data.preprocess import body_center, preprocess
+from lungvl_model.data.targets import LUNG_RADS_CLASSES
+from lungvl_model.data.volume import CTVolume
+from lungvl_model.inference.anatomy import (
+    EMPHYSEMA_LAA,
+    emphysema_index,
+    is_juxtapleural,
+    lobe_from_position,
+    lung_mask,
+)
+from lungvl_model.inference.findings import Finding, GridMap, candidates, match_prior, measure_finding, refine_candidate
+from lungvl_model.inference.narrative import Sentence, build_sentences, generate_for_study
+from lungvl_model.models.fusion import TokenLayout
+from lungvl_model.text.tokenizer import encode_reports
+
+SegFn = Callable[[torch.Tensor], np.ndarray]
+
+
+@dataclass
+class Explanation:
+    """Everything ``lungvl explain`` reports for one study (``to_dict`` is report.json)."""
+
+    study_uid: str
+    series_uid: str
+    findings: list[Finding]
+    sentences: list[Sentence]
+    text: str
+    model: dict[str, Any]
+    rule_lung_rads: str
+    emphysema_index: float
+    defer: bool
+    defer_reasons: list[str]
+    flags: list[str]
+    patient: dict[str, Any]
+    threshold: float
+    prior_study_uid: str | None = None
+    answer: dict[str, Any] | None = None
+    grid: GridMap | None = None
+    layout: TokenLayout | None = None
+    prob: np.ndarray | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (report.json)."""
+        return {
+            "study_uid": self.study_uid,
+            "series_uid": self.series_uid,
+            "prior_study_uid": self.prior_study_uid,
+            "patient": self.patient,
+            "findings": [f.to_dict() for f in self.findings],
+            "explanation": self.text,
+            "sentences": [s.to_dict() for s in self.sentences],
+            "model": self.model,
+            "lung_rads_rule_engine": self.rule_lung_rads,
+            "emphysema_index_laa950": None if math.isnan(self.emphysema_index) else round(self.emphysema_index, 4),
+            "defer_to_radiologist": self.defer,
+            "defer_reasons": self.defer_reasons,
+            "flags": self.flags,
+            "deferral_entropy_threshold": self.threshold,
+            "answer": self.answer,
+        }
+
+
+def patient_info(volume: CTVolume) -> dict[str, Any]:
+    """Age and sex from the DICOM header; missing values are assumed and flagged."""
+    age_txt = str(volume.meta.get("PatientAge", ""))
+    m = re.match(r"(\d+)", age_txt)
+    sex = str(volume.meta.get("PatientSex", "")).upper()
+    return {
+        "age": int(m.group(1)) if m else 62,
+        "age_assumed": m is None,
+        "sex": sex if sex in ("F", "M") else "",
+        "sex_assumed": sex not in ("F", "M"),
+    }
+
+
+def analyse_candidates(
+    model: Any, volume: CTVolume, prob_threshold: float, seg_fn: SegFn | None = None
+) -> tuple[list[Finding], dict[str, Any]]:
+    """Triage + native-resolution analysis of one CT (no generation); returns findings and model state.
+
+    Args:
+        model: the LungVL model.
+        volume: the CT.
+        prob_threshold: triage threshold.
+        seg_fn: another segmenter ``(1, 1, D, H, W) → (D, H, W)`` probabilities on the same grid (the
+            DynUNet anchor); the model's own segmentation head when None.
+    """
+    cfg = model.config
+    pre = preprocess(volume, cfg.input)
+    grid = GridMap.from_origin(volume, pre.spacing_mm, pre.origin_zyx_mm)
+    device = next(model.parameters()).device
+    image = torch.from_numpy(pre.image)[None, None].to(device)
+    with torch.no_grad():
+        vis = model.encode_image(image)
+        prob = torch.sigmoid(model.seg_head(vis.scales[0]))[0, 0].float().cpu().numpy()
+        if seg_fn is not None:
+            prob = np.asarray(seg_fn(image), dtype=np.float32)
+    lungs = lung_mask(volume.hu)
+    findings: list[Finding] = []
+    taken = np.zeros(volume.shape, bool)
+    for cand, p in candidates(prob, prob_threshold):
+        refined = refine_candidate(volume, cand, grid)
+        if refined is None:
+            continue
+        mask, offset = refined
+        f = measure_finding(volume, mask, offset, p)
+        full = f.full_mask(volume.shape)
+        if (full & taken).sum() > 0.5 * full.sum():
+            continue  # two triage components refined onto the same nodule
+        taken |= full
+        f.lobe = lobe_from_position(volume, np.asarray(f.centroid_zyx), lungs)
+        f.juxtapleural = is_juxtapleural(full, lungs, volume.spacing)
+        findings.append(f)
+    return findings, {"vis": vis, "prob": prob, "grid": grid, "lungs": lungs, "shape": pre.image.shape}
+
+
+def _clinical(findings: list[Finding], patient: dict[str, Any], emphysema: bool, spiculated: bool) -> str:
+    dominant = max(findings, key=lambda f: f.mean_diameter_mm) if findings else None
+    rule_inputs = []
+    for f in findings:
+        spic = spiculated and f is dominant
+        try:
+            f.brock_probability = round(
+                brock_probability(
+                    BrockInputs(
+                        age=patient["age"],
+                        female=patient["sex"] == "F",
+                        family_history=False,
+                        emphysema=emphysema,
+                        longest_diameter_mm=max(f.longest_diameter_mm, 0.5),
+                        type=f.type,
+                        upper_lobe=f.lobe in ("RUL", "LUL"),
+                        nodule_count=len(findings),
+                        spiculation=spic,
+                    )
+                ),
+                5,
+            )
+        except ValueError as e:
+            f.notes.append(f"Brock not computed: {e}")
+        solid_c = f.solid_component_mm if f.type == "part_solid" else None
+        try:
+            nf = NoduleFinding(
+                type=f.type,
+                mean_diameter_mm=max(f.mean_diameter_mm, 0.1),
+                solid_component_mm=solid_c,
+                context=f.context,
+                juxtapleural=f.juxtapleural and f.type == "solid",
+                benign_pattern=f.calcified,
+                suspicious_features=spic,
+            )
+            f.lung_rads = categorize_nodule(nf)
+            rule_inputs.append(nf)
+        except (InvalidFieldError, ValueError) as e:
+            f.notes.append(f"Lung-RADS not computed: {e}")
+        f.risk_score = round((f.brock_probability or 0.0) * f.volume_mm3 ** (1 / 3), 5)
+    findings.sort(key=lambda f: -f.risk_score)
+    for i, f in enumerate(findings, start=1):
+        f.index = i
+    return categorize_exam(rule_inputs)
+
+
+def _link_sentences(sentences: list[Sentence], findings: list[Finding]) -> None:
+    for s in sentences:
+        if s.box_lps is None or not findings:
+            continue
+        lo, hi = np.asarray(s.box_lps[0]), np.asarray(s.box_lps[1])
+        centre = (lo + hi) / 2
+        inside = [
+            f for f in findings if np.all(np.asarray(f.centroid_lps) >= lo) and np.all(np.asarray(f.centroid_lps) <= hi)
+        ]
+        pool = inside
+        if pool:
+            s.nodule = min(pool, key=lambda f: np.linalg.norm(np.asarray(f.centroid_lps) - centre)).index
+
+
+def explain_study(
+    model: Any,
+    volume: CTVolume,
+    *,
+    prior: CTVolume | None = None,
+    ask: str | None = None,
+    threshold: float | None = None,
+    prob_threshold: float = 0.5,
+    max_new_tokens: int | None = None,
+    seg_fn: SegFn | None = None,
+) -> Explanation:
+    """Run the whole explanation pipeline on one study.
+
+    Args:
+        model: a trained :class:`~lungvl_model.models.lungvl.LungVLModel` (eval mode is set).
+        volume: the study's CT.
+        prior: the prior study's CT (12 months earlier), for growth and Lung-RADS context.
+        ask: a question about one nodule ("what about nodule 2?").
+        threshold: per-sentence mean-entropy deferral threshold (nats); default from the config.
+        prob_threshold: triage probability threshold.
+        max_new_tokens: generation length (default: the decoder's context).
+        seg_fn: replacement segmenter for the triage pass (see :func:`analyse_candidates`).
+
+    Returns:
+        The explanation.
+    """
+    model.eval()
+    cfg = model.config
+    thr = float(cfg.heads.deferral_entropy if threshold is None else threshold)
+    findings, st = analyse_candidates(model, volume, prob_threshold, seg_fn)
+    patient = patient_info(volume)
+    emph = emphysema_index(volume.hu, st["lungs"])
+    flags: list[str] = []
+    if prior is not None:
+        prior_findings, _ = analyse_candidates(model, prior, prob_threshold, seg_fn)
+        shift = volume.voxel_to_lps(body_center(volume.hu)) - prior.voxel_to_lps(body_center(prior.hu))
+        match_prior(findings, prior_findings, shift)
+    vis, grid, shape = st["vis"], st["grid"], st["shape"]
+    vt, layout = model.tokens(vis)
+    n_new = max_new_tokens or cfg.text.n_positions - 2
+    gen = generate_for_study(model, vt, max_new_tokens=n_new)
+    text, sentences = build_sentences(gen, model.tokenizer, layout, shape, threshold=thr, grid=grid, volume=volume)
+    device = vt.device
+    with torch.no_grad():
+        enc = encode_reports(model.tokenizer, [text or " "], cfg.text.n_positions)
+        emb = model.embed_text(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        risk = model.heads(vis.pooled, emb)
+    spic_p = float(torch.sigmoid(risk.spiculated_logit)[0])
+    rule = _clinical(findings, patient, emph > EMPHYSEMA_LAA, spic_p > 0.5)
+    _link_sentences(sentences, findings)
+    lr_probs = torch.softmax(risk.lung_rads_logits[0], -1).cpu().numpy()
+    model_cat = LUNG_RADS_CLASSES[int(np.argmax(lr_probs))]
+    model_out = {
+        "malignancy_probability": round(float(torch.sigmoid(risk.malignancy_logit)[0]), 4),
+        "lung_rads": model_cat,
+        "lung_rads_probabilities": {c: round(float(p), 4) for c, p in zip(LUNG_RADS_CLASSES, lr_probs, strict=True)},
+        "growth_mm_12_months": round(float(risk.growth_mm[0]), 3),
+        "concepts": {
+            "type": ["solid", "part_solid", "non_solid"][int(risk.type_logits[0].argmax())],
+            "spiculated": round(spic_p, 4),
+            "calcified": round(float(torch.sigmoid(risk.calcified_logit)[0]), 4),
+            "juxtapleural": round(float(torch.sigmoid(risk.juxtapleural_logit)[0]), 4),
+            "roundness": round(float(risk.roundness[0]), 4),
+            "diameter_mm": round(float(risk.diameter_mm[0]), 2),
+        },
+        "malignancy_concept_contributions": {
+            k: round(float(v), 4)
+            for k, v in zip(
+                ("solid", "part_solid", "non_solid", "spiculated", "calcified", "juxtapleural", "roundness", "size"),
+                risk.concept_contribution[0],
+                strict=True,
+            )
+        },
+        "malignancy_residual_logit": round(float(risk.residual_logit[0]), 4),
+    }
+    reasons = [
+        f"low-confidence key sentence: {s.text!r} (entropy {s.mean_entropy:.2f} > {thr:.2f})"
+        for s in sentences
+        if s.key and s.low_confidence
+    ]
+    if not sentences:
+        reasons.append("the model generated no sentence")
+    if model_cat != rule:
+        flags.append(f"model Lung-RADS {model_cat} disagrees with the rule engine on measured findings ({rule})")
+    if patient["age_assumed"] or patient["sex_assumed"]:
+        flags.append("patient age/sex missing from the DICOM header: Brock uses age 62 / male")
+    exp = Explanation(
+        study_uid=volume.study_uid,
+        series_uid=volume.series_uid,
+        findings=findings,
+        sentences=sentences,
+        text=text,
+        model=model_out,
+        rule_lung_rads=rule,
+        emphysema_index=emph,
+        defer=bool(reasons),
+        defer_reasons=reasons,
+        flags=flags,
+        patient=patient,
+        threshold=thr,
+        prior_study_uid=prior.study_uid if prior is not None else None,
+        grid=grid,
+        layout=layout,
+        prob=st["prob"],
+    )
+    if ask:
+        exp.answer = answer_question(model, exp, vt, ask, n_new, volume)
+    return exp
+
+
+def answer_question(
+    model: Any, exp: Explanation, vt: torch.Tensor, question: str, n_new: int, volume: CTVolume
+) -> dict[str, Any]:
+    """Focused explanation of one nodule: generation attending only to visual tokens around it."""
+    m = re.search(r"nodule\s*(?:#|no\.?|number)?\s*(\d+)", question, re.IGNORECASE)
+    k = int(m.group(1)) if m else 1
+    target = next((f for f in exp.findings if f.index == k), None)
+    if target is None or exp.layout is None or exp.grid is None:
+        return {
+            "question": question,
+            "nodule": k,
+            "answer": f"There is no nodule {k}; {len(exp.findings)} nodule(s) were found.",
+        }
+    centre = exp.grid.src_to_model(np.asarray(target.centroid_zyx))
+    keep = []
+    for _, _, g in exp.layout.blocks():
+        shape = exp.prob.shape if exp.prob is not None else g
+        cell = np.asarray(shape) / np.asarray(g)
+        zz, yy, xx = np.meshgrid(*[np.arange(n) for n in g], indexing="ij")
+        centres = (np.stack([zz, yy, xx], -1) + 0.5) * cell
+        dist = np.linalg.norm((centres - centre) / cell, axis=-1)
+        keep.append((dist <= 1.5).reshape(-1))
+    mask = torch.from_numpy(np.concatenate(keep)).to(vt.device).long()[None]
+    if int(mask.sum()) == 0:
+        mask[0, int(np.argmin(np.concatenate([np.zeros(len(k_)) for k_ in keep])))] = 1
+    gen = generate_for_study(model, vt, max_new_tokens=n_new, visual_mask=mask)
+    text, sentences = build_sentences(
+        gen, model.tokenizer, exp.layout, tuple(exp.prob.shape), threshold=exp.threshold, grid=exp.grid, volume=volume
+    )
+    facts = (
+        f"Nodule {k}: {target.mean_diameter_mm:.1f} mm mean diameter ({target.longest_diameter_mm:.1f} x "
+        f"{target.short_axis_mm:.1f} mm), {target.type.replace('_', '-')}, {target.lobe}, "
+        f"volume {target.volume_mm3:.0f} mm3, Lung-RADS {target.lung_rads or 'n/a'}, "
+        f"Brock {target.brock_probability if target.brock_probability is not None else 'n/a'}"
+        + (f", growth {target.growth_mm:+.1f} mm since the prior" if target.growth_mm is not None else "")
+        + "."
+    )
+    return {
+        "question": question,
+        "nodule": k,
+        "measured": facts,
+        "answer": text,
+        "sentences": [s.to_dict() for s in sentences],
+        "visual_tokens_used": int(mask.sum()),
+    }
