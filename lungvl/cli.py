@@ -6,7 +6,18 @@ import os
 
 import typer
 
-from lungvl import cmd_bench, cmd_data, cmd_demo, cmd_evaluate, cmd_explain, cmd_report, cmd_rules, cmd_site, cmd_train
+from lungvl import (
+    cmd_bench,
+    cmd_data,
+    cmd_demo,
+    cmd_evaluate,
+    cmd_explain,
+    cmd_report,
+    cmd_rules,
+    cmd_server,
+    cmd_site,
+    cmd_train,
+)
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -19,6 +30,7 @@ app.add_typer(cmd_data.app, name="data")
 app.add_typer(cmd_rules.app, name="rules")
 app.add_typer(cmd_report.app, name="report")
 app.add_typer(cmd_site.app, name="site")
+app.add_typer(cmd_server.app, name="server")
 app.add_typer(cmd_bench.app, name="bench")
 app.command("demo")(cmd_demo.demo)
 app.command("train")(cmd_train.train)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from lungvl.console import err, out
@@ -61,39 +62,48 @@ def train(
             stage=stage,
             bf16=bf16,
             input_size=input_size,
-            log=lambda m: err.print(m, highlight=False),
+            log=lambda m: err.print(m, highlight=False, markup=False),
         )
     except (ValueError, KeyError) as e:
-        err.print(f"[red]{e}")
+        err.print(f"[red]{escape(str(e))}")
         raise typer.Exit(2) from e
     except RuntimeError as e:
-        err.print(f"[red]{e}")
+        err.print(f"[red]{escape(str(e))}")
         raise typer.Exit(1) from e
     m = result.meta
     size = "x".join(str(s) for s in m["input_size"])
     t = Table(
         title=f"training step, preset {m['preset']}, {m['batch_size']} x {size} on {m['device']} ({m['device_name']})",
         caption=(
-            f"median of {m['steps']} after {m['warmup']} warm-up; bf16 {m['bf16_active']}; "
-            f"LungVL checkpointing {m['gradient_checkpointing']}; memory: {result.rows[0].mem_kind}"
+            f"x = ratio to {PEER_NAME} measured in the same run; median of {m['steps']} steps after "
+            f"{m['warmup']} warm-up; bf16 {m['bf16_active']}; LungVL checkpointing {m['gradient_checkpointing']}; "
+            f"memory: {result.rows[0].mem_kind}"
         ),
     )
     t.add_column("model", no_wrap=True)
-    for col in ("params", "step (s)", "vol/s", "peak MiB", f"time/{PEER_NAME}", f"mem/{PEER_NAME}"):
-        t.add_column(col, justify="right")
+    for col in ("params", "step s", "vol/s", "peak MiB", "time x", "mem x"):
+        t.add_column(col, justify="right", no_wrap=True)
     for r in result.rows:
+        if r.error:
+            t.add_row(r.name, "-", "[red]failed", "-", "-", "-", "-")
+            continue
         t.add_row(
             r.name,
-            f"{r.params:,}",
+            f"{r.params / 1e6:.2f}M",
             f"{r.step_s:.3f}",
             f"{r.volumes_per_s:.3f}",
-            f"{r.peak_mem_mb:.1f}",
+            f"{r.peak_mem_mb:.0f}",
             _ratio(result.ratio(r.name, "time")),
             _ratio(result.ratio(r.name, "memory")),
         )
     out.print(t)
+    for r in result.rows:
+        if r.error:
+            err.print(f"[red]{escape(r.name)}: {escape(r.error)}", highlight=False)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "bench_train.json").write_text(json.dumps(_finite(result.to_dict()), indent=2) + "\n")
         (out_dir / "bench_train.md").write_text(result.to_markdown())
         err.print(f"wrote {out_dir / 'bench_train.json'} and {out_dir / 'bench_train.md'}", highlight=False)
+    if m.get("failed"):
+        raise typer.Exit(1)

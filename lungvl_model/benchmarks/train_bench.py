@@ -89,6 +89,8 @@ class BenchRow:
         params_trained: parameters that received a gradient in the step (LungVL's ``seg`` step
             leaves the report decoder and risk heads untouched).
         step_s_all: every timed step, in seconds.
+        error: why the measurement failed (out of memory, process killed); the figures are then NaN
+            and ``params`` is 0.
     """
 
     name: str
@@ -99,6 +101,7 @@ class BenchRow:
     mem_kind: str
     params_trained: int = 0
     step_s_all: tuple[float, ...] = ()
+    error: str | None = None
 
 
 @dataclass
@@ -109,9 +112,9 @@ class BenchResult:
         rows: the peer first, then the LungVL rows.
         ratios: ``"<lungvl row key>/dynunet_time"`` and ``".../dynunet_memory"`` for every LungVL
             row (``lungvl_seg``, ``lungvl_vl``): LungVL divided by DynUNet, > 1 means LungVL is
-            slower / needs more memory. NaN when the peer's figure is not positive.
-        meta: preset, device, device name, input size, batch size, steps, warm-up, bf16, gradient
-            checkpointing, torch version and threads.
+            slower / needs more memory. NaN when either row failed or the peer's figure is not positive.
+        meta: preset, device, device name, input size, batch size, steps, warm-up, bf16 (asked and
+            active), gradient checkpointing, torch version, threads and ``failed`` (names of failed rows).
     """
 
     rows: list[BenchRow]
@@ -128,7 +131,7 @@ class BenchResult:
     def ratio(self, name: str, kind: str) -> float:
         """Row ``name`` over the peer, ``kind`` ``"time"`` or ``"memory"`` (1.0 for the peer, NaN if absent)."""
         if name == PEER_NAME:
-            return 1.0
+            return math.nan if self.row(PEER_NAME).error else 1.0
         return self.ratios.get(f"{_row_key(name)}/dynunet_{kind}", math.nan)
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,6 +155,9 @@ class BenchResult:
             "|---|---:|---:|---:|---:|---:|---|",
         ]
         for r in self.rows:
+            if r.error:
+                lines.append(f"| {r.name} | - | - | failed: {r.error.replace('|', '/')} | - | - | {r.mem_kind} |")
+                continue
             lines.append(
                 f"| {r.name} | {r.params:,} | {r.params_trained:,} | {r.step_s:.3f} | {r.volumes_per_s:.3f} "
                 f"| {r.peak_mem_mb:.1f} | {r.mem_kind} |"
@@ -161,9 +167,14 @@ class BenchResult:
             if r.name == PEER_NAME:
                 continue
             lines.append(
-                f"| {r.name} / {PEER_NAME} | {self.ratio(r.name, 'time'):.2f}x | {self.ratio(r.name, 'memory'):.2f}x |"
+                f"| {r.name} / {PEER_NAME} | {_fmt_ratio(self.ratio(r.name, 'time'))} "
+                f"| {_fmt_ratio(self.ratio(r.name, 'memory'))} |"
             )
         return "\n".join(lines) + "\n"
+
+
+def _fmt_ratio(x: float) -> str:
+    return f"{x:.2f}x" if math.isfinite(x) else "-"
 
 
 def _row_key(name: str) -> str:
@@ -367,6 +378,12 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
+def _failed_row(name: str, error: str, device: torch.device) -> BenchRow:
+    """A row for a model whose measurement failed (NaN figures, ``error`` set)."""
+    kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_growth"
+    return BenchRow(name, 0, math.nan, math.nan, math.nan, kind, error=error)
+
+
 def _check_args(stage: str, steps: int, warmup: int, batch_size: int, size: tuple[int, ...]) -> None:
     if stage not in _STAGES:
         raise ValueError(f"bench_train stage must be one of {_STAGES}, got {stage!r}")
@@ -393,6 +410,9 @@ def bench_train(
 ) -> BenchResult:
     """Time and measure a training step of LungVL and of the DynUNet peer, each in a fresh process.
 
+    A model whose measurement runs out of memory (or whose process is killed) does not abort the run:
+    its row has NaN figures and ``error`` set, its ratios are NaN, and ``meta["failed"]`` names it.
+
     Args:
         preset: LungVL preset (``"tiny"``, ``"base"``); the peer gets ``filters=config.vision.channels``.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:N]"``.
@@ -412,7 +432,6 @@ def bench_train(
     Raises:
         ValueError: on an invalid argument (the offending value is named).
         KeyError: on an unknown preset.
-        RuntimeError: when a measuring process dies (e.g. killed for memory).
     """
     config = get_preset(preset)
     size = tuple(int(s) for s in (input_size if input_size is not None else config.input.size or ()))
@@ -433,37 +452,47 @@ def bench_train(
     if stage == "vl":
         runs.append({**spec, "model": _LUNGVL_NAME.format(stage="vl"), "stage": "vl"})
     ctx = multiprocessing.get_context("spawn")
-    outs: list[dict[str, Any]] = []
+    rows: list[BenchRow] = []
+    child: dict[str, Any] = {}
     for run in runs:
         if log is not None:
             log(f"measuring {run['model']} on {dev} at {'x'.join(map(str, size))} ...")
         # a fresh interpreter per model: peak RSS / CUDA allocator state belong to that model alone
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
             try:
-                outs.append(pool.submit(_measure, run).result())
-            except BrokenProcessPool as e:
-                raise RuntimeError(f"the process measuring {run['model']} died (out of memory?): {e}") from e
-    rows = [BenchRow(**o["row"]) for o in outs]
+                out = pool.submit(_measure, run).result()
+            except (BrokenProcessPool, RuntimeError, MemoryError) as e:  # OOM, killed child: a row that did not fit
+                msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                if isinstance(e, BrokenProcessPool):
+                    msg = f"measuring process died (killed for memory?): {msg}"
+                if log is not None:
+                    log(f"{run['model']} failed: {msg}")
+                rows.append(_failed_row(run["model"], msg, dev))
+                continue
+        rows.append(BenchRow(**out["row"]))
+        child = child or out
     peer = rows[0]
     ratios: dict[str, float] = {}
     for r in rows[1:]:
         key = _row_key(r.name)
         ratios[f"{key}/dynunet_time"] = r.step_s / peer.step_s if peer.step_s > 0 else math.nan
         ratios[f"{key}/dynunet_memory"] = r.peak_mem_mb / peer.peak_mem_mb if peer.peak_mem_mb > 0 else math.nan
-    lungvl_out = outs[1]
+    cuda = dev.type == "cuda"
     meta = {
         "preset": preset,
         "device": str(dev),
-        "device_name": outs[0]["device_name"],
+        # taken from a child so that the parent never creates a CUDA context of its own
+        "device_name": child["device_name"] if child else device_name(dev),
         "torch": torch.__version__,
-        "threads": outs[0]["threads"],
+        "threads": child["threads"] if child else torch.get_num_threads(),
         "input_size": list(size),
         "batch_size": batch_size,
         "steps": steps,
         "warmup": warmup,
         "bf16": bf16,
-        "bf16_active": lungvl_out["bf16_active"],
-        "gradient_checkpointing": lungvl_out["gradient_checkpointing"],
+        "bf16_active": bool(bf16 and cuda),
+        "gradient_checkpointing": bool(config.vision.gradient_checkpointing and cuda),
         "stage": stage,
+        "failed": [r.name for r in rows if r.error],
     }
     return BenchResult(rows=rows, ratios=ratios, meta=meta)

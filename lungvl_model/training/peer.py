@@ -72,8 +72,11 @@ def train_dynunet(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out / "peer.pt")
-    (out / "config.json").write_text(json.dumps({"model": config.to_dict(), "train": train.to_dict(),
-                                                 "peer": "monai.networks.nets.DynUNet"}, indent=2))
+    (out / "config.json").write_text(
+        json.dumps(
+            {"model": config.to_dict(), "train": train.to_dict(), "peer": "monai.networks.nets.DynUNet"}, indent=2
+        )
+    )
     (out / "metrics.json").write_text(json.dumps({"summary": result.summary(), "history": result.history}, indent=2))
     return result
 

@@ -85,9 +85,12 @@ def test_cli_writes_json_and_markdown(tmp_path: Path, monkeypatch: pytest.Monkey
     """The CLI wiring, with the measurement replaced by a canned result (the real one is tested above)."""
     import lungvl_model.benchmarks as benchmarks
 
+    nan = float("nan")
+
     rows = [
         BenchRow(PEER_NAME, 10, 2.0, 0.5, 100.0, "cpu_peak_rss_growth", 10, (2.0,)),
         BenchRow("LungVL (seg)", 20, 3.0, 1 / 3, 150.0, "cpu_peak_rss_growth", 15, (3.0,)),
+        BenchRow("LungVL (vl)", 0, nan, nan, nan, "cpu_peak_rss_growth", error="can't allocate memory"),
     ]
     meta = {
         "preset": "tiny",
@@ -99,8 +102,10 @@ def test_cli_writes_json_and_markdown(tmp_path: Path, monkeypatch: pytest.Monkey
         "warmup": 0,
         "bf16_active": False,
         "gradient_checkpointing": False,
+        "failed": ["LungVL (vl)"],
     }
-    canned = BenchResult(rows, {"lungvl_seg/dynunet_time": 1.5, "lungvl_seg/dynunet_memory": float("nan")}, meta)
+    ratios = {"lungvl_seg/dynunet_time": 1.5, "lungvl_seg/dynunet_memory": nan, "lungvl_vl/dynunet_time": nan}
+    canned = BenchResult(rows, ratios, meta)
     seen: dict = {}
 
     def fake(preset: str, **kw: object) -> BenchResult:
@@ -111,11 +116,16 @@ def test_cli_writes_json_and_markdown(tmp_path: Path, monkeypatch: pytest.Monkey
     res = runner.invoke(
         app, ["bench", "train", "--preset", "tiny", "--input-size", "32", "32", "32", "--out", str(tmp_path)]
     )
-    assert res.exit_code == 0, res.stderr
+    assert res.exit_code == 1, res.stderr  # a row did not fit: reported, files written, non-zero exit
+    assert "can't allocate memory" in res.stderr
     assert seen["input_size"] == (32, 32, 32) and seen["preset"] == "tiny" and seen["stage"] == "vl"
     assert "test cpu" in res.stdout and "1.50x" in res.stdout
     d = json.loads((tmp_path / "bench_train.json").read_text())
     assert d["ratios"]["lungvl_seg/dynunet_memory"] is None  # NaN written as null
-    assert "DynUNet" in (tmp_path / "bench_train.md").read_text()
+    assert d["rows"][2]["error"] == "can't allocate memory" and d["rows"][2]["step_s"] is None
+    md = (tmp_path / "bench_train.md").read_text()
+    assert "DynUNet" in md and "| LungVL (vl) | - | - | failed: can't allocate memory |" in md
+    canned.rows.pop()
+    canned.meta["failed"] = []
     res = runner.invoke(app, ["bench", "train", "--preset", "tiny"])
     assert res.exit_code == 0 and seen["input_size"] is None

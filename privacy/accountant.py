@@ -1,0 +1,563 @@
+"""Privacy accounting with persistent state (DESIGN.md section 4; STYLE.md habits 7, 8, 9).
+
+:class:`PrivacyAccountant` wraps an Opacus accountant chosen by name from a small registry ("rdp" and
+"prv" built in). Its state is the Opacus mechanism history, a list of ``(σ, q, steps)`` entries
+(noise multiplier, sampling rate, number of consecutive steps with those values), plus the accountant's
+name; it is JSON-serialisable, and loading rebuilds the Opacus accountant by replaying the history, so
+ε survives restarts. ε is recomputed from the whole history on demand (cached until the next step).
+
+Two users of it:
+
+* the server, for client-level DP: :class:`ClientLevelAccountant`, one sampled-Gaussian step per round
+  with ``q = expected_sites / total_sites``;
+* a site, for sample-level DP-SGD: :class:`SiteBudget`, which keeps the site's accountant in
+  ``<state_dir>/privacy_accountant.json`` and refuses local training that would take ε past the site's
+  budget, whatever the server asks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from opacus.accountants import PRVAccountant, RDPAccountant  # type: ignore[import-untyped]
+from opacus.accountants.accountant import IAccountant  # type: ignore[import-untyped]
+from opacus.accountants.utils import (  # type: ignore[import-untyped]
+    get_noise_multiplier as _opacus_get_noise_multiplier,
+)
+
+__all__ = [
+    "ACCOUNTANT_STATE_FILE",
+    "ClientLevelAccountant",
+    "HistoryEntry",
+    "PrivacyAccountant",
+    "PrivacyBudgetExceeded",
+    "SiteBudget",
+    "available_accountants",
+    "create_accountant",
+    "get_noise_multiplier",
+    "register_accountant",
+]
+
+ACCOUNTANT_STATE_FILE = "privacy_accountant.json"
+"""File name of a site's accountant state inside its state directory."""
+
+STATE_FORMAT = 1
+_EPS_CACHE_SIZE = 64
+
+HistoryEntry = tuple[float, float, int]
+"""``(noise_multiplier σ, sample_rate q, steps)``: ``steps`` consecutive sampled-Gaussian steps."""
+
+_ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+
+def register_accountant(name: str, cls: type[IAccountant], force: bool = False) -> None:
+    """Register an Opacus-style accountant class under ``name``.
+
+    Args:
+        name: registry key, e.g. ``"rdp"``.
+        cls: a subclass of ``opacus.accountants.accountant.IAccountant`` (it must keep its mechanism
+            history in ``self.history`` as ``(σ, q, steps)`` entries, as Opacus' accountants do).
+        force: replace an existing registration.
+
+    Raises:
+        ValueError: ``name`` is already registered and ``force`` is False.
+        TypeError: ``cls`` is not an ``IAccountant`` subclass.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, IAccountant)):
+        raise TypeError(f"accountant {name!r}: expected an opacus IAccountant subclass, got {cls!r}")
+    if name in _ACCOUNTANTS and not force:
+        raise ValueError(
+            f"accountant {name!r} is already registered ({_ACCOUNTANTS[name].__name__}); pass force=True to replace it"
+        )
+    _ACCOUNTANTS[name] = cls
+
+
+def available_accountants() -> list[str]:
+    """Registered accountant names, sorted."""
+    return sorted(_ACCOUNTANTS)
+
+
+def create_accountant(name: str) -> IAccountant:
+    """A fresh Opacus accountant registered under ``name``.
+
+    Raises:
+        KeyError: unknown name, with a "did you mean" suggestion.
+    """
+    try:
+        cls = _ACCOUNTANTS[name]
+    except KeyError:
+        hint = difflib.get_close_matches(str(name), _ACCOUNTANTS, n=1)
+        raise KeyError(
+            f"unknown accountant {name!r}; known: {available_accountants()}"
+            + (f"; did you mean {hint[0]!r}?" if hint else "")
+        ) from None
+    return cls()
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def _check_delta(delta: float) -> float:
+    d = float(delta)
+    if not 0.0 < d < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    return d
+
+
+def _check_mechanism(noise_multiplier: float, sample_rate: float, num_steps: int) -> HistoryEntry:
+    """Validated ``(σ, q, steps)``."""
+    sigma, q = float(noise_multiplier), float(sample_rate)
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"noise_multiplier must be finite and > 0 (σ = 0 gives no privacy), got {noise_multiplier!r}")
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    return sigma, q, int(num_steps)
+
+
+def _check_epsilon(name: str, epsilon: float) -> float:
+    e = float(epsilon)
+    if not (e > 0):  # also rejects nan
+        raise ValueError(f"{name} must be > 0, got {epsilon!r}")
+    return e
+
+
+def _append(history: list[HistoryEntry], entry: HistoryEntry) -> None:
+    """Append to an Opacus history, merging with the last entry when σ and q are unchanged (as Opacus does)."""
+    sigma, q, n = entry
+    if history and history[-1][0] == sigma and history[-1][1] == q:
+        history[-1] = (sigma, q, history[-1][2] + n)
+    else:
+        history.append((sigma, q, n))
+
+
+def _atomic_write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write JSON to ``path`` via a temporary file in the same directory and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------- exceptions
+
+
+class PrivacyBudgetExceeded(RuntimeError):
+    """The requested training would take ε past the target.
+
+    Attributes:
+        spent: ε spent so far.
+        requested: ε after the requested steps.
+        target: the budget.
+        delta: the δ at which ε is measured.
+    """
+
+    def __init__(self, *, spent: float, requested: float, target: float, delta: float, who: str = "") -> None:
+        self.spent = spent
+        self.requested = requested
+        self.target = target
+        self.delta = delta
+        prefix = f"{who}: " if who else ""
+        super().__init__(
+            f"{prefix}privacy budget exceeded: ε spent so far {spent:.4g}, the requested training would reach "
+            f"ε = {requested:.4g} > target ε = {target:.4g} (δ = {delta:g})"
+        )
+
+
+# --------------------------------------------------------------------------------------------- accountant
+
+
+class PrivacyAccountant:
+    """An Opacus accountant chosen by name, with keyword-only steps and JSON-serialisable state.
+
+    Args:
+        name: registry name ("rdp" or "prv" built in; see :func:`register_accountant`).
+
+    Example:
+        >>> acc = PrivacyAccountant("rdp")
+        >>> acc.step(noise_multiplier=1.1, sample_rate=0.01, num_steps=100)
+        >>> eps = acc.get_epsilon(1e-5)
+    """
+
+    def __init__(self, name: str = "rdp") -> None:
+        self.name = name
+        self._acc: IAccountant = create_accountant(name)
+        # ε by (history, δ): check-then-record (epsilon_after, then step and get_epsilon) computes ε once.
+        self._eps_cache: dict[tuple[tuple[HistoryEntry, ...], float], float] = {}
+
+    # ---- state
+    @property
+    def history(self) -> list[HistoryEntry]:
+        """A copy of the mechanism history: ``(σ, q, steps)`` entries in order."""
+        return [(float(s), float(q), int(n)) for s, q, n in self._acc.history]
+
+    @property
+    def steps(self) -> int:
+        """Total number of steps recorded."""
+        return sum(int(n) for _, _, n in self._acc.history)
+
+    def __len__(self) -> int:
+        """Number of history entries (runs of identical ``(σ, q)``), as Opacus' ``len(accountant)``."""
+        return len(self._acc.history)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state: ``{"format", "name", "mechanism", "history": [[σ, q, steps], ...]}``."""
+        return {
+            "format": STATE_FORMAT,
+            "name": self.name,
+            "mechanism": str(self._acc.mechanism()),
+            "history": [[s, q, n] for s, q, n in self.history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace this accountant's history by replaying the one in ``state``.
+
+        Raises:
+            ValueError: a malformed state, or one saved by an accountant of another name.
+        """
+        if not isinstance(state, Mapping) or "history" not in state or "name" not in state:
+            raise ValueError(f"not a PrivacyAccountant state (needs 'name' and 'history'): {state!r:.200}")
+        if state["name"] != self.name:
+            raise ValueError(f"state of accountant {state['name']!r} cannot be loaded into a {self.name!r} accountant")
+        fmt = state.get("format", STATE_FORMAT)
+        if fmt != STATE_FORMAT:
+            raise ValueError(f"unsupported accountant state format {fmt!r}, expected {STATE_FORMAT}")
+        replay: list[HistoryEntry] = []
+        for i, entry in enumerate(state["history"]):
+            try:
+                sigma, q, n = entry
+                _append(replay, _check_mechanism(sigma, q, n))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"accountant state: history entry {i} = {entry!r} is invalid: {err}") from None
+        fresh = create_accountant(self.name)
+        fresh.history = replay
+        self._acc = fresh
+        self._eps_cache.clear()
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`state_dict` to a JSON file atomically (temporary file + rename)."""
+        _atomic_write_json(Path(path), self.state_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PrivacyAccountant:
+        """An accountant rebuilt from a file written by :meth:`save` (its name comes from the file)."""
+        p = Path(path)
+        try:
+            state = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{p}: not a JSON accountant state ({err})") from None
+        if not isinstance(state, dict) or "name" not in state:
+            raise ValueError(f"{p}: not a PrivacyAccountant state (no 'name')")
+        acc = cls(str(state["name"]))
+        acc.load_state_dict(state)
+        return acc
+
+    # ---- accounting
+    def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
+        """Record ``num_steps`` sampled-Gaussian steps with noise multiplier ``σ`` and sampling rate ``q``.
+
+        Raises:
+            ValueError: ``σ <= 0``, ``q`` outside ``(0, 1]`` or ``num_steps < 1``.
+        """
+        entry = _check_mechanism(noise_multiplier, sample_rate, num_steps)
+        history: list[HistoryEntry] = self._acc.history
+        _append(history, entry)
+
+    def get_epsilon(self, delta: float) -> float:
+        """ε spent so far at ``delta`` (0.0 before any step)."""
+        return self._epsilon_of(self.history, _check_delta(delta))
+
+    def epsilon_after(self, *, delta: float, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> float:
+        """ε at ``delta`` if the given steps were added; this accountant is not changed."""
+        d = _check_delta(delta)
+        history = list(self.history)
+        _append(history, _check_mechanism(noise_multiplier, sample_rate, num_steps))
+        return self._epsilon_of(history, d)
+
+    def would_exceed(
+        self,
+        *,
+        target_epsilon: float,
+        delta: float,
+        noise_multiplier: float,
+        sample_rate: float,
+        num_steps: int = 1,
+    ) -> bool:
+        """Whether ε after the hypothetical steps would be above ``target_epsilon`` (nothing is recorded)."""
+        target = _check_epsilon("target_epsilon", target_epsilon)
+        eps = self.epsilon_after(
+            delta=delta, noise_multiplier=noise_multiplier, sample_rate=sample_rate, num_steps=num_steps
+        )
+        return eps > target
+
+    def _epsilon_of(self, history: list[HistoryEntry], delta: float) -> float:
+        if not history:
+            # Opacus' PRV accountant fails on an empty history (NaN domain); no step, no privacy spent.
+            return 0.0
+        key = (tuple(history), delta)
+        if key not in self._eps_cache:
+            if len(self._eps_cache) >= _EPS_CACHE_SIZE:
+                self._eps_cache.clear()
+            acc = type(self._acc)()  # same class as this accountant, whatever the registry holds now
+            acc.history = list(history)
+            self._eps_cache[key] = float(acc.get_epsilon(delta=delta))
+        return self._eps_cache[key]
+
+    def __repr__(self) -> str:
+        return f"PrivacyAccountant(name={self.name!r}, steps={self.steps}, entries={len(self)})"
+
+
+def get_noise_multiplier(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """The smallest σ (within ``epsilon_tolerance`` in ε) such that ``steps`` steps at ``sample_rate`` stay ≤ target.
+
+    Wraps ``opacus.accountants.utils.get_noise_multiplier`` (a doubling then bisection search whose
+    result satisfies ``ε(σ) < target_epsilon``).
+
+    Args:
+        target_epsilon: ε budget (> 0).
+        delta: δ in (0, 1).
+        sample_rate: q in (0, 1].
+        steps: number of steps the budget must cover (>= 1).
+        accountant: registry name of the accountant used in the search.
+        epsilon_tolerance: bisection stops when ``target − ε(σ) <= epsilon_tolerance``.
+
+    Returns:
+        The noise multiplier σ.
+
+    Raises:
+        ValueError: invalid arguments, or a budget too small for any σ up to 1e6.
+    """
+    target = _check_epsilon("target_epsilon", target_epsilon)
+    d = _check_delta(delta)
+    _check_mechanism(1.0, sample_rate, steps)
+    _check_epsilon("epsilon_tolerance", epsilon_tolerance)
+    create_accountant(accountant)  # did-you-mean on a bad name before Opacus' plain error
+    try:
+        sigma = _opacus_get_noise_multiplier(
+            target_epsilon=target,
+            target_delta=d,
+            sample_rate=float(sample_rate),
+            steps=int(steps),
+            accountant=accountant,
+            epsilon_tolerance=float(epsilon_tolerance),
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"no noise multiplier reaches ε = {target_epsilon} at δ = {delta} for {steps} steps at q = {sample_rate} "
+            f"({err})"
+        ) from None
+    return float(sigma)
+
+
+# --------------------------------------------------------------------------------------------- server side
+
+
+class ClientLevelAccountant:
+    """Server-side accounting for client-level DP-FedAvgM: one sampled-Gaussian step per round.
+
+    Args:
+        total_sites: number of sites in the federation ``N``.
+        expected_sites: expected number of sites sampled per round ``m`` (so ``q = m / N``).
+        noise_multiplier: σ of the aggregation noise (std ``σ·C`` on the clipped sum).
+        delta: δ at which ε is reported.
+        target_epsilon: optional budget; :meth:`check_next_round` raises past it.
+        accountant: registry name ("rdp" or "prv").
+    """
+
+    def __init__(
+        self,
+        *,
+        total_sites: int,
+        expected_sites: float,
+        noise_multiplier: float,
+        delta: float,
+        target_epsilon: float | None = None,
+        accountant: str = "rdp",
+    ) -> None:
+        if isinstance(total_sites, bool) or int(total_sites) != total_sites or total_sites < 1:
+            raise ValueError(f"total_sites must be an integer >= 1, got {total_sites!r}")
+        if not 0 < float(expected_sites) <= total_sites:
+            raise ValueError(f"expected_sites must be in (0, total_sites={total_sites}], got {expected_sites!r}")
+        self.total_sites = int(total_sites)
+        self.expected_sites = float(expected_sites)
+        self.noise_multiplier, self.sample_rate, _ = _check_mechanism(
+            noise_multiplier, self.expected_sites / self.total_sites, 1
+        )
+        self.delta = _check_delta(delta)
+        self.target_epsilon = None if target_epsilon is None else _check_epsilon("target_epsilon", target_epsilon)
+        self.accountant = PrivacyAccountant(accountant)
+
+    @property
+    def rounds(self) -> int:
+        """Rounds accounted so far."""
+        return self.accountant.steps
+
+    @property
+    def epsilon(self) -> float:
+        """ε spent so far at :attr:`delta`."""
+        return self.accountant.get_epsilon(self.delta)
+
+    def next_round_epsilon(self) -> float:
+        """ε after one more round."""
+        return self.accountant.epsilon_after(
+            delta=self.delta, noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate
+        )
+
+    def check_next_round(self) -> None:
+        """Raise :class:`PrivacyBudgetExceeded` when one more round would pass ``target_epsilon``."""
+        if self.target_epsilon is None:
+            return
+        after = self.next_round_epsilon()
+        if after > self.target_epsilon:
+            raise PrivacyBudgetExceeded(
+                spent=self.epsilon, requested=after, target=self.target_epsilon, delta=self.delta, who="server"
+            )
+
+    def step_round(self) -> float:
+        """Record one aggregation round; returns ε after it."""
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return self.epsilon
+
+    def state_dict(self) -> dict[str, Any]:
+        """The accountant state (settings are constructor arguments; the history records what was used)."""
+        return self.accountant.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the history saved by :meth:`state_dict`."""
+        self.accountant.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------------- site side
+
+
+class SiteBudget:
+    """A site's own ε budget for sample-level DP-SGD, persisted in ``<state_dir>/privacy_accountant.json``.
+
+    The state file is read when the budget is created (so a restarted client continues where it
+    stopped) and written atomically by :meth:`record`.
+
+    Args:
+        state_dir: the site's state directory.
+        epsilon_budget: the site's ε budget (``[privacy] epsilon_budget`` in site.toml).
+        delta: δ (``[privacy] delta``).
+        accountant: registry name for a new state; an existing file keeps its own and must match.
+
+    Raises:
+        ValueError: invalid budget, or a state file written by another accountant.
+    """
+
+    def __init__(
+        self, state_dir: str | os.PathLike[str], *, epsilon_budget: float, delta: float, accountant: str = "rdp"
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.epsilon_budget = _check_epsilon("epsilon_budget", epsilon_budget)
+        self.delta = _check_delta(delta)
+        if self.path.exists():
+            self.accountant = PrivacyAccountant.load(self.path)
+            if self.accountant.name != accountant:
+                raise ValueError(
+                    f"{self.path} holds a {self.accountant.name!r} accountant state, but {accountant!r} was asked for"
+                )
+        else:
+            self.accountant = PrivacyAccountant(accountant)
+
+    @classmethod
+    def from_config(
+        cls, state_dir: str | os.PathLike[str], config: Mapping[str, Any] | object, *, accountant: str = "rdp"
+    ) -> SiteBudget:
+        """Build from a config holding ``epsilon_budget`` and ``delta``.
+
+        Args:
+            state_dir: the site's state directory.
+            config: a mapping such as site.toml's ``[privacy]`` table, or an object with those attributes.
+            accountant: registry name for a new state.
+
+        Returns:
+            The site's budget, with any saved state loaded.
+        """
+        if isinstance(config, Mapping):
+            missing = [k for k in ("epsilon_budget", "delta") if k not in config]
+            if missing:
+                raise KeyError(f"privacy config lacks {missing}; got keys {sorted(config)}")
+            eps, delta = config["epsilon_budget"], config["delta"]
+        else:
+            eps, delta = getattr(config, "epsilon_budget"), getattr(config, "delta")  # noqa: B009
+        return cls(state_dir, epsilon_budget=eps, delta=delta, accountant=accountant)
+
+    @property
+    def path(self) -> Path:
+        """The accountant state file."""
+        return self.state_dir / ACCOUNTANT_STATE_FILE
+
+    @property
+    def spent(self) -> float:
+        """ε spent so far at :attr:`delta`."""
+        return self.accountant.get_epsilon(self.delta)
+
+    @property
+    def remaining(self) -> float:
+        """``epsilon_budget − spent`` (may be negative if training was recorded past the budget)."""
+        return self.epsilon_budget - self.spent
+
+    def check_can_train(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Refuse local training that would take ε past the budget.
+
+        Args:
+            noise_multiplier: DP-SGD σ.
+            sample_rate: Poisson sampling rate ``batch_size / n_examples``.
+            steps: optimiser steps of the coming local training.
+
+        Returns:
+            ε after that training.
+
+        Raises:
+            PrivacyBudgetExceeded: when ε after the training would be above ``epsilon_budget``.
+        """
+        after = self.accountant.epsilon_after(
+            delta=self.delta, noise_multiplier=noise_multiplier, sample_rate=sample_rate, num_steps=steps
+        )
+        if after > self.epsilon_budget:
+            raise PrivacyBudgetExceeded(
+                spent=self.spent, requested=after, target=self.epsilon_budget, delta=self.delta, who="site"
+            )
+        return after
+
+    def record(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Record local training that has happened, save the state; returns ε spent afterwards.
+
+        It records even past the budget: the ledger must tell what was spent.
+        """
+        self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, num_steps=steps)
+        self.save()
+        return self.spent
+
+    def save(self) -> None:
+        """Write the accountant state atomically."""
+        self.accountant.save(self.path)

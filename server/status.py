@@ -1,0 +1,151 @@
+"""``lungvl server status``: the run registry as rich tables (run overview, rounds, sites).
+
+:func:`status_rows` gathers plain rows (usable for JSON output or tests); :func:`render_status` turns them
+into :class:`rich.table.Table` objects, ready for ``console.print(*tables)``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+from rich.table import Table
+
+from server.registry import Registry
+
+MAX_METRIC_COLUMNS = 4
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
+def status_rows(registry: Registry, run_id: int | None = None) -> dict[str, Any] | None:
+    """Everything the status view shows, as plain data.
+
+    Args:
+        registry: the run registry.
+        run_id: the run; the latest run when ``None``.
+
+    Returns:
+        ``None`` when the registry holds no run, else ``{"summary", "rounds", "sites", "metric_names"}``:
+        ``summary`` from :meth:`Registry.summary`; ``rounds`` the round dicts, each with ``epsilon``
+        (client-level ε recorded in that round, or ``None``) and ``metrics`` (global metrics of that round);
+        ``sites`` one dict per site with ``site``, ``ok``, ``failed`` (not ok), ``examples``, ``last_status``,
+        ``last_reason``, ``epsilon`` (latest sample-level ε or ``None``); ``metric_names`` the global
+        metric columns shown.
+
+    Raises:
+        RegistryError: ``run_id`` given but unknown.
+    """
+    if run_id is None:
+        latest = registry.latest_run()
+        if latest is None:
+            return None
+        run_id = int(latest["id"])
+    summary = registry.summary(run_id)
+    client_eps: dict[int, float] = {}
+    site_eps: dict[str, float] = {}
+    for row in registry.privacy(run_id):
+        if row["level"] == "client":
+            client_eps[row["round"]] = row["epsilon"]
+        else:
+            site_eps[row["site_name"]] = row["epsilon"]
+    per_round: dict[int, dict[str, float]] = {}
+    for m in registry.metrics(run_id, scope="global"):
+        per_round.setdefault(m["round"], {})[m["name"]] = m["value"]
+    names = sorted({n for values in per_round.values() for n in values})[:MAX_METRIC_COLUMNS]
+    rounds = [
+        {**r, "epsilon": client_eps.get(r["round"]), "metrics": per_round.get(r["round"], {})}
+        for r in registry.rounds(run_id)
+    ]
+    sites: dict[str, dict[str, Any]] = {}
+    for p in registry.participation(run_id):
+        key = p["site_name"] or p["node_id"]
+        site = sites.setdefault(key, {"site": key, "ok": 0, "failed": 0, "examples": 0, "statuses": Counter()})
+        site["ok" if p["status"] == "ok" else "failed"] += 1
+        site["examples"] += p["num_examples"] if p["status"] == "ok" else 0
+        site["statuses"][p["status"]] += 1
+        site["last_status"], site["last_reason"] = p["status"], p["reason"]
+    for key, site in sites.items():
+        site["epsilon"] = site_eps.get(key)
+    return {"summary": summary, "rounds": rounds, "sites": list(sites.values()), "metric_names": names}
+
+
+def render_status(registry: Registry, run_id: int | None = None, *, max_rounds: int = 20) -> list[Table]:
+    """Tables for one run: overview, the last ``max_rounds`` rounds, and sites.
+
+    Args:
+        registry: the run registry.
+        run_id: the run; the latest run when ``None``.
+        max_rounds: at most this many (most recent) rounds are listed.
+
+    Returns:
+        ``[overview, rounds, sites]``; a single table saying so when the registry holds no run.
+    """
+    data = status_rows(registry, run_id)
+    if data is None:
+        empty = Table(title="lungvl runs")
+        empty.add_column("registry")
+        empty.add_row(f"no runs recorded in {registry.url}")
+        return [empty]
+    s, run = data["summary"], data["summary"]["run"]
+
+    overview = Table(title=f"Run {run['name']} (#{run['id']})", show_header=False)
+    overview.add_column("field", style="bold")
+    overview.add_column("value")
+    eps = "-" if s["epsilon"] is None else f"{s['epsilon']:.3f} (δ={s['delta']:.1e})"
+    site_eps = "-" if s["max_site_epsilon"] is None else f"{s['max_site_epsilon']:.3f} ({s['max_site_epsilon_site']})"
+    for field, value in (
+        ("status", run["status"]),
+        ("created", _fmt(run["created_at"])),
+        ("seed", _fmt(run["seed"])),
+        ("rounds completed", f"{s['rounds_done']} of {s['rounds_recorded']} recorded"),
+        ("sites seen", f"{len(s['sites_seen'])}: {', '.join(s['sites_seen'])}" if s["sites_seen"] else "0"),
+        ("site failures", str(s["failures"])),
+        ("client-level ε", eps),
+        ("max site ε (sample-level)", site_eps),
+        ("latest global metrics", ", ".join(f"{k}={_fmt(v)}" for k, v in s["latest_global_metrics"].items()) or "-"),
+    ):
+        overview.add_row(field, value)
+
+    shown = data["rounds"][-max_rounds:]
+    rounds = Table(title="Rounds", caption=f"last {len(shown)} of {len(data['rounds'])} rounds")
+    for col in ("round", "status", "sampled", "replied", "failed", "update norm", "ε", *data["metric_names"]):
+        rounds.add_column(col, justify="left" if col == "status" else "right")
+    for r in shown:
+        style = "red" if r["status"] == "failed" else ("yellow" if r["status"] == "running" else None)
+        rounds.add_row(
+            str(r["round"]),
+            r["status"],
+            str(r["sites_sampled"]),
+            _fmt(r["sites_replied"]),
+            _fmt(r["sites_failed"]),
+            _fmt(r["update_norm"]),
+            _fmt(r["epsilon"]),
+            *(_fmt(r["metrics"].get(n)) for n in data["metric_names"]),
+            style=style,
+        )
+
+    sites = Table(title="Sites")
+    for col in ("site", "ok", "not ok", "examples", "last status", "last reason", "sample ε"):
+        sites.add_column(col, justify="right" if col in ("ok", "not ok", "examples", "sample ε") else "left")
+    for site in data["sites"]:
+        sites.add_row(
+            site["site"],
+            str(site["ok"]),
+            str(site["failed"]),
+            str(site["examples"]),
+            site["last_status"],
+            site["last_reason"][:60] or "-",
+            _fmt(site["epsilon"]),
+            style=None if site["last_status"] == "ok" else "red",
+        )
+    return [overview, rounds, sites]
