@@ -15,6 +15,7 @@ from lungvl import (
     cmd_report,
     cmd_rules,
     cmd_server,
+    cmd_simulate,
     cmd_site,
     cmd_train,
 )
@@ -36,6 +37,7 @@ app.command("demo")(cmd_demo.demo)
 app.command("train")(cmd_train.train)
 app.command("explain")(cmd_explain.explain)
 app.command("evaluate")(cmd_evaluate.evaluate)
+app.command("simulate")(cmd_simulate.simulate)
 
 
 if __name__ == "__main__":

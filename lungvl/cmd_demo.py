@@ -11,7 +11,7 @@ from lungvl.console import err, progress_callback
 
 def demo(
     out_dir: Path = typer.Option(Path("demo_out"), "--out", help="output directory"),
-    studies: int = typer.Option(6, "--studies", min=1, help="studies per synthetic site"),
+    studies: int = typer.Option(4, "--studies", min=1, help="studies per synthetic site"),
     matrix: int = typer.Option(128, "--matrix", min=32, help="in-plane matrix of the synthetic CT"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:

@@ -198,7 +198,7 @@ def evaluate(
         prior = None
         if e.prior_study_uid and e.prior_study_uid in cat.studies and cat.studies[e.prior_study_uid].series:
             prior = read_series(cat.studies[e.prior_study_uid].series.files)  # type: ignore[union-attr]
-        exp = explain_study(model, vol, prior=prior, threshold=threshold, seg_fn=seg_fn)
+        exp = explain_study(model, vol, prior=prior, threshold=threshold, seg_fn=seg_fn, with_text=seg_fn is None)
         results.append(StudyResult(e.study_uid, name, cohort, vol.spacing[0], score_study(exp, e, vol)))
         if progress:
             progress(i + 1, len(entries), e.study_uid)

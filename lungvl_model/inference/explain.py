@@ -207,6 +207,7 @@ def explain_study(
     prob_threshold: float = 0.5,
     max_new_tokens: int | None = None,
     seg_fn: SegFn | None = None,
+    with_text: bool = True,
 ) -> Explanation:
     """Run the whole explanation pipeline on one study.
 
@@ -219,6 +220,7 @@ def explain_study(
         prob_threshold: triage probability threshold.
         max_new_tokens: generation length (default: the decoder's context).
         seg_fn: replacement segmenter for the triage pass (see :func:`analyse_candidates`).
+        with_text: generate the explanation (False: findings and heads only, e.g. for a segmentation anchor).
 
     Returns:
         The explanation.
@@ -237,8 +239,10 @@ def explain_study(
     vis, grid, shape = st["vis"], st["grid"], st["shape"]
     vt, layout = model.tokens(vis)
     n_new = max_new_tokens or cfg.text.n_positions - 2
-    gen = generate_for_study(model, vt, max_new_tokens=n_new)
-    text, sentences = build_sentences(gen, model.tokenizer, layout, shape, threshold=thr, grid=grid, volume=volume)
+    text, sentences = "", []
+    if with_text:
+        gen = generate_for_study(model, vt, max_new_tokens=n_new)
+        text, sentences = build_sentences(gen, model.tokenizer, layout, shape, threshold=thr, grid=grid, volume=volume)
     device = vt.device
     with torch.no_grad():
         enc = encode_reports(model.tokenizer, [text or " "], cfg.text.n_positions)
@@ -277,7 +281,7 @@ def explain_study(
         for s in sentences
         if s.key and s.low_confidence
     ]
-    if not sentences:
+    if with_text and not sentences:
         reasons.append("the model generated no sentence")
     if model_cat != rule:
         flags.append(f"model Lung-RADS {model_cat} disagrees with the rule engine on measured findings ({rule})")

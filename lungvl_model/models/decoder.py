@@ -316,7 +316,7 @@ class ReportDecoder(nn.Module):
                     live = ~done
                     tok = torch.where(live, tok, torch.full_like(tok, self.pad_id))
                     p = logp.gather(1, tok[:, None])[:, 0].exp()
-                    h = -(logp.exp() * logp).sum(-1).clamp_min(0.0)
+                    h = (-(logp.exp() * logp).sum(-1)).clamp_min(0.0)
                     if visual_tokens is not None:
                         att = torch.stack([a[:, :, -1, :] for a in out.cross_attentions]).mean(dim=(0, 2))
                     else:

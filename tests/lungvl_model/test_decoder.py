@@ -129,6 +129,9 @@ def test_generate_greedy_consistent_with_forward(decoder, batch):
     logp = out.logits[:, :-1].log_softmax(-1)
     assert torch.equal(logp.argmax(-1)[m], gen.tokens[m])
     torch.testing.assert_close(logp.gather(2, gen.tokens[..., None])[..., 0].exp()[m], gen.token_probs[m])
+    entropy = -(logp.exp() * logp).sum(-1)  # the predictive entropy at each generated step
+    torch.testing.assert_close(entropy[m], gen.entropy[m], atol=1e-4, rtol=1e-4)
+    assert (gen.entropy[m] > 0.1).all()  # an untrained decoder is far from certain
     att = torch.stack(out.cross_attentions).mean(dim=(0, 2))[:, :-1]  # the query that chose each token
     torch.testing.assert_close(att[m], gen.cross_attention[m], atol=1e-5, rtol=1e-4)
 

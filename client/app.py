@@ -1,0 +1,235 @@
+"""The site's Flower ClientApp (thin): unpack, call :class:`~client.trainer.SiteTrainer`, audit, pack.
+
+Which site a process serves comes from the node config:
+
+- a deployed SuperNode: ``flower-supernode --node-config "site-dir='/data/site' model-dir='/opt/model'"``
+  (``state-dir`` optional; ``model-dir`` may also come from site.toml ``[training] model_dir``);
+- Flower's simulation engine only gives ``partition-id``: :func:`make_client_app` takes the list of
+  :class:`SiteEndpoint` that partition ids index.
+
+Messages:
+
+- ``train``: arrays + :class:`~lungvl_model.federation_protocol.RoundConfig` in; the update (float32)
+  and a metrics record (``num_examples`` + whitelisted metrics) out. A site that refuses because of its
+  own ε budget (``PrivacyBudgetExceeded``) answers with an error reply whose reason says so; any other
+  failure answers with an error reply naming only the exception type (its message could carry local
+  paths or identifiers: the details stay in the site's log).
+- ``evaluate``: the global model scored on the site's studies; metrics only.
+- ``query`` asking for ``site_name``: the site's name (the server attributes failures and timeouts to it).
+
+Every reply is written to the audit ledger (kind, round, exact payload bytes, metrics) before it is
+returned. The train reply's payload is the concatenation of the ``np.save`` bytes of its arrays exactly
+as they sit in the ``ArrayRecord`` (what :func:`client.trainer.payload_bytes` computes for float32
+arrays).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    MetricRecordValues,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+from client.config import ClientConfig
+from client.ledger import LEDGER_FILENAME, AuditLedger, filter_metrics
+from client.trainer import EVALUATE_REPLY, TRAIN_REPLY, SiteTrainer
+from lungvl_model.federation_protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, RoundConfig
+from privacy.accountant import PrivacyBudgetExceeded
+
+__all__ = ["SITE_NAME_KEY", "SiteEndpoint", "app", "make_client_app", "pack_arrays", "unpack_arrays"]
+
+logger = logging.getLogger(__name__)
+
+#: Same literal as ``server.strategy.SITE_NAME_KEY`` (client and server never import each other).
+SITE_NAME_KEY = "site_name"
+QUERY_KEY = "query"
+_ERROR_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+_MAX_TRAINERS = 4
+
+
+@dataclass(frozen=True)
+class SiteEndpoint:
+    """Where one site's data, initial model package and state live.
+
+    Attributes:
+        site_dir: the site directory (with site.toml).
+        model_dir: the initial model package (None: site.toml ``[training] model_dir``).
+        state_dir: accountant state and audit ledger (None: ``<site_dir>/.lungvl_state``).
+    """
+
+    site_dir: Path
+    model_dir: Path | None = None
+    state_dir: Path | None = None
+
+    def client_config(self) -> ClientConfig:
+        """The site's :class:`ClientConfig` with these paths."""
+        overrides: dict[str, Any] = {}
+        if self.model_dir is not None:
+            overrides["model_dir"] = Path(self.model_dir)
+        if self.state_dir is not None:
+            overrides["state_dir"] = Path(self.state_dir)
+        return ClientConfig.from_toml(Path(self.site_dir) / "site.toml", **overrides)
+
+
+def _node_value(node_config: dict[str, Any], key: str) -> str | None:
+    value = node_config.get(key, node_config.get(key.replace("-", "_")))
+    return None if value in (None, "") else str(value)
+
+
+def _opt_path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def resolve_endpoint(context: Context, sites: Sequence[SiteEndpoint] = ()) -> SiteEndpoint:
+    """The site this node serves, from ``site-dir``/``model-dir``/``state-dir`` or ``partition-id``.
+
+    Raises:
+        KeyError: neither a ``site-dir`` nor a ``partition-id`` that indexes ``sites``.
+    """
+    cfg = dict(context.node_config)
+    site_dir = _node_value(cfg, "site-dir")
+    if site_dir is not None:
+        model_dir, state_dir = _node_value(cfg, "model-dir"), _node_value(cfg, "state-dir")
+        return SiteEndpoint(
+            Path(site_dir),
+            None if model_dir is None else Path(model_dir),
+            None if state_dir is None else Path(state_dir),
+        )
+    pid = cfg.get("partition-id")
+    if pid is not None and sites and 0 <= int(pid) < len(sites):
+        return sites[int(pid)]
+    raise KeyError(f"node config must give 'site-dir' (or a partition-id among {len(sites)} sites), got {sorted(cfg)}")
+
+
+_TRAINERS: dict[SiteEndpoint, SiteTrainer] = {}
+
+
+def get_trainer(endpoint: SiteEndpoint) -> SiteTrainer:
+    """The process's :class:`SiteTrainer` for ``endpoint`` (built once; a few sites per process at most)."""
+    trainer = _TRAINERS.get(endpoint)
+    if trainer is None:
+        if len(_TRAINERS) >= _MAX_TRAINERS:
+            old = _TRAINERS.pop(next(iter(_TRAINERS)))
+            old.close()
+        trainer = _TRAINERS[endpoint] = SiteTrainer(endpoint.client_config())
+    return trainer
+
+
+def pack_arrays(arrays: Sequence[np.ndarray]) -> ArrayRecord:
+    """Float32 arrays as an ``ArrayRecord`` keyed ``"0"``, ``"1"``, ... in order."""
+    return ArrayRecord({str(i): Array(np.ascontiguousarray(a, dtype=np.float32)) for i, a in enumerate(arrays)})
+
+
+def unpack_arrays(record: ArrayRecord) -> list[np.ndarray]:
+    """The arrays of an ``ArrayRecord`` in ``"0"``, ``"1"``, ... order."""
+    return [record[str(i)].numpy() for i in range(len(record))]
+
+
+def _metric_record(metrics: Mapping[str, int | float]) -> MetricRecord:
+    values: dict[str, MetricRecordValues] = dict(metrics)
+    return MetricRecord(values)
+
+
+def _round_config(msg: Message) -> RoundConfig:
+    return RoundConfig.from_record(dict(msg.content.config_records[CONFIG]))
+
+
+def _error_reply(msg: Message, reason: str, trainer: SiteTrainer | None, rnd: int) -> Message:
+    if trainer is not None:
+        trainer.record_outbound(rnd, "error_reply", reason.encode(), {}, dp={})
+    return Message(Error(code=_ERROR_CODE, reason=reason), reply_to=msg)
+
+
+def handle_train(msg: Message, endpoint: SiteEndpoint) -> Message:
+    """Local training on the received global arrays; the reply carries Δ and the metrics."""
+    trainer = get_trainer(endpoint)
+    rc = _round_config(msg)
+    try:
+        result = trainer.fit(unpack_arrays(msg.content.array_records[ARRAYS]), rc)
+    except PrivacyBudgetExceeded as err:
+        logger.warning("round %d: site refuses to train: %s", rc.server_round, err)
+        return _error_reply(msg, f"site refused: {err}", trainer, rc.server_round)
+    except Exception as err:
+        logger.exception("round %d: local training failed", rc.server_round)
+        return _error_reply(
+            msg, f"local training failed ({type(err).__name__}; see the site log)", trainer, rc.server_round
+        )
+    arrays = pack_arrays(result.delta)
+    metrics = filter_metrics({**result.metrics, NUM_EXAMPLES: int(result.num_examples)})
+    payload = b"".join(arrays[k].data for k in arrays)
+    trainer.record_outbound(rc.server_round, TRAIN_REPLY, payload, metrics)
+    return Message(RecordDict({ARRAYS: arrays, METRICS: _metric_record(metrics)}), reply_to=msg)
+
+
+def handle_evaluate(msg: Message, endpoint: SiteEndpoint) -> Message:
+    """Score the received global arrays on the site's studies; the reply carries metrics only."""
+    trainer = get_trainer(endpoint)
+    rc = _round_config(msg)
+    try:
+        n, metrics = trainer.evaluate(unpack_arrays(msg.content.array_records[ARRAYS]), rc)
+    except Exception as err:
+        logger.exception("round %d: evaluation failed", rc.server_round)
+        return _error_reply(
+            msg, f"evaluation failed ({type(err).__name__}; see the site log)", trainer, rc.server_round
+        )
+    metrics = filter_metrics({**metrics, NUM_EXAMPLES: int(n)})
+    trainer.record_outbound(rc.server_round, EVALUATE_REPLY, b"", metrics)
+    return Message(RecordDict({METRICS: _metric_record(metrics)}), reply_to=msg)
+
+
+def handle_query(msg: Message, endpoint: SiteEndpoint) -> Message:
+    """Answer ``{"query": "site_name"}`` with the site's name (written to the ledger too)."""
+    asked = msg.content.config_records.get(CONFIG, ConfigRecord()).get(QUERY_KEY)
+    if asked != SITE_NAME_KEY:
+        return Message(Error(code=_ERROR_CODE, reason=f"unknown query {asked!r}"), reply_to=msg)
+    config = endpoint.client_config()
+    assert config.state_dir is not None  # resolved by ClientConfig
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    ledger = AuditLedger(config.state_dir / LEDGER_FILENAME)
+    try:
+        ledger.record(
+            round=0, kind="query_reply", payload=config.name.encode(), metrics={}, dp={}, epsilon=None, delta=None
+        )
+    finally:
+        ledger.close()
+    return Message(RecordDict({CONFIG: ConfigRecord({SITE_NAME_KEY: config.name})}), reply_to=msg)
+
+
+def make_client_app(sites: Sequence[SiteEndpoint] = ()) -> ClientApp:
+    """A ClientApp serving the site named by the node config (``partition-id`` indexes ``sites``)."""
+    client_app = ClientApp()
+    table = tuple(sites)
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, resolve_endpoint(context, table))
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, resolve_endpoint(context, table))
+
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, resolve_endpoint(context, table))
+
+    return client_app
+
+
+#: The ClientApp of ``flower-supernode`` / ``flwr run`` deployments (the site from the node config).
+app = make_client_app()

@@ -1,0 +1,601 @@
+"""The site trainer: local training of the full model on the site's own studies (DESIGN.md section 4).
+
+:class:`SiteTrainer` loads the consortium's initial model package once, keeps the model between rounds
+and answers the two federated requests with plain numpy arrays and floats (no Flower types; the
+ClientApp glue packs and unpacks them):
+
+* :meth:`SiteTrainer.fit` loads the global arrays, trains ``local_steps`` steps of the round's stage
+  with the framework-free :func:`~lungvl_model.training.loop.run_steps` and returns the update
+  ``Δ = w_site − w_global``. With ``round_config.dp_sgd`` the steps are Opacus DP-SGD (Poisson
+  sampling at ``q = batch / N``, per-study clipping, Gaussian noise), after the site's own budget has
+  agreed to them; the accountant state persists in ``state_dir`` across rounds and restarts.
+* :meth:`SiteTrainer.evaluate` scores the global model on the site's studies.
+* :meth:`SiteTrainer.record_outbound` writes what is about to leave the site to the audit ledger.
+
+DP-SGD needs every trainable parameter to have a *per-study* gradient. Three adjustments make the
+model fit that, each undone after the round (see :func:`dp_sgd_ready` and
+:func:`per_sample_parameters`):
+
+* GPT-2 embeds positions with ``position_ids`` of shape ``(1, T)`` broadcast over the batch, so
+  Opacus would see a batch of one for ``wpe``; a forward pre-hook passes ``(B, T)`` ids instead.
+* the image–report InfoNCE term couples the studies of a batch (each study's loss depends on the
+  others' embeddings), so no per-study clip bounds a study's influence; its weight is 0 under DP-SGD.
+* parameters without a per-study gradient in the stage (unused by it, or read through ``.weight``
+  outside their module's forward, e.g. the visual scale embedding) are frozen for the round; they are
+  found once per stage by a dry forward/backward through a ``GradSampleModule``.
+
+The DP noise and the Poisson sample come from fresh OS entropy, never from the round seed: the
+server knows that seed, and noise or a sample it can replay protects nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import math
+import secrets
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, cast
+
+import numpy as np
+import torch
+from opacus.grad_sample import GradSampleModule  # type: ignore[import-untyped]
+from opacus.optimizers import DPOptimizer  # type: ignore[import-untyped]
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # type: ignore[import-untyped]
+from opacus.validators import ModuleValidator  # type: ignore[import-untyped]
+from torch import nn
+from torch.utils.data import DataLoader
+
+from client.config import ClientConfig
+from client.ledger import LEDGER_FILENAME, AuditLedger, filter_metrics
+from lungvl_model.data.catalogue import build_catalogue
+from lungvl_model.data.dataset import SiteDataset, collate
+from lungvl_model.federation_protocol import NUM_EXAMPLES, RoundConfig, arrays_to_model, model_to_arrays
+from lungvl_model.models.lungvl import LungVLModel, LungVLOutput
+from lungvl_model.training.checkpoint import load_checkpoint
+from lungvl_model.training.config import TrainConfig
+from lungvl_model.training.loop import (
+    TrainResult,
+    build_optimizer,
+    cycle,
+    make_loader,
+    resolve_device,
+    run_steps,
+    seed_everything,
+    to_device,
+)
+from privacy.accountant import SiteBudget
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EVALUATE_REPLY",
+    "TRAIN_REPLY",
+    "TRAIN_STAGES",
+    "LocalResult",
+    "SiteTrainer",
+    "dp_sgd_ready",
+    "payload_bytes",
+    "per_sample_parameters",
+    "site_seed",
+]
+
+TRAIN_STAGES: Final = ("ssl", "seg", "vl")
+TRAIN_REPLY: Final = "train_reply"
+EVALUATE_REPLY: Final = "evaluate_reply"
+GRAD_CLIP: Final = 1.0
+# loss term of LungVLOutput.losses -> whitelisted metric; the risk heads' three terms add up to one metric
+_TERM_METRICS: Final = {
+    "report": "train_report_loss",
+    "contrastive": "train_contrastive_loss",
+    "grounding": "train_grounding_loss",
+    "segmentation": "train_seg_loss",
+    "concepts": "train_concept_loss",
+}
+_RISK_TERMS: Final = ("malignancy", "lung_rads", "growth")
+
+
+@dataclass
+class LocalResult:
+    """What one round of local training sends back.
+
+    Attributes:
+        delta: ``w_site − w_global`` as float32 arrays in exchanged-array order (``array_keys``).
+        num_examples: studies of the site usable for the round's stage.
+        metrics: whitelisted scalar metrics only (see ``client.ledger.METRIC_WHITELIST``).
+    """
+
+    delta: list[np.ndarray]
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def payload_bytes(arrays: Sequence[np.ndarray]) -> bytes:
+    """A deterministic serialisation of arrays (``np.save`` of each, in order, into one buffer)."""
+    buf = io.BytesIO()
+    for a in arrays:
+        np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def site_seed(seed: int, server_round: int, site: str) -> int:
+    """The seed of a site's round: a hash of the round seed, the round number and the site name."""
+    digest = hashlib.sha256(f"{seed}/{server_round}/{site}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _empty_like(batch: Any) -> Any:
+    """The same batch structure with batch size 0 (tensors sliced, lists emptied)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:0].clone()
+    if isinstance(batch, Mapping):
+        return {k: _empty_like(v) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return []
+    return batch
+
+
+def _reset_opacus_state(model: nn.Module, *, params: bool = False) -> None:
+    """Drop what Opacus' hooks leave on modules (and, with ``params``, on parameters).
+
+    A forward stores ``module.activations`` and the backward pops them; a module that ran forward but
+    got no backward (outputs unused by the loss) keeps them, and the next pass would size its
+    per-sample gradients (and the mean-reduction scale) by that stale batch. Parameters keep the
+    ``DPOptimizer``'s ``summed_grad`` and per-sample attributes.
+    """
+    for m in model.modules():
+        for attr in ("activations", "max_batch_len"):
+            if hasattr(m, attr):
+                delattr(m, attr)
+    if params:
+        for p in model.parameters():
+            for attr in ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample", "_norm_sample"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+
+
+class _PoissonCollate:
+    """``collate`` that turns the empty index lists of Poisson sampling into an empty batch."""
+
+    def __init__(self, empty: dict[str, Any]) -> None:
+        self.empty = empty
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(items) if items else _empty_like(self.empty)
+
+
+class _EmptyBatchSafe(nn.Module):
+    """Forwards to the ``GradSampleModule``; on an empty Poisson batch skips the model.
+
+    The DP step of an empty batch is noise only: the loss is a constant whose backward sets every
+    trainable parameter's ``grad_sample`` to a ``(0, *shape)`` tensor, which the ``DPOptimizer``
+    clips (nothing), noises and scales by the expected batch size.
+    """
+
+    def __init__(self, gsm: GradSampleModule, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.gsm = gsm
+        self._trainable = tuple(params)
+
+    def forward(self, batch: dict[str, Any], stage: str = "vl", generator: torch.Generator | None = None) -> Any:
+        """The model's output, or a zero loss with empty per-sample gradients when ``B == 0``."""
+        _reset_opacus_state(self.gsm)  # each step starts from no stored activations
+        if batch["image"].shape[0] > 0:
+            return self.gsm(batch, stage=stage, generator=generator)
+        loss = torch.zeros((), device=batch["image"].device, requires_grad=True) * 1.0
+        loss.register_hook(self._empty_grad_samples)
+        return LungVLOutput(loss=loss, losses={})
+
+    def _empty_grad_samples(self, grad: torch.Tensor) -> torch.Tensor:
+        for p in self._trainable:
+            p.grad_sample = p.new_zeros((0, *p.shape))  # type: ignore[attr-defined]
+        return grad
+
+
+@contextlib.contextmanager
+def dp_sgd_ready(model: LungVLModel) -> Iterator[None]:
+    """Make ``model`` per-study separable for DP-SGD while inside the block; restored on exit.
+
+    Passes ``(B, T)`` position ids to GPT-2 (its own ``(1, T)`` ids give ``wpe`` a batch of one under
+    Opacus' hooks), switches the cross-study InfoNCE term off and gradient checkpointing off.
+    """
+
+    def per_sample_positions(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        ids = args[0] if args else kwargs.get("input_ids")
+        if kwargs.get("position_ids") is not None or ids is None:
+            return None
+        kwargs["position_ids"] = torch.arange(ids.shape[1], device=ids.device).repeat(ids.shape[0], 1)
+        return args, kwargs
+
+    config, checkpointing = model.config, model.vision.gradient_checkpointing
+    handle = model.decoder.lm.transformer.register_forward_pre_hook(per_sample_positions, with_kwargs=True)
+    model.config = replace(config, loss=replace(config.loss, contrastive=0.0))
+    model.vision.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        handle.remove()
+        model.config = config
+        model.vision.gradient_checkpointing = checkpointing
+
+
+def per_sample_parameters(
+    model: LungVLModel, batch: dict[str, Any], *, stage: str, rtol: float = 1e-3
+) -> tuple[set[str], set[str]]:
+    """Which trainable parameters get a correct per-study gradient in ``stage`` (one dry pass).
+
+    Runs ``batch`` forward and backward through a temporary Opacus ``GradSampleModule`` (hooks). A
+    parameter is kept when its ``grad_sample`` exists, has the batch size as first dimension and
+    sums (over studies, ÷ B for the mean reduction) to its ordinary gradient within ``rtol``.
+
+    Args:
+        model: the model (inside :func:`dp_sgd_ready` for a DP-SGD run).
+        batch: a collated batch of at least 2 studies (a batch of one cannot reveal a broadcast).
+        stage: ``"ssl"``, ``"seg"`` or ``"vl"``.
+        rtol: relative tolerance of the sum check.
+
+    Returns:
+        ``(kept, dropped)`` parameter names; ``dropped`` are trainable parameters without a correct
+        per-study gradient (unused in the stage, or used outside their module's forward).
+    """
+    b = int(batch["image"].shape[0])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    _reset_opacus_state(model, params=True)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    kept: set[str] = set()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            gsm(batch, stage=stage).loss.backward()
+        for name, p in model.named_parameters():
+            gs = getattr(p, "grad_sample", None)
+            if name not in trainable or p.grad is None or not isinstance(gs, torch.Tensor) or gs.shape[0] != b:
+                continue
+            summed = gs.detach().float().sum(0) / b
+            if torch.allclose(summed, p.grad.float(), rtol=rtol, atol=rtol * float(p.grad.abs().max()) + 1e-12):
+                kept.add(name)
+    finally:
+        gsm.to_standard_module()
+        _reset_opacus_state(model, params=True)
+        model.zero_grad(set_to_none=True)
+    return kept, trainable - kept
+
+
+class SiteTrainer:
+    """Local training and evaluation of one site; the model persists between rounds.
+
+    Args:
+        config: the site's settings (``model_dir`` must name the initial model package).
+
+    Raises:
+        ValueError: ``config.model_dir`` is not set.
+        lungvl_model.training.checkpoint.CheckpointError: the model package is unusable.
+    """
+
+    def __init__(self, config: ClientConfig) -> None:
+        if config.model_dir is None:
+            raise ValueError("ClientConfig.model_dir is not set: pass the initial model package directory")
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model, self.package_meta = load_checkpoint(config.model_dir)
+        self.model.to(self.device)
+        ModuleValidator.validate(self.model, strict=True)  # e.g. no BatchNorm: fail now, not in round 5
+        self._requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        self._catalogue = build_catalogue(config.site_dir)
+        self._datasets: dict[bool, SiteDataset] = {}
+        self._dp_params: dict[str, tuple[set[str], set[str]]] = {}
+        assert config.state_dir is not None  # resolved by ClientConfig
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.budget = SiteBudget(config.state_dir, epsilon_budget=config.epsilon_budget, delta=config.delta)
+        self.ledger = AuditLedger(config.state_dir / LEDGER_FILENAME)
+        self.last_dp: dict[str, float | int] = {}
+
+    # ------------------------------------------------------------------ data
+    def dataset(self, stage: str) -> SiteDataset:
+        """The site's usable studies for ``stage`` (``vl`` keeps only studies with a report)."""
+        if stage not in TRAIN_STAGES:
+            raise ValueError(f"a site trains stage ssl, seg or vl, got {stage!r}")
+        need_report = stage == "vl"
+        if need_report not in self._datasets:
+            self._datasets[need_report] = SiteDataset(
+                self.config.site_dir, self.model.config.input, require_report=need_report, catalogues=[self._catalogue]
+            )
+        ds = self._datasets[need_report]
+        if len(ds) == 0:
+            raise ValueError(f"site {self.config.name!r} has no usable studies for stage {stage!r}")
+        return ds
+
+    def _batch_size(self, rc: RoundConfig) -> int:
+        return int(self.config.batch_size or rc.batch_size)
+
+    @property
+    def epsilon_spent(self) -> float:
+        """The site's sample-level ε spent so far (at ``config.delta``)."""
+        return self.budget.spent
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, arrays: Sequence[np.ndarray], round_config: RoundConfig) -> LocalResult:
+        """Train locally from the global arrays and return the update.
+
+        Args:
+            arrays: the global model's exchanged arrays (``model_to_arrays`` order).
+            round_config: the round's settings from the server.
+
+        Returns:
+            The float32 delta, the number of usable studies and whitelisted metrics. Under DP-SGD the
+            training losses are withheld (they are not privatised); ε, σ, q and the step count are sent.
+
+        Raises:
+            PrivacyBudgetExceeded: DP-SGD that would take the site past its ε budget (nothing is
+                changed: not the model, not the accountant).
+            ValueError: unusable round config or arrays that do not fit the model.
+        """
+        rc = round_config
+        if rc.local_steps < 1 or rc.lr <= 0:
+            raise ValueError(f"round config needs local_steps >= 1 and lr > 0, got {rc.local_steps}, {rc.lr}")
+        if rc.dp_sgd and not (math.isfinite(rc.max_grad_norm) and rc.max_grad_norm > 0):
+            raise ValueError(f"DP-SGD needs a finite max_grad_norm > 0, got {rc.max_grad_norm!r}")
+        dataset = self.dataset(rc.stage)
+        n = len(dataset)
+        batch = self._batch_size(rc)
+        q = min(1.0, batch / n)
+        if rc.dp_sgd:  # the site's budget decides first, whatever the server asks
+            self.budget.check_can_train(noise_multiplier=rc.noise_multiplier, sample_rate=q, steps=rc.local_steps)
+        t0 = time.perf_counter()
+        arrays_to_model(self.model, list(arrays))
+        w_global = model_to_arrays(self.model)
+        seed = site_seed(rc.seed, rc.server_round, self.config.name)
+        train = TrainConfig(
+            stage=rc.stage,
+            max_steps=rc.local_steps,
+            batch_size=batch,
+            lr=rc.lr,
+            grad_clip=GRAD_CLIP,
+            seed=seed,
+            device=self.config.device,
+            bf16=self.config.bf16,
+            num_workers=self.config.num_workers,
+        )
+        metrics: dict[str, Any] = {NUM_EXAMPLES: n, "local_steps": rc.local_steps}
+        if rc.dp_sgd:
+            result = self._train_dp(dataset, rc, train, q)
+            metrics |= self._dp_metrics(rc, q, result.steps)
+        else:
+            seed_everything(seed)
+            self.last_dp = {}
+            result = run_steps(
+                self.model,
+                cycle(make_loader(dataset, train)),
+                build_optimizer(self.model, train),
+                stage=rc.stage,
+                steps=rc.local_steps,
+                device=self.device,
+                grad_clip=GRAD_CLIP,
+                bf16=self.config.bf16,
+                seed=seed,
+            )
+            metrics |= _loss_metrics(result)
+        delta = [(w - g).astype(np.float32) for w, g in zip(model_to_arrays(self.model), w_global, strict=True)]
+        metrics["update_norm"] = math.sqrt(sum(float(np.square(d, dtype=np.float64).sum()) for d in delta))
+        metrics["seconds"] = time.perf_counter() - t0
+        return LocalResult(delta=delta, num_examples=n, metrics=filter_metrics(metrics))
+
+    def _train_dp(self, dataset: SiteDataset, rc: RoundConfig, train: TrainConfig, q: float) -> TrainResult:
+        """DP-SGD steps (Poisson sampling, per-study clipping, noise); records the privacy spent."""
+        model, n = self.model, len(dataset)
+        steps_done = 0
+
+        def count(_optimizer: DPOptimizer) -> None:  # after the noise of each step: what the accountant counts
+            nonlocal steps_done
+            steps_done += 1
+
+        with dp_sgd_ready(model):
+            for name, p in model.named_parameters():
+                p.requires_grad_(self._requires_grad[name])
+            if rc.stage not in self._dp_params:
+                probe = to_device(collate([dataset[i] for i in range(min(2, n))]), self.device)
+                self._dp_params[rc.stage] = per_sample_parameters(model, probe, stage=rc.stage)
+                logger.info(
+                    "DP-SGD stage %s: %d parameter tensors frozen (no per-study gradient): %s",
+                    rc.stage,
+                    len(self._dp_params[rc.stage][1]),
+                    sorted(self._dp_params[rc.stage][1]),
+                )
+            kept, _ = self._dp_params[rc.stage]
+            if not kept:
+                raise RuntimeError(f"no parameter has a per-study gradient in stage {rc.stage!r}")
+            for name, p in model.named_parameters():
+                p.requires_grad_(name in kept)
+            seed_everything(train.seed)
+            _reset_opacus_state(model, params=True)
+            noise_gen = torch.Generator(device=self.device)
+            noise_gen.manual_seed(secrets.randbits(63))
+            sample_gen = torch.Generator()
+            sample_gen.manual_seed(secrets.randbits(63))
+            gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            try:
+                optimizer = DPOptimizer(
+                    build_optimizer(model, train),
+                    noise_multiplier=rc.noise_multiplier,
+                    max_grad_norm=rc.max_grad_norm,
+                    expected_batch_size=round(q * n),
+                    loss_reduction="mean",
+                    generator=noise_gen,
+                )
+                optimizer.attach_step_hook(count)
+                sampler = UniformWithReplacementSampler(
+                    num_samples=n, sample_rate=q, generator=sample_gen, steps=rc.local_steps
+                )
+                empty = _empty_like(collate([dataset[0]]))
+                loader = DataLoader(
+                    dataset,
+                    batch_sampler=sampler,
+                    collate_fn=_PoissonCollate(empty),
+                    num_workers=self.config.num_workers,
+                )
+                module = _EmptyBatchSafe(gsm, [p for p in model.parameters() if p.requires_grad])
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    return run_steps(
+                        cast(LungVLModel, module),
+                        cycle(loader),
+                        optimizer,
+                        stage=rc.stage,
+                        steps=rc.local_steps,
+                        device=self.device,
+                        grad_clip=0.0,
+                        bf16=self.config.bf16,
+                        seed=train.seed,
+                    )
+            finally:
+                gsm.to_standard_module()  # removes the hooks
+                _reset_opacus_state(model, params=True)
+                model.zero_grad(set_to_none=True)
+                for name, p in model.named_parameters():
+                    p.requires_grad_(self._requires_grad[name])
+                if steps_done:  # spent even if the round then failed: record what ran
+                    self.budget.record(noise_multiplier=rc.noise_multiplier, sample_rate=q, steps=steps_done)
+
+    def _dp_metrics(self, rc: RoundConfig, q: float, steps: int) -> dict[str, float | int]:
+        exhausted = self.budget.accountant.would_exceed(
+            target_epsilon=self.budget.epsilon_budget,
+            delta=self.budget.delta,
+            noise_multiplier=rc.noise_multiplier,
+            sample_rate=q,
+            num_steps=rc.local_steps,
+        )
+        self.last_dp = {
+            "noise_multiplier": rc.noise_multiplier,
+            "max_grad_norm": rc.max_grad_norm,
+            "sample_rate": q,
+            "dp_steps": steps,
+        }
+        return {
+            **self.last_dp,
+            "epsilon": self.budget.spent,
+            "delta": self.budget.delta,
+            "budget_exhausted": float(exhausted),
+        }
+
+    # ------------------------------------------------------------------ evaluate
+    @torch.no_grad()
+    def evaluate(
+        self, arrays: Sequence[np.ndarray], round_config: RoundConfig, *, max_batches: int | None = None
+    ) -> tuple[int, dict[str, float]]:
+        """Score the global model on the site's studies (eval mode, no gradient).
+
+        Args:
+            arrays: the global model's exchanged arrays.
+            round_config: the round's settings (stage, batch size, seed of the SSL masks).
+            max_batches: evaluate at most this many batches (all when None).
+
+        Returns:
+            ``(num_examples, metrics)``: ``val_loss`` (the stage loss, mean over studies), ``val_dice``
+            (seg logits > 0 against the mask, mean over studies with a mask; seg/vl), and
+            ``val_lung_rads_acc`` (vl, studies with a known category); whitelisted names only.
+        """
+        rc = round_config
+        dataset = self.dataset(rc.stage)
+        arrays_to_model(self.model, list(arrays))
+        self.model.eval()
+        loader = DataLoader(
+            dataset,
+            batch_size=self._batch_size(rc),
+            shuffle=False,
+            collate_fn=collate,
+            num_workers=self.config.num_workers,
+        )
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(site_seed(rc.seed, rc.server_round, self.config.name))
+        n, batches, loss_sum, dice, lr_hits, lr_known = 0, 0, 0.0, [], 0, 0
+        for raw in loader:
+            if max_batches is not None and batches >= max_batches:
+                break
+            batches += 1
+            batch = to_device(raw, self.device)
+            out = self.model(batch, stage=rc.stage, generator=gen)
+            b = int(batch["image"].shape[0])
+            n += b
+            loss_sum += float(out.loss) * b
+            if out.seg_logits is not None:
+                pred, target = out.seg_logits.float() > 0, batch["seg"] > 0.5
+                inter = (pred & target).flatten(1).sum(1).float()
+                total = (pred.flatten(1).sum(1) + target.flatten(1).sum(1)).float()
+                per_study = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+                dice += per_study[batch["has_mask"].bool()].tolist()
+            if out.risk is not None:
+                known = batch["targets"]["lung_rads"] >= 0
+                hits = out.risk.lung_rads_logits.argmax(-1) == batch["targets"]["lung_rads"]
+                lr_hits += int((hits & known).sum())
+                lr_known += int(known.sum())
+        metrics: dict[str, Any] = {NUM_EXAMPLES: n, "num_batches": batches}
+        if n:
+            metrics["val_loss"] = loss_sum / n
+        if dice:
+            metrics["val_dice"] = float(np.mean(dice))
+        if lr_known:
+            metrics["val_lung_rads_acc"] = lr_hits / lr_known
+        return n, filter_metrics(metrics)
+
+    # ------------------------------------------------------------------ audit
+    def record_outbound(
+        self,
+        round: int,
+        kind: str,
+        payload_bytes: bytes,
+        metrics: Mapping[str, Any],
+        *,
+        dp: Mapping[str, Any] | None = None,
+        run_id: str = "",
+    ) -> int:
+        """Write one outbound message to the audit ledger before it is sent; returns the entry id.
+
+        Args:
+            round: the server round answered.
+            kind: :data:`TRAIN_REPLY`, :data:`EVALUATE_REPLY` or another message kind.
+            payload_bytes: the exact serialised bytes that will be sent (e.g. :func:`payload_bytes`).
+            metrics: the scalar metrics inside the message.
+            dp: DP parameters to record; by default those of the last fit for a train reply, else none.
+            run_id: the server's run id, when known.
+
+        Raises:
+            client.ledger.MetricNotAllowed: a metric may not leave the site (nothing is written).
+        """
+        if dp is None:
+            dp = self.last_dp if kind == TRAIN_REPLY else {}
+        spent = self.budget.accountant.steps > 0
+        return self.ledger.record(
+            round=round,
+            kind=kind,
+            payload=payload_bytes,
+            metrics=metrics,
+            dp=dict(dp),
+            epsilon=self.budget.spent if spent else None,
+            delta=self.budget.delta if spent else None,
+            run_id=run_id,
+        )
+
+    def close(self) -> None:
+        """Release the ledger's database connections."""
+        self.ledger.close()
+
+
+def _loss_metrics(result: TrainResult) -> dict[str, float]:
+    """Mean training loss and per-term means under their whitelisted names (steps with data only)."""
+    steps = [h for h in result.history if set(h) - {"loss", "lr"}]
+    if not steps:
+        return {}
+    out = {"train_loss": float(np.mean([h["loss"] for h in steps]))}
+    for term, name in _TERM_METRICS.items():
+        vals = [h[term] for h in steps if term in h]
+        if vals:
+            out[name] = float(np.mean(vals))
+    if all(t in steps[0] for t in _RISK_TERMS):
+        out["train_risk_loss"] = float(np.mean([sum(h[t] for t in _RISK_TERMS) for h in steps]))
+    return out

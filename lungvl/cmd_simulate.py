@@ -1,0 +1,34 @@
+"""``lungvl simulate``: a scenario as a Flower simulation (one simulated site per ``[[sites]]`` entry)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lungvl.console import err
+
+
+def simulate(
+    scenario: Path = typer.Argument(..., exists=True, dir_okay=False, help="scenario TOML (simulations/scenarios/)"),
+    out_dir: Path = typer.Option(..., "--out", help="run directory (outputs, checkpoints, registry.db)"),
+    db: str | None = typer.Option(None, "--db", help="registry SQLAlchemy URL (default RUN_DIR/registry.db)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in RUN_DIR from its last completed round"),
+) -> None:
+    """Run a federated simulation; one line per round on stdout, outputs and summary.md in --out."""
+    from simulations.scenario import Scenario
+    from simulations.simulate import run_simulation
+
+    try:
+        spec = Scenario.from_toml(scenario)
+    except (KeyError, ValueError) as e:
+        err.print(f"[red]{e.args[0] if e.args else e}")
+        raise typer.Exit(2) from e
+    try:
+        result = run_simulation(spec, out_dir, db_url=db, resume=resume, progress=lambda line: print(line, flush=True))
+    except (FileExistsError, FileNotFoundError) as e:
+        err.print(f"[red]{e}")
+        raise typer.Exit(2) from e
+    err.print((Path(result["out_dir"]) / "summary.md").read_text(), highlight=False)
+    if result["status"] not in ("finished", "stopped_budget"):
+        raise typer.Exit(1)

@@ -1,0 +1,100 @@
+"""What crosses the wire between a site client and the consortium server (both import this module).
+
+A round's *train* message from the server carries the global model arrays and a config record
+(:class:`RoundConfig`); the reply carries the update Δ = w_site − w_global as arrays (float32), the
+number of examples and whitelisted scalar metrics only. Arrays are the model's ``state_dict``
+floating-point tensors in :func:`array_keys` order, so both ends agree without sending names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+#: Message record names.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+#: Metric key every train reply carries.
+NUM_EXAMPLES = "num_examples"
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """The per-round config record the server sends with a train message.
+
+    Attributes:
+        server_round: the round number (1-based).
+        stage: training stage at the sites (``ssl``/``seg``/``vl``).
+        local_steps: optimisation steps per site.
+        lr: local learning rate.
+        batch_size: local batch size.
+        seed: seed of the round (sites mix in their own name).
+        dp_sgd: sites run Opacus DP-SGD (sample-level DP).
+        noise_multiplier: DP-SGD noise multiplier σ at the sites.
+        max_grad_norm: DP-SGD per-sample clip.
+    """
+
+    server_round: int = 1
+    stage: str = "vl"
+    local_steps: int = 5
+    lr: float = 3e-4
+    batch_size: int = 2
+    seed: int = 0
+    dp_sgd: bool = False
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+
+    def to_record(self) -> dict[str, int | float | str | bool]:
+        """Flat dict of scalars (what Flower's ConfigRecord holds)."""
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RoundConfig:
+        """Parse a config record; unknown keys raise ``KeyError`` naming them, values are type-checked."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(record) - set(known))
+        if unknown:
+            raise KeyError(f"unknown round config key(s) {unknown}; known: {sorted(known)}")
+        kw: dict[str, Any] = {}
+        for k, v in record.items():
+            default = getattr(cls(), k)
+            try:
+                kw[k] = type(default)(v) if not isinstance(default, bool) else bool(v)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"round config {k!r}: expected {type(default).__name__}, got {v!r}") from e
+        return cls(**kw)
+
+
+def array_keys(model: nn.Module) -> list[str]:
+    """Names of the floating-point ``state_dict`` entries, in the order arrays are exchanged."""
+    return [k for k, v in model.state_dict().items() if torch.is_floating_point(v)]
+
+
+def model_to_arrays(model: nn.Module) -> list[np.ndarray]:
+    """The model's exchanged tensors as float32 numpy arrays (bf16 is upcast first)."""
+    state = model.state_dict()
+    return [state[k].detach().to(torch.float32).cpu().numpy().copy() for k in array_keys(model)]
+
+
+def arrays_to_model(model: nn.Module, arrays: list[np.ndarray]) -> None:
+    """Load exchanged arrays into ``model`` in place.
+
+    Raises:
+        ValueError: wrong number of arrays, or an array whose shape differs (names the key and shapes).
+    """
+    keys = array_keys(model)
+    if len(arrays) != len(keys):
+        raise ValueError(f"expected {len(keys)} arrays for the model, got {len(arrays)}")
+    state = model.state_dict()
+    new = {}
+    for k, a in zip(keys, arrays, strict=True):
+        if tuple(a.shape) != tuple(state[k].shape):
+            raise ValueError(f"array for {k!r} has shape {tuple(a.shape)}, model expects {tuple(state[k].shape)}")
+        new[k] = torch.as_tensor(np.asarray(a), dtype=state[k].dtype)
+    model.load_state_dict(new, strict=False)

@@ -1,0 +1,263 @@
+"""The consortium's Flower ServerApp (thin): run config in, :class:`~server.strategy.DPFedAvgM` runs, checkpoints out.
+
+Run config keys (``[tool.flwr.app.config]``, ``flwr run --run-config`` or the simulation's defaults):
+
+- ``server-config``: path of the server TOML (:class:`~server.config.ServerConfig`); required;
+- ``init-model``: the initial model package (a lungvl checkpoint directory: config.json, tokenizer/,
+  model.pt); required;
+- ``run-dir``: where checkpoints go (default ``runs/server``);
+- ``registry``: SQLAlchemy URL or SQLite path (default ``<run-dir>/registry.db``);
+- ``run-name``: the registry's run name (default the run directory's name);
+- ``resume``: continue the run recorded in ``<run-dir>/run.json`` from its last completed round.
+
+Per completed round ``n`` it writes ``<run-dir>/checkpoints/round_<n>/``: the global weights as a lungvl
+checkpoint (``save_checkpoint``), ``server_state.pt`` (momentum buffer, round, accountant, numpy/torch/
+python RNG states, config; loadable with ``torch.load(weights_only=True)``) and ``server_state.json``
+(the same without arrays), then records it in the registry *before* the round is marked completed.
+
+Resume: pending rounds (rows after the last completed round, a crash's leftovers) are deleted from the
+registry, weights and server state come from the last completed round's checkpoint, and the run goes
+on. Every random draw of a round is seeded from ``(seed, round)``, so a resumed run ends with the same
+weights as an uninterrupted one, bit for bit on CPU (given sites that train deterministically).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context, UserConfigValue
+from flwr.serverapp import Grid, ServerApp
+
+from lungvl_model.federation_protocol import arrays_to_model, model_to_arrays
+from lungvl_model.models.lungvl import LungVLModel
+from lungvl_model.training.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from server.aggregation import Arrays
+from server.config import ServerConfig
+from server.registry import Registry
+from server.strategy import DPFedAvgM, RoundEngine, RoundOutcome, arrays_to_record
+
+__all__ = [
+    "RUN_FILE",
+    "STATE_FILE",
+    "ServerRunSpec",
+    "app",
+    "load_round_checkpoint",
+    "make_server_app",
+    "run_server",
+    "save_round_checkpoint",
+]
+
+RUN_FILE = "run.json"
+STATE_FILE = "server_state.pt"
+Log = Callable[[str], None]
+#: Settings that may differ between an interrupted run and its resumption.
+_RESUMABLE_CHANGES = frozenset({"rounds", "round_timeout_s"})
+
+
+@dataclass(frozen=True)
+class ServerRunSpec:
+    """What one server run needs, resolved from the run config."""
+
+    config: ServerConfig
+    init_model: Path
+    run_dir: Path
+    registry: str
+    run_name: str
+    resume: bool = False
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, UserConfigValue]) -> ServerRunSpec:
+        """Parse Flower's run config (keys in the module docstring).
+
+        Raises:
+            KeyError: a required key is missing.
+        """
+        missing = [k for k in ("server-config", "init-model") if not run_config.get(k)]
+        if missing:
+            raise KeyError(f"ServerApp run config lacks {missing}; got {sorted(run_config)}")
+        run_dir = Path(str(run_config.get("run-dir") or "runs/server"))
+        return cls(
+            config=ServerConfig.from_toml(str(run_config["server-config"])),
+            init_model=Path(str(run_config["init-model"])),
+            run_dir=run_dir,
+            registry=str(run_config.get("registry") or run_dir / "registry.db"),
+            run_name=str(run_config.get("run-name") or run_dir.resolve().name),
+            resume=bool(run_config.get("resume", False)),
+        )
+
+
+def _rng_states() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    return {
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos)}
+        | {"has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    n = states["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(states["torch"])
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def save_round_checkpoint(directory: Path, model: LungVLModel, engine: RoundEngine, meta: Mapping[str, Any]) -> str:
+    """Write a round's checkpoint (weights + server state); returns the sha256 of its model.pt."""
+    arrays_to_model(model, engine.weights)
+    save_checkpoint(directory, model, {"round": engine.round, **meta})
+    state = engine.state_dict()
+    acc = state["accountant"]
+    payload = {
+        "format": 1,
+        "round": state["round"],
+        "momentum": None if state["momentum"] is None else [torch.from_numpy(m) for m in state["momentum"]],
+        "accountant_json": json.dumps(acc),
+        "site_names_json": json.dumps(state["site_names"]),
+        "config_json": json.dumps(state["config"]),
+        "rng": _rng_states(),
+    }
+    tmp = directory / (STATE_FILE + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(directory / STATE_FILE)
+    summary = {k: state[k] for k in ("round", "accountant", "site_names", "config")}
+    summary["epsilon"] = None if engine.accountant is None else engine.accountant.epsilon
+    summary["server_state_sha256"] = sha256_file(directory / STATE_FILE)
+    (directory / "server_state.json").write_text(json.dumps(summary, indent=2))
+    return sha256_file(directory / "model.pt")
+
+
+def load_round_checkpoint(directory: str | Path) -> tuple[Arrays, dict[str, Any]]:
+    """Read a round checkpoint: ``(weights, engine_state)``; the RNG states come back under ``"rng"``."""
+    d = Path(directory)
+    model, _ = load_checkpoint(d)
+    raw = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
+    state = {
+        "round": int(raw["round"]),
+        "momentum": None if raw["momentum"] is None else [t.numpy() for t in raw["momentum"]],
+        "accountant": json.loads(raw["accountant_json"]),
+        "site_names": json.loads(raw["site_names_json"]),
+        "config": json.loads(raw["config_json"]),
+        "rng": raw["rng"],
+    }
+    return model_to_arrays(model), state
+
+
+def _check_resumable(saved: Mapping[str, Any], current: ServerConfig) -> None:
+    changed = sorted(k for k, v in current.to_dict().items() if saved.get(k) != v and k not in _RESUMABLE_CHANGES)
+    if changed:
+        raise ValueError(
+            "cannot resume with different settings: "
+            + ", ".join(f"{k} {saved.get(k)!r} -> {getattr(current, k)!r}" for k in changed)
+        )
+
+
+def run_server(grid: Grid, spec: ServerRunSpec, *, log: Log = print) -> dict[str, Any]:
+    """Run (or resume) the federated training described by ``spec`` on ``grid``.
+
+    Returns:
+        ``{"run_id", "status", "rounds_done", "last_round", "checkpoint", "epsilon"}``.
+
+    Raises:
+        FileNotFoundError: ``resume`` without a ``run.json`` in the run directory.
+        ValueError: a resumed run whose settings differ (other than ``rounds``/``round_timeout_s``).
+    """
+    cfg = spec.config
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    registry = Registry(spec.registry)
+    model, init_meta = load_checkpoint(spec.init_model)
+    weights = model_to_arrays(model)
+    state: dict[str, Any] | None = None
+    run_file = spec.run_dir / RUN_FILE
+    if spec.resume:
+        if not run_file.exists():
+            raise FileNotFoundError(f"nothing to resume: {run_file} does not exist (start the run without resume)")
+        run_id = int(json.loads(run_file.read_text())["run_id"])
+        for rnd in registry.pending_rounds(run_id):
+            registry.delete_round(run_id, rnd)
+        registry.reopen_run(run_id)
+        last = registry.last_completed_round(run_id)
+        if last > 0:
+            weights, state = load_round_checkpoint(spec.run_dir / "checkpoints" / f"round_{last}")
+            _check_resumable(state["config"], cfg)
+            _set_rng_states(state.pop("rng"))
+        log(f"resuming run {run_id} after round {last}")
+    else:
+        resolved = {"server": cfg.to_dict(), "init_model": str(spec.init_model), "init_stage": init_meta.get("stage")}
+        run_id = registry.start_run(spec.run_name, resolved, seed=cfg.seed)
+        run_file.write_text(json.dumps({"run_id": run_id, "registry": registry.url, "name": spec.run_name}, indent=2))
+        (spec.run_dir / "server_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    last_ckpt: list[Path] = []
+
+    def on_round_end(engine: RoundEngine, outcome: RoundOutcome) -> None:
+        if outcome.status != "completed":
+            return
+        directory = spec.run_dir / "checkpoints" / f"round_{outcome.round}"
+        meta = {"stage": cfg.stage, "run_id": run_id, "epsilon": outcome.epsilon, "metrics": outcome.eval_metrics}
+        sha = save_round_checkpoint(directory, model, engine, meta)
+        registry.record_checkpoint(run_id, outcome.round, directory, sha)
+        last_ckpt.append(directory)
+
+    strategy = DPFedAvgM(cfg, registry=registry, run_id=run_id, on_round_end=on_round_end, log=log, state=state)
+    try:
+        strategy.start(grid, arrays_to_record(weights))
+    except BaseException:
+        registry.finish_run(run_id, "failed")
+        registry.close()
+        raise
+    status = "stopped_budget" if strategy.stopped_by_budget else "finished"
+    registry.finish_run(run_id, status)
+    summary = registry.summary(run_id)
+    registry.close()
+    log(f"run {run_id} {status}: {summary['rounds_done']} completed round(s)")
+    eng = strategy.engine
+    return {
+        "run_id": run_id,
+        "status": status,
+        "rounds_done": summary["rounds_done"],
+        "last_round": summary["last_completed_round"],
+        "checkpoint": str(last_ckpt[-1]) if last_ckpt else None,
+        "epsilon": None if eng is None or eng.accountant is None else eng.accountant.epsilon,
+    }
+
+
+def make_server_app(
+    defaults: Mapping[str, UserConfigValue] | None = None,
+    *,
+    log: Log = print,
+    on_done: Callable[[dict[str, Any]], None] | None = None,
+) -> ServerApp:
+    """A ServerApp whose run config is ``defaults`` overridden by Flower's run config.
+
+    Args:
+        defaults: run config used when Flower's is silent (the simulation passes everything here, as
+            ``flwr.simulation.run_simulation`` gives the ServerApp an empty run config).
+        log: line printer.
+        on_done: receives :func:`run_server`'s summary.
+    """
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        spec = ServerRunSpec.from_run_config({**(defaults or {}), **context.run_config})
+        summary = run_server(grid, spec, log=log)
+        if on_done is not None:
+            on_done(summary)
+
+    return server_app
+
+
+#: The ServerApp of ``flwr run`` / ``flower-superlink`` deployments (run config from pyproject/CLI).
+app = make_server_app()

@@ -1,0 +1,398 @@
+"""Run a scenario as a Flower simulation on one machine (``lungvl simulate``).
+
+One SuperNode per site in Flower's simulation engine (Ray backend, one CPU per site's ClientApp), the
+real :mod:`server.app` ServerApp and :mod:`client.app` ClientApp, so what runs here is what a
+consortium deploys. Outputs under ``out_dir``::
+
+    config.json          the resolved scenario, model config, paths and environment
+    server.toml          the server settings the ServerApp read
+    run.json             registry run id (what resume reads)
+    registry.db          the run registry (unless db_url names another database)
+    sites/<name>/        generated sites, or links to existing site directories
+    state/<name>/        each site's audit ledger and DP-SGD accountant state
+    initial_model/       the initial model package (config, tokenizer, weights) sent to the sites
+    checkpoints/round_<n>/  global weights + server state after each completed round
+    metrics.csv, metrics_global.csv, metrics_site_<name>.csv
+    convergence.png      global validation metrics per round
+    epsilon.png          client-level ε per round (and the sites' own sample-level ε)
+    summary.md           the run at a glance
+
+The initial model's report tokenizer is trained on the union of the simulated sites' reports. That is
+acceptable here only because the reports are synthetic (or public, LIDC); a real consortium trains it
+on a public or synthetic corpus so that no site's text shapes the shared vocabulary.
+
+Flower, Ray, matplotlib and Hugging Face write under ``$HOME`` and ``/tmp`` by default; while the
+simulation runs, ``FLWR_HOME``, ``MPLCONFIGDIR`` and ``HF_HOME`` point into ``out_dir`` and Ray's temp
+dir is ``out_dir/.ray`` — or ``/tmp/lungvl_ray_<hash of out_dir>`` when that path is too long for
+Ray's Unix socket paths (about 107 bytes in all, of which Ray's own session and socket names take ~65);
+that fallback is deleted after a successful run (kept after a failure, for Ray's logs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from client.app import SiteEndpoint, make_client_app
+from lungvl_model.data.site_layout import toml_dumps
+from lungvl_model.data.synth import SynthConfig, generate_site
+from lungvl_model.training.checkpoint import save_checkpoint
+from lungvl_model.training.stages import build_model
+from server.app import RUN_FILE, make_server_app
+from server.registry import Registry
+from simulations.scenario import Scenario, SiteSpec
+
+__all__ = ["prepare_sites", "ray_temp_dir", "run_simulation", "simulation_env"]
+
+Progress = Callable[[str], None]
+#: Longest Ray temp dir kept inside the run directory (Unix socket paths are limited to ~107 bytes).
+MAX_RAY_TMP = 40
+
+
+def ray_temp_dir(out_dir: Path) -> Path:
+    """``out_dir/.ray`` when short enough for Ray's socket paths, else ``/tmp/lungvl_ray_<hash>``."""
+    inside = out_dir / ".ray"
+    if len(str(inside)) <= MAX_RAY_TMP:
+        return inside
+    return Path("/tmp") / f"lungvl_ray_{hashlib.sha256(str(out_dir).encode()).hexdigest()[:10]}"
+
+
+@contextlib.contextmanager
+def simulation_env(out_dir: Path) -> Iterator[dict[str, str]]:
+    """Point Flower, Ray, matplotlib and HF caches into ``out_dir`` (restored afterwards); yields the values."""
+    values = {
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_HOME": str(out_dir / ".flwr"),
+        "MPLCONFIGDIR": str(out_dir / ".mpl"),
+        "HF_HOME": str(out_dir / ".hf"),
+        "RAY_TMPDIR": str(ray_temp_dir(out_dir)),
+        "RAY_DEDUP_LOGS": "0",
+    }
+    old = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if k.endswith(("HOME", "DIR")):
+            Path(v).mkdir(parents=True, exist_ok=True)
+        os.environ[k] = v
+    try:
+        yield values
+    finally:
+        for k, prev in old.items():
+            if prev is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = prev
+
+
+def _generated_matches(site_dir: Path, synth: SynthConfig) -> bool:
+    """Whether ``site_dir`` already holds this exact synthetic site (so a resume does not regenerate it)."""
+    toml = site_dir / "site.toml"
+    if not toml.exists():
+        return False
+    try:
+        saved = tomllib.loads(toml.read_text(encoding="utf-8")).get("synth", {})
+    except tomllib.TOMLDecodeError:
+        return False
+    wanted = {k: v for k, v in synth.to_dict().items() if v is not None and k != "out_dir"}
+    return bool(saved == wanted)
+
+
+def _set_budget(site_dir: Path, epsilon_budget: float) -> None:
+    toml = site_dir / "site.toml"
+    doc = tomllib.loads(toml.read_text(encoding="utf-8"))
+    doc.setdefault("privacy", {})["epsilon_budget"] = float(epsilon_budget)
+    toml.write_text(toml_dumps(doc), encoding="utf-8")
+
+
+def prepare_sites(scenario: Scenario, out_dir: Path, log: Progress = print) -> dict[str, Path]:
+    """Generate (or link) every site under ``out_dir/sites``; returns name → site directory."""
+    sites: dict[str, Path] = {}
+    for spec in scenario.sites:
+        target = out_dir / "sites" / spec.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if spec.path is not None:
+            if not (spec.path / "site.toml").exists():
+                raise FileNotFoundError(f"site {spec.name!r}: no site.toml in {spec.path}")
+            if target.is_symlink() and target.resolve() != spec.path.resolve():
+                target.unlink()
+            if not target.exists():
+                target.symlink_to(spec.path.resolve(), target_is_directory=True)
+        else:
+            synth = _synth_config(spec, scenario, target)
+            if _generated_matches(target, synth):
+                log(f"site {spec.name}: reusing {target}")
+            else:
+                t0 = time.perf_counter()
+                generate_site(synth)
+                seconds = time.perf_counter() - t0
+                log(f"site {spec.name}: generated {spec.studies} {spec.cohort} studies in {seconds:.1f} s")
+            if spec.epsilon_budget is not None:
+                _set_budget(target, spec.epsilon_budget)
+        sites[spec.name] = target
+    return sites
+
+
+def _synth_config(spec: SiteSpec, scenario: Scenario, target: Path) -> SynthConfig:
+    assert spec.cohort is not None and spec.studies is not None  # a generated site (SiteSpec checks)
+    return SynthConfig(
+        cohort=spec.cohort,
+        n_studies=spec.studies,
+        out_dir=target,
+        seed=spec.seed,
+        matrix=spec.matrix or scenario.matrix,
+        z_extent_mm=spec.z_extent_mm or scenario.z_extent_mm,
+        site_name=spec.name,
+    )
+
+
+def _initial_model(scenario: Scenario, sites: dict[str, Path], out_dir: Path, log: Progress) -> Path:
+    target = out_dir / "initial_model"
+    if (target / "model.pt").exists():
+        return target
+    t0 = time.perf_counter()
+    model = build_model(scenario.model_config(), list(sites.values()), seed=scenario.seed)
+    meta = {
+        "stage": "init",
+        "seed": scenario.seed,
+        "tokenizer_corpus": "union of the simulated sites' reports (synthetic/public data only)",
+        "sites": sorted(sites),
+    }
+    save_checkpoint(target, model, meta)
+    log(f"initial model: {model.num_parameters()['total']:,} parameters, tokenizer of {len(model.tokenizer)} tokens "
+        f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    return target
+
+
+def run_simulation(
+    scenario: Scenario,
+    out_dir: str | Path,
+    *,
+    db_url: str | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+    init_model: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run ``scenario`` with Flower's simulation engine and write the outputs listed in the module docstring.
+
+    Args:
+        scenario: the scenario.
+        out_dir: the run directory.
+        db_url: registry URL (default ``out_dir/registry.db``).
+        resume: continue the run of ``out_dir`` from its last completed round (up to ``scenario.rounds``).
+        progress: line printer (default ``print``: one line per round on stdout).
+        init_model: use this initial model package instead of building one (e.g. to compare strategies
+            from the same start); it is copied by reference into ``config.json``.
+
+    Returns:
+        ``{"run_id", "status", "rounds_done", "epsilon", "seconds", "out_dir", "checkpoint", "files"}``.
+
+    Raises:
+        FileExistsError: ``out_dir`` already holds a run and ``resume`` is False.
+        FileNotFoundError: ``resume`` without a previous run in ``out_dir``.
+    """
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    log = progress or print
+    t0 = time.perf_counter()
+    out = Path(out_dir).expanduser().resolve()
+    if (out / RUN_FILE).exists() and not resume:
+        raise FileExistsError(f"{out} already holds a run ({RUN_FILE}); resume it or choose another directory")
+    if resume and not (out / RUN_FILE).exists():
+        raise FileNotFoundError(f"nothing to resume in {out} (no {RUN_FILE})")
+    out.mkdir(parents=True, exist_ok=True)
+    db = db_url or str(out / "registry.db")
+    with simulation_env(out) as env:
+        sites = prepare_sites(scenario, out, log)
+        model_dir = Path(init_model).resolve() if init_model is not None else _initial_model(scenario, sites, out, log)
+        server_toml = out / "server.toml"
+        server_toml.write_text(toml_dumps({"server": scenario.server.to_dict()}), encoding="utf-8")
+        (out / "config.json").write_text(
+            json.dumps(
+                {
+                    "scenario": scenario.to_dict(),
+                    "model": scenario.model_config().to_dict(),
+                    "sites": {k: str(v) for k, v in sites.items()},
+                    "initial_model": str(model_dir),
+                    "registry": Registry(db).url if db_url else db,
+                    "environment": env,
+                    "resume": resume,
+                },
+                indent=2,
+            )
+        )
+        endpoints = [SiteEndpoint(sites[s.name], model_dir, out / "state" / s.name) for s in scenario.sites]
+        done: dict[str, Any] = {}
+        server_app = make_server_app(
+            {
+                "server-config": str(server_toml),
+                "init-model": str(model_dir),
+                "run-dir": str(out),
+                "registry": db,
+                "run-name": scenario.name,
+                "resume": resume,
+            },
+            log=log,
+            on_done=done.update,
+        )
+        backend = {
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {
+                "num_cpus": min(scenario.num_cpus, len(scenario.sites)),
+                "_temp_dir": env["RAY_TMPDIR"],
+                "include_dashboard": False,
+                "logging_level": logging.ERROR,
+                "log_to_driver": True,
+            },
+        }
+        flwr_logger = logging.getLogger("flwr")
+        level = flwr_logger.level
+        flwr_logger.setLevel(logging.WARNING)
+        try:
+            flwr_run_simulation(
+                server_app=server_app,
+                client_app=make_client_app(endpoints),
+                num_supernodes=len(endpoints),
+                backend_config=backend,  # type: ignore[arg-type]
+            )
+        finally:
+            flwr_logger.setLevel(level)
+        if not done:
+            raise RuntimeError("the simulated ServerApp ended without a result (see the log above)")
+        files = _write_outputs(out, db, int(done["run_id"]), scenario)
+        ray_tmp = Path(env["RAY_TMPDIR"])
+        if not ray_tmp.is_relative_to(out):  # the /tmp fallback: Ray's logs are removed after a good run
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    result = {**done, "seconds": round(time.perf_counter() - t0, 1), "out_dir": str(out), "files": files}
+    log(f"simulation {scenario.name}: {result['status']} after {result['rounds_done']} round(s), {result['seconds']} s")
+    return result
+
+
+def _write_outputs(out: Path, db: str, run_id: int, scenario: Scenario) -> list[str]:
+    with Registry(db) as reg:
+        files = [str(p) for p in reg.export_csv(run_id, out)]
+        ledger = reg.privacy(run_id)
+        global_rows = reg.metrics(run_id, scope="global")
+        plot_convergence(global_rows, out / "convergence.png", scenario.name)
+        plot_epsilon(ledger, out / "epsilon.png", scenario.name)
+        (out / "summary.md").write_text(summary_markdown(reg, run_id, scenario), encoding="utf-8")
+    return [*files, str(out / "convergence.png"), str(out / "epsilon.png"), str(out / "summary.md")]
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_convergence(global_rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Global (example-weighted) validation and training metrics per round."""
+    plt = _pyplot()
+    names = sorted({m["name"] for m in global_rows if m["name"].startswith(("val_", "train_loss"))})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name in names:
+        pts = sorted((m["round"], m["value"]) for m in global_rows if m["name"] == name)
+        ax = axes[0] if "loss" in name else axes[1]
+        ax.plot([r for r, _ in pts], [v for _, v in pts], marker="o", label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    axes[0].set_ylabel("loss")
+    axes[1].set_ylabel("score")
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.has_data():
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no metrics recorded", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(f"{title}: global metrics per round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_epsilon(ledger: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Client-level ε per round (server accountant) and each site's own sample-level ε."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    client = [(p["round"], p["epsilon"]) for p in ledger if p["level"] == "client"]
+    if client:
+        ax.plot(*zip(*client, strict=True), marker="o", lw=2, label=f"client-level (δ={ledger[0]['delta']:g})")
+    for site in sorted({p["site_name"] for p in ledger if p["level"] == "sample"}):
+        pts = [(p["round"], p["epsilon"]) for p in ledger if p["level"] == "sample" and p["site_name"] == site]
+        ax.plot(*zip(*pts, strict=True), marker=".", ls="--", label=f"{site} (sample-level)")
+    if ax.has_data():
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no differential privacy in this run", ha="center", va="center", transform=ax.transAxes)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("ε spent")
+    ax.set_title(f"{title}: privacy spent")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(v: Any) -> str:
+    return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def summary_markdown(reg: Registry, run_id: int, scenario: Scenario) -> str:
+    """The run at a glance: settings, sites, one row per round, failures."""
+    s = reg.summary(run_id)
+    c = scenario.server
+    rounds = reg.rounds(run_id)
+    glob: dict[int, dict[str, float]] = {}
+    for m in reg.metrics(run_id, scope="global"):
+        glob.setdefault(m["round"], {})[m["name"]] = m["value"]
+    eps = {p["round"]: p["epsilon"] for p in reg.privacy(run_id) if p["level"] == "client"}
+    cols = [
+        n for n in ("train_loss", "val_loss", "val_dice", "val_lung_rads_acc") if any(n in g for g in glob.values())
+    ]
+    dp = f"σ = {c.noise_multiplier}, C = {c.clip_norm}, δ = {c.delta}" if c.client_dp else "off"
+    lines = [
+        f"# {scenario.name}",
+        "",
+        f"run {run_id}: **{s['run']['status']}**, {s['rounds_done']}/{c.rounds} rounds completed, "
+        f"{s['failures']} failed/rejected/timed-out site replies.",
+        "",
+        f"strategy {c.strategy} (η = {c.server_lr}, β = {c.momentum}), fraction {c.fraction_train}, min_sites "
+        f"{c.min_sites}; client-level DP {dp}; DP-SGD at sites {'on' if c.dp_sgd else 'off'}; stage {c.stage}, "
+        f"{c.local_steps} local steps, lr {c.lr}; model preset {scenario.preset}; seed {c.seed}.",
+        "",
+        "The initial model's tokenizer was trained on the union of the simulated sites' reports (acceptable "
+        "for synthetic/public data only).",
+        "",
+        "| site | cohort | studies |",
+        "|---|---|---|",
+        *(f"| {x.name} | {x.cohort or '(existing)'} | {x.studies or ''} |" for x in scenario.sites),
+        "",
+        "| round | status | sampled | ok | failed | update norm | " + " | ".join(cols) + " | ε |",
+        "|---" * (7 + len(cols)) + "|",
+    ]
+    for r in rounds:
+        g = glob.get(r["round"], {})
+        lines.append(
+            f"| {r['round']} | {r['status']} | {r['sites_sampled']} | {_fmt(r['sites_replied'])} | "
+            f"{_fmt(r['sites_failed'])} | {_fmt(r['update_norm'])} | "
+            + " | ".join(_fmt(g.get(n)) for n in cols)
+            + f" | {_fmt(eps.get(r['round']))} |"
+        )
+    bad = [p for p in reg.participation(run_id) if p["status"] != "ok"]
+    if bad:
+        lines += ["", "Site replies left out:", ""]
+        lines += [f"- round {p['round']}: {p['site_name'] or p['node_id']} {p['status']}: {p['reason']}" for p in bad]
+    return "\n".join(lines) + "\n"
