@@ -13,11 +13,11 @@ $(BIN)/lungvl: pyproject.toml
 	@touch $(BIN)/lungvl
 
 demo: $(BIN)/lungvl
-	FLWR_TELEMETRY_ENABLED=0 MPLCONFIGDIR=$(CURDIR)/demo_out/.mpl $(BIN)/lungvl demo --out demo_out
+	OMP_NUM_THREADS=1 FLWR_TELEMETRY_ENABLED=0 MPLCONFIGDIR=$(CURDIR)/demo_out/.mpl $(BIN)/lungvl demo --out demo_out
 
 test: $(BIN)/lungvl
 	$(BIN)/ruff check .
-	FLWR_TELEMETRY_ENABLED=0 MPLCONFIGDIR=$(CURDIR)/.pytest_cache/mpl $(BIN)/python -m pytest -q -m "not gpu"
+	OMP_NUM_THREADS=1 FLWR_TELEMETRY_ENABLED=0 MPLCONFIGDIR=$(CURDIR)/.pytest_cache/mpl $(BIN)/python -m pytest -q -m "not gpu"
 
 lint: $(BIN)/lungvl
 	$(BIN)/ruff check .

@@ -283,6 +283,8 @@ def explain_study(
     ]
     if with_text and not sentences:
         reasons.append("the model generated no sentence")
+    elif with_text and not any(s.key for s in sentences):
+        reasons.append("the explanation states no clinical fact (no nodule, size, lobe, type or Lung-RADS statement)")
     if model_cat != rule:
         flags.append(f"model Lung-RADS {model_cat} disagrees with the rule engine on measured findings ({rule})")
     if patient["age_assumed"] or patient["sex_assumed"]:
