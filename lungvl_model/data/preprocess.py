@@ -24,7 +24,9 @@ from scipy import ndimage
 
 from lungvl_model.data.volume import CTVolume
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+#: Label maps whose small objects must survive downsampling (a 6 mm nodule on a 5 mm grid).
+KEEP_SMALL_LABELS = frozenset({"nodules"})
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,31 @@ def _resample(arr: np.ndarray, src: tuple[float, ...], dst: tuple[float, ...], m
     return np.asarray(out[0].detach().cpu().numpy())
 
 
+def resample_labels(
+    labels: np.ndarray, src: tuple[float, ...], dst: tuple[float, ...], keep_small: bool = False
+) -> np.ndarray:
+    """Nearest-neighbour resampling of a label map, optionally keeping objects smaller than a target voxel.
+
+    With ``keep_small`` a maximum filter over each target voxel's footprint comes first, so an object
+    smaller than a target voxel still marks that voxel.
+
+    Args:
+        labels: ``(Z, Y, X)`` integer labels.
+        src: source spacing.
+        dst: target spacing.
+        keep_small: dilate by the downsampling footprint before sampling (nodule masks).
+
+    Returns:
+        ``(D', H', W')`` uint8 labels on the target grid.
+    """
+    lab = labels
+    if keep_small:
+        size = [max(1, int(np.ceil(d / s))) for s, d in zip(src, dst, strict=True)]
+        if max(size) > 1:
+            lab = ndimage.maximum_filter(labels, size=size, mode="constant", cval=0)
+    return np.rint(_resample(lab.astype(np.float32), src, dst, "nearest")).astype(np.uint8)
+
+
 def _crop_pad(arr: np.ndarray, size: tuple[int, int, int], start: np.ndarray, fill: float) -> np.ndarray:
     out = np.full(size, fill, dtype=arr.dtype)
     src_lo = np.maximum(start, 0)
@@ -152,9 +179,7 @@ def preprocess(
         if max(sigma) > 0:
             hu = ndimage.gaussian_filter(hu, sigma=sigma, mode="nearest")
     img = _resample(hu, src, dst, "bilinear")
-    labs = {
-        k: np.rint(_resample(v.astype(np.float32), src, dst, "nearest")).astype(np.uint8) for k, v in labels.items()
-    }
+    labs = {k: resample_labels(v, src, dst, keep_small=k in KEEP_SMALL_LABELS) for k, v in labels.items()}
     center = body_center(volume.hu) if center_zyx is None else np.asarray(center_zyx, dtype=float)
     center_dst = center * np.asarray(src) / np.asarray(dst)
     start = np.zeros(3, dtype=int)
