@@ -71,11 +71,13 @@ class SiteEndpoint:
         site_dir: the site directory (with site.toml).
         model_dir: the initial model package (None: site.toml ``[training] model_dir``).
         state_dir: accountant state and audit ledger (None: ``<site_dir>/.lungvl_state``).
+        holdout_fraction: overrides site.toml ``[training] holdout_fraction`` (None: keep the file's).
     """
 
     site_dir: Path
     model_dir: Path | None = None
     state_dir: Path | None = None
+    holdout_fraction: float | None = None
 
     def client_config(self) -> ClientConfig:
         """The site's :class:`ClientConfig` with these paths."""
@@ -84,6 +86,8 @@ class SiteEndpoint:
             overrides["model_dir"] = Path(self.model_dir)
         if self.state_dir is not None:
             overrides["state_dir"] = Path(self.state_dir)
+        if self.holdout_fraction is not None:
+            overrides["holdout_fraction"] = float(self.holdout_fraction)
         return ClientConfig.from_toml(Path(self.site_dir) / "site.toml", **overrides)
 
 

@@ -18,6 +18,7 @@
     batch_size = 4          # the site's cap on studies per step (overrides the round's batch size)
     num_workers = 2
     model_dir = "/opt/lungvl/initial_model"   # the consortium's initial model package (relative: to site_dir)
+    holdout_fraction = 0.25 # patients kept out of local training and used for federated evaluation (0 = none)
 
 Unknown keys of ``[privacy]``, ``[compute]`` and ``[training]`` raise ``KeyError`` naming the table
 and the key (with a "did you mean"). ``[site]`` keeps free extra keys, as :class:`SiteManifest` does
@@ -44,7 +45,12 @@ _TABLES: dict[str, dict[str, str]] = {
     "site": {"name": "name", "cohort": "cohort", "description": "description"},
     "privacy": {"epsilon_budget": "epsilon_budget", "delta": "delta"},
     "compute": {"device": "device", "bf16": "bf16"},
-    "training": {"batch_size": "batch_size", "num_workers": "num_workers", "model_dir": "model_dir"},
+    "training": {
+        "batch_size": "batch_size",
+        "num_workers": "num_workers",
+        "model_dir": "model_dir",
+        "holdout_fraction": "holdout_fraction",
+    },
 }
 _STRICT_TABLES = ("privacy", "compute", "training")
 
@@ -71,6 +77,8 @@ class ClientConfig:
         num_workers: DataLoader workers.
         state_dir: accountant state and audit ledger (default ``<site_dir>/.lungvl_state``).
         model_dir: the consortium's initial model package (a lungvl checkpoint directory).
+        holdout_fraction: fraction of the site's patients held out of local training and used for
+            federated evaluation (``lungvl_model.data.split``; 0 = train and evaluate on every study).
     """
 
     site_dir: Path
@@ -85,6 +93,7 @@ class ClientConfig:
     num_workers: int = 0
     state_dir: Path | None = None
     model_dir: Path | None = None
+    holdout_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         site_dir = Path(self.site_dir).expanduser()
@@ -109,6 +118,9 @@ class ClientConfig:
         bs = self.batch_size
         if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):
             raise ValueError(f"[training] batch_size must be an integer >= 1, got {bs!r}")
+        hf = self.holdout_fraction
+        if isinstance(hf, bool) or not isinstance(hf, int | float) or not 0 <= hf < 1:
+            raise ValueError(f"[training] holdout_fraction must be a number in [0, 1), got {hf!r}")
         nw = self.num_workers
         if isinstance(nw, bool) or not isinstance(nw, int) or nw < 0:
             raise ValueError(f"[training] num_workers must be an integer >= 0, got {nw!r}")

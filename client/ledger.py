@@ -64,6 +64,10 @@ METRIC_WHITELIST: Final[frozenset[str]] = frozenset(
         "val_growth_mae",
         "val_concept_f1",
         "val_ece",
+        # malignancy AUC within slice-thickness groups (lungvl_model.losses.group_penalty.SLICE_GROUPS)
+        "val_auc_thin",
+        "val_auc_medium",
+        "val_auc_thick",
         # sample-level DP at the site (Opacus DP-SGD)
         "epsilon",
         "delta",

@@ -12,17 +12,7 @@ ClientApp glue packs and unpacks them):
 * :meth:`SiteTrainer.evaluate` scores the global model on the site's studies.
 * :meth:`SiteTrainer.record_outbound` writes what is about to leave the site to the audit ledger.
 
-DP-SGD needs every trainable parameter to have a *per-study* gradient. Three adjustments make the
-model fit that, each undone after the round (see :func:`dp_sgd_ready` and
-:func:`per_sample_parameters`):
-
-* GPT-2 embeds positions with ``position_ids`` of shape ``(1, T)`` broadcast over the batch, so
-  Opacus would see a batch of one for ``wpe``; a forward pre-hook passes ``(B, T)`` ids instead.
-* the image–report InfoNCE term couples the studies of a batch (each study's loss depends on the
-  others' embeddings), so no per-study clip bounds a study's influence; its weight is 0 under DP-SGD.
-* parameters without a per-study gradient in the stage (unused by it, or read through ``.weight``
-  outside their module's forward, e.g. the visual scale embedding) are frozen for the round; they are
-  found once per stage by a dry forward/backward through a ``GradSampleModule``.
+DP-SGD plumbing (per-study separability of the model, empty Poisson batches) is in :mod:`client.dp_sgd`.
 
 The DP noise and the Poisson sample come from fresh OS entropy, never from the round seed: the
 server knows that seed, and noise or a sample it can replay protects nothing.
@@ -30,7 +20,6 @@ server knows that seed, and noise or a sample it can replay protects nothing.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import logging
@@ -38,8 +27,8 @@ import math
 import secrets
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
 import numpy as np
@@ -48,14 +37,24 @@ from opacus.grad_sample import GradSampleModule  # type: ignore[import-untyped]
 from opacus.optimizers import DPOptimizer  # type: ignore[import-untyped]
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # type: ignore[import-untyped]
 from opacus.validators import ModuleValidator  # type: ignore[import-untyped]
-from torch import nn
 from torch.utils.data import DataLoader
 
 from client.config import ClientConfig
+from client.dp_sgd import (
+    EmptyBatchSafe,
+    PoissonCollate,
+    dp_sgd_ready,
+    empty_like,
+    per_sample_parameters,
+    reset_opacus_state,
+)
 from client.ledger import LEDGER_FILENAME, AuditLedger, filter_metrics
 from lungvl_model.data.catalogue import build_catalogue
 from lungvl_model.data.dataset import SiteDataset, collate
+from lungvl_model.data.split import holdout_split
+from lungvl_model.evaluation.site_summary import site_risk_metrics
 from lungvl_model.federation_protocol import NUM_EXAMPLES, RoundConfig, arrays_to_model, model_to_arrays
+from lungvl_model.losses.group_penalty import SLICE_GROUPS, GroupPenalized, slice_thickness_group
 from lungvl_model.models.lungvl import LungVLModel, LungVLOutput
 from lungvl_model.training.checkpoint import load_checkpoint
 from lungvl_model.training.config import TrainConfig
@@ -129,144 +128,6 @@ def site_seed(seed: int, server_round: int, site: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _empty_like(batch: Any) -> Any:
-    """The same batch structure with batch size 0 (tensors sliced, lists emptied)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:0].clone()
-    if isinstance(batch, Mapping):
-        return {k: _empty_like(v) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
-        return []
-    return batch
-
-
-def _reset_opacus_state(model: nn.Module, *, params: bool = False) -> None:
-    """Drop what Opacus' hooks leave on modules (and, with ``params``, on parameters).
-
-    A forward stores ``module.activations`` and the backward pops them; a module that ran forward but
-    got no backward (outputs unused by the loss) keeps them, and the next pass would size its
-    per-sample gradients (and the mean-reduction scale) by that stale batch. Parameters keep the
-    ``DPOptimizer``'s ``summed_grad`` and per-sample attributes.
-    """
-    for m in model.modules():
-        for attr in ("activations", "max_batch_len"):
-            if hasattr(m, attr):
-                delattr(m, attr)
-    if params:
-        for p in model.parameters():
-            for attr in ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample", "_norm_sample"):
-                if hasattr(p, attr):
-                    delattr(p, attr)
-
-
-class _PoissonCollate:
-    """``collate`` that turns the empty index lists of Poisson sampling into an empty batch."""
-
-    def __init__(self, empty: dict[str, Any]) -> None:
-        self.empty = empty
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate(items) if items else _empty_like(self.empty)
-
-
-class _EmptyBatchSafe(nn.Module):
-    """Forwards to the ``GradSampleModule``; on an empty Poisson batch skips the model.
-
-    The DP step of an empty batch is noise only: the loss is a constant whose backward sets every
-    trainable parameter's ``grad_sample`` to a ``(0, *shape)`` tensor, which the ``DPOptimizer``
-    clips (nothing), noises and scales by the expected batch size.
-    """
-
-    def __init__(self, gsm: GradSampleModule, params: list[nn.Parameter]) -> None:
-        super().__init__()
-        self.gsm = gsm
-        self._trainable = tuple(params)
-
-    def forward(self, batch: dict[str, Any], stage: str = "vl", generator: torch.Generator | None = None) -> Any:
-        """The model's output, or a zero loss with empty per-sample gradients when ``B == 0``."""
-        _reset_opacus_state(self.gsm)  # each step starts from no stored activations
-        if batch["image"].shape[0] > 0:
-            return self.gsm(batch, stage=stage, generator=generator)
-        loss = torch.zeros((), device=batch["image"].device, requires_grad=True) * 1.0
-        loss.register_hook(self._empty_grad_samples)
-        return LungVLOutput(loss=loss, losses={})
-
-    def _empty_grad_samples(self, grad: torch.Tensor) -> torch.Tensor:
-        for p in self._trainable:
-            p.grad_sample = p.new_zeros((0, *p.shape))  # type: ignore[attr-defined]
-        return grad
-
-
-@contextlib.contextmanager
-def dp_sgd_ready(model: LungVLModel) -> Iterator[None]:
-    """Make ``model`` per-study separable for DP-SGD while inside the block; restored on exit.
-
-    Passes ``(B, T)`` position ids to GPT-2 (its own ``(1, T)`` ids give ``wpe`` a batch of one under
-    Opacus' hooks), switches the cross-study InfoNCE term off and gradient checkpointing off.
-    """
-
-    def per_sample_positions(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        ids = args[0] if args else kwargs.get("input_ids")
-        if kwargs.get("position_ids") is not None or ids is None:
-            return None
-        kwargs["position_ids"] = torch.arange(ids.shape[1], device=ids.device).repeat(ids.shape[0], 1)
-        return args, kwargs
-
-    config, checkpointing = model.config, model.vision.gradient_checkpointing
-    handle = model.decoder.lm.transformer.register_forward_pre_hook(per_sample_positions, with_kwargs=True)
-    model.config = replace(config, loss=replace(config.loss, contrastive=0.0))
-    model.vision.gradient_checkpointing = False
-    try:
-        yield
-    finally:
-        handle.remove()
-        model.config = config
-        model.vision.gradient_checkpointing = checkpointing
-
-
-def per_sample_parameters(
-    model: LungVLModel, batch: dict[str, Any], *, stage: str, rtol: float = 1e-3
-) -> tuple[set[str], set[str]]:
-    """Which trainable parameters get a correct per-study gradient in ``stage`` (one dry pass).
-
-    Runs ``batch`` forward and backward through a temporary Opacus ``GradSampleModule`` (hooks). A
-    parameter is kept when its ``grad_sample`` exists, has the batch size as first dimension and
-    sums (over studies, ÷ B for the mean reduction) to its ordinary gradient within ``rtol``.
-
-    Args:
-        model: the model (inside :func:`dp_sgd_ready` for a DP-SGD run).
-        batch: a collated batch of at least 2 studies (a batch of one cannot reveal a broadcast).
-        stage: ``"ssl"``, ``"seg"`` or ``"vl"``.
-        rtol: relative tolerance of the sum check.
-
-    Returns:
-        ``(kept, dropped)`` parameter names; ``dropped`` are trainable parameters without a correct
-        per-study gradient (unused in the stage, or used outside their module's forward).
-    """
-    b = int(batch["image"].shape[0])
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    _reset_opacus_state(model, params=True)
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    kept: set[str] = set()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            gsm(batch, stage=stage).loss.backward()
-        for name, p in model.named_parameters():
-            gs = getattr(p, "grad_sample", None)
-            if name not in trainable or p.grad is None or not isinstance(gs, torch.Tensor) or gs.shape[0] != b:
-                continue
-            summed = gs.detach().float().sum(0) / b
-            if torch.allclose(summed, p.grad.float(), rtol=rtol, atol=rtol * float(p.grad.abs().max()) + 1e-12):
-                kept.add(name)
-    finally:
-        gsm.to_standard_module()
-        _reset_opacus_state(model, params=True)
-        model.zero_grad(set_to_none=True)
-    return kept, trainable - kept
-
-
 class SiteTrainer:
     """Local training and evaluation of one site; the model persists between rounds.
 
@@ -288,27 +149,53 @@ class SiteTrainer:
         ModuleValidator.validate(self.model, strict=True)  # e.g. no BatchNorm: fail now, not in round 5
         self._requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
         self._catalogue = build_catalogue(config.site_dir)
-        self._datasets: dict[bool, SiteDataset] = {}
+        self._datasets: dict[tuple[bool, str], SiteDataset] = {}
         self._dp_params: dict[str, tuple[set[str], set[str]]] = {}
         assert config.state_dir is not None  # resolved by ClientConfig
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.budget = SiteBudget(config.state_dir, epsilon_budget=config.epsilon_budget, delta=config.delta)
         self.ledger = AuditLedger(config.state_dir / LEDGER_FILENAME)
         self.last_dp: dict[str, float | int] = {}
+        self._dro: GroupPenalized | None = None
 
     # ------------------------------------------------------------------ data
-    def dataset(self, stage: str) -> SiteDataset:
-        """The site's usable studies for ``stage`` (``vl`` keeps only studies with a report)."""
+    def split(self) -> tuple[list[str], list[str]]:
+        """``(training, hold-out)`` StudyInstanceUIDs of the usable studies, split by patient.
+
+        With ``holdout_fraction == 0`` every study is in both roles (evaluation then scores training data).
+        """
+        pairs = [
+            (e.study_uid, str(e.series.header.get("PatientID") or "") if e.series else "")
+            for e in self._catalogue.usable
+        ]
+        train, hold = holdout_split(pairs, float(self.config.holdout_fraction))
+        return train, (hold if self.config.holdout_fraction > 0 else train)
+
+    def dataset(self, stage: str, part: str = "train") -> SiteDataset:
+        """The site's usable studies for ``stage`` (``vl`` keeps only studies with a report).
+
+        Args:
+            stage: ``ssl``, ``seg`` or ``vl``.
+            part: ``"train"`` (local training) or ``"holdout"`` (federated evaluation); the same
+                studies when the site holds none out.
+        """
         if stage not in TRAIN_STAGES:
             raise ValueError(f"a site trains stage ssl, seg or vl, got {stage!r}")
+        if part not in ("train", "holdout"):
+            raise ValueError(f"dataset part must be 'train' or 'holdout', got {part!r}")
         need_report = stage == "vl"
-        if need_report not in self._datasets:
-            self._datasets[need_report] = SiteDataset(
-                self.config.site_dir, self.model.config.input, require_report=need_report, catalogues=[self._catalogue]
+        if (need_report, part) not in self._datasets:
+            uids = self.split()[0 if part == "train" else 1]
+            self._datasets[(need_report, part)] = SiteDataset(
+                self.config.site_dir,
+                self.model.config.input,
+                studies=uids,
+                require_report=need_report,
+                catalogues=[self._catalogue],
             )
-        ds = self._datasets[need_report]
+        ds = self._datasets[(need_report, part)]
         if len(ds) == 0:
-            raise ValueError(f"site {self.config.name!r} has no usable studies for stage {stage!r}")
+            raise ValueError(f"site {self.config.name!r} has no usable {part} studies for stage {stage!r}")
         return ds
 
     def _batch_size(self, rc: RoundConfig) -> int:
@@ -341,6 +228,11 @@ class SiteTrainer:
             raise ValueError(f"round config needs local_steps >= 1 and lr > 0, got {rc.local_steps}, {rc.lr}")
         if rc.dp_sgd and not (math.isfinite(rc.max_grad_norm) and rc.max_grad_norm > 0):
             raise ValueError(f"DP-SGD needs a finite max_grad_norm > 0, got {rc.max_grad_norm!r}")
+        if rc.dp_sgd and (rc.dg_penalty > 0 or rc.dro_step > 0):  # a cross-study loss defeats per-study clipping
+            raise ValueError(
+                f"dg_penalty={rc.dg_penalty} / dro_step={rc.dro_step} couple the studies of a batch and cannot be "
+                "combined with DP-SGD (per-study clipping would not bound a study's influence)"
+            )
         dataset = self.dataset(rc.stage)
         n = len(dataset)
         batch = self._batch_size(rc)
@@ -370,7 +262,7 @@ class SiteTrainer:
             seed_everything(seed)
             self.last_dp = {}
             result = run_steps(
-                self.model,
+                self._group_penalized(rc),
                 cycle(make_loader(dataset, train)),
                 build_optimizer(self.model, train),
                 stage=rc.stage,
@@ -413,7 +305,7 @@ class SiteTrainer:
             for name, p in model.named_parameters():
                 p.requires_grad_(name in kept)
             seed_everything(train.seed)
-            _reset_opacus_state(model, params=True)
+            reset_opacus_state(model, params=True)
             noise_gen = torch.Generator(device=self.device)
             noise_gen.manual_seed(secrets.randbits(63))
             sample_gen = torch.Generator()
@@ -432,14 +324,14 @@ class SiteTrainer:
                 sampler = UniformWithReplacementSampler(
                     num_samples=n, sample_rate=q, generator=sample_gen, steps=rc.local_steps
                 )
-                empty = _empty_like(collate([dataset[0]]))
+                empty = empty_like(collate([dataset[0]]))
                 loader = DataLoader(
                     dataset,
                     batch_sampler=sampler,
-                    collate_fn=_PoissonCollate(empty),
+                    collate_fn=PoissonCollate(empty),
                     num_workers=self.config.num_workers,
                 )
-                module = _EmptyBatchSafe(gsm, [p for p in model.parameters() if p.requires_grad])
+                module = EmptyBatchSafe(gsm, [p for p in model.parameters() if p.requires_grad])
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
                     return run_steps(
@@ -455,7 +347,7 @@ class SiteTrainer:
                     )
             finally:
                 gsm.to_standard_module()  # removes the hooks
-                _reset_opacus_state(model, params=True)
+                reset_opacus_state(model, params=True)
                 model.zero_grad(set_to_none=True)
                 for name, p in model.named_parameters():
                     p.requires_grad_(self._requires_grad[name])
@@ -483,12 +375,36 @@ class SiteTrainer:
             "budget_exhausted": float(exhausted),
         }
 
+    def slice_group(self, study_uid: str) -> str | None:
+        """The slice-thickness group of one of the site's studies (None when unknown)."""
+        entry = self._catalogue.studies.get(study_uid)
+        series = None if entry is None else entry.series
+        return None if series is None else slice_thickness_group(series.header.get("SliceThickness"))
+
+    def _group_penalized(self, rc: RoundConfig) -> LungVLModel:
+        """The model, wrapped in the round's subgroup penalty (slice-thickness groups) when it asks for one."""
+        if rc.dg_penalty == 0 and rc.dro_step == 0:
+            return self.model
+        if (
+            self._dro is None
+            or self._dro.objective.penalty != rc.dg_penalty
+            or self._dro.objective.dro_step != rc.dro_step
+        ):
+            index = {g: i for i, g in enumerate(SLICE_GROUPS)}
+
+            def group_of(batch: Mapping[str, Any]) -> list[int]:
+                return [index.get(self.slice_group(uid) or "", -1) for uid in batch["study_uid"]]
+
+            # built once per setting: the group-DRO weights carry over between rounds
+            self._dro = GroupPenalized(self.model, group_of, penalty=rc.dg_penalty, dro_step=rc.dro_step)
+        return cast(LungVLModel, self._dro)
+
     # ------------------------------------------------------------------ evaluate
     @torch.no_grad()
     def evaluate(
         self, arrays: Sequence[np.ndarray], round_config: RoundConfig, *, max_batches: int | None = None
     ) -> tuple[int, dict[str, float]]:
-        """Score the global model on the site's studies (eval mode, no gradient).
+        """Score the global model on the site's hold-out studies (eval mode, no gradient).
 
         Args:
             arrays: the global model's exchanged arrays.
@@ -498,10 +414,13 @@ class SiteTrainer:
         Returns:
             ``(num_examples, metrics)``: ``val_loss`` (the stage loss, mean over studies), ``val_dice``
             (seg logits > 0 against the mask, mean over studies with a mask; seg/vl), and
-            ``val_lung_rads_acc`` (vl, studies with a known category); whitelisted names only.
+            ``val_lung_rads_acc`` (vl, studies with a known category), plus in stage vl the risk-head
+            summary of :func:`~lungvl_model.evaluation.site_summary.site_risk_metrics` (malignancy AUC
+            and ECE, sensitivity/specificity for Lung-RADS >= 4A, concept F1, AUC per slice-thickness
+            group) where defined on the site's studies; whitelisted names only.
         """
         rc = round_config
-        dataset = self.dataset(rc.stage)
+        dataset = self.dataset(rc.stage, "holdout")
         arrays_to_model(self.model, list(arrays))
         self.model.eval()
         loader = DataLoader(
@@ -514,6 +433,7 @@ class SiteTrainer:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(site_seed(rc.seed, rc.server_round, self.config.name))
         n, batches, loss_sum, dice, lr_hits, lr_known = 0, 0, 0.0, [], 0, 0
+        risk: dict[str, list[Any]] = {k: [] for k in ("y", "p", "lt", "lp", "ct", "cp", "group")}
         for raw in loader:
             if max_batches is not None and batches >= max_batches:
                 break
@@ -534,6 +454,7 @@ class SiteTrainer:
                 hits = out.risk.lung_rads_logits.argmax(-1) == batch["targets"]["lung_rads"]
                 lr_hits += int((hits & known).sum())
                 lr_known += int(known.sum())
+                _collect_risk(risk, out, batch, self.slice_group)
         metrics: dict[str, Any] = {NUM_EXAMPLES: n, "num_batches": batches}
         if n:
             metrics["val_loss"] = loss_sum / n
@@ -541,6 +462,16 @@ class SiteTrainer:
             metrics["val_dice"] = float(np.mean(dice))
         if lr_known:
             metrics["val_lung_rads_acc"] = lr_hits / lr_known
+        if risk["y"]:
+            metrics |= site_risk_metrics(
+                malignant=risk["y"],
+                malignancy_prob=risk["p"],
+                lung_rads_true=risk["lt"],
+                lung_rads_pred=risk["lp"],
+                concepts_true=np.asarray(risk["ct"], dtype=float),
+                concepts_pred=np.asarray(risk["cp"], dtype=float),
+                groups=risk["group"],
+            )
         return n, filter_metrics(metrics)
 
     # ------------------------------------------------------------------ audit
@@ -584,6 +515,26 @@ class SiteTrainer:
     def close(self) -> None:
         """Release the ledger's database connections."""
         self.ledger.close()
+
+
+_CONCEPTS: Final = (
+    ("spiculated", "spiculated_logit"),
+    ("calcified", "calcified_logit"),
+    ("juxtapleural", "juxtapleural_logit"),
+)
+
+
+def _collect_risk(acc: dict[str, list[Any]], out: LungVLOutput, batch: Mapping[str, Any], group: Any) -> None:
+    """Append a batch's risk-head predictions and targets to ``acc`` (for :func:`site_risk_metrics`)."""
+    r, t = out.risk, batch["targets"]
+    assert r is not None
+    acc["y"] += t["malignant"].float().tolist()
+    acc["p"] += torch.sigmoid(r.malignancy_logit.float()).tolist()
+    acc["lt"] += t["lung_rads"].tolist()
+    acc["lp"] += r.lung_rads_logits.argmax(-1).tolist()
+    acc["ct"] += torch.stack([t[k].float() for k, _ in _CONCEPTS], -1).tolist()
+    acc["cp"] += torch.stack([(getattr(r, a) > 0).float() for _, a in _CONCEPTS], -1).tolist()
+    acc["group"] += [group(uid) for uid in batch["study_uid"]]
 
 
 def _loss_metrics(result: TrainResult) -> dict[str, float]:

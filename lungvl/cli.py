@@ -17,6 +17,7 @@ from lungvl import (
     cmd_server,
     cmd_simulate,
     cmd_site,
+    cmd_study,
     cmd_train,
 )
 
@@ -33,6 +34,7 @@ app.add_typer(cmd_report.app, name="report")
 app.add_typer(cmd_site.app, name="site")
 app.add_typer(cmd_server.app, name="server")
 app.add_typer(cmd_bench.app, name="bench")
+app.add_typer(cmd_study.app, name="study")
 app.command("demo")(cmd_demo.demo)
 app.command("train")(cmd_train.train)
 app.command("explain")(cmd_explain.explain)

@@ -1,7 +1,8 @@
 """``lungvl bench``: speed and memory as ratios against a peer measured in the same run (DESIGN.md section 6).
 
 ``lungvl bench train`` compares LungVL's local training step with MONAI DynUNet at the same input
-size. Further sub-commands (e.g. ``bench aggregate``) register on the same ``app``.
+size; ``lungvl bench aggregate`` compares lungvl's DP-FedAvgM aggregation (batch and streaming) with
+Flower's FedAvgM on the same updates (``server/bench_aggregate.py``).
 """
 
 from __future__ import annotations
@@ -107,3 +108,99 @@ def train(
         err.print(f"wrote {out_dir / 'bench_train.json'} and {out_dir / 'bench_train.md'}", highlight=False)
     if m.get("failed"):
         raise typer.Exit(1)
+
+
+def _number_lists(args: list[str], defaults: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Parse ``--sites 10 50 --params 1e6 1e7`` (several values after one flag) out of the extra args.
+
+    Raises:
+        typer.BadParameter: an unknown option, a flag without values, or a value that is not a positive integer.
+    """
+    got: dict[str, list[int]] = {}
+    flag: str | None = None
+    for tok in args:
+        if tok.startswith("--"):
+            flag, _, inline = tok.partition("=")
+            if flag not in defaults:
+                raise typer.BadParameter(f"no such option {tok!r} (several values: {', '.join(defaults)})")
+            got[flag] = []
+            tok = inline
+            if not tok:
+                continue
+        if flag is None:
+            raise typer.BadParameter(f"unexpected argument {tok!r}")
+        for part in filter(None, tok.split(",")):
+            try:
+                value = float(part)
+            except ValueError:
+                value = math.nan
+            if not (math.isfinite(value) and value >= 1 and value == int(value)):
+                raise typer.BadParameter(f"{flag} takes positive integers (1e6 is fine), got {part!r}")
+            got[flag].append(int(value))
+    for name, values in got.items():
+        if not values:
+            raise typer.BadParameter(f"{name} needs at least one value")
+    return {k: got.get(k, v) for k, v in defaults.items()}
+
+
+@app.command("aggregate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def aggregate(
+    ctx: typer.Context,
+    repeats: int = typer.Option(3, "--repeats", min=1, help="timed runs per method (median reported)"),
+    dp: bool | None = typer.Option(None, "--dp/--no-dp", help="lungvl only with / without client-level DP [both]"),
+    layers: int = typer.Option(20, "--layers", min=1, help="arrays the parameters are split into"),
+    server_lr: float = typer.Option(1.0, "--server-lr", help="η, for lungvl and FedAvgM alike"),
+    server_momentum: float = typer.Option(0.9, "--server-momentum", help="β, for lungvl and FedAvgM alike"),
+    clip_norm: float = typer.Option(1.0, "--clip-norm", help="C with DP; update norms are drawn around it"),
+    noise_multiplier: float = typer.Option(1.0, "--noise-multiplier", help="σ with DP"),
+    seed: int = typer.Option(0, "--seed"),
+    out_dir: Path | None = typer.Option(None, "--out", help="write bench_aggregate.{json,csv,png} + config.json"),
+) -> None:
+    """Time and memory of lungvl's DP-FedAvgM aggregation next to Flower's FedAvgM on the same updates.
+
+    --sites N [N ...] and --params P [P ...] take several values each, every combination is measured
+    (default: --sites 10 50 --params 1e6 1e7).
+    """
+    from server.bench_aggregate import HELD, PEER, AggBenchConfig, bench_aggregate, machine_info, write_results
+
+    try:
+        lists = _number_lists(list(ctx.args), {"--sites": [10, 50], "--params": [1_000_000, 10_000_000]})
+        cfg = AggBenchConfig(
+            sites=tuple(lists["--sites"]), params=tuple(lists["--params"]), repeats=repeats,
+            dp=(False, True) if dp is None else (dp,), layers=layers, server_lr=server_lr,
+            server_momentum=server_momentum, clip_norm=clip_norm, noise_multiplier=noise_multiplier, seed=seed,
+        )  # fmt: skip
+    except (typer.BadParameter, ValueError) as e:
+        err.print(f"[red]{escape(str(e))}")
+        raise typer.Exit(2) from e
+    rows = bench_aggregate(cfg, log=lambda m: err.print(m, highlight=False, markup=False))
+    meta = machine_info()
+    t = Table(
+        title=f"aggregation of one round: lungvl vs {PEER} (flwr {meta['flwr']}), same updates, same run",
+        caption=(
+            f"x = lungvl / {PEER} measured in the same run. time: median of {cfg.repeats}, aggregation only "
+            f"(inputs built outside). memory (tracemalloc): peak = allocated beyond the inputs; total = held + peak. "
+            f"β={cfg.server_momentum}, η={cfg.server_lr}; dp: clip C={cfg.clip_norm}, σ={cfg.noise_multiplier}. "
+            f"max|Δw| = largest difference of w_t+1 from {PEER} (no DP). held: "
+            + "; ".join(f"{k}: {v}" for k, v in HELD.items())
+            + f". machine: {meta['cpus']} CPUs, OMP_NUM_THREADS={meta['omp_num_threads']}, numpy {meta['numpy']}"
+        ),
+    )
+    t.add_column("sites x params", no_wrap=True)
+    t.add_column("method", no_wrap=True)
+    t.add_column("dp")
+    for col in ("time s", "time x", "held MiB", "peak MiB", "total MiB", "mem x", "max|Δw|"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        head = [f"{r.sites} x {r.params:.0e}", r.method, {None: "-", False: "off", True: "on"}[r.dp]]
+        if r.note:
+            t.add_row(*head, f"[yellow]{escape(r.note)}", *["-"] * 6)
+            continue
+        t.add_row(
+            *head, f"{r.time_s:.3f}", _ratio(r.time_ratio), f"{r.held_mib:.1f}", f"{r.peak_mib:.1f}",
+            f"{r.total_mib:.1f}", _ratio(r.mem_ratio), "-" if r.max_diff is None else f"{r.max_diff:.1e}",
+        )  # fmt: skip
+    out.print(t)
+    if out_dir is not None:
+        paths = write_results(out_dir, cfg, rows, meta)
+        err.print("wrote " + ", ".join(str(p) for p in paths), highlight=False)

@@ -14,6 +14,9 @@ def simulate(
     out_dir: Path = typer.Option(..., "--out", help="run directory (outputs, checkpoints, registry.db)"),
     db: str | None = typer.Option(None, "--db", help="registry SQLAlchemy URL (default RUN_DIR/registry.db)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in RUN_DIR from its last completed round"),
+    local_only: bool = typer.Option(
+        False, "--local-only", help="baseline: every site trains alone for the same rounds (no federation)"
+    ),
 ) -> None:
     """Run a federated simulation; one line per round on stdout, outputs and summary.md in --out."""
     from simulations.scenario import Scenario
@@ -24,6 +27,14 @@ def simulate(
     except (KeyError, ValueError) as e:
         err.print(f"[red]{e.args[0] if e.args else e}")
         raise typer.Exit(2) from e
+    if local_only:
+        if resume:
+            err.print("[red]--local-only runs cannot be resumed; start it again in a new --out directory")
+            raise typer.Exit(2)
+        from simulations.local_only import run_local_only
+
+        run_local_only(spec, out_dir, db_url=db, progress=lambda line: print(line, flush=True))
+        return
     try:
         result = run_simulation(spec, out_dir, db_url=db, resume=resume, progress=lambda line: print(line, flush=True))
     except (FileExistsError, FileNotFoundError) as e:

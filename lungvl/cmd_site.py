@@ -69,3 +69,103 @@ def check(
     if json_out is not None:
         json_out.write_text(json.dumps(report.to_dict(), indent=2))
     raise typer.Exit(0 if report.summary["usable"] > 0 else 1)
+
+
+@app.command("keys")
+def keys(
+    out_dir: Path = typer.Option(..., "--out", help="folder for site_key (private) and site_key.pub"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing key pair"),
+) -> None:
+    """Create the site's node-authentication key pair (ECDSA P-384, OpenSSH format)."""
+    from client.deploy import generate_site_keys
+
+    try:
+        private, public = generate_site_keys(out_dir, overwrite=overwrite)
+    except FileExistsError as e:
+        err.print(f"[red]{e}", highlight=False)
+        raise typer.Exit(1) from e
+    out.print(f"private key: {private} (keep it at the site, mode 0600)", highlight=False)
+    out.print(f"public key:  {public} (send it to the coordinator: lungvl server admit {public.name})", highlight=False)
+
+
+@app.command("join")
+def join(
+    config: Path = typer.Option(..., "--config", "-c", help="the site's site.toml (with a [federation] table)"),
+    skip_data_check: bool = typer.Option(False, "--skip-data-check", help="do not read every study first"),
+) -> None:
+    """Connect this site to the consortium (SuperNode with TLS + node key) and train when asked."""
+    from client.deploy import SiteDeployConfig, SiteNotReady, preflight, run_site
+
+    try:
+        cfg = SiteDeployConfig.from_toml(config)
+        info = preflight(cfg, check_data=not skip_data_check)
+    except (FileNotFoundError, KeyError, ValueError, SiteNotReady) as e:
+        err.print(f"[red]site join refused: {e.args[0] if e.args else e}", highlight=False)
+        raise typer.Exit(2) from e
+    out.print(
+        f"site {cfg.client.name}: {info['usable']} usable studies, ε spent {info['epsilon_spent']:.3f} of "
+        f"{info['epsilon_budget']}; joining {cfg.superlink}",
+        highlight=False,
+    )
+    raise typer.Exit(run_site(cfg, log=lambda line: out.print(line, highlight=False)))
+
+
+@app.command("audit")
+def audit(
+    config: Path = typer.Option(..., "--config", "-c", help="the site's site.toml"),
+    limit: int | None = typer.Option(None, "--limit", help="only the most recent N messages"),
+) -> None:
+    """Every message this site sent: time, round, bytes, sha256, metrics and ε."""
+    from client.ledger import LEDGER_FILENAME, AuditLedger
+
+    try:
+        state_dir = _state_dir(config)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        err.print(f"[red]{e.args[0] if e.args else e}", highlight=False)
+        raise typer.Exit(2) from e
+    path = state_dir / LEDGER_FILENAME
+    if not path.exists():
+        err.print(f"[yellow]no outbound ledger at {path}: this site has sent nothing", highlight=False)
+        raise typer.Exit(0)
+    ledger = AuditLedger(path)
+    try:
+        rows = ledger.entries(limit)
+        total = ledger.total_bytes()
+    finally:
+        ledger.close()
+    t = Table(title=f"outbound messages ({path})")
+    for col in ("time (UTC)", "run", "round", "kind", "bytes", "sha256", "metrics", "ε"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
+        t.add_row(
+            r["time"].strftime("%Y-%m-%d %H:%M:%S"),
+            r["run_id"] or "-",
+            str(r["round"]),
+            r["kind"],
+            f"{r['size_bytes']:,}",
+            r["sha256"][:16],
+            metrics or "-",
+            "-" if r["epsilon"] is None else f"{r['epsilon']:.3f}",
+        )
+    out.print(t)
+    out.print(f"{len(rows)} message(s), {total:,} bytes in all", highlight=False)
+
+
+def _state_dir(config: Path) -> Path:
+    """The site's state directory: [federation] state_dir when given, else the ClientConfig default."""
+    from client.config import ClientConfig
+
+    p = config / "site.toml" if config.is_dir() else config
+    if not p.is_file():
+        raise FileNotFoundError(f"site config {p} does not exist")
+    try:
+        from client.deploy import SiteDeployConfig
+
+        return SiteDeployConfig.from_toml(p).state_dir
+    except KeyError as e:
+        if "needs a [federation] table" not in str(e):
+            raise
+    state = ClientConfig.from_toml(p).state_dir
+    assert state is not None
+    return state

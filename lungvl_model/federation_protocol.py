@@ -8,6 +8,7 @@ floating-point tensors in :func:`array_keys` order, so both ends agree without s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -38,6 +39,10 @@ class RoundConfig:
         dp_sgd: sites run Opacus DP-SGD (sample-level DP).
         noise_multiplier: DP-SGD noise multiplier σ at the sites.
         max_grad_norm: DP-SGD per-sample clip.
+        dg_penalty: domain-generalisation weight ``λ`` of the variance of the subgroup risks inside
+            each local step (slice-thickness groups of the batch; 0 = off). See
+            :mod:`lungvl_model.losses.group_penalty`.
+        dro_step: group-DRO step size ``η`` of the subgroup weights (0 = example-weighted mean).
     """
 
     server_round: int = 1
@@ -49,6 +54,14 @@ class RoundConfig:
     dp_sgd: bool = False
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
+    dg_penalty: float = 0.0
+    dro_step: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("dg_penalty", "dro_step"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"round config {name!r} must be a finite number >= 0, got {value!r}")
 
     def to_record(self) -> dict[str, int | float | str | bool]:
         """Flat dict of scalars (what Flower's ConfigRecord holds)."""

@@ -63,6 +63,9 @@ class ServerConfig:
         dp_sgd: ask the sites to run Opacus DP-SGD (sample-level DP, the sites' own budgets apply).
         dp_sgd_noise_multiplier: DP-SGD noise multiplier at the sites.
         dp_sgd_max_grad_norm: DP-SGD per-sample clip at the sites.
+        dg_penalty: weight of the sites' variance penalty across slice-thickness subgroups
+            (domain generalisation, ``lungvl_model.losses.group_penalty``; 0 = off; not with DP-SGD).
+        dro_step: group-DRO step size for the subgroup weights at the sites (0 = off; not with DP-SGD).
         seed: seed of site sampling, of the aggregation noise and of the sites' rounds (per round,
             derived from ``(seed, round)``).
         round_timeout_s: seconds to wait for the replies of a round; missing replies count as timeouts.
@@ -88,6 +91,8 @@ class ServerConfig:
     dp_sgd: bool = False
     dp_sgd_noise_multiplier: float = 1.0
     dp_sgd_max_grad_norm: float = 1.0
+    dg_penalty: float = 0.0
+    dro_step: float = 0.0
     seed: int = 0
     round_timeout_s: float = 3600.0
 
@@ -117,7 +122,16 @@ class ServerConfig:
                 f"ServerConfig: need server_lr > 0 and 0 <= server_momentum < 1, got {self.server_lr}, "
                 f"{self.server_momentum}"
             )
-        for name in ("clip_norm", "noise_multiplier", "target_epsilon", "max_update_norm", "lr", "round_timeout_s"):
+        for name in (
+            "clip_norm",
+            "noise_multiplier",
+            "target_epsilon",
+            "max_update_norm",
+            "lr",
+            "round_timeout_s",
+            "dg_penalty",
+            "dro_step",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr == 0 or self.round_timeout_s == 0:
@@ -138,6 +152,11 @@ class ServerConfig:
             raise ValueError(
                 "ServerConfig: dp_sgd needs dp_sgd_noise_multiplier > 0 and dp_sgd_max_grad_norm > 0, got "
                 f"{self.dp_sgd_noise_multiplier}, {self.dp_sgd_max_grad_norm}"
+            )
+        if self.dp_sgd and (self.dg_penalty > 0 or self.dro_step > 0):
+            raise ValueError(
+                f"ServerConfig: dg_penalty={self.dg_penalty} / dro_step={self.dro_step} cannot be combined with "
+                "dp_sgd (the subgroup penalty couples studies, so per-study clipping would not bound them)"
             )
         if self.seed < 0:
             raise ValueError(f"ServerConfig.seed must be >= 0, got {self.seed}")
@@ -217,7 +236,7 @@ class ServerConfig:
         with p.open("rb") as fh:
             doc = tomllib.load(fh)
         try:
-            return cls.from_mapping(doc)
+            return cls.from_mapping(doc, ignore=("deployment",))  # [deployment]: server/deploy.py
         except (KeyError, ValueError) as err:
             raise type(err)(f"{p}: {err.args[0] if err.args else err}") from None
 

@@ -267,6 +267,8 @@ class RoundEngine:
             dp_sgd=c.dp_sgd,
             noise_multiplier=c.dp_sgd_noise_multiplier,
             max_grad_norm=c.dp_sgd_max_grad_norm,
+            dg_penalty=c.dg_penalty,
+            dro_step=c.dro_step,
         )
 
     # ------------------------------------------------------------------ a round

@@ -130,7 +130,7 @@ class SiteSpec:
         return cls(**kw)
 
 
-_RUN_KEYS = ("name", "rounds", "seed", "preset", "matrix", "z_extent_mm", "num_cpus")
+_RUN_KEYS = ("name", "rounds", "seed", "preset", "matrix", "z_extent_mm", "num_cpus", "holdout_fraction")
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,8 @@ class Scenario:
         matrix: default in-plane pixels of generated sites.
         z_extent_mm: default z coverage of generated sites.
         num_cpus: CPUs Ray may use for the simulated sites.
+        holdout_fraction: fraction of each site's patients kept out of local training and used for the
+            per-round federated evaluation (0: sites are scored on their training studies).
         source: the TOML file it came from (informational).
     """
 
@@ -157,6 +159,7 @@ class Scenario:
     matrix: int = 64
     z_extent_mm: float = 120.0
     num_cpus: int = 2
+    holdout_fraction: float = 0.0
     source: Path | None = None
 
     def __post_init__(self) -> None:
@@ -175,6 +178,8 @@ class Scenario:
             )
         if self.num_cpus < 1:
             raise ValueError(f"scenario [run] num_cpus must be >= 1, got {self.num_cpus}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"scenario [run] holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         self.model_config()  # fail early on a bad preset or override
 
     @property
@@ -199,6 +204,7 @@ class Scenario:
         server = self.server.to_dict()
         run = {"name": self.name, "rounds": server.pop("rounds"), "seed": server.pop("seed"), "preset": self.preset}
         run |= {"matrix": self.matrix, "z_extent_mm": self.z_extent_mm, "num_cpus": self.num_cpus}
+        run["holdout_fraction"] = self.holdout_fraction
         return {
             "run": run,
             "model": dict(self.model_overrides),
@@ -230,6 +236,7 @@ class Scenario:
             matrix=int(run.get("matrix", 64)),
             z_extent_mm=float(run.get("z_extent_mm", 120.0)),
             num_cpus=int(run.get("num_cpus", 2)),
+            holdout_fraction=float(run.get("holdout_fraction", 0.0)),
             source=source,
         )
 

@@ -228,7 +228,10 @@ def run_simulation(
                 indent=2,
             )
         )
-        endpoints = [SiteEndpoint(sites[s.name], model_dir, out / "state" / s.name) for s in scenario.sites]
+        endpoints = [
+            SiteEndpoint(sites[s.name], model_dir, out / "state" / s.name, scenario.holdout_fraction)
+            for s in scenario.sites
+        ]
         done: dict[str, Any] = {}
         server_app = make_server_app(
             {

@@ -1,8 +1,15 @@
-"""Nodule segmentation loss: soft Dice + distance-transform boundary term (DESIGN.md §3).
+"""Nodule segmentation loss: soft Dice + distance-transform boundary term + BCE (DESIGN.md §3).
 
 ``SegmentationLoss`` = ``dice_weight * DiceLoss(sigmoid=True)`` + ``boundary_weight *
-HausdorffDTLoss(sigmoid=True)`` (both MONAI), computed per study so that studies without a
-reference mask can be excluded through ``valid``.
+HausdorffDTLoss(sigmoid=True)`` (both MONAI) + ``bce_weight * BCEWithLogits``, computed per study so
+that studies without a reference mask can be excluded through ``valid``.
+
+Empty targets and Dice: with MONAI's smoothing (1e-5), the per-sample soft Dice of an empty target
+is ``1 - 1e-5 / (sum(p) + 1e-5)``, i.e. ~1 for any prediction that is not exactly zero everywhere, so
+it carries almost no gradient and, averaged with the non-empty samples, hides their progress (the
+first CPU run sat at a loss of 1.000 for 400 steps). The Dice term is therefore applied to samples
+with a non-empty target only (``dice_on_empty=False``, the default); every sample gets the
+voxel-mean BCE term (nnU-Net's Dice + cross-entropy), which is what teaches "nothing here".
 
 Empty targets: ``HausdorffDTLoss`` weighs the squared error by the distance fields of prediction
 and target; the target's distance field is undefined (MONAI sets it to 0) when the target has no
@@ -21,6 +28,7 @@ from __future__ import annotations
 import torch
 from monai.losses import DiceLoss, HausdorffDTLoss
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = ["SegmentationLoss"]
 
@@ -36,9 +44,12 @@ class SegmentationLoss(nn.Module):
         reduction: ``"mean"`` over valid studies, ``"sum"`` over valid studies, or ``"none"``: a
             ``(B,)`` tensor with one loss per study, 0 for studies excluded by ``valid``.
         alpha: exponent of the distance fields in ``HausdorffDTLoss``.
+        bce_weight: weight of the voxel-mean binary cross-entropy term (>= 0).
+        pos_weight: BCE weight of foreground voxels (> 0; nodules are ~1e-4 of a volume).
+        dice_on_empty: also apply the Dice term to samples whose target is empty.
 
     Raises:
-        ValueError: on a negative weight, both weights zero, or an unknown reduction.
+        ValueError: on a negative weight, all weights zero, or an unknown reduction.
 
     Example:
         >>> loss = SegmentationLoss()
@@ -54,20 +65,30 @@ class SegmentationLoss(nn.Module):
         boundary_weight: float = 0.5,
         reduction: str = "mean",
         alpha: float = 2.0,
+        bce_weight: float = 1.0,
+        pos_weight: float = 10.0,
+        dice_on_empty: bool = False,
     ) -> None:
         super().__init__()
         if dice_weight < 0:
             raise ValueError(f"SegmentationLoss dice_weight must be >= 0, got {dice_weight}")
         if boundary_weight < 0:
             raise ValueError(f"SegmentationLoss boundary_weight must be >= 0, got {boundary_weight}")
-        if dice_weight == 0 and boundary_weight == 0:
-            raise ValueError("SegmentationLoss needs dice_weight or boundary_weight > 0, got both 0")
+        if bce_weight < 0:
+            raise ValueError(f"SegmentationLoss bce_weight must be >= 0, got {bce_weight}")
+        if dice_weight == 0 and boundary_weight == 0 and bce_weight == 0:
+            raise ValueError("SegmentationLoss needs dice_weight, boundary_weight or bce_weight > 0, got all 0")
+        if pos_weight <= 0:
+            raise ValueError(f"SegmentationLoss pos_weight must be > 0, got {pos_weight}")
         if reduction not in _REDUCTIONS:
             raise ValueError(f"SegmentationLoss reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         if alpha <= 0:
             raise ValueError(f"SegmentationLoss alpha must be > 0, got {alpha}")
         self.dice_weight = float(dice_weight)
         self.boundary_weight = float(boundary_weight)
+        self.bce_weight = float(bce_weight)
+        self.pos_weight = float(pos_weight)
+        self.dice_on_empty = bool(dice_on_empty)
         self.reduction = reduction
         self.dice = DiceLoss(sigmoid=True, reduction="none")
         self.boundary = HausdorffDTLoss(alpha=alpha, include_background=True, sigmoid=True, reduction="none")
@@ -84,10 +105,17 @@ class SegmentationLoss(nn.Module):
         """
         target = target.to(logits.dtype)
         loss = logits.new_zeros(logits.shape[0])
+        has_fg = target.flatten(1).amax(1) > 0.5
         if self.dice_weight > 0:
-            loss = loss + self.dice_weight * self.dice(logits, target).flatten(1).mean(1)
+            dice = self.dice(logits, target).flatten(1).mean(1)
+            if not self.dice_on_empty:
+                dice = torch.where(has_fg, dice, torch.zeros_like(dice))
+            loss = loss + self.dice_weight * dice
+        if self.bce_weight > 0:
+            pw = logits.new_tensor(self.pos_weight)
+            bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pw, reduction="none")
+            loss = loss + self.bce_weight * bce.flatten(1).mean(1)
         if self.boundary_weight > 0:
-            has_fg = target.flatten(1).amax(1) > 0.5
             if bool(has_fg.any()):
                 hd = self.boundary(logits[has_fg], target[has_fg]).flatten(1).mean(1)
                 full = logits.new_zeros(logits.shape[0]).index_put((has_fg.nonzero().squeeze(1),), hd)

@@ -17,9 +17,9 @@ from client.config import STATE_DIRNAME, ClientConfig
 from client.ledger import METRIC_WHITELIST
 from client.trainer import (
     TRAIN_REPLY,
+    EmptyBatchSafe,
+    PoissonCollate,
     SiteTrainer,
-    _EmptyBatchSafe,
-    _PoissonCollate,
     dp_sgd_ready,
     payload_bytes,
     site_seed,
@@ -79,6 +79,19 @@ def assert_whitelisted(metrics: dict) -> None:
 # ------------------------------------------------------------------------------------------- config
 
 
+def test_holdout_split_keeps_evaluation_patients_out_of_training(package, tmp_path: Path) -> None:
+    every = make_trainer(package, tmp_path / "a")
+    train, hold = every.split()
+    assert train == hold and len(train) == 3  # no hold-out: evaluation scores the training studies
+    split = make_trainer(package, tmp_path / "b", holdout_fraction=0.5)
+    train, hold = split.split()
+    assert train and hold and set(train).isdisjoint(hold) and len(train) + len(hold) == 3
+    assert {e[1].study_uid for e in split.dataset("seg").entries} == set(train)
+    assert {e[1].study_uid for e in split.dataset("seg", "holdout").entries} == set(hold)
+    with pytest.raises(ValueError, match="'test'"):
+        split.dataset("seg", "test")
+
+
 def test_config_from_site_toml(package, tmp_path: Path) -> None:
     site, model_dir = package
     cfg = ClientConfig.from_toml(site, model_dir=model_dir)
@@ -130,6 +143,8 @@ def test_invalid_args(tmp_path: Path) -> None:
         ({"batch_size": 0}, "batch_size"),
         ({"device": "tpu"}, "device"),
         ({"name": ""}, "name"),
+        ({"holdout_fraction": 1.0}, "holdout_fraction"),
+        ({"holdout_fraction": -0.1}, "holdout_fraction"),
     ]:
         with pytest.raises(ValueError, match=match):
             ClientConfig.from_toml(tmp_path, **kw)
@@ -303,7 +318,7 @@ def test_per_sample_gradients_are_per_study_and_clipped(package, tmp_path: Path)
 def test_empty_poisson_batch_is_a_noise_only_step(package, tmp_path: Path) -> None:
     trainer = make_trainer(package, tmp_path / "state")
     model, ds = trainer.model, trainer.dataset("seg")
-    empty = _PoissonCollate(collate([ds[0]]))([])
+    empty = PoissonCollate(collate([ds[0]]))([])
     assert empty["image"].shape == (0, 1, 32, 32, 32) and empty["text"] == []
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("seg_head."))
@@ -313,7 +328,7 @@ def test_empty_poisson_batch_is_a_noise_only_step(package, tmp_path: Path) -> No
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     opt = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=2)
     result = run_steps(
-        _EmptyBatchSafe(gsm, params), iter([empty]), opt, stage="seg", steps=1, device=torch.device("cpu")
+        EmptyBatchSafe(gsm, params), iter([empty]), opt, stage="seg", steps=1, device=torch.device("cpu")
     )
     gsm.to_standard_module()
     assert result.history[0]["loss"] == 0.0 and result.examples == 0

@@ -59,12 +59,36 @@ def test_terms_and_empty_target() -> None:
     target, logits = _target(2), torch.randn(2, 1, 12, 12, 12)
     target[1] = 0
     dice = DiceLoss(sigmoid=True, reduction="none")(logits, target).flatten()
-    both = SegmentationLoss(boundary_weight=0.5, reduction="none")(logits, target)
-    dice_only = SegmentationLoss(boundary_weight=0.0, reduction="none")(logits, target)
-    torch.testing.assert_close(dice_only, dice)
-    torch.testing.assert_close(both[1], dice[1])  # empty target: Dice only
-    assert both[0] > dice[0]
-    assert torch.isfinite(both).all()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, target, pos_weight=torch.tensor(10.0), reduction="none"
+    ).flatten(1).mean(1)
+    all_terms = SegmentationLoss(boundary_weight=0.5, reduction="none")(logits, target)
+    dice_only = SegmentationLoss(boundary_weight=0.0, bce_weight=0.0, reduction="none")(logits, target)
+    bce_only = SegmentationLoss(dice_weight=0.0, boundary_weight=0.0, reduction="none")(logits, target)
+    torch.testing.assert_close(dice_only, torch.stack([dice[0], torch.tensor(0.0)]))  # no Dice on empty
+    torch.testing.assert_close(bce_only, bce)
+    torch.testing.assert_close(all_terms[1], bce[1])  # empty target: BCE only
+    assert all_terms[0] > dice[0] + bce[0]  # plus the boundary term
+    assert torch.isfinite(all_terms).all()
+    with_empty = SegmentationLoss(boundary_weight=0.0, bce_weight=0.0, dice_on_empty=True, reduction="none")
+    torch.testing.assert_close(with_empty(logits, target), dice)
+
+
+def test_empty_targets_do_not_hide_progress() -> None:
+    """A batch with one empty study: a better prediction of the nodule must lower the loss visibly."""
+    target = _target(2)
+    target[1] = 0
+    background = torch.full((2, 1, 12, 12, 12), -4.0)
+    better = background.clone()
+    better[0] = torch.where(target[0] > 0, 4.0, -4.0)
+    loss_fn = SegmentationLoss(boundary_weight=0.0)
+    assert loss_fn(background, target).item() - loss_fn(better, target).item() > 0.3
+
+
+def test_bce_pushes_empty_studies_to_background() -> None:
+    logits = torch.zeros(1, 1, 8, 8, 8, requires_grad=True)
+    SegmentationLoss()(logits, torch.zeros(1, 1, 8, 8, 8)).backward()
+    assert torch.all(logits.grad > 0)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +96,9 @@ def test_terms_and_empty_target() -> None:
     [
         ({"dice_weight": -1.0}, "-1.0"),
         ({"boundary_weight": -0.5}, "-0.5"),
-        ({"dice_weight": 0.0, "boundary_weight": 0.0}, "both 0"),
+        ({"dice_weight": 0.0, "boundary_weight": 0.0, "bce_weight": 0.0}, "all 0"),
+        ({"bce_weight": -2.0}, "-2.0"),
+        ({"pos_weight": 0.0}, "pos_weight"),
         ({"reduction": "avg"}, "avg"),
         ({"alpha": 0.0}, "alpha"),
     ],

@@ -38,6 +38,8 @@ def test_scenarios_parse() -> None:
     svr = Scenario.from_toml(ROOT / "simulations" / "scenarios" / "screening_vs_referral.toml")
     assert sorted(s.cohort for s in svr.sites) == ["low_resource", "referral", "screening", "screening"]
     assert svr.server.strategy == "fedavgm" and svr.server.client_dp and svr.server.target_epsilon > 0
+    assert svr.holdout_fraction == 0.25 and tiny.holdout_fraction == 0.0
+    assert Scenario.from_dict(json.loads(json.dumps(svr.to_dict()))).holdout_fraction == 0.25
     again = Scenario.from_dict(json.loads(json.dumps(tiny.to_dict())))
     assert again.server == tiny.server and again.sites == tiny.sites and again.model_config() == tiny.model_config()
 
@@ -56,6 +58,7 @@ TWO = [{"name": n, "cohort": "screening", "studies": 1} for n in ("a", "b")]
         ({"sites": TWO[:1]}, "min_sites"),
         ({"sites": [*TWO, TWO[0]]}, "duplicate site names"),
         ({"sites": []}, "no \\[\\[sites\\]\\]"),
+        ({"run": {"name": "x", "holdout_fraction": 1.0}}, "holdout_fraction"),
     ],
 )
 def test_invalid_scenarios(doc: dict[str, object], match: str) -> None:

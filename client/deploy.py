@@ -1,0 +1,451 @@
+"""A hospital joins the consortium: node keys, pre-flight checks, the SuperNode and lungvl's ClientApp worker.
+
+``lungvl site keys`` / ``lungvl site join`` call these. The site's settings for the federation live in
+the ``[federation]`` table of its ``site.toml`` (relative paths: to the site directory)::
+
+    [federation]
+    superlink = "superlink.consortium.example:9093"   # the SuperLink's Fleet API (host:port)
+    root_certificates = "certs/ca.crt"                 # the consortium CA (verifies the SuperLink)
+    private_key = "keys/site_key"                      # the site's node-auth key (lungvl site keys)
+    runtime_port = 9094                                # the SuperNode's local Runtime API (loopback only)
+    state_dir = "/var/lib/lungvl/hospital-a"           # optional: ledger, accountant, Flower state
+    model_dir = "/opt/lungvl/initial_model"            # optional: else [training] model_dir
+
+Flower 1.42 facts this relies on (checked against the installed flwr): the SuperNode authenticates
+with an ECDSA key in OpenSSH format (``--auth-supernode-private-key``; the SuperLink knows the
+public key once the coordinator registers it, ``flwr supernode register``); the Fleet API is
+protobuf over HTTPS on the SuperLink's one port; ``--isolation process`` leaves the ClientApp to an
+outside process, which here is :mod:`client.deploy_worker` (one warm process for all rounds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from client.config import ClientConfig
+from lungvl_model.data.site_check import check_site
+from privacy.accountant import SiteBudget
+
+__all__ = [
+    "FEDERATION_KEYS",
+    "SiteDeployConfig",
+    "SiteNotReady",
+    "generate_site_keys",
+    "load_private_key",
+    "load_public_key",
+    "preflight",
+    "run_site",
+    "stop_process",
+    "supernode_command",
+    "worker_command",
+]
+
+PRIVATE_KEY_FILE: Final = "site_key"
+PUBLIC_KEY_FILE: Final = "site_key.pub"
+#: Keys of the ``[federation]`` table of site.toml.
+FEDERATION_KEYS: Final = ("superlink", "root_certificates", "private_key", "runtime_port", "state_dir", "model_dir")
+
+
+class SiteNotReady(RuntimeError):
+    """The site must not join: no usable study, privacy budget spent, or a missing file."""
+
+
+def _bin(name: str) -> str:
+    """A console script of this Python environment (``.venv/bin/<name>``), else the bare name."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
+
+
+def generate_site_keys(out_dir: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Create the site's node-authentication key pair (ECDSA SECP384R1, OpenSSH format).
+
+    Args:
+        out_dir: folder for ``site_key`` (private, mode 0600) and ``site_key.pub`` (send it to the
+            coordinator: ``lungvl server admit site_key.pub``).
+        overwrite: replace an existing key pair.
+
+    Returns:
+        ``(private_key_path, public_key_path)``.
+
+    Raises:
+        FileExistsError: a key already exists there and ``overwrite`` is False.
+    """
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    private, public = out / PRIVATE_KEY_FILE, out / PUBLIC_KEY_FILE
+    if private.exists() and not overwrite:
+        raise FileExistsError(f"{private} already exists (a site keeps its key; pass overwrite to replace it)")
+    key = ec.generate_private_key(ec.SECP384R1())
+    data = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
+    )
+    return private, public
+
+
+def _check_ec(key: Any, path: Path, what: str) -> None:
+    if not isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        raise ValueError(f"{what} {path}: expected an ECDSA key (SECP384R1), got {type(key).__name__}")
+    if not isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1 | ec.SECP521R1):
+        raise ValueError(f"{what} {path}: curve {key.curve.name} is not a NIST curve Flower accepts")
+
+
+def load_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
+    """Read a site's public key (OpenSSH ``ecdsa-sha2-nistp384 ...`` line) and check its format.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not an OpenSSH ECDSA public key on a NIST curve.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"public key file {p} does not exist")
+    try:
+        key = serialization.load_ssh_public_key(p.read_bytes())
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"public key {p}: not an OpenSSH public key ({err}); create keys with `lungvl site keys`"
+        ) from None
+    _check_ec(key, p, "public key")
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    return key
+
+
+def load_private_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
+    """Read a site's private key (OpenSSH format, unencrypted) and check its format.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not an unencrypted OpenSSH ECDSA private key on a NIST curve.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"private key file {p} does not exist")
+    try:
+        key = serialization.load_ssh_private_key(p.read_bytes(), password=None)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"private key {p}: not an unencrypted OpenSSH private key ({err})") from None
+    _check_ec(key, p, "private key")
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key
+
+
+@dataclass(frozen=True)
+class SiteDeployConfig:
+    """How a site connects to the consortium (``[federation]`` of site.toml), with its :class:`ClientConfig`.
+
+    Attributes:
+        client: the site's client settings (name, budget, device, state dir, model dir).
+        superlink: the SuperLink's Fleet API address ``host:port``.
+        root_certificates: the consortium CA certificate (PEM).
+        private_key: the site's node-auth private key (OpenSSH).
+        runtime_port: the SuperNode's local Runtime API port (bound to 127.0.0.1).
+    """
+
+    client: ClientConfig
+    superlink: str
+    root_certificates: Path
+    private_key: Path
+    runtime_port: int = 9094
+
+    @property
+    def state_dir(self) -> Path:
+        """The site's state directory (audit ledger, accountant, Flower home, logs)."""
+        assert self.client.state_dir is not None  # resolved by ClientConfig
+        return self.client.state_dir
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> SiteDeployConfig:
+        """Read ``site.toml``: the client tables and ``[federation]``.
+
+        Raises:
+            FileNotFoundError: no site.toml.
+            KeyError: an unknown ``[federation]`` key (with a "did you mean") or a missing one.
+            ValueError: a bad value (port, address), naming the key and the value.
+        """
+        p = Path(path).expanduser()
+        if p.is_dir():
+            p = p / "site.toml"
+        if not p.is_file():
+            raise FileNotFoundError(f"site config {p} does not exist")
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+        fed = doc.get("federation")
+        if not isinstance(fed, dict):
+            raise KeyError(f"{p}: needs a [federation] table with {list(FEDERATION_KEYS[:3])}")
+        for key in fed:
+            if key not in FEDERATION_KEYS:
+                hint = difflib.get_close_matches(key, FEDERATION_KEYS, n=1)
+                raise KeyError(
+                    f"{p}: unknown key {key!r} in [federation]"
+                    + (f"; did you mean {hint[0]!r}?" if hint else f"; known: {list(FEDERATION_KEYS)}")
+                )
+        missing = [k for k in ("superlink", "root_certificates", "private_key") if not fed.get(k)]
+        if missing:
+            raise KeyError(f"{p}: [federation] lacks {missing}")
+        base = p.parent
+
+        def resolve(value: Any) -> Path:
+            q = Path(str(value)).expanduser()
+            return q if q.is_absolute() else base / q
+
+        overrides: dict[str, Any] = {}
+        for key in ("state_dir", "model_dir"):
+            if fed.get(key):
+                overrides[key] = resolve(fed[key])
+        client = ClientConfig.from_toml(p, **overrides)
+        address = str(fed["superlink"])
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{p}: [federation] superlink must be host:port, got {address!r}")
+        rport = fed.get("runtime_port", 9094)
+        if isinstance(rport, bool) or not isinstance(rport, int) or not 0 < rport < 65536:
+            raise ValueError(f"{p}: [federation] runtime_port must be a port number, got {rport!r}")
+        return cls(client, address, resolve(fed["root_certificates"]), resolve(fed["private_key"]), rport)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (paths as strings)."""
+        return {
+            "client": self.client.to_dict(),
+            "superlink": self.superlink,
+            "root_certificates": str(self.root_certificates),
+            "private_key": str(self.private_key),
+            "runtime_port": self.runtime_port,
+        }
+
+
+def preflight(cfg: SiteDeployConfig, *, check_data: bool = True) -> dict[str, Any]:
+    """Refuse to join unless the site can train: files present, a usable study, budget left.
+
+    Args:
+        cfg: the site's deployment settings.
+        check_data: run :func:`~lungvl_model.data.site_check.check_site` (reads every study).
+
+    Returns:
+        ``{"usable", "studies", "phi_findings", "epsilon_spent", "epsilon_budget"}``.
+
+    Raises:
+        SiteNotReady: a missing CA certificate, key or model package; a malformed key; no usable
+            study; or the site's sample-level ε budget already spent.
+    """
+    if not cfg.root_certificates.is_file():
+        raise SiteNotReady(f"[federation] root_certificates: CA certificate {cfg.root_certificates} does not exist")
+    try:
+        load_private_key(cfg.private_key)
+    except (FileNotFoundError, ValueError) as err:
+        raise SiteNotReady(f"[federation] private_key: {err}") from None
+    model_dir = cfg.client.model_dir
+    if model_dir is None or not (model_dir / "model.pt").is_file():
+        raise SiteNotReady(f"model_dir: no initial model package (model.pt) at {model_dir}")
+    out: dict[str, Any] = {"usable": None, "studies": None, "phi_findings": None}
+    if check_data:
+        report = check_site(cfg.client.site_dir)
+        out.update(usable=report.summary["usable"], studies=report.summary["studies"])
+        out["phi_findings"] = report.summary["phi_findings"]
+        if report.summary["usable"] == 0:
+            raise SiteNotReady(
+                f"site {cfg.client.name}: no usable study in {cfg.client.site_dir} "
+                f"({report.summary['studies']} found; run `lungvl site check` for the reasons)"
+            )
+    budget = SiteBudget(cfg.state_dir, epsilon_budget=cfg.client.epsilon_budget, delta=cfg.client.delta)
+    out.update(epsilon_spent=budget.spent, epsilon_budget=budget.epsilon_budget)
+    if budget.remaining <= 0:
+        raise SiteNotReady(
+            f"site {cfg.client.name}: privacy budget spent (ε {budget.spent:.3f} of {budget.epsilon_budget} at "
+            f"δ={budget.delta:g}, state in {budget.path})"
+        )
+    return out
+
+
+def node_config(cfg: SiteDeployConfig) -> str:
+    """The SuperNode's ``--node-config`` string (site, model and state directories for the ClientApp)."""
+    items = {"site-dir": cfg.client.site_dir, "state-dir": cfg.state_dir}
+    if cfg.client.model_dir is not None:
+        items["model-dir"] = cfg.client.model_dir
+    for key, value in items.items():
+        if '"' in str(value):
+            raise ValueError(f"{key} must not contain a double quote, got {str(value)!r}")
+    return " ".join(f'{k}="{v}"' for k, v in items.items())
+
+
+def supernode_command(cfg: SiteDeployConfig) -> list[str]:
+    """``flower-supernode`` with TLS (consortium CA), node auth, process isolation and the node config."""
+    return [
+        _bin("flower-supernode"),
+        "--superlink",
+        cfg.superlink,
+        "--root-certificates",
+        str(cfg.root_certificates),
+        "--auth-supernode-private-key",
+        str(cfg.private_key),
+        "--isolation",
+        "process",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(cfg.runtime_port),
+        "--node-config",
+        node_config(cfg),
+    ]
+
+
+def worker_command(cfg: SiteDeployConfig, supernode_pid: int | None = None) -> list[str]:
+    """The long-lived ClientApp worker (:mod:`client.deploy_worker`) for this SuperNode."""
+    cmd = [sys.executable, "-m", "client.deploy_worker", "--runtime-api-address", f"127.0.0.1:{cfg.runtime_port}"]
+    return cmd + (["--parent-pid", str(supernode_pid)] if supernode_pid is not None else [])
+
+
+def site_env(cfg: SiteDeployConfig, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of the site's processes: telemetry off; Flower/matplotlib/HF scratch in the state dir."""
+    env = dict(os.environ if base is None else base)
+    state = cfg.state_dir
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_HOME=str(state / "flwr"),
+        MPLCONFIGDIR=str(state / "mpl"),
+        HF_HOME=str(state / "hf"),
+    )
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def describe(cmd: list[str]) -> str:
+    """A copy-pasteable shell line for ``cmd``."""
+    return shlex.join(cmd)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+def _children(pid: int) -> list[int]:
+    """Direct and indirect child processes of ``pid`` (from /proc; empty elsewhere)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(entry.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM ``proc`` and its descendants (by PID), SIGKILL whatever is left after ``timeout`` s."""
+    pids = [proc.pid, *_children(proc.pid)]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout)
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+#: ``flower-supernode`` exit code when the SuperLink cannot be reached or refuses to activate the node
+#: (e.g. a node that died uncleanly still counts as online for up to 2 heartbeats, 60 s).
+SUPERNODE_CONNECT_EXIT = 305
+RESTART_DELAY_S = 10.0
+
+
+def run_site(
+    cfg: SiteDeployConfig,
+    *,
+    log: Any = print,
+    max_restarts: int = 30,
+    stop: Any = None,
+) -> int:
+    """Run the site's SuperNode and ClientApp worker until stopped (blocking; what ``lungvl site join`` does).
+
+    Logs go to ``<state_dir>/logs/{supernode,worker}.log``. A SuperNode that exits because it could not
+    connect or activate (exit code 305) is restarted after :data:`RESTART_DELAY_S`; a worker that dies is
+    restarted; any other SuperNode exit ends the site with that code.
+
+    Args:
+        cfg: the site's deployment settings (run :func:`preflight` first).
+        log: line printer.
+        max_restarts: give up after this many restarts.
+        stop: a ``threading.Event``-like object; the site stops when it is set (default: only signals).
+
+    Returns:
+        The exit code (0 after a stop or a signal).
+    """
+    logs = cfg.state_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = site_env(cfg)
+    for key in ("FLWR_HOME", "MPLCONFIGDIR", "HF_HOME"):
+        Path(env[key]).mkdir(parents=True, exist_ok=True)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(name: str, cmd: list[str]) -> None:
+        with (logs / f"{name}.log").open("ab") as fh:
+            procs[name] = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        log(f"{name} started (pid {procs[name].pid}): {describe(cmd)}")
+
+    stopping = False
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    restarts, code = 0, 0
+    try:
+        start("supernode", supernode_command(cfg))
+        start("worker", worker_command(cfg, procs["supernode"].pid))
+        while not stopping and not (stop is not None and stop.is_set()):
+            time.sleep(0.5)
+            rc = procs["supernode"].poll()
+            if rc is not None:
+                if rc != SUPERNODE_CONNECT_EXIT or restarts >= max_restarts:
+                    log(f"supernode exited with code {rc}; see {logs / 'supernode.log'}")
+                    code = rc or 1
+                    break
+                restarts += 1
+                log(f"supernode could not connect/activate (code {rc}); retrying in {RESTART_DELAY_S:.0f} s")
+                time.sleep(RESTART_DELAY_S)
+                stop_process(procs.pop("worker"))
+                start("supernode", supernode_command(cfg))
+                start("worker", worker_command(cfg, procs["supernode"].pid))
+            elif procs["worker"].poll() is not None and restarts < max_restarts:
+                restarts += 1
+                log(f"worker exited with code {procs['worker'].returncode}; restarting")
+                start("worker", worker_command(cfg, procs["supernode"].pid))
+    finally:
+        for name in ("worker", "supernode"):
+            if name in procs:
+                stop_process(procs[name])
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        log(f"site {cfg.client.name} stopped")
+    return code

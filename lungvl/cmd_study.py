@@ -1,0 +1,58 @@
+"""``lungvl study``: run a grid of simulations over one federation, and report it from the registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lungvl.console import err
+
+app = typer.Typer(
+    help="Studies: a grid of simulation runs (strategy × DP × seed) and its report.", no_args_is_help=True
+)
+
+
+@app.command("run")
+def run(
+    study: Path = typer.Argument(..., exists=True, dir_okay=False, help="study TOML (simulations/studies/)"),
+    out_dir: Path = typer.Option(..., "--out", help="study directory (registry.db, sites, cells/)"),
+    only: list[str] = typer.Option([], "--only", help="run only cells whose id matches this pattern (repeatable)"),
+    max_cells: int | None = typer.Option(None, "--max-cells", min=1, help="stop after running this many cells"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and exit"),
+) -> None:
+    """Run every cell not yet finished (a rerun skips finished cells); one progress line per cell and round."""
+    from simulations.study_config import StudyConfig
+    from simulations.study_run import run_study
+
+    try:
+        spec = StudyConfig.from_toml(study)
+    except (KeyError, ValueError) as e:
+        err.print(f"[red]{e.args[0] if e.args else e}")
+        raise typer.Exit(2) from e
+    if dry_run:
+        for cell in spec.cells():
+            print(cell.cell_id)
+        return
+    summary = run_study(spec, out_dir, only=only, max_cells=max_cells, progress=lambda line: print(line, flush=True))
+    for cell_id, reason in summary["failed"].items():
+        err.print(f"[red]{cell_id}: {reason}", highlight=False)
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+def report(
+    run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="study directory (holds registry.db)"),
+    study: str | None = typer.Option(None, "--study", help="study name (default: the only one in the registry)"),
+    bootstrap: int | None = typer.Option(None, "--bootstrap", min=1, help="bootstrap resamples (default 2000)"),
+) -> None:
+    """Write results.md, convergence.png and privacy_utility.png into RUN_DIR from its registry alone."""
+    from simulations.study_report import write_report
+
+    try:
+        path = write_report(run_dir, study=study, n_boot=bootstrap)
+    except (FileNotFoundError, ValueError) as e:
+        err.print(f"[red]{e}")
+        raise typer.Exit(2) from e
+    print(path)

@@ -1,0 +1,72 @@
+"""Deterministic patient-level hold-out split of a site's studies (evaluation on unseen patients).
+
+A study goes to the hold-out set when ``sha256(salt + patient key)`` falls below ``fraction``; all
+studies of one patient (baseline and priors) land on the same side, so a model is never scored on a
+patient whose other scan it trained on. The split depends only on the patient key and the salt, not
+on the order or number of studies, so adding studies to a site never moves existing patients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+__all__ = ["holdout_split", "in_holdout"]
+
+
+def in_holdout(patient_key: str, fraction: float, salt: str = "lungvl-holdout") -> bool:
+    """Whether a patient belongs to the hold-out set.
+
+    Args:
+        patient_key: the patient's identifier (PatientID, or the StudyInstanceUID when absent).
+        fraction: expected hold-out fraction in [0, 1).
+        salt: changes the assignment without changing the fraction.
+
+    Returns:
+        True for a hold-out patient.
+
+    Raises:
+        ValueError: ``fraction`` outside [0, 1).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"hold-out fraction must be in [0, 1), got {fraction!r}")
+    digest = hashlib.sha256(f"{salt}\x00{patient_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
+
+
+def holdout_split(
+    studies: Iterable[tuple[str, str]], fraction: float, *, salt: str = "lungvl-holdout", min_each: int = 1
+) -> tuple[list[str], list[str]]:
+    """Split ``(study_uid, patient_key)`` pairs into training and hold-out study UIDs by patient.
+
+    When the hash puts every patient on one side although both could be non-empty (tiny sites), the
+    patient with the smallest hash is moved so that each side keeps at least ``min_each`` patient
+    (when there are at least two patients and ``fraction > 0``).
+
+    Args:
+        studies: ``(study_uid, patient_key)`` pairs; an empty patient key falls back to the study UID.
+        fraction: expected hold-out fraction of patients in [0, 1); 0 keeps everything for training.
+        salt: see :func:`in_holdout`.
+        min_each: patients kept on each side when possible (0 disables the adjustment).
+
+    Returns:
+        ``(train_uids, holdout_uids)`` in input order.
+
+    Raises:
+        ValueError: ``fraction`` outside [0, 1).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"hold-out fraction must be in [0, 1), got {fraction!r}")
+    pairs = [(uid, key or uid) for uid, key in studies]
+    if fraction == 0.0:
+        return [u for u, _ in pairs], []
+    held = {key for _, key in pairs if in_holdout(key, fraction, salt)}
+    patients = sorted({key for _, key in pairs}, key=lambda k: hashlib.sha256(f"{salt}\x00{k}".encode()).digest())
+    if min_each and len(patients) >= 2:
+        if not held:
+            held = {patients[0]}
+        elif len(held) == len(patients):
+            held.discard(patients[-1])
+    train = [u for u, k in pairs if k not in held]
+    hold = [u for u, k in pairs if k in held]
+    return train, hold

@@ -1,0 +1,259 @@
+"""Run a study (``lungvl study run``): every grid cell an ordinary run in one registry, resumable.
+
+Layout of the study directory::
+
+    study.json          the resolved study and its cells (informational; the report reads the registry)
+    registry.db         one registry for all cells (each run's config carries its cell under "study")
+    sites/<name>/       the federation's sites, generated once and shared by every cell
+    init/seed_<s>/      one initial model package per seed, shared by that seed's cells
+    cells/<cell_id>/    each cell's run directory (a ``lungvl simulate`` run, or a local-only/centralised one)
+
+How a cell becomes a run (:func:`cell_scenario`): the base scenario with the cell's seed, the study's
+rounds, the sites by path, and server settings:
+
+* ``fedavg``: strategy ``fedavg`` (server lr 1, no momentum); ``fedavgm``: the cell's lr and momentum;
+* ``local`` / ``centralised``: :mod:`simulations.local_only` / :mod:`simulations.centralised`;
+* DP off: no clipping, no noise, no DP-SGD;
+* ``client`` at ε: clip ``client_clip_norm``, σ = the smallest noise keeping ``rounds`` sampled-Gaussian
+  steps at ``q = sampled/total`` sites under ε (:func:`privacy.accountant.get_noise_multiplier`), and ε
+  as the run's budget;
+* ``sample`` at ε: DP-SGD at every site with one σ, the largest any site needs to stay under ε over
+  ``rounds × local_steps`` steps at its own ``q = batch / studies``; each generated site's own budget
+  is raised to the study's largest ε (the sites still refuse to go past it).
+
+A cell counts as done when the registry holds a ``finished`` or ``stopped_budget`` run tagged with its
+id; a rerun skips it. A federated cell interrupted mid-run is resumed from its last completed round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from client.config import ClientConfig
+from lungvl_model.data.catalogue import build_catalogue
+from privacy.accountant import get_noise_multiplier
+from server.app import RUN_FILE
+from server.config import ServerConfig
+from server.registry import Registry, Run
+from simulations.centralised import run_centralised
+from simulations.local_only import initial_model, run_local_only
+from simulations.scenario import Scenario, SiteSpec
+from simulations.simulate import prepare_sites, run_simulation, simulation_env
+from simulations.study_config import Cell, StudyConfig
+
+__all__ = ["DONE_STATUSES", "base_scenario", "cell_scenario", "done_cells", "run_study", "tag_run"]
+
+Progress = Callable[[str], None]
+DONE_STATUSES = ("finished", "stopped_budget")
+_SERVER_FIELDS = frozenset(f.name for f in dataclasses.fields(ServerConfig))
+
+
+def base_scenario(study: StudyConfig) -> Scenario:
+    """The study's federation: its scenario with the study's rounds (and site budgets raised for DP-SGD)."""
+    base = Scenario.from_toml(study.scenario)
+    if study.rounds is not None:
+        base = base.with_server(rounds=study.rounds)
+    if "sample" in study.dp and study.epsilons:
+        top = max(study.epsilons)
+        sites = tuple(
+            dataclasses.replace(s, epsilon_budget=max(top, s.epsilon_budget or 0.0)) if s.generated else s
+            for s in base.sites
+        )
+        base = dataclasses.replace(base, sites=sites)
+    return base
+
+
+def _site_studies(site_dir: Path, stage: str) -> int:
+    """Studies a site trains on in ``stage`` (usable; with a report for ``vl``)."""
+    cat = build_catalogue(site_dir)
+    return sum(1 for e in cat.usable if stage != "vl" or e.report is not None)
+
+
+def cell_scenario(
+    study: StudyConfig, base: Scenario, cell: Cell, site_dirs: Mapping[str, Path], site_sizes: Mapping[str, int]
+) -> tuple[Scenario, dict[str, float]]:
+    """The scenario of one cell and the DP noise chosen for it (``{"client_sigma"|"sample_sigma": σ}``).
+
+    Raises:
+        ValueError: a DG cell while the server cannot forward the penalty (no ``ServerConfig.dg_penalty``),
+            or an ε no noise multiplier reaches.
+    """
+    c = base.server
+    changes: dict[str, Any] = {"seed": cell.seed, "delta": study.delta, "dp_sgd": False}
+    changes |= {"noise_multiplier": 0.0, "target_epsilon": 0.0, "clip_norm": 0.0}
+    if cell.strategy == "fedavg":
+        changes |= {"strategy": "fedavg", "server_lr": 1.0}
+    elif cell.strategy == "fedavgm":
+        changes |= {"strategy": "fedavgm", "server_lr": cell.server_lr, "server_momentum": cell.server_momentum}
+    noise: dict[str, float] = {}
+    if cell.dp == "client":
+        q = c.sample_size(len(base.sites)) / len(base.sites)
+        sigma = get_noise_multiplier(
+            target_epsilon=cell.epsilon, delta=study.delta, sample_rate=q, steps=c.rounds, accountant=c.accountant
+        )
+        changes |= {"clip_norm": study.client_clip_norm, "noise_multiplier": sigma, "target_epsilon": cell.epsilon}
+        noise["client_sigma"] = sigma
+    elif cell.dp == "sample":
+        steps = c.rounds * c.local_steps
+        sigma = max(
+            get_noise_multiplier(
+                target_epsilon=cell.epsilon, delta=study.delta, sample_rate=min(1.0, c.batch_size / n), steps=steps
+            )
+            for n in site_sizes.values()
+        )
+        changes |= {"dp_sgd": True, "dp_sgd_noise_multiplier": sigma}
+        changes |= {"dp_sgd_max_grad_norm": study.sample_max_grad_norm}
+        noise["sample_sigma"] = sigma
+    if cell.federated and (cell.dg_penalty or cell.dro_step):
+        if not {"dg_penalty", "dro_step"} <= _SERVER_FIELDS:
+            raise ValueError(
+                f"cell {cell.cell_id}: the DG penalty reaches the sites through the round config, but "
+                "ServerConfig has no dg_penalty/dro_step to send (server/config.py + RoundEngine.round_config)"
+            )
+        changes |= {"dg_penalty": cell.dg_penalty, "dro_step": cell.dro_step}
+    sites = tuple(SiteSpec(name=s.name, path=site_dirs[s.name]) for s in base.sites)
+    scenario = dataclasses.replace(
+        base, name=f"{study.name}:{cell.cell_id}", sites=sites, server=c.with_updates(**changes)
+    )
+    return scenario, noise
+
+
+def tag_run(registry: Registry, run_id: int, tag: Mapping[str, Any]) -> None:
+    """Add ``tag`` under ``"study"`` to a run's config in the registry (what the report groups by)."""
+    with Session(registry.engine) as s, s.begin():
+        run = s.get(Run, run_id)
+        if run is None:
+            raise KeyError(f"no run {run_id} in {registry.url}")
+        run.config = {**run.config, "study": dict(tag)}
+
+
+def done_cells(registry: Registry, study: str) -> dict[str, dict[str, Any]]:
+    """Map each cell id of study ``study`` to its latest finished run."""
+    out: dict[str, dict[str, Any]] = {}
+    for run in registry.runs():
+        tag = (run["config"] or {}).get("study") or {}
+        if tag.get("study") == study and run["status"] in DONE_STATUSES:
+            out[tag["cell"]["cell_id"]] = run
+    return out
+
+
+def _site_cohorts(base: Scenario, site_dirs: Mapping[str, Path]) -> dict[str, str]:
+    out = {}
+    for s in base.sites:
+        out[s.name] = s.cohort or ClientConfig.from_toml(site_dirs[s.name] / "site.toml").cohort
+    return out
+
+
+def _run_cell(
+    cell: Cell, scenario: Scenario, cell_dir: Path, db: str, init: Path, tag: dict[str, Any], log: Progress
+) -> dict[str, Any]:
+    if cell.strategy == "local":
+        return run_local_only(
+            scenario, cell_dir, db_url=db, init_model=init, run_config={"study": tag},
+            dg_penalty=cell.dg_penalty, dro_step=cell.dro_step, progress=log,
+        )  # fmt: skip
+    if cell.strategy == "centralised":
+        return run_centralised(scenario, cell_dir, db_url=db, init_model=init, run_config={"study": tag}, progress=log)
+    resume = (cell_dir / RUN_FILE).exists()
+    result = run_simulation(scenario, cell_dir, db_url=db, resume=resume, progress=log, init_model=init)
+    with Registry(db) as reg:
+        tag_run(reg, int(result["run_id"]), tag)
+    return result
+
+
+def run_study(
+    study: StudyConfig,
+    out_dir: str | Path,
+    *,
+    only: Sequence[str] = (),
+    max_cells: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the study's cells that are not done yet, one after the other.
+
+    Args:
+        study: the study.
+        out_dir: the study directory (layout in the module docstring).
+        only: run only cells whose id matches one of these shell patterns (e.g. ``"fedavg-s0"``, ``"*-s0"``).
+        max_cells: stop after this many cells have run (skipped ones do not count).
+        progress: line printer (default ``print``).
+
+    Returns:
+        ``{"cells", "done", "skipped", "ran", "failed" (cell id -> error), "seconds", "out_dir"}``.
+    """
+    log = progress or print
+    t0 = time.perf_counter()
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    db = str(out / "registry.db")
+    cells = study.cells()
+    base = base_scenario(study)
+    (out / "study.json").write_text(
+        json.dumps(
+            {"study": study.to_dict(), "cells": [c.to_dict() for c in cells], "scenario": base.to_dict()}, indent=2
+        )
+    )
+    with simulation_env(out):
+        site_dirs = prepare_sites(base, out, log)
+        sizes = {k: _site_studies(v, base.server.stage) for k, v in site_dirs.items()}
+    cohorts = _site_cohorts(base, site_dirs)
+    with Registry(db) as reg:
+        done = done_cells(reg, study.name)
+    wanted = [c for c in cells if not only or any(fnmatch.fnmatch(c.cell_id, p) for p in only)]
+    todo = [c for c in wanted if c.cell_id not in done]
+    log(f"study {study.name}: {len(cells)} cells, {len(wanted) - len(todo)} already done, {len(todo)} to run")
+    ran: list[str] = []
+    failed: dict[str, str] = {}
+    for i, cell in enumerate(todo, 1):
+        if max_cells is not None and len(ran) + len(failed) >= max_cells:
+            break
+        started = time.perf_counter()
+        log(f"[{i}/{len(todo)}] {cell.cell_id}: starting")
+        try:
+            scenario, noise = cell_scenario(study, base, cell, site_dirs, sizes)
+            init_dir = out / "init" / f"seed_{cell.seed}"
+            with simulation_env(out):
+                init = initial_model(base, site_dirs, init_dir, seed=cell.seed)
+            tag = {
+                "study": study.name,
+                "cell": cell.to_dict(),
+                "sites": cohorts,
+                "site_studies": sizes,
+                "rounds": base.rounds,
+                "local_steps": base.server.local_steps,
+                "delta": study.delta,
+                **noise,
+            }
+            result = _run_cell(cell, scenario, out / "cells" / cell.cell_id, db, init, tag, lambda s: log(f"  {s}"))
+        except Exception as err:  # noqa: BLE001 - one broken cell must not stop the study; reported at the end
+            failed[cell.cell_id] = f"{type(err).__name__}: {err}"
+            log(f"[{i}/{len(todo)}] {cell.cell_id}: FAILED: {failed[cell.cell_id]}")
+            continue
+        ran.append(cell.cell_id)
+        took = time.perf_counter() - started
+        elapsed = time.perf_counter() - t0
+        left = len(todo) - i
+        eta = f", about {elapsed / (len(ran) + len(failed)) * left / 60:.0f} min left" if left else ""
+        log(f"[{i}/{len(todo)}] {cell.cell_id}: {result['status']} in {took:.0f} s{eta}")
+    summary = {
+        "cells": len(cells),
+        "done": len(wanted) - len(todo) + len(ran),
+        "skipped": len(wanted) - len(todo),
+        "ran": ran,
+        "failed": failed,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "out_dir": str(out),
+    }
+    log(
+        f"study {study.name}: ran {len(ran)}, skipped {summary['skipped']}, failed {len(failed)} "
+        f"in {summary['seconds']} s"
+    )
+    return summary

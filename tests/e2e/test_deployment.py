@@ -1,0 +1,289 @@
+"""Real deployment on loopback: SuperLink (TLS + SuperNode auth) and two site SuperNodes, 2 rounds.
+
+What runs is what a consortium runs: ``lungvl server start`` and ``lungvl site join`` as processes,
+``flower-superlink``/``flower-supernode`` under them, lungvl's ClientApp worker at each site. The test
+also checks that a SuperNode with an unadmitted key is refused, kills the server (SIGKILL, all of its
+processes) after round 1 and resumes it to finish round 2, then reads the registry and both sites'
+audit ledgers and scans both databases for the sites' DICOM identifiers and report text.
+
+Every process it starts is stopped by PID (with its descendants) in ``finally``. Flower, matplotlib and
+HF scratch lives under the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from client.deploy import SiteDeployConfig, supernode_command
+from client.ledger import LEDGER_FILENAME, AuditLedger
+from lungvl_model.data.site_layout import toml_dumps
+from server.deploy import stop_process
+from server.registry import Registry
+from simulations.scenario import Scenario
+from simulations.simulate import _initial_model, prepare_sites
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DICOM_KEYWORDS = ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Procs:
+    """Processes this test started; all stopped by PID (and their descendants) at the end."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs, self.procs = env, logs, []  # type: ignore[var-annotated]
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        with (self.logs / f"{name}.log").open("ab") as fh:
+            p = subprocess.Popen(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True
+            )
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            stop_process(p, timeout=10)
+
+
+def wait_for(predicate: Any, timeout: float, what: str, procs: list[subprocess.Popen[bytes]] = ()) -> Any:  # type: ignore[assignment]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"{what}: process {p.args!r} exited with {p.returncode}")
+        time.sleep(1.0)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def rounds_completed(registry_db: Path) -> int:
+    if not registry_db.exists():
+        return 0
+    con = sqlite3.connect(f"file:{registry_db}?mode=ro", uri=True, timeout=10)
+    try:
+        return int(con.execute("select count(*) from rounds where status = 'completed'").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        con.close()
+
+
+def phi_needles(site_dir: Path) -> list[bytes]:
+    """Identifiers and report text that must never leave the site."""
+    needles: set[str] = set()
+    for f in list((site_dir / "dicom").rglob("*"))[:200]:
+        if f.is_file():
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+            for kw in DICOM_KEYWORDS:
+                value = str(getattr(ds, kw, "") or "")
+                if len(value) >= 4:
+                    needles.add(value)
+    for line in (site_dir / "reports.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        needles.add(rec["study_uid"])
+        needles.update(s.strip() for s in rec["text"].split("\n") if len(s.strip()) >= 40)
+    return [n.encode() for n in sorted(needles)]
+
+
+def scan_files(paths: list[Path], needles: list[bytes]) -> list[str]:
+    hits = []
+    for path in paths:
+        if path.exists():
+            data = path.read_bytes()
+            hits += [f"{path.name}: {n[:60]!r}" for n in needles if n in data]
+    return hits
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("deploy")
+    env = dict(os.environ)
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_HOME=str(tmp / "flwr_home"),
+        MPLCONFIGDIR=str(tmp / "mpl"),
+        HF_HOME=str(tmp / "hf"),
+        UV_CACHE_DIR=str(tmp / "uv"),
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT),
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    for key in ("FLWR_HOME", "MPLCONFIGDIR", "HF_HOME"):
+        Path(env[key]).mkdir(parents=True, exist_ok=True)
+    # certificates, keys, two tiny synthetic sites and the initial model package
+    subprocess.run(
+        [sys.executable, str(ROOT / "infra" / "make_certs.py"), "--out", str(tmp / "certs")], check=True, env=env
+    )
+    scenario = Scenario.from_toml(ROOT / "simulations" / "scenarios" / "tiny.toml")
+    sites = prepare_sites(scenario, tmp / "sim", log=lambda _: None)
+    model_dir = _initial_model(scenario, sites, tmp / "sim", log=lambda _: None)
+    port = free_port()
+    lungvl = [sys.executable, "-m", "lungvl.cli"]
+    for name in ("a", "b", "c"):
+        subprocess.run([*lungvl, "site", "keys", "--out", str(tmp / "keys" / name)], check=True, env=env)
+    site_tomls = {}
+    for (name, site_dir), key in zip(sites.items(), ("a", "b"), strict=True):
+        doc = tomllib.loads((site_dir / "site.toml").read_text())
+        doc["compute"]["device"] = "cpu"
+        doc["federation"] = {
+            "superlink": f"127.0.0.1:{port}",
+            "root_certificates": str(tmp / "certs" / "ca.crt"),
+            "private_key": str(tmp / "keys" / key / "site_key"),
+            "runtime_port": free_port(),
+            "state_dir": str(tmp / "state" / name),
+            "model_dir": str(model_dir),
+        }
+        (site_dir / "site.toml").write_text(toml_dumps(doc))
+        site_tomls[name] = site_dir / "site.toml"
+    server_doc = {
+        "server": scenario.server.with_updates(rounds=2, round_timeout_s=300.0).to_dict(),
+        "deployment": {
+            "run_dir": str(tmp / "server_run"),
+            "host": "127.0.0.1",
+            "port": port,
+            "ca_cert": str(tmp / "certs" / "ca.crt"),
+            "server_cert": str(tmp / "certs" / "server.crt"),
+            "server_key": str(tmp / "certs" / "server.key"),
+            "init_model": str(model_dir),
+            "admit": [str(tmp / "keys" / "a" / "site_key.pub"), str(tmp / "keys" / "b" / "site_key.pub")],
+        },
+    }
+    server_toml = tmp / "server.toml"
+    server_toml.write_text(toml_dumps(server_doc))
+    procs = Procs(env, tmp / "logs")
+    out: dict[str, Any] = {"tmp": tmp, "sites": sites, "site_tomls": site_tomls, "port": port, "timings": {}}
+    registry_db = tmp / "server_run" / "registry.db"
+    t0 = time.monotonic()
+    try:
+        server = procs.start("server_1", [*lungvl, "server", "start", "--config", str(server_toml)])
+        admitted = tmp / "server_run" / "admitted_sites.json"
+        wait_for(lambda: admitted.exists() and len(json.loads(admitted.read_text())) == 2, 120, "admission", [server])
+        site_procs = [
+            procs.start(f"site_{n}", [*lungvl, "site", "join", "--config", str(t)]) for n, t in site_tomls.items()
+        ]
+        # a third SuperNode whose key was never admitted: the SuperLink must refuse it
+        intruder_cfg = SiteDeployConfig.from_toml(site_tomls[next(iter(site_tomls))])
+        intruder_cfg = SiteDeployConfig(
+            intruder_cfg.client, intruder_cfg.superlink, intruder_cfg.root_certificates,
+            tmp / "keys" / "c" / "site_key", free_port(),
+        )  # fmt: skip
+        intruder = procs.start("intruder", supernode_command(intruder_cfg))
+        out["intruder_rc"] = wait_for(lambda: intruder.poll(), 120, "the unadmitted SuperNode to be refused")
+        wait_for(lambda: rounds_completed(registry_db) >= 1, 600, "round 1", [server, *site_procs])
+        out["timings"]["to_round_1"] = time.monotonic() - t0
+        # crash the server: SIGKILL the CLI, the SuperLink and the ServerApp (every descendant, by PID)
+        stop_process(server, timeout=5, kill=True)
+        out["rounds_before_restart"] = rounds_completed(registry_db)
+        t1 = time.monotonic()
+        resumed = procs.start("server_2", [*lungvl, "server", "start", "--config", str(server_toml), "--resume"])
+        out["resume_rc"] = wait_for(lambda: resumed.poll() is not None and (resumed.returncode,), 600, "resume")[0]
+        out["timings"]["resume_to_end"] = time.monotonic() - t1
+        out["timings"]["total"] = time.monotonic() - t0
+        for p in site_procs:
+            assert p.poll() is None, f"site process {p.args} died: see {tmp / 'logs'}"
+    finally:
+        procs.stop_all()
+    out["server_toml"] = server_toml
+    out["registry_db"] = registry_db
+    out["env"] = env
+    yield out
+
+
+def test_unadmitted_supernode_is_refused(deployment: dict[str, Any]) -> None:
+    assert deployment["intruder_rc"] not in (None, 0)
+    log = (deployment["tmp"] / "server_run" / "logs" / "superlink.log").read_text()
+    assert "could not be activated" in log or "No SuperNode found" in log
+
+
+def test_two_rounds_with_a_server_restart(deployment: dict[str, Any]) -> None:
+    assert deployment["resume_rc"] == 0, (deployment["tmp"] / "logs" / "server_2.log").read_text()[-3000:]
+    assert deployment["rounds_before_restart"] >= 1
+    with Registry(deployment["registry_db"]) as reg:
+        run = reg.latest_run()
+        assert run is not None
+        summary = reg.summary(int(run["id"]))
+        assert summary["run"]["status"] == "finished"
+        assert summary["rounds_done"] == 2
+        assert sorted(summary["sites_seen"]) == sorted(deployment["sites"])
+        ok = [p for p in reg.participation(int(run["id"])) if p["status"] == "ok"]
+        assert {(p["round"], p["site_name"]) for p in ok} == {(r, s) for r in (1, 2) for s in deployment["sites"]}
+        assert [p["level"] for p in reg.privacy(int(run["id"]))].count("client") == 2
+        assert len(reg.checkpoints(int(run["id"]))) == 2
+
+
+def test_audit_ledgers_hold_every_update(deployment: dict[str, Any]) -> None:
+    for name in deployment["sites"]:
+        ledger = AuditLedger(deployment["tmp"] / "state" / name / LEDGER_FILENAME)
+        try:
+            rows = ledger.entries()
+        finally:
+            ledger.close()
+        train = [r for r in rows if r["kind"] == "train_reply"]
+        assert {r["round"] for r in train} == {1, 2}, rows
+        assert all(r["size_bytes"] > 1000 and len(r["sha256"]) == 64 for r in train)
+        res = subprocess.run(
+            [sys.executable, "-m", "lungvl.cli", "site", "audit", "--config", str(deployment["site_tomls"][name])],
+            capture_output=True,
+            text=True,
+            env={**deployment["env"], "COLUMNS": "200"},
+            cwd=ROOT,
+        )
+        assert res.returncode == 0, res.stderr
+        assert "train_reply" in res.stdout
+
+
+def test_no_phi_leaves_the_sites(deployment: dict[str, Any]) -> None:
+    tmp = deployment["tmp"]
+    dbs = sorted((tmp / "server_run").glob("registry.db*")) + sorted((tmp / "state").glob(f"*/{LEDGER_FILENAME}*"))
+    assert dbs
+    for site_dir in deployment["sites"].values():
+        needles = phi_needles(site_dir)
+        assert len(needles) > 5
+        assert scan_files(dbs, needles) == []
+
+
+def test_status_lists_admitted_sites(deployment: dict[str, Any]) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "lungvl.cli", "server", "status", "--config", str(deployment["server_toml"])],
+        capture_output=True,
+        text=True,
+        env={**deployment["env"], "COLUMNS": "200"},
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "Admitted sites (2)" in res.stdout and "finished" in res.stdout
+
+
+def test_report_timings(deployment: dict[str, Any]) -> None:
+    (deployment["tmp"] / "timings.json").write_text(json.dumps(deployment["timings"], indent=2))
+    print("deployment timings (s):", json.dumps({k: round(v, 1) for k, v in deployment["timings"].items()}))
+
+
+_ = signal  # SIGKILL is sent through server.deploy.stop_process(kill=True)

@@ -1,0 +1,257 @@
+"""The study: grid expansion, resumable runs (a rerun skips finished cells), the report from a filled registry."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import simulations.study_run as study_run
+from server.registry import Registry
+from simulations.study_config import Cell, StudyConfig, expand_grid
+from simulations.study_report import write_report
+from simulations.study_stats import estimate, load_study
+
+ROOT = Path(__file__).resolve().parents[2]
+STUDIES = ROOT / "simulations" / "studies"
+SCENARIO = STUDIES / "svr_small_scenario.toml"
+
+
+def study(**grid) -> StudyConfig:
+    doc = {"study": {"name": "s", "scenario": str(SCENARIO), "seeds": [0, 1]}, "grid": grid}
+    return StudyConfig.from_dict(doc)
+
+
+def test_grid_expands_as_configured() -> None:
+    s = study(
+        strategies=["local", "fedavg", "fedavgm", "centralised"],
+        fedavgm_server_lr=[0.5, 1.0],
+        fedavgm_momentum=[0.0, 0.9],
+        dp=["none", "sample", "client"],
+        epsilons=[2.0, 8.0],
+        dp_strategies=["local", "fedavgm"],
+        dp_fedavgm=[1.0, 0.9],
+        dg_penalty=[1.0],
+    )
+    cells = expand_grid(s)
+    per_seed = [c.cell_id for c in cells if c.seed == 0]
+    assert per_seed == [
+        "local-s0", "local-sample2-s0", "local-sample8-s0",  # no client-level DP without aggregation
+        "fedavg-s0",  # fedavg not in dp_strategies
+        "fedavgm-lr0.5-m0-s0", "fedavgm-lr0.5-m0.9-s0", "fedavgm-lr1-m0-s0", "fedavgm-lr1-m0.9-s0",
+        "fedavgm-lr1-m0.9-sample2-s0", "fedavgm-lr1-m0.9-sample8-s0",
+        "fedavgm-lr1-m0.9-client2-s0", "fedavgm-lr1-m0.9-client8-s0",
+        "centralised-s0",
+        "fedavgm-lr1-m0.9-dg1-s0",
+    ]  # fmt: skip
+    assert len(cells) == 2 * len(per_seed) and [c.seed for c in cells] == [0] * 14 + [1] * 14
+    fedavg = next(c for c in cells if c.strategy == "fedavg")
+    assert (fedavg.server_lr, fedavg.server_momentum) == (1.0, 0.0)
+    assert all(Cell.from_dict(json.loads(json.dumps(c.to_dict()))) == c for c in cells)
+    again = StudyConfig.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert again == s and len(study().cells()) == 2 * 4  # defaults: the four strategies, DP off
+
+
+@pytest.mark.parametrize(
+    ("doc", "match"),
+    [
+        ({"grid": {"stratgies": ["local"]}}, "did you mean 'strategies'"),
+        ({"griid": {}}, "did you mean 'grid'"),
+        ({"grid": {"strategies": ["fedprox"]}}, "fedprox"),
+        ({"grid": {"dp": ["sample"], "epsilons": [1.0]}}, "must include 'none'"),
+        ({"grid": {"dp": ["none", "client"]}}, "epsilons"),
+        ({"grid": {"fedavgm_momentum": [1.0]}}, "momentum"),
+        ({"grid": {"dp_fedavgm": [1.0]}}, "dp_fedavgm"),
+        ({"study": {"name": "s", "scenario": "x.toml", "seeds": []}}, "seeds"),
+        ({"study": {"name": "s"}}, "scenario"),
+        ({"dp": {"delta": 2.0}}, "delta"),
+    ],
+)
+def test_invalid_study(doc, match) -> None:
+    base = {"study": {"name": "s", "scenario": str(SCENARIO)}}
+    with pytest.raises((KeyError, ValueError), match=match):
+        StudyConfig.from_dict({**base, **doc})
+
+
+def test_shipped_studies_parse() -> None:
+    small = StudyConfig.from_toml(STUDIES / "screening_vs_referral_small.toml")
+    full = StudyConfig.from_toml(STUDIES / "screening_vs_referral.toml")
+    for s in (small, full):
+        assert len(s.seeds) >= 3 and s.scenario.exists()
+        base = study_run.base_scenario(s)
+        kinds = sorted(x.cohort for x in base.sites)
+        assert kinds.count("screening") >= 2 and "referral" in kinds and "low_resource" in kinds
+        assert {c.dp for c in s.cells()} == {"none", "sample", "client"} and {2.0, 8.0} <= {
+            c.epsilon for c in s.cells()
+        }
+        assert {c.strategy for c in s.cells()} == {"local", "fedavg", "fedavgm", "centralised"}
+        assert any(c.dg_penalty for c in s.cells())
+    assert len(small.cells()) == 30
+
+
+def test_cell_scenarios_pick_the_noise_for_epsilon(tmp_path: Path) -> None:
+    s = StudyConfig.from_toml(STUDIES / "screening_vs_referral_small.toml")
+    base = study_run.base_scenario(s)
+    assert all(x.epsilon_budget == 8.0 for x in base.sites)  # raised to the largest ε for DP-SGD
+    dirs = {x.name: tmp_path / x.name for x in base.sites}
+    sizes = {name: 5 for name in dirs} | {"referral": 3}
+    cells = {c.cell_id: c for c in s.cells()}
+    plain, _ = study_run.cell_scenario(s, base, cells["fedavg-s1"], dirs, sizes)
+    assert plain.server.strategy == "fedavg" and plain.server.seed == 1 and not plain.server.client_dp
+    assert not plain.server.dp_sgd and plain.server.clip_norm == 0 and plain.sites[0].path == dirs["screening-a"]
+    c2, n2 = study_run.cell_scenario(s, base, cells["fedavgm-lr1-m0.9-client2-s0"], dirs, sizes)
+    c8, n8 = study_run.cell_scenario(s, base, cells["fedavgm-lr1-m0.9-client8-s0"], dirs, sizes)
+    assert c2.server.target_epsilon == 2.0 and c2.server.clip_norm == s.client_clip_norm
+    assert n2["client_sigma"] > n8["client_sigma"] > 0 and c2.server.noise_multiplier == n2["client_sigma"]
+    s8, ns = study_run.cell_scenario(s, base, cells["fedavgm-lr1-m0.9-sample8-s0"], dirs, sizes)
+    assert s8.server.dp_sgd and not s8.server.client_dp and s8.server.dp_sgd_noise_multiplier == ns["sample_sigma"]
+    from privacy.accountant import get_noise_multiplier
+
+    steps = base.rounds * base.server.local_steps  # the smallest site (largest q) sets σ
+    assert ns["sample_sigma"] == get_noise_multiplier(target_epsilon=8.0, delta=1e-5, sample_rate=2 / 3, steps=steps)
+
+
+def _fake_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: set[str]) -> list[str]:
+    """Stub out sites, models and runs: each cell writes a tagged run into the registry (or fails)."""
+    calls: list[str] = []
+    monkeypatch.setattr(study_run, "prepare_sites", lambda base, out, log: {s.name: out / s.name for s in base.sites})
+    monkeypatch.setattr(study_run, "_site_studies", lambda d, stage: 4)
+    monkeypatch.setattr(study_run, "initial_model", lambda base, sites, target, seed: target)
+
+    def fake_run(cell, scenario, cell_dir, db, init, tag, log):
+        calls.append(cell.cell_id)
+        if cell.cell_id in fail:
+            raise RuntimeError("boom")
+        with Registry(db) as reg:
+            run = reg.start_run(scenario.name, {"study": tag}, seed=cell.seed)
+            reg.finish_run(run, "finished")
+        return {"status": "finished"}
+
+    monkeypatch.setattr(study_run, "_run_cell", fake_run)
+    return calls
+
+
+def test_rerun_skips_finished_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = study(strategies=["local", "fedavg"], dp=["none", "client"], epsilons=[2.0], dp_strategies=["fedavg"])
+    ids = [c.cell_id for c in s.cells()]
+    assert ids == ["local-s0", "fedavg-s0", "fedavg-client2-s0", "local-s1", "fedavg-s1", "fedavg-client2-s1"]
+    calls = _fake_study(tmp_path, monkeypatch, fail={"fedavg-s1"})
+    lines: list[str] = []
+    first = study_run.run_study(s, tmp_path / "study", progress=lines.append)
+    assert calls == ids and first["failed"].keys() == {"fedavg-s1"} and len(first["ran"]) == 5
+    assert any(line.startswith("[2/6] fedavg-s0: finished") for line in lines)
+    calls.clear()
+    second = study_run.run_study(s, tmp_path / "study", progress=lines.append)
+    assert calls == ["fedavg-s1"] and second["skipped"] == 5 and second["ran"] == []  # fails again
+    calls.clear()
+    _fake_study(tmp_path, monkeypatch, fail=set())
+    third = study_run.run_study(s, tmp_path / "study", only=["*-s1"], progress=lines.append)
+    assert third["ran"] == ["fedavg-s1"] and third["skipped"] == 2
+    with Registry(tmp_path / "study" / "registry.db") as reg:
+        assert sorted(study_run.done_cells(reg, "s")) == sorted(ids)
+    assert json.loads((tmp_path / "study" / "study.json").read_text())["cells"][0]["cell_id"] == "local-s0"
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+COHORTS = {"scr-a": "screening", "scr-b": "screening", "ref": "referral", "low": "low_resource"}
+
+
+def _fill(db: Path) -> dict[tuple[str, int], dict[str, dict[str, float]]]:
+    """A registry with known final values: 3 arms x 2 seeds, 4 sites, 2 rounds; returns what was written."""
+    rng = np.random.default_rng(0)
+    written = {}
+    cells = [Cell("fedavg", 1.0, 0.0), Cell("fedavgm", 1.0, 0.9), Cell("fedavgm", 1.0, 0.9, dp="client", epsilon=2.0)]
+    with Registry(db) as reg:
+        for cell in cells:
+            for seed in (0, 1):
+                c = Cell.from_dict({**cell.to_dict(), "seed": seed})
+                tag = {"study": "known", "cell": c.to_dict(), "sites": COHORTS, "rounds": 2, "local_steps": 3}
+                run = reg.start_run(f"known:{c.cell_id}", {"study": tag}, seed=seed)
+                for rnd in (1, 2):
+                    site_vals = {}
+                    for site in COHORTS:
+                        m = {k: float(rng.uniform(0.3, 0.9)) for k in ("val_auc", "val_lung_rads_acc", "val_dice")}
+                        m |= {"val_sensitivity": float(rng.uniform()), "val_auc_thin": float(rng.uniform())}
+                        reg.record_metrics(run, rnd, f"site:{site}", m)
+                        site_vals[site] = m
+                    reg.record_metrics(run, rnd, "global", {"val_auc": rnd * 0.1 + seed, "val_loss": 1.0 / rnd})
+                    if c.dp == "client":
+                        reg.record_privacy(
+                            run, rnd, level="client", epsilon=rnd * 0.9, delta=1e-5,
+                            noise_multiplier=3.0, sample_rate=1.0, steps=rnd, accountant="rdp",
+                        )  # fmt: skip
+                written[(c.arm, seed)] = site_vals  # the final round's values
+                reg.finish_run(run, "finished")
+        failed = reg.start_run("known:x", {"study": {"study": "known", "cell": Cell("local").to_dict()}}, seed=0)
+        reg.finish_run(failed, "failed")  # not finished: left out
+    return written
+
+
+def _row(md: str, section: str, arm: str) -> list[str]:
+    body = md.split(f"## {section}")[1].split("\n## ")[0]
+    line = next(x for x in body.splitlines() if x.startswith(f"| {arm} |"))
+    return [x.strip() for x in line.strip("|").split("|")]
+
+
+def _parse(cell: str) -> tuple[float, float, float, int]:
+    m = re.fullmatch(r"(-?[\d.]+) \[(-?[\d.]+), (-?[\d.]+)\] \(n=(\d+)\)", cell)
+    assert m, cell
+    return float(m[1]), float(m[2]), float(m[3]), int(m[4])
+
+
+def test_report_numbers_match_the_registry(tmp_path: Path) -> None:
+    written = _fill(tmp_path / "registry.db")
+    path = write_report(tmp_path, n_boot=500)
+    md = path.read_text()
+    assert (tmp_path / "convergence.png").stat().st_size > 0 and (tmp_path / "privacy_utility.png").exists()
+    assert "6 finished runs in 3 arms" in md and "seed × site replicates" in md
+    for arm, label in (("fedavgm-lr1-m0.9", "FedAvgM (η=1, β=0.9)"), ("fedavg", "FedAvg")):
+        row = _row(md, "Final metrics", label)
+        for col, metric in ((2, "val_auc"), (3, "val_lung_rads_acc"), (4, "val_dice")):
+            vals = [written[(arm, s)][site][metric] for s in (0, 1) for site in COHORTS]
+            mean, low, high, n = _parse(row[col])
+            assert n == 8 and mean == pytest.approx(np.mean(vals), abs=5e-4)
+            assert low <= mean <= high and min(vals) - 1e-3 <= low and high <= max(vals) + 1e-3
+        assert row[5] == "n/a"  # no concept F1 recorded
+        gap = _parse(_row(md, "Low-resource gap", label)[1])
+        expected = [
+            written[(arm, s)]["low"]["val_auc"]
+            - np.mean([written[(arm, s)][x]["val_auc"] for x in COHORTS if x != "low"])
+            for s in (0, 1)
+        ]
+        assert gap[0] == pytest.approx(np.mean(expected), abs=5e-4) and gap[3] == 2
+    sub = _row(md, "Per site kind and subgroup", "FedAvg")
+    screening_sens = [written[("fedavg", s)][x]["val_sensitivity"] for s in (0, 1) for x in ("scr-a", "scr-b")]
+    assert _parse(sub[5])[0] == pytest.approx(
+        np.mean(screening_sens), abs=5e-3
+    )  # kinds sorted: low, referral, screening
+    priv = _row(md, "Privacy–utility", "fedavgm-lr1-m0.9")
+    assert priv[1] == "none"
+    dp_line = next(x for x in md.splitlines() if x.startswith("| fedavgm-lr1-m0.9 | client | 2 |"))
+    assert "| 1.8 |" in dp_line  # ε spent: the last round's client-level ε
+
+
+def test_load_study_and_estimates(tmp_path: Path) -> None:
+    _fill(tmp_path / "registry.db")
+    with Registry(tmp_path / "registry.db") as reg:
+        name, runs = load_study(reg)
+        assert name == "known" and len(runs) == 6 and runs[0].final_round == 2
+        with pytest.raises(ValueError, match="no study"):
+            load_study(reg, "other")
+    assert runs[-1].epsilon == pytest.approx(1.8) or runs[0].epsilon is None
+    with pytest.raises(FileNotFoundError):
+        write_report(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "values", [[0.5], [0.1, 0.9], [0.0, 0.0, 1.0], list(np.linspace(0, 1, 17)), [3.0, -1.0, 2.5, 8.0]]
+)
+def test_bootstrap_interval_contains_the_point_estimate(values) -> None:
+    est = estimate(values, n_boot=300)
+    assert est.low <= est.mean <= est.high and est.mean == pytest.approx(np.mean(values)) and est.n == len(values)
+    assert estimate([math.nan]).fmt() == "n/a"
