@@ -49,16 +49,21 @@ from flwr.common.constant import ErrorCode
 from client.config import ClientConfig
 from client.ledger import LEDGER_FILENAME, AuditLedger, filter_metrics
 from client.trainer import EVALUATE_REPLY, TRAIN_REPLY, SiteTrainer
-from lungvl_model.federation_protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, RoundConfig
+from lungvl_model.federation_protocol import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    QUERY_KEY,
+    SITE_NAME_KEY,
+    RoundConfig,
+)
 from privacy.accountant import PrivacyBudgetExceeded
 
 __all__ = ["SITE_NAME_KEY", "SiteEndpoint", "app", "make_client_app", "pack_arrays", "unpack_arrays"]
 
 logger = logging.getLogger(__name__)
 
-#: Same literal as ``server.strategy.SITE_NAME_KEY`` (client and server never import each other).
-SITE_NAME_KEY = "site_name"
-QUERY_KEY = "query"
 _ERROR_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 _MAX_TRAINERS = 4
 

@@ -20,7 +20,6 @@ outside process, which here is :mod:`client.deploy_worker` (one warm process for
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import os
 import shlex
@@ -38,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.config import ClientConfig
 from lungvl_model.data.site_check import check_site
+from lungvl_model.processes import stop_process
 from privacy.accountant import SiteBudget
 
 __all__ = [
@@ -330,46 +330,6 @@ def site_env(cfg: SiteDeployConfig, base: dict[str, str] | None = None) -> dict[
 def describe(cmd: list[str]) -> str:
     """A copy-pasteable shell line for ``cmd``."""
     return shlex.join(cmd)
-
-
-# ---------------------------------------------------------------------------------------------- processes
-def _children(pid: int) -> list[int]:
-    """Direct and indirect child processes of ``pid`` (from /proc; empty elsewhere)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(entry.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM ``proc`` and its descendants (by PID), SIGKILL whatever is left after ``timeout`` s."""
-    pids = [proc.pid, *_children(proc.pid)]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=timeout)
-    for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except (ProcessLookupError, PermissionError):
-                break
-            time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
 
 
 #: ``flower-supernode`` exit code when the SuperLink cannot be reached or refuses to activate the node

@@ -21,6 +21,10 @@ def train(
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     peer: str | None = typer.Option(None, "--peer", help="dynunet: train the segmentation anchor instead"),
+    seg_crop: tuple[int, int, int] | None = typer.Option(
+        None, "--seg-crop", help="seg stage: foreground-biased D H W crops (multiples of 16) instead of whole volumes"
+    ),
+    seg_fg_prob: float = typer.Option(0.67, "--seg-fg-prob", help="share of seg crops centred on a nodule"),
 ) -> None:
     """Train one stage; writes checkpoint/, config.json, metrics.json and loss_curve.png to --out."""
     from lungvl_model.models.config import get_preset
@@ -28,7 +32,10 @@ def train(
     from lungvl_model.training.stages import run_stage
 
     try:
-        cfg = TrainConfig(stage=stage, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, device=device)
+        cfg = TrainConfig(
+            stage=stage, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
+            seg_crop=seg_crop, seg_fg_prob=seg_fg_prob,
+        )  # fmt: skip
         model_cfg = None if init else get_preset(preset)
     except (ValueError, KeyError) as e:
         err.print(f"[red]{e}")

@@ -23,6 +23,10 @@ CONFIG = "config"
 METRICS = "metrics"
 #: Metric key every train reply carries.
 NUM_EXAMPLES = "num_examples"
+#: Config record key of a ``query`` message (what the server asks a site).
+QUERY_KEY = "query"
+#: The site-name query, and the key of the site's name in the reply's config record.
+SITE_NAME_KEY = "site_name"
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ import difflib
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from lungvl_model.data.site_layout import toml_dumps
+from lungvl_model.processes import stop_process
 from server.app import RUN_FILE
 from server.config import ServerConfig
 from server.registry import Registry
@@ -188,45 +188,6 @@ class ServerDeployConfig:
                 raise FileNotFoundError(f"[deployment] {name}: {getattr(self, name)} does not exist")
         if not (self.init_model / "model.pt").is_file():
             raise FileNotFoundError(f"[deployment] init_model: no model.pt in {self.init_model}")
-
-
-# ---------------------------------------------------------------------------------------------- processes
-def _children(pid: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(entry.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0, *, kill: bool = False) -> None:
-    """Stop ``proc`` and its descendants by PID (SIGTERM, then SIGKILL after ``timeout``; ``kill``: SIGKILL now)."""
-    pids = [proc.pid, *_children(proc.pid)]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=timeout)
-    for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except (ProcessLookupError, PermissionError):
-                break
-            time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
 
 
 def server_env(cfg: ServerDeployConfig) -> dict[str, str]:

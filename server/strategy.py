@@ -52,7 +52,15 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from lungvl_model.federation_protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, RoundConfig
+from lungvl_model.federation_protocol import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    QUERY_KEY,
+    SITE_NAME_KEY,
+    RoundConfig,
+)
 from privacy.accountant import ClientLevelAccountant, PrivacyBudgetExceeded
 from server.aggregation import (
     AggregationError,
@@ -75,15 +83,11 @@ __all__ = [
     "arrays_from_record",
     "arrays_to_record",
     "round_seed",
+    "round_config",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Key of the site's name in the config record of a ``query`` reply (the client app uses the same literal;
-#: ``lungvl_model.federation_protocol`` has no key for it yet).
-SITE_NAME_KEY = "site_name"
-#: Config record key of a ``query`` message: what is asked.
-QUERY_KEY = "query"
 #: Longest wait for the sites' names (the query is cheap; a silent site must not hold every round up).
 NAME_QUERY_TIMEOUT_S = 60.0
 
@@ -102,6 +106,23 @@ _NOT_GLOBAL = (
 def round_seed(seed: int, rnd: int) -> int:
     """The seed sent to the sites in round ``rnd`` (a function of ``(seed, rnd)`` only, so a resumed run repeats it)."""
     return int(np.random.SeedSequence([seed, rnd]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def round_config(c: ServerConfig, rnd: int) -> RoundConfig:
+    """The config record a server with settings ``c`` sends with round ``rnd``'s messages."""
+    return RoundConfig(
+        server_round=rnd,
+        stage=c.stage,
+        local_steps=c.local_steps,
+        lr=c.lr,
+        batch_size=c.batch_size,
+        seed=round_seed(c.seed, rnd),
+        dp_sgd=c.dp_sgd,
+        noise_multiplier=c.dp_sgd_noise_multiplier,
+        max_grad_norm=c.dp_sgd_max_grad_norm,
+        dg_penalty=c.dg_penalty,
+        dro_step=c.dro_step,
+    )
 
 
 def arrays_to_record(arrays: Sequence[np.ndarray]) -> ArrayRecord:
@@ -256,20 +277,7 @@ class RoundEngine:
 
     def round_config(self, rnd: int) -> RoundConfig:
         """The config record sent with round ``rnd``'s train and evaluate messages."""
-        c = self.config
-        return RoundConfig(
-            server_round=rnd,
-            stage=c.stage,
-            local_steps=c.local_steps,
-            lr=c.lr,
-            batch_size=c.batch_size,
-            seed=round_seed(c.seed, rnd),
-            dp_sgd=c.dp_sgd,
-            noise_multiplier=c.dp_sgd_noise_multiplier,
-            max_grad_norm=c.dp_sgd_max_grad_norm,
-            dg_penalty=c.dg_penalty,
-            dro_step=c.dro_step,
-        )
+        return round_config(self.config, rnd)
 
     # ------------------------------------------------------------------ a round
     def _ensure_accountant(self, total_sites: int, expected_sites: int) -> ClientLevelAccountant:

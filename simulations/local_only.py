@@ -36,7 +36,7 @@ from lungvl_model.training.checkpoint import save_checkpoint
 from lungvl_model.training.stages import build_model
 from server.config import ServerConfig
 from server.registry import Registry
-from server.strategy import round_seed
+from server.strategy import round_config
 from simulations.scenario import Scenario
 from simulations.simulate import plot_convergence, prepare_sites, simulation_env
 
@@ -105,19 +105,9 @@ def site_trainers(
 
 def make_round_config(server: ServerConfig, rnd: int, *, dg_penalty: float = 0.0, dro_step: float = 0.0) -> RoundConfig:
     """The round config a federated server would send in round ``rnd`` (same fields, same round seed)."""
-    return RoundConfig(
-        server_round=rnd,
-        stage=server.stage,
-        local_steps=server.local_steps,
-        lr=server.lr,
-        batch_size=server.batch_size,
-        seed=round_seed(server.seed, rnd),
-        dp_sgd=server.dp_sgd,
-        noise_multiplier=server.dp_sgd_noise_multiplier,
-        max_grad_norm=server.dp_sgd_max_grad_norm,
-        dg_penalty=dg_penalty,
-        dro_step=dro_step,
-    )
+    if dg_penalty or dro_step:
+        server = server.with_updates(dg_penalty=dg_penalty, dro_step=dro_step)
+    return round_config(server, rnd)
 
 
 class Recorder:

@@ -27,6 +27,9 @@ class TrainConfig:
         gradient_checkpointing: recompute encoder activations (CUDA memory saver).
         num_workers: DataLoader workers.
         log_every: steps between progress lines.
+        seg_crop: ``(d, h, w)`` foreground-biased crops for the seg stage (each divisible by 16; None:
+            whole volumes); see :class:`~lungvl_model.data.crops.ForegroundCrops`.
+        seg_fg_prob: probability that a seg crop is centred on a nodule voxel.
     """
 
     stage: str = "vl"
@@ -42,6 +45,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     num_workers: int = 0
     log_every: int = 10
+    seg_crop: tuple[int, int, int] | None = None
+    seg_fg_prob: float = 0.67
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_NAMES:
@@ -52,6 +57,13 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.seg_crop is not None:
+            crop = tuple(int(c) for c in self.seg_crop)
+            if len(crop) != 3 or any(c < 16 or c % 16 for c in crop):
+                raise ValueError(f"TrainConfig.seg_crop must be 3 multiples of 16, got {self.seg_crop!r}")
+            object.__setattr__(self, "seg_crop", crop)
+        if not 0.0 <= self.seg_fg_prob <= 1.0:
+            raise ValueError(f"TrainConfig.seg_fg_prob must be in [0, 1], got {self.seg_fg_prob}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"TrainConfig.device must be auto, cpu or cuda[:N], got {self.device!r}")
 

@@ -31,6 +31,7 @@ from lungvl_model.training.loop import (
     seed_everything,
     to_device,
 )
+from lungvl_model.training.stages import seg_crops
 
 
 def train_dynunet(
@@ -48,7 +49,7 @@ def train_dynunet(
     dataset = SiteDataset(site_dirs, config.input)
     if len(dataset) == 0:
         raise ValueError("no usable studies for the DynUNet anchor")
-    batches = cycle(make_loader(dataset, train))
+    batches = cycle(make_loader(seg_crops(dataset, train), train))
     opt = build_optimizer(net, train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
     result = TrainResult(stage="seg-dynunet", device=str(device))

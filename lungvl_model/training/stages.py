@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import Dataset
+
 from lungvl_model.data.catalogue import build_catalogue
+from lungvl_model.data.crops import ForegroundCrops
 from lungvl_model.data.dataset import SiteDataset
 from lungvl_model.models.config import LungVLConfig
 from lungvl_model.models.lungvl import LungVLModel
@@ -45,6 +48,13 @@ def site_reports(site_dirs: Sequence[str | Path]) -> list[str]:
     for d in site_dirs:
         texts += [e.report.text for e in build_catalogue(d).usable if e.report is not None]
     return texts
+
+
+def seg_crops(dataset: SiteDataset, train: TrainConfig) -> Dataset[dict[str, Any]]:
+    """``dataset`` as foreground-biased crops when ``train`` asks for them in the seg stage, else unchanged."""
+    if train.stage != "seg" or train.seg_crop is None:
+        return dataset
+    return ForegroundCrops(dataset, train.seg_crop, train.seg_fg_prob, seed=train.seed)
 
 
 def build_model(
@@ -152,7 +162,7 @@ def run_stage(
     else:
         dataset = SiteDataset(site_dirs, cfg.input, require_report=train.stage == "vl")
         log(f"stage {train.stage}: {len(dataset)} studies from {len(site_dirs)} site(s), input {cfg.input.size}")
-        result = train_stage(model, dataset, train, on_step=on_step)
+        result = train_stage(model, seg_crops(dataset, train), train, on_step=on_step)
         metrics = {"summary": result.summary(), "history": result.history}
     metrics["stage"] = train.stage
     metrics["init_stage"] = init_meta.get("stage")

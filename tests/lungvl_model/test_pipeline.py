@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from lungvl_model.data.catalogue import build_catalogue
+from lungvl_model.data.crops import ForegroundCrops
+from lungvl_model.data.dataset import SiteDataset
 from lungvl_model.data.dicom_io import read_series
 from lungvl_model.data.preprocess import PreprocessConfig
 from lungvl_model.data.synth import SynthConfig, generate_site
@@ -17,7 +19,8 @@ from lungvl_model.inference.render import write_explanation
 from lungvl_model.models.config import HeadsConfig, LungVLConfig, TextConfig, VisionConfig
 from lungvl_model.training.checkpoint import load_checkpoint
 from lungvl_model.training.config import TrainConfig
-from lungvl_model.training.stages import run_stage
+from lungvl_model.training.peer import train_dynunet
+from lungvl_model.training.stages import run_stage, seg_crops
 
 CFG = LungVLConfig(
     preset="test",
@@ -42,7 +45,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         run = run_stage(
             [site],
             root / stage,
-            TrainConfig(stage=stage, max_steps=2, batch_size=2, device="cpu"),
+            TrainConfig(stage=stage, max_steps=2, batch_size=2, device="cpu", seg_crop=(16, 16, 16)),
             config=CFG if prev is None else None,
             init=prev,
             log=lambda m: None,
@@ -61,6 +64,27 @@ def test_stage_checkpoints_chain(trained, tmp_path: Path) -> None:
         assert (out / "metrics.json").exists() and (out / "loss_curve.png").exists()
         cfg = json.loads((out / "config.json").read_text())
         assert cfg["train"]["stage"] == stage and cfg["model"]["preset"] == "test"
+    assert json.loads((ckpt.parent.parent / "seg" / "config.json").read_text())["train"]["seg_crop"] == [16, 16, 16]
+
+
+def test_seg_crops_feed_both_the_model_and_the_dynunet_anchor(trained, tmp_path: Path) -> None:
+    site, _ = trained
+    train = TrainConfig(stage="seg", max_steps=2, batch_size=2, device="cpu", seg_crop=(16, 16, 16), seg_fg_prob=1.0)
+    data = SiteDataset([site], CFG.input)
+    crops = seg_crops(data, train)
+    assert isinstance(crops, ForegroundCrops) and crops[0]["image"].shape == (1, 16, 16, 16)
+    assert seg_crops(data, TrainConfig(stage="vl", seg_crop=(16, 16, 16))) is data  # only the seg stage crops
+    # DynUNet's InstanceNorm needs > 1 voxel at its 1/16 bottleneck: 32³ crops (here the whole grid)
+    result = train_dynunet([site], tmp_path / "dyn", CFG, TrainConfig(**{**train.to_dict(), "seg_crop": (32, 32, 32)}))
+    assert result.steps == 2 and (tmp_path / "dyn" / "peer.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"seg_crop": (16, 20, 16)}, "multiples of 16"), ({"seg_fg_prob": 1.2}, "1.2")]
+)
+def test_invalid_train_config(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(stage="seg", **kwargs)
 
 
 def test_explain_writes_every_output(trained, tmp_path: Path) -> None:
