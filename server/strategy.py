@@ -89,7 +89,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Longest wait for the sites' names (the query is cheap; a silent site must not hold every round up).
-NAME_QUERY_TIMEOUT_S = 60.0
+NAME_QUERY_TIMEOUT_S = 300.0
+#: Wait for a site that did not answer the first name query, in each later round.
+NAME_REASK_TIMEOUT_S = 10.0
 
 Log = Callable[[str], None]
 #: Called after a round closes, before it is committed: ``(engine, outcome)`` (checkpoint writing).
@@ -679,18 +681,21 @@ class DPFedAvgM(Strategy):
                 time.sleep(0.1)
 
     def learn_site_names(self, grid: Grid, timeout: float) -> None:
-        """Ask newly connected sites for their name (a ``query`` message, once per node, at most ``timeout`` s).
+        """Ask connected sites without a known name for it (a ``query`` message, at most ``timeout`` s).
 
-        A site that does not answer stays ``node-<id>`` and is not asked again.
+        A node is asked with the full ``timeout`` the first time (a site's ClientApp may still be
+        starting: torch import, data catalogue, model load) and with :data:`NAME_REASK_TIMEOUT_S` in
+        later rounds while it has not answered; until then it is recorded as ``node-<id>``.
         """
         eng = self._engine()
-        unknown = [n for n in grid.get_node_ids() if n not in eng.site_names and n not in self._asked]
+        unknown = [n for n in grid.get_node_ids() if n not in eng.site_names]
         if not unknown:
             return
+        first = [n for n in unknown if n not in self._asked]
         self._asked.update(unknown)
         record = RecordDict({CONFIG: ConfigRecord({QUERY_KEY: SITE_NAME_KEY})})
         msgs = [Message(record, n, MessageType.QUERY) for n in unknown]
-        for reply in self._stream(grid, msgs, timeout):
+        for reply in self._stream(grid, msgs, timeout if first else min(timeout, NAME_REASK_TIMEOUT_S)):
             if reply.has_error():
                 continue
             cfg = reply.content.config_records.get(CONFIG)

@@ -246,6 +246,20 @@ def _local_section(arms: dict[str, list[StudyRun]], n_boot: int) -> list[str]:
     ]
 
 
+def _evaluation_note(runs: Sequence[StudyRun]) -> str:
+    """What the sites' evaluation metrics were computed on."""
+    frac = max(float(r.tag.get("holdout_fraction") or 0.0) for r in runs)
+    if frac > 0:
+        return (
+            f"Each site scores the models on its hold-out patients (about {frac:.0%} of them, chosen by a hash of "
+            "the patient ID, never trained on by any arm; centralised pools only the training patients)."
+        )
+    return (
+        "Evaluation uses each site's own training studies (no hold-out split), which flatters every arm and "
+        "local-only the most; compare arms, not absolute values."
+    )
+
+
 def write_report(run_dir: str | Path, *, study: str | None = None, n_boot: int | None = None) -> Path:
     """Write ``results.md``, ``convergence.png`` and ``privacy_utility.png`` into ``run_dir``.
 
@@ -286,8 +300,7 @@ def write_report(run_dir: str | Path, *, study: str | None = None, n_boot: int |
         "",
         "How to read the intervals: only whole-split scalar metrics leave a site (no per-study prediction reaches "
         "the registry), so the 95 % intervals are percentile bootstraps over the seed × site replicates of an arm "
-        f"({boot} resamples), not over studies. Evaluation uses each site's own studies (the sites have no held-out "
-        "split), which flatters every arm and local-only the most; compare arms, not absolute values.",
+        f"({boot} resamples), not over studies. {_evaluation_note(runs)}",
         "",
         *_final_section(arms, boot),
         "## Convergence",

@@ -229,6 +229,7 @@ def run_study(
                 "site_studies": sizes,
                 "rounds": base.rounds,
                 "local_steps": base.server.local_steps,
+                "holdout_fraction": base.holdout_fraction,
                 "delta": study.delta,
                 **noise,
             }

@@ -143,6 +143,9 @@ def load_study(registry: Registry, study: str | None = None) -> tuple[str, list[
     for run in latest.values():
         tag = run["config"]["study"]
         sr = StudyRun(run["id"], run["status"], Cell.from_dict(tag["cell"]), dict(tag.get("sites", {})), dict(tag))
+        scenario_run = (run["config"].get("scenario") or {}).get("run") or {}
+        if "holdout_fraction" not in sr.tag and "holdout_fraction" in scenario_run:  # studies tagged before it
+            sr.tag["holdout_fraction"] = scenario_run["holdout_fraction"]
         for m in registry.metrics(run["id"]):
             sr.rounds.setdefault(m["round"], {}).setdefault(m["scope"], {})[m["name"]] = float(m["value"])
         sr.privacy = registry.privacy(run["id"])

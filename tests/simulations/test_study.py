@@ -210,6 +210,7 @@ def test_report_numbers_match_the_registry(tmp_path: Path) -> None:
     md = path.read_text()
     assert (tmp_path / "convergence.png").stat().st_size > 0 and (tmp_path / "privacy_utility.png").exists()
     assert "6 finished runs in 3 arms" in md and "seed × site replicates" in md
+    assert "own training studies (no hold-out split)" in md  # the filled runs carry no hold-out fraction
     for arm, label in (("fedavgm-lr1-m0.9", "FedAvgM (η=1, β=0.9)"), ("fedavg", "FedAvg")):
         row = _row(md, "Final metrics", label)
         for col, metric in ((2, "val_auc"), (3, "val_lung_rads_acc"), (4, "val_dice")):
@@ -234,6 +235,17 @@ def test_report_numbers_match_the_registry(tmp_path: Path) -> None:
     assert priv[1] == "none"
     dp_line = next(x for x in md.splitlines() if x.startswith("| fedavgm-lr1-m0.9 | client | 2 |"))
     assert "| 1.8 |" in dp_line  # ε spent: the last round's client-level ε
+
+
+def test_report_names_the_hold_out(tmp_path: Path) -> None:
+    _fill(tmp_path / "registry.db")
+    with Registry(tmp_path / "registry.db") as reg:  # one run of an older study: the fraction only in its scenario
+        tag = {"study": "known", "cell": Cell("centralised", seed=7).to_dict(), "sites": COHORTS, "rounds": 2}
+        run = reg.start_run("known:c", {"study": tag, "scenario": {"run": {"holdout_fraction": 0.25}}}, seed=7)
+        reg.record_metrics(run, 2, "site:low", {"val_auc": 0.5})
+        reg.finish_run(run, "finished")
+    md = write_report(tmp_path, n_boot=100).read_text()
+    assert "hold-out patients (about 25% of them" in md
 
 
 def test_load_study_and_estimates(tmp_path: Path) -> None:
