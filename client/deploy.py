@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from client.config import ClientConfig
 from lungvl_model.data.site_check import check_site
 from lungvl_model.processes import stop_process
-from privacy.accountant import SiteBudget
+from privacy.budget import SiteBudget
 
 __all__ = [
     "FEDERATION_KEYS",

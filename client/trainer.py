@@ -68,7 +68,7 @@ from lungvl_model.training.loop import (
     seed_everything,
     to_device,
 )
-from privacy.accountant import SiteBudget
+from privacy.budget import SiteBudget
 
 logger = logging.getLogger(__name__)
 

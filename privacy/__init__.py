@@ -5,16 +5,15 @@ Layering (DESIGN.md section 1): imports ``lungvl_model``, numpy, torch and opacu
 
 from privacy.accountant import (
     ACCOUNTANT_STATE_FILE,
-    ClientLevelAccountant,
     HistoryEntry,
     PrivacyAccountant,
     PrivacyBudgetExceeded,
-    SiteBudget,
     available_accountants,
     create_accountant,
     get_noise_multiplier,
     register_accountant,
 )
+from privacy.budget import ClientLevelAccountant, SiteBudget
 
 __all__ = [
     "ACCOUNTANT_STATE_FILE",

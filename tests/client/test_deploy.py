@@ -24,7 +24,7 @@ from client.deploy import (
 )
 from lungvl_model.data.dicom_io import write_ct_series
 from lungvl_model.data.site_layout import toml_dumps
-from privacy.accountant import SiteBudget
+from privacy.budget import SiteBudget
 from tests.conftest import make_volume
 
 

@@ -1,0 +1,201 @@
+"""Spans of one report sentence: nodule mentions, sizes, lobes, their segments and negation status.
+
+The per-sentence reading of :mod:`lungvl_model.text.sentence_findings` starts here: nodule-like mentions
+(:class:`Anchor`), sizes with their role (:class:`Size`), lobe mentions (:data:`Lobe`), NegEx-style
+negation scoped to clauses (:func:`negation_statuses`) and the segment of the sentence that belongs to
+each mention (:func:`assign_segments`). Patterns live in :mod:`lungvl_model.text.labeler_patterns`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from lungvl_model.text import labeler_patterns as P
+
+__all__ = [
+    "Anchor",
+    "Lobe",
+    "Size",
+    "assign_segments",
+    "find_anchors",
+    "find_lobes",
+    "find_sizes",
+    "mask",
+    "negation_statuses",
+]
+
+#: A lobe mention: (start, end, lobe codes) -- "right upper and middle lobes" names two.
+Lobe = tuple[int, int, list[str]]
+
+
+@dataclass
+class Anchor:
+    """A nodule-like mention (the span of its head word) and what the sentence says about it."""
+
+    start: int
+    end: int
+    kind: str  # nod | nodop | mass | lesion | tumor | ggx | gran | opac
+    plural: bool
+    status: str = "affirmed"  # affirmed | negated | partial | uncertain | historical | excluded
+    seg: tuple[int, int] = (0, 0)
+    interpretive: bool = False
+
+
+@dataclass
+class Size:
+    """A size in a sentence: where it starts, its dimensions in mm, and whose size it is."""
+
+    start: int
+    dims: tuple[float, ...]
+    role: str  # current | prior | component | other
+
+
+def mask(text: str, spans: Iterable[tuple[int, int]]) -> str:
+    """``text`` with the ``spans`` blanked out (same length, so offsets still hold)."""
+    chars = list(text)
+    for a, b in spans:
+        chars[a:b] = " " * (b - a)
+    return "".join(chars)
+
+
+def _to_mm(num: str, unit: str) -> float:
+    v = float(num) * (10.0 if unit.lower().startswith("c") else 1.0)
+    return round(v, 2)
+
+
+def find_sizes(s: str) -> list[Size]:
+    """Sizes in sentence ``s`` (ranges and ``a x b x c mm``), each with its role, in text order."""
+    out: list[Size] = []
+    used: list[tuple[int, int]] = []
+    for m in P.RANGE_RE.finditer(s):
+        unit = m.group("unit")
+        a, b = _to_mm(m.group("a"), unit), _to_mm(m.group("b"), unit)
+        if re.search(r"\bfrom\s*$", s[: m.start()], re.I):
+            out += [Size(m.start("a"), (a,), "prior"), Size(m.start("b"), (b,), "current")]
+        elif a < b:
+            out.append(Size(m.start(), (b,), "current"))
+        else:
+            continue
+        used.append(m.span())
+    masked = mask(s, used)
+    for m in P.SIZE_RE.finditer(masked):
+        final_unit = m.group("unit")
+        dims = tuple(
+            _to_mm(n.group("num"), n.group("unit") or final_unit) for n in P.NUM_UNIT_RE.finditer(m.group("body"))
+        )
+        pre, post = s[max(0, m.start() - 40) : m.start()], s[m.end() : m.end() + 40]
+        if P.NON_SIZE_AFTER_RE.match(post) or P.NON_SIZE_BEFORE_RE.search(pre):
+            role = "other"
+        elif P.COMPONENT_AFTER_RE.match(post) or P.COMPONENT_BEFORE_RE.search(pre):
+            role = "component"
+        elif P.PRIOR_BEFORE_RE.search(pre) or P.PRIOR_AFTER_RE.match(post):
+            role = "prior"
+        else:
+            role = "current"
+        out.append(Size(m.start(), dims, role))
+    return sorted(out, key=lambda z: z.start)
+
+
+def find_lobes(s: str) -> list[Lobe]:
+    """Lobe mentions in sentence ``s``, in text order."""
+    out: list[Lobe] = []
+    used: list[tuple[int, int]] = []
+    for rx in (P.LOBE_SIDE_RE, P.LOBE_OF_LUNG_RE):
+        for m in rx.finditer(mask(s, used)):
+            side = "R" if m.group("side").lower().startswith("r") else "L"
+            codes = [P.LOBE_CODE.get((side, p.lower())) for p in P.POS_SPLIT_RE.findall(m.group("pos"))]
+            found = [c for c in codes if c]
+            if found:
+                out.append((m.start(), m.end(), found))
+            used.append(m.span())
+    for m in P.LOBE_BOTH_RE.finditer(mask(s, used)):
+        pos = m.group("pos").lower()
+        out.append((m.start(), m.end(), [P.LOBE_CODE[("R", pos)], P.LOBE_CODE[("L", pos)]]))
+        used.append(m.span())
+    masked = mask(s, used)
+    for rx, code in ((P.LOBE_ABBR_RE, None), (P.LOBE_MIDDLE_RE, "RML"), (P.LINGULA_RE, "LUL")):
+        for m in rx.finditer(masked):
+            out.append((m.start(), m.end(), [code or m.group("abbr").upper()]))
+    return sorted(out)
+
+
+def find_anchors(s: str) -> list[Anchor]:
+    """Nodule-like mentions in sentence ``s`` ("nodule and mass" joined into one)."""
+    found: list[Anchor] = []
+    for m in P.ANCHOR_RE.finditer(s):
+        kind = m.lastgroup or "nod"
+        word = m.group().lower()
+        plural = word.endswith("s") or word.endswith("foci") or word.endswith("ata")
+        a = Anchor(m.start(), m.end(), kind, plural)
+        if found and P.ANCHOR_JOIN_RE.match(s[found[-1].end : a.start]):
+            prev = found[-1]
+            prev.end, prev.plural = a.end, prev.plural or a.plural
+            if prev.kind == "opac":
+                prev.kind = a.kind
+            continue
+        found.append(a)
+    return found
+
+
+def _scope_cuts(masked: str) -> list[int]:
+    hard = {m.start() for m in P.HARD_TERM_RE.finditer(masked)}
+    return sorted(hard | {m.start() for m in P.SOFT_BREAK_RE.finditer(masked)})
+
+
+def negation_statuses(s: str, spans: list[tuple[int, int]]) -> tuple[list[str], str]:
+    """NegEx-style status of each span; also returns the text with partial negations masked."""
+    partial = [m.span() for m in P.PARTIAL_NEG_RE.finditer(s)]
+    masked = mask(s, partial)
+    uncertain_post = [m.span() for m in P.UNCERTAIN_POST_RE.finditer(masked)]
+    masked2 = mask(masked, uncertain_post)
+    pseudo = [m.span() for rx in P.PSEUDO_NEG_RES for m in rx.finditer(masked2)]
+    neg_text = mask(masked2, pseudo)
+    cuts = _scope_cuts(neg_text)
+
+    def chunk(pos: int) -> int:
+        return bisect.bisect_right(cuts, pos)
+
+    pre = [(m.end(), chunk(m.start())) for m in P.PRE_NEG_RE.finditer(neg_text)]
+    post = [(m.start(), chunk(m.start())) for m in P.POST_NEG_RE.finditer(neg_text)]
+    listed_none = P.NONE_LIST_RE.search(neg_text)
+    if listed_none:  # "Nodules: none." -- a post trigger for the chunk that ends at the colon
+        post.append((listed_none.start(), chunk(listed_none.start() - 1)))
+    partial_at = [(e, chunk(st)) for st, e in partial]
+    uncertain_at = [(st, chunk(st)) for st, _ in uncertain_post]
+    out: list[str] = []
+    for a, b in spans:
+        c = chunk(a)
+        if any(e <= a and k == c for e, k in pre) or any(st >= b and k == c for st, k in post):
+            out.append("negated")
+        elif any(e <= a and k == c for e, k in partial_at):
+            out.append("partial")
+        elif P.UNCERTAIN_PRE_RE.search(s[max(0, a - 40) : a]) or any(st >= b and k == c for st, k in uncertain_at):
+            out.append("uncertain")
+        else:
+            out.append("affirmed")
+    return out, masked
+
+
+def assign_segments(s: str, anchors: list[Anchor], sizes: list[Size], lobes: list[Lobe]) -> None:
+    """Cut sentence ``s`` into one segment per anchor (set in place as ``Anchor.seg``)."""
+    bounds = [0]
+    for left, right in zip(anchors, anchors[1:], strict=False):
+        region = s[left.end : right.start]
+        breaks = list(P.SEGMENT_BREAK_RE.finditer(region))
+        if breaks:
+            bounds.append(left.end + breaks[-1].start())
+            continue
+        inside = [z.start for z in sizes if left.end <= z.start < right.start]
+        lobe_before = [lb[0] for lb in lobes if left.end <= lb[0] and lb[1] >= right.start - 2 and lb[1] <= right.start]
+        if inside:
+            bounds.append(inside[-1])
+        elif lobe_before:
+            bounds.append(lobe_before[-1])
+        else:
+            bounds.append((left.end + right.start) // 2)
+    bounds.append(len(s))
+    for i, a in enumerate(anchors):
+        a.seg = (bounds[i], bounds[i + 1])
