@@ -51,7 +51,7 @@ from client.dp_sgd import (
 from client.ledger import LEDGER_FILENAME, AuditLedger, filter_metrics
 from lungvl_model.data.catalogue import build_catalogue
 from lungvl_model.data.dataset import SiteDataset, collate
-from lungvl_model.data.split import holdout_split
+from lungvl_model.data.split import holdout_split, patient_pairs
 from lungvl_model.evaluation.site_summary import site_risk_metrics
 from lungvl_model.federation_protocol import NUM_EXAMPLES, RoundConfig, arrays_to_model, model_to_arrays
 from lungvl_model.losses.group_penalty import SLICE_GROUPS, GroupPenalized, slice_thickness_group
@@ -164,11 +164,7 @@ class SiteTrainer:
 
         With ``holdout_fraction == 0`` every study is in both roles (evaluation then scores training data).
         """
-        pairs = [
-            (e.study_uid, str(e.series.header.get("PatientID") or "") if e.series else "")
-            for e in self._catalogue.usable
-        ]
-        train, hold = holdout_split(pairs, float(self.config.holdout_fraction))
+        train, hold = holdout_split(patient_pairs(self._catalogue), float(self.config.holdout_fraction))
         return train, (hold if self.config.holdout_fraction > 0 else train)
 
     def dataset(self, stage: str, part: str = "train") -> SiteDataset:

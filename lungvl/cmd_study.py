@@ -20,6 +20,7 @@ def run(
     only: list[str] = typer.Option([], "--only", help="run only cells whose id matches this pattern (repeatable)"),
     max_cells: int | None = typer.Option(None, "--max-cells", min=1, help="stop after running this many cells"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and exit"),
+    rerun: bool = typer.Option(False, "--rerun", help="run the selected cells again even when they finished"),
 ) -> None:
     """Run every cell not yet finished (a rerun skips finished cells); one progress line per cell and round."""
     from simulations.study_config import StudyConfig
@@ -34,7 +35,9 @@ def run(
         for cell in spec.cells():
             print(cell.cell_id)
         return
-    summary = run_study(spec, out_dir, only=only, max_cells=max_cells, progress=lambda line: print(line, flush=True))
+    summary = run_study(
+        spec, out_dir, only=only, max_cells=max_cells, rerun=rerun, progress=lambda line: print(line, flush=True)
+    )
     for cell_id, reason in summary["failed"].items():
         err.print(f"[red]{cell_id}: {reason}", highlight=False)
     if summary["failed"]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ from sqlalchemy.orm import Session
 
 from client.config import ClientConfig
 from lungvl_model.data.catalogue import build_catalogue
+from lungvl_model.data.split import training_studies
 from privacy.accountant import get_noise_multiplier
 from server.app import RUN_FILE
 from server.config import ServerConfig
@@ -71,10 +73,9 @@ def base_scenario(study: StudyConfig) -> Scenario:
     return base
 
 
-def _site_studies(site_dir: Path, stage: str) -> int:
-    """Studies a site trains on in ``stage`` (usable; with a report for ``vl``)."""
-    cat = build_catalogue(site_dir)
-    return sum(1 for e in cat.usable if stage != "vl" or e.report is not None)
+def _site_studies(site_dir: Path, stage: str, holdout_fraction: float) -> int:
+    """Studies a site trains on in ``stage`` (usable, outside its hold-out; with a report for ``vl``)."""
+    return len(training_studies(build_catalogue(site_dir), holdout_fraction, require_report=stage == "vl"))
 
 
 def cell_scenario(
@@ -175,6 +176,7 @@ def run_study(
     *,
     only: Sequence[str] = (),
     max_cells: int | None = None,
+    rerun: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run the study's cells that are not done yet, one after the other.
@@ -184,6 +186,8 @@ def run_study(
         out_dir: the study directory (layout in the module docstring).
         only: run only cells whose id matches one of these shell patterns (e.g. ``"fedavg-s0"``, ``"*-s0"``).
         max_cells: stop after this many cells have run (skipped ones do not count).
+        rerun: run the selected cells again even when finished (their directories are replaced; the
+            registry keeps the old runs, and the report reads each cell's latest finished run).
         progress: line printer (default ``print``).
 
     Returns:
@@ -203,12 +207,12 @@ def run_study(
     )
     with simulation_env(out):
         site_dirs = prepare_sites(base, out, log)
-        sizes = {k: _site_studies(v, base.server.stage) for k, v in site_dirs.items()}
+        sizes = {k: _site_studies(v, base.server.stage, base.holdout_fraction) for k, v in site_dirs.items()}
     cohorts = _site_cohorts(base, site_dirs)
     with Registry(db) as reg:
         done = done_cells(reg, study.name)
     wanted = [c for c in cells if not only or any(fnmatch.fnmatch(c.cell_id, p) for p in only)]
-    todo = [c for c in wanted if c.cell_id not in done]
+    todo = [c for c in wanted if rerun or c.cell_id not in done]
     log(f"study {study.name}: {len(cells)} cells, {len(wanted) - len(todo)} already done, {len(todo)} to run")
     ran: list[str] = []
     failed: dict[str, str] = {}
@@ -219,6 +223,8 @@ def run_study(
         log(f"[{i}/{len(todo)}] {cell.cell_id}: starting")
         try:
             scenario, noise = cell_scenario(study, base, cell, site_dirs, sizes)
+            if rerun and cell.cell_id in done:
+                shutil.rmtree(out / "cells" / cell.cell_id, ignore_errors=True)
             init_dir = out / "init" / f"seed_{cell.seed}"
             with simulation_env(out):
                 init = initial_model(base, site_dirs, init_dir, seed=cell.seed)

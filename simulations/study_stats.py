@@ -35,6 +35,7 @@ FINAL_METRICS: Final = (
     ("val_dice", "Dice"),
     ("val_concept_f1", "concept F1"),
     ("val_ece", "ECE"),
+    ("val_loss", "validation loss (lower is better)"),
 )
 _DONE: Final = ("finished", "stopped_budget")
 

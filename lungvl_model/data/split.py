@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-__all__ = ["holdout_split", "in_holdout"]
+if TYPE_CHECKING:
+    from lungvl_model.data.catalogue import SiteCatalogue
+
+__all__ = ["holdout_split", "in_holdout", "patient_pairs", "training_studies"]
 
 
 def in_holdout(patient_key: str, fraction: float, salt: str = "lungvl-holdout") -> bool:
@@ -70,3 +74,22 @@ def holdout_split(
     train = [u for u, k in pairs if k not in held]
     hold = [u for u, k in pairs if k in held]
     return train, hold
+
+
+def patient_pairs(catalogue: SiteCatalogue) -> list[tuple[str, str]]:
+    """``(study_uid, PatientID)`` of a site's usable studies (empty PatientID when the header has none)."""
+    return [
+        (e.study_uid, str(e.series.header.get("PatientID") or "") if e.series is not None else "")
+        for e in catalogue.usable
+    ]
+
+
+def training_studies(catalogue: SiteCatalogue, fraction: float, *, require_report: bool = False) -> list[str]:
+    """StudyInstanceUIDs a site trains on: the usable studies outside its hold-out (with a report if asked).
+
+    What :class:`client.trainer.SiteTrainer` trains on; a study uses it to size DP-SGD's sampling rate.
+    """
+    train = set(holdout_split(patient_pairs(catalogue), fraction)[0])
+    return [
+        e.study_uid for e in catalogue.usable if e.study_uid in train and (e.report is not None or not require_report)
+    ]

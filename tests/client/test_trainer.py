@@ -27,6 +27,7 @@ from client.trainer import (
 from lungvl_model.data.dataset import collate
 from lungvl_model.data.preprocess import PreprocessConfig
 from lungvl_model.data.site_layout import toml_dumps
+from lungvl_model.data.split import training_studies
 from lungvl_model.data.synth import SynthConfig, generate_site
 from lungvl_model.federation_protocol import RoundConfig, array_keys, model_to_arrays
 from lungvl_model.models.config import HeadsConfig, LungVLConfig, TextConfig, VisionConfig
@@ -88,6 +89,8 @@ def test_holdout_split_keeps_evaluation_patients_out_of_training(package, tmp_pa
     assert train and hold and set(train).isdisjoint(hold) and len(train) + len(hold) == 3
     assert {e[1].study_uid for e in split.dataset("seg").entries} == set(train)
     assert {e[1].study_uid for e in split.dataset("seg", "holdout").entries} == set(hold)
+    sized = training_studies(split._catalogue, 0.5, require_report=True)  # what a study sizes DP-SGD's q with
+    assert len(sized) == len(split.dataset("vl")) and set(sized) <= set(train)
     with pytest.raises(ValueError, match="'test'"):
         split.dataset("seg", "test")
 

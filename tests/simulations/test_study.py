@@ -119,7 +119,7 @@ def _fake_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: set[str])
     """Stub out sites, models and runs: each cell writes a tagged run into the registry (or fails)."""
     calls: list[str] = []
     monkeypatch.setattr(study_run, "prepare_sites", lambda base, out, log: {s.name: out / s.name for s in base.sites})
-    monkeypatch.setattr(study_run, "_site_studies", lambda d, stage: 4)
+    monkeypatch.setattr(study_run, "_site_studies", lambda d, stage, holdout: 4)
     monkeypatch.setattr(study_run, "initial_model", lambda base, sites, target, seed: target)
 
     def fake_run(cell, scenario, cell_dir, db, init, tag, log):
@@ -148,11 +148,14 @@ def test_rerun_skips_finished_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     second = study_run.run_study(s, tmp_path / "study", progress=lines.append)
     assert calls == ["fedavg-s1"] and second["skipped"] == 5 and second["ran"] == []  # fails again
     calls.clear()
-    _fake_study(tmp_path, monkeypatch, fail=set())
+    calls = _fake_study(tmp_path, monkeypatch, fail=set())
     third = study_run.run_study(s, tmp_path / "study", only=["*-s1"], progress=lines.append)
     assert third["ran"] == ["fedavg-s1"] and third["skipped"] == 2
     with Registry(tmp_path / "study" / "registry.db") as reg:
         assert sorted(study_run.done_cells(reg, "s")) == sorted(ids)
+    calls.clear()
+    fourth = study_run.run_study(s, tmp_path / "study", only=["fedavg-client2-*"], rerun=True, progress=lines.append)
+    assert calls == ["fedavg-client2-s0", "fedavg-client2-s1"] and fourth["skipped"] == 0
     assert json.loads((tmp_path / "study" / "study.json").read_text())["cells"][0]["cell_id"] == "local-s0"
 
 
