@@ -26,8 +26,10 @@ arrays).
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,8 @@ __all__ = ["SITE_NAME_KEY", "SiteEndpoint", "app", "make_client_app", "pack_arra
 logger = logging.getLogger(__name__)
 
 _ERROR_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+#: Tracebacks of failed rounds, in the site's state directory (the reply carries only the exception type).
+SITE_ERROR_LOG = "site_errors.log"
 _MAX_TRAINERS = 4
 
 
@@ -165,6 +169,14 @@ def _error_reply(msg: Message, reason: str, trainer: SiteTrainer | None, rnd: in
     return Message(Error(code=_ERROR_CODE, reason=reason), reply_to=msg)
 
 
+def _log_site_error(trainer: SiteTrainer, rnd: int, what: str) -> None:
+    """Append the current exception's traceback to ``<state_dir>/site_errors.log`` (stays at the site)."""
+    assert trainer.config.state_dir is not None  # resolved by ClientConfig
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    with (trainer.config.state_dir / SITE_ERROR_LOG).open("a") as fh:
+        fh.write(f"--- {stamp} round {rnd}: {what}\n{traceback.format_exc()}\n")
+
+
 def handle_train(msg: Message, endpoint: SiteEndpoint) -> Message:
     """Local training on the received global arrays; the reply carries Δ and the metrics."""
     trainer = get_trainer(endpoint)
@@ -176,9 +188,9 @@ def handle_train(msg: Message, endpoint: SiteEndpoint) -> Message:
         return _error_reply(msg, f"site refused: {err}", trainer, rc.server_round)
     except Exception as err:
         logger.exception("round %d: local training failed", rc.server_round)
-        return _error_reply(
-            msg, f"local training failed ({type(err).__name__}; see the site log)", trainer, rc.server_round
-        )
+        _log_site_error(trainer, rc.server_round, "local training failed")
+        reason = f"local training failed ({type(err).__name__}; see {SITE_ERROR_LOG} at the site)"
+        return _error_reply(msg, reason, trainer, rc.server_round)
     arrays = pack_arrays(result.delta)
     metrics = filter_metrics({**result.metrics, NUM_EXAMPLES: int(result.num_examples)})
     payload = b"".join(arrays[k].data for k in arrays)
@@ -194,8 +206,9 @@ def handle_evaluate(msg: Message, endpoint: SiteEndpoint) -> Message:
         n, metrics = trainer.evaluate(unpack_arrays(msg.content.array_records[ARRAYS]), rc)
     except Exception as err:
         logger.exception("round %d: evaluation failed", rc.server_round)
+        _log_site_error(trainer, rc.server_round, "evaluation failed")
         return _error_reply(
-            msg, f"evaluation failed ({type(err).__name__}; see the site log)", trainer, rc.server_round
+            msg, f"evaluation failed ({type(err).__name__}; see {SITE_ERROR_LOG} at the site)", trainer, rc.server_round
         )
     metrics = filter_metrics({**metrics, NUM_EXAMPLES: int(n)})
     trainer.record_outbound(rc.server_round, EVALUATE_REPLY, b"", metrics)

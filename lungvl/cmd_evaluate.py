@@ -39,13 +39,21 @@ ROWS = (
 )
 
 
+#: Rows that measure the segmenter's findings: the only ones the DynUNet anchor column reports (the
+#: anchor replaces segmentation only; the risk heads and report text stay lungvl's).
+SEGMENTER_ROWS = frozenset({"dice", "hd95_mm", "auc_brock_true", "auc_brock_measured", "accuracy_lung_rads_rule"})
+
+
 def results_markdown(res: dict[str, Any], peer: dict[str, Any] | None) -> str:
-    """results.md: overall table (+ DynUNet anchor columns) and per-cohort rows."""
+    """results.md: overall table (+ the DynUNet anchor's segmentation-dependent rows) and per-cohort rows."""
     o = res["overall"]
-    head = "| metric | lungvl |" + (" DynUNet anchor |" if peer else "")
+    head = "| metric | lungvl |" + (" DynUNet segmentation anchor |" if peer else "")
     lines = [f"# lungvl evaluation ({o['n_studies']} studies)", "", head, "|---|---|" + ("---|" if peer else "")]
     for name, key in ROWS:
-        lines.append(f"| {name} | {_fmt(o.get(key))} |" + (f" {_fmt(peer['overall'].get(key))} |" if peer else ""))
+        other = ""
+        if peer:
+            other = f" {_fmt(peer['overall'].get(key)) if key in SEGMENTER_ROWS else '—'} |"
+        lines.append(f"| {name} | {_fmt(o.get(key))} |" + other)
     for name, src in (("lungvl", o), ("DynUNet", peer["overall"] if peer else None)):
         if src is None:
             continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -123,11 +124,14 @@ def test_tiny_scenario_end_to_end_and_resume(tmp_path: Path) -> None:
 class StubTrainer:
     """Stands in for SiteTrainer: a fixed update, or the site's budget refusal."""
 
-    def __init__(self, refuse: bool) -> None:
+    def __init__(self, refuse: bool, state_dir: Path | None = None) -> None:
         self.refuse = refuse
+        self.config = SimpleNamespace(state_dir=state_dir)
         self.outbound: list[tuple[int, str, bytes, dict[str, float]]] = []
 
     def fit(self, arrays: list[np.ndarray], rc: RoundConfig) -> LocalResult:
+        if self.refuse == "crash":
+            raise ValueError("study 1.2.3 has 0 slices")  # a message that must not leave the site
         if self.refuse:
             raise PrivacyBudgetExceeded(spent=7.9, requested=8.4, target=8.0, delta=1e-5, who="site")
         return LocalResult([np.full(a.shape, 0.5, np.float64) for a in arrays], 3, {"train_loss": 1.25})
@@ -167,3 +171,18 @@ def test_client_app_train_reply_and_budget_refusal(
     assert [a.dtype for a in arrays] == [np.float32, np.float32] and float(arrays[1][0]) == 0.5
     assert dict(reply.content.metric_records[METRICS]) == {"train_loss": 1.25, NUM_EXAMPLES: 3} == metrics
     assert kind == "train_reply" and payload == payload_bytes(arrays)  # the exact bytes of the arrays sent
+
+
+def test_client_app_failure_keeps_details_at_the_site(tmp_path: Path, monkeypatch, task_identity: None) -> None:
+    endpoint = SiteEndpoint(tmp_path / "site")
+    stub = StubTrainer("crash", state_dir=tmp_path)
+    monkeypatch.setitem(client_app._TRAINERS, endpoint, stub)
+    content = RecordDict(
+        {ARRAYS: client_app.pack_arrays(W), CONFIG: ConfigRecord(dict(RoundConfig(server_round=2).to_record()))}
+    )
+    reply = client_app.handle_train(Message(content, 7, MessageType.TRAIN), endpoint)
+    reason = str(reply.error.reason)
+    assert reply.has_error() and "ValueError" in reason and client_app.SITE_ERROR_LOG in reason
+    assert "1.2.3" not in reason and stub.outbound[0][1] == "error_reply"
+    log = (tmp_path / client_app.SITE_ERROR_LOG).read_text()
+    assert "round 2: local training failed" in log and "study 1.2.3 has 0 slices" in log
