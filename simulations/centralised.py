@@ -30,7 +30,7 @@ from server.registry import Registry
 from server.strategy import round_seed
 from simulations.local_only import Recorder, initial_model, make_round_config, site_trainers
 from simulations.scenario import Scenario
-from simulations.simulate import plot_convergence, prepare_sites, simulation_env
+from simulations.simulate import prepare_sites, simulation_env
 
 __all__ = ["run_centralised", "steps_per_round"]
 
@@ -130,18 +130,4 @@ def run_centralised(
             finally:
                 for t in evaluators.values():
                     t.close()
-            rec.finish("finished")
-            reg.export_csv(rec.run_id, out)
-            plot_convergence(
-                reg.metrics(rec.run_id, scope="global"), out / "convergence.png", f"{scenario.name} centralised"
-            )
-    seconds = round(time.perf_counter() - t0, 1)
-    log(f"centralised {scenario.name}: finished after {scenario.rounds} round(s), {seconds} s")
-    return {
-        "run_id": rec.run_id,
-        "status": "finished",
-        "rounds_done": scenario.rounds,
-        "seconds": seconds,
-        "out_dir": str(out),
-        "global": glob,
-    }
+            return rec.wrap_up(out, f"{scenario.name} centralised", scenario.rounds, t0, glob, log)

@@ -152,6 +152,24 @@ class Recorder:
         """Mark the run ended (``finished`` or ``failed``)."""
         self.registry.finish_run(self.run_id, status)
 
+    def wrap_up(
+        self, out: Path, title: str, rounds: int, t0: float, glob: dict[str, float], log: Progress
+    ) -> dict[str, Any]:
+        """Finish the run, export its CSVs and convergence plot to ``out``; the run's result dict."""
+        self.finish("finished")
+        self.registry.export_csv(self.run_id, out)
+        plot_convergence(self.registry.metrics(self.run_id, scope="global"), out / "convergence.png", title)
+        seconds = round(time.perf_counter() - t0, 1)
+        log(f"{title}: finished after {rounds} round(s), {seconds} s")
+        return {
+            "run_id": self.run_id,
+            "status": "finished",
+            "rounds_done": rounds,
+            "seconds": seconds,
+            "out_dir": str(out),
+            "global": glob,
+        }
+
 
 def _cross_site(
     trainers: Mapping[str, SiteTrainer], weights: Mapping[str, list[np.ndarray]], rc: RoundConfig
@@ -240,18 +258,4 @@ def run_local_only(
             finally:
                 for trainer in trainers.values():
                     trainer.close()
-            rec.finish("finished")
-            reg.export_csv(rec.run_id, out)
-            plot_convergence(
-                reg.metrics(rec.run_id, scope="global"), out / "convergence.png", f"{scenario.name} local-only"
-            )
-    seconds = round(time.perf_counter() - t0, 1)
-    log(f"local-only {scenario.name}: finished after {scenario.rounds} round(s), {seconds} s")
-    return {
-        "run_id": rec.run_id,
-        "status": "finished",
-        "rounds_done": scenario.rounds,
-        "seconds": seconds,
-        "out_dir": str(out),
-        "global": glob,
-    }
+            return rec.wrap_up(out, f"{scenario.name} local-only", scenario.rounds, t0, glob, log)
