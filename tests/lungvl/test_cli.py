@@ -68,3 +68,10 @@ def test_report_label_jsonl(tmp_path: Path) -> None:
     assert out[1]["nodules"][0]["lobe"] == "LUL" and out[1]["nodules"][0]["margin"] == "spiculated"
     assert out[1]["lung_rads"] == "4X"
     assert "line 2" in res.stderr
+
+
+def test_train_refuses_a_bad_seg_crop(tmp_path: Path) -> None:
+    res = runner.invoke(
+        app, ["train", str(tmp_path), "--stage", "seg", "--out", str(tmp_path / "o"), "--seg-crop", "32", "20", "32"]
+    )
+    assert res.exit_code == 2 and "multiples of 16" in res.stderr and "(32, 20, 32)" in res.stderr
