@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 from types import FrameType
+from typing import Any
 
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode, SubStatus
@@ -51,14 +52,14 @@ def _client(address: str, token: str | None = None, max_tries: int | None = None
     invoker = make_simple_http_retry_invoker()
     if max_tries is not None:
         invoker.max_tries = max_tries
-    interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp" if token else "SuperExec")]
+    interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp" if token else "SuperExec")]
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
     return RuntimeHttpClient.from_server_address(
         server_address=address,
         insecure=True,  # the SuperNode's Runtime API listens on loopback only
         root_certificates=None,
-        interceptors=interceptors,  # type: ignore[arg-type]
+        interceptors=interceptors,
         retry_invoker=invoker,
     )
 
@@ -139,12 +140,12 @@ def serve(address: str, *, parent_pid: int | None = None, poll_interval: float =
     global _in_task
     import client.app  # noqa: F401  # warm up (torch, monai, transformers) before taking a task
 
-    client = _client(address, max_tries=3)
+    runtime = _client(address, max_tries=3)
     logger.info("lungvl site worker polling %s (pid %d)", address, os.getpid())
     try:
         while not _stop and _parent_alive(parent_pid):
             try:
-                res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
+                res = runtime.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
             except Exception as err:  # SuperNode restarting: keep polling
                 logger.debug("AcquireTask failed: %s", err)
                 time.sleep(1.0)
@@ -158,7 +159,7 @@ def serve(address: str, *, parent_pid: int | None = None, poll_interval: float =
                 continue
             time.sleep(poll_interval)
     finally:
-        client.close()
+        runtime.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -160,6 +160,7 @@ def plot_cohorts(sites: dict[str, Path], path: Path) -> None:
             ax.set_title(f"{cohort}: no nodule")
             continue
         _, e, nid = best
+        assert e.series is not None and e.mask is not None  # checked when the best nodule was chosen
         vol = read_series(e.series.files)
         nod = read_label_nifti(e.mask, vol) == nid
         z = int(np.argmax(nod.sum(axis=(1, 2))))

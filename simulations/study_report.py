@@ -33,8 +33,12 @@ from simulations.study_stats import (
 __all__ = ["CURVE_METRICS", "write_report"]
 
 CURVE_METRICS = (("val_loss", "validation loss"), ("val_auc", "malignancy AUC"), ("val_lung_rads_acc", "Lung-RADS acc"))
-_GAP_METRICS = (("val_auc", "AUC"), ("val_lung_rads_acc", "Lung-RADS acc"), ("val_sensitivity", "sens. ≥4A"))
-_GAP_METRICS += (("val_dice", "Dice"),)
+_GAP_METRICS: tuple[tuple[str, str], ...] = (
+    ("val_auc", "AUC"),
+    ("val_lung_rads_acc", "Lung-RADS acc"),
+    ("val_sensitivity", "sens. ≥4A"),
+    ("val_dice", "Dice"),
+)
 _SLICES = ("thin", "medium", "thick")
 
 
