@@ -42,10 +42,10 @@ from __future__ import annotations
 
 import difflib
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lungvl_model.data.synth import PROFILES
 from lungvl_model.models.config import LungVLConfig, get_preset
@@ -128,6 +128,24 @@ class SiteSpec:
             p = Path(str(kw["path"])).expanduser()
             kw["path"] = p if p.is_absolute() or base_dir is None else (base_dir / p).resolve()
         return cls(**kw)
+
+
+T = TypeVar("T")
+
+
+def read_toml(path: str | Path, build: Callable[..., T]) -> T:
+    """``build(doc, base_dir=<file's folder>, source=<file>)`` on a TOML file; its errors name the file.
+
+    Raises:
+        KeyError, ValueError: from ``build``, prefixed with the file's path.
+    """
+    p = Path(path).expanduser().resolve()
+    with p.open("rb") as fh:
+        doc = tomllib.load(fh)
+    try:
+        return build(doc, base_dir=p.parent, source=p)
+    except (KeyError, ValueError) as err:
+        raise type(err)(f"{p}: {err.args[0] if err.args else err}") from None
 
 
 _RUN_KEYS = ("name", "rounds", "seed", "preset", "matrix", "z_extent_mm", "num_cpus", "holdout_fraction")
@@ -243,13 +261,7 @@ class Scenario:
     @classmethod
     def from_toml(cls, path: str | Path) -> Scenario:
         """Read a scenario file; relative site paths are relative to the file's folder."""
-        p = Path(path).expanduser().resolve()
-        with p.open("rb") as fh:
-            doc = tomllib.load(fh)
-        try:
-            return cls.from_dict(doc, base_dir=p.parent, source=p)
-        except (KeyError, ValueError) as err:
-            raise type(err)(f"{p}: {err.args[0] if err.args else err}") from None
+        return read_toml(path, cls.from_dict)
 
     def with_server(self, **changes: Any) -> Scenario:
         """A copy with server settings changed (e.g. ``rounds=1``)."""

@@ -43,11 +43,12 @@ from __future__ import annotations
 
 import difflib
 import math
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Final
+
+from simulations.scenario import read_toml
 
 __all__ = ["DP_KINDS", "STRATEGIES", "Cell", "StudyConfig", "expand_grid"]
 
@@ -279,13 +280,7 @@ class StudyConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> StudyConfig:
         """Read a study file (errors name the file)."""
-        p = Path(path).expanduser().resolve()
-        with p.open("rb") as fh:
-            doc = tomllib.load(fh)
-        try:
-            return cls.from_dict(doc, base_dir=p.parent, source=p)
-        except (KeyError, ValueError) as err:
-            raise type(err)(f"{p}: {err.args[0] if err.args else err}") from None
+        return read_toml(path, cls.from_dict)
 
 
 def expand_grid(study: StudyConfig) -> list[Cell]:
