@@ -110,9 +110,16 @@ def _config_record(rc: RoundConfig) -> ConfigRecord:
     return ConfigRecord(values)
 
 
-def _reply_to_site(msg: Message, site_names: Mapping[int, str], sent_at: float) -> SiteReply:
-    """Turn a Flower reply into a :class:`SiteReply` (content that cannot be read becomes an error)."""
-    node = int(msg.metadata.src_node_id)
+def _reply_to_site(
+    msg: Message, site_names: Mapping[int, str], sent_at: float, sent_to: Mapping[str, int] | None = None
+) -> SiteReply:
+    """Turn a Flower reply into a :class:`SiteReply` (content that cannot be read becomes an error).
+
+    ``sent_to`` maps the ids of the messages sent to their destination node: an error reply the
+    SuperLink writes for a node that went offline comes from the SuperLink itself (its ``src_node_id``
+    is the SuperLink's), so the site it stands for is the one the original message went to.
+    """
+    node = int((sent_to or {}).get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
     name = site_names.get(node, "")
     seconds = max(0.0, time.time() - sent_at)
     if msg.has_error():
@@ -172,6 +179,7 @@ class DPFedAvgM(Strategy):
         self.engine: RoundEngine | None = None
         self.stopped_by_budget = False
         self._sent_at = 0.0
+        self._sent_to: dict[str, int] = {}  # message id -> destination node, for the replies of a round
         self._last_outcome: RoundOutcome | None = None
         self._asked: set[int] = set()
 
@@ -208,7 +216,7 @@ class DPFedAvgM(Strategy):
         """Fold the replies one by one; returns the new global weights, or ``(None, None)`` for a failed round."""
         eng = self._engine()
         for msg in replies:
-            eng.fold(_reply_to_site(msg, eng.site_names, self._sent_at))
+            eng.fold(_reply_to_site(msg, eng.site_names, self._sent_at, self._sent_to))
         outcome = eng.close_round()
         self._last_outcome = outcome
         if outcome.status != "completed":
@@ -231,13 +239,17 @@ class DPFedAvgM(Strategy):
         outcome = self._last_outcome
         if outcome is None or outcome.round != server_round:
             outcome = RoundOutcome(round=server_round, status="completed", sampled=0, ok=0, failed=0)
-        metrics = eng.record_evaluation(outcome, (_reply_to_site(m, eng.site_names, self._sent_at) for m in replies))
+        sites = (_reply_to_site(m, eng.site_names, self._sent_at, self._sent_to) for m in replies)
+        metrics = eng.record_evaluation(outcome, sites)
         return MetricRecord(dict(metrics)) if metrics else None
 
     # ------------------------------------------------------------------ transport helpers
     def _stream(self, grid: Grid, messages: Iterable[Message], timeout: float) -> Iterator[Message]:
         """Push messages, then yield replies as they arrive until all came back or ``timeout`` passed."""
-        ids = set(grid.push_messages(list(messages)))
+        batch = list(messages)
+        pushed = list(grid.push_messages(batch))
+        self._sent_to = {mid: int(m.metadata.dst_node_id) for mid, m in zip(pushed, batch, strict=False) if mid}
+        ids = set(pushed)
         deadline = time.time() + timeout
         while ids and time.time() < deadline:
             got = list(grid.pull_messages(ids))
@@ -324,6 +336,7 @@ class DPFedAvgM(Strategy):
                 self.log(f"round {rnd}: stopping before it: {err}")
                 break
             new_arrays, train_metrics = self.aggregate_train(rnd, self._stream(grid, messages, wait))
+            t_train = time.time() - t0
             outcome = self._last_outcome
             assert outcome is not None  # set by aggregate_train
             if new_arrays is not None:
@@ -345,12 +358,12 @@ class DPFedAvgM(Strategy):
             if self.on_round_end is not None:
                 self.on_round_end(eng, outcome)
             eng.commit_round(outcome)
-            self.log(_round_line(outcome, time.time() - t0, last))
+            self.log(_round_line(outcome, time.time() - t0, last, train_s=t_train))
         return result
 
 
-def _round_line(o: RoundOutcome, seconds: float, last: int) -> str:
-    """One human line per round (printed by the simulation)."""
+def _round_line(o: RoundOutcome, seconds: float, last: int, train_s: float | None = None) -> str:
+    """One human line per round (printed by the simulation); ``train_s``: seconds until the train replies."""
     parts = [f"round {o.round}/{last} {o.status}: {o.ok}/{o.sampled} updates"]
     if o.failed:
         bad = ", ".join(f"{k} {v}" for k, v in sorted(o.statuses.items()) if v != "ok")
@@ -364,4 +377,6 @@ def _round_line(o: RoundOutcome, seconds: float, last: int) -> str:
     if o.epsilon is not None:
         parts.append(f"ε={o.epsilon:.3g}")
     parts.append(f"{seconds:.1f} s")
+    if train_s is not None:
+        parts.append(f"(train replies {train_s:.1f} s, aggregate + checkpoint + evaluate {seconds - train_s:.1f} s)")
     return " ".join(parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp import Grid
 
 from lungvl_model.federation_protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, RoundConfig
@@ -275,10 +277,16 @@ def task_identity() -> Iterable[None]:
 
 
 class LocalGrid(Grid):
-    """An in-process Grid: each pushed message is answered at once by a ClientApp (or dropped)."""
+    """An in-process Grid: each pushed message is answered at once by a ClientApp (or dropped).
 
-    def __init__(self, client_app: ClientApp, nodes: dict[int, str], silent: Iterable[int] = ()) -> None:
-        self.client_app, self.nodes, self.silent = client_app, nodes, set(silent)
+    ``silent`` nodes never answer a train message; ``offline`` nodes' train messages are answered by
+    the SuperLink's own "node unavailable" error (Flower's function, sent from the SuperLink's node id).
+    """
+
+    def __init__(
+        self, client_app: ClientApp, nodes: dict[int, str], silent: Iterable[int] = (), offline: Iterable[int] = ()
+    ) -> None:
+        self.client_app, self.nodes, self.silent, self.offline = client_app, nodes, set(silent), set(offline)
         self.replies: dict[str, Message] = {}
 
     def set_run(self, run: object) -> None:  # noqa: D102
@@ -303,6 +311,10 @@ class LocalGrid(Grid):
             node = msg.metadata.dst_node_id
             if node in self.silent and msg.metadata.message_type == "train":
                 continue  # answers the name query, never a train message
+            if node in self.offline and msg.metadata.message_type == "train":
+                msg.metadata.__dict__["_created_at"] = time.time()
+                self.replies[mid] = create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
+                continue
             ctx = Context(
                 run_id=1, node_id=node, node_config={"name": self.nodes[node]}, state=RecordDict(), run_config={}
             )
@@ -366,6 +378,23 @@ def test_flower_strategy_keeps_going_past_error_nan_and_silent_sites(tmp_path: P
     glob = {(m["round"], m["name"]): m["value"] for m in reg.metrics(run, "global")}
     assert glob[(2, "val_loss")] == 0.5 and glob[(1, "train_loss")] == 1.0
     assert 2 in result.evaluate_metrics_clientapp
+
+
+def test_a_site_gone_offline_is_recorded_under_its_own_name(tmp_path: Path, task_identity: None) -> None:
+    """The SuperLink's "node unavailable" reply comes from the SuperLink's node id, not the site's."""
+    nodes = {101: "a", 102: "b", 103: "c"}
+    grid = LocalGrid(toy_client(lambda n, r: "ok"), nodes, offline={103})
+    reg = Registry(tmp_path / "reg.db")
+    cfg = ServerConfig(rounds=1, strategy="fedavg", server_momentum=0.0, min_sites=2, round_timeout_s=30.0)
+    run = reg.start_run("offline", cfg.to_dict(), seed=0)
+    strategy = DPFedAvgM(cfg, registry=reg, run_id=run, log=lambda _: None)
+    t0 = time.time()
+    strategy.start(grid, arrays_to_record(W0))
+    assert time.time() - t0 < 10  # the error reply closes the round; no wait for the 30 s timeout
+    status = {(p["round"], p["site_name"]): (p["status"], p["reason"]) for p in reg.participation(run)}
+    assert set(status) == {(1, "a"), (1, "b"), (1, "c")}, status
+    assert status[(1, "c")][0] == "failed" and "Node Unavailable" in status[(1, "c")][1]
+    assert [r["status"] for r in reg.rounds(run)] == ["completed"]
 
 
 def test_flower_strategy_stops_cleanly_at_the_budget(task_identity: None) -> None:
