@@ -157,6 +157,7 @@ def pull_task_message(
         raise RuntimeError(f"run {run.run_id}: the SuperNode holds no message for task {res.task_id}")
     tree = pulled.message_object_trees[0]
     node = Node(node_id=context.node_id)
+
     def stale(why: str) -> StaleTaskError:
         return StaleTaskError(
             f"run {run.run_id}, task {res.task_id}: message {tree.object_id[:12]}… never reached this SuperNode "

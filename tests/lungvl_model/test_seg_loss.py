@@ -59,9 +59,13 @@ def test_terms_and_empty_target() -> None:
     target, logits = _target(2), torch.randn(2, 1, 12, 12, 12)
     target[1] = 0
     dice = DiceLoss(sigmoid=True, reduction="none")(logits, target).flatten()
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(
-        logits, target, pos_weight=torch.tensor(30.0), reduction="none"
-    ).flatten(1).mean(1)
+    bce = (
+        torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, target, pos_weight=torch.tensor(30.0), reduction="none"
+        )
+        .flatten(1)
+        .mean(1)
+    )
     all_terms = SegmentationLoss(boundary_weight=0.5, reduction="none")(logits, target)
     dice_only = SegmentationLoss(boundary_weight=0.0, bce_weight=0.0, reduction="none")(logits, target)
     bce_only = SegmentationLoss(dice_weight=0.0, boundary_weight=0.0, reduction="none")(logits, target)
