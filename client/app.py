@@ -19,8 +19,9 @@ Messages:
 
 Every reply is written to the audit ledger (kind, round, exact payload bytes, metrics) before it is
 returned. The train reply's payload is the concatenation of the ``np.save`` bytes of its arrays exactly
-as they sit in the ``ArrayRecord`` (what :func:`client.trainer.payload_bytes` computes for float32
-arrays).
+as they sit in the ``ArrayRecord``: the packed values and shape table
+(:func:`~lungvl_model.federation_protocol.flatten_arrays`; what :func:`client.trainer.payload_bytes`
+computes for them).
 """
 
 from __future__ import annotations
@@ -56,9 +57,13 @@ from lungvl_model.federation_protocol import (
     CONFIG,
     METRICS,
     NUM_EXAMPLES,
+    PACKED_SHAPES,
+    PACKED_VALUES,
     QUERY_KEY,
     SITE_NAME_KEY,
     RoundConfig,
+    flatten_arrays,
+    unflatten_arrays,
 )
 from privacy.accountant import PrivacyBudgetExceeded
 
@@ -145,12 +150,19 @@ def get_trainer(endpoint: SiteEndpoint) -> SiteTrainer:
 
 
 def pack_arrays(arrays: Sequence[np.ndarray]) -> ArrayRecord:
-    """Float32 arrays as an ``ArrayRecord`` keyed ``"0"``, ``"1"``, ... in order."""
-    return ArrayRecord({str(i): Array(np.ascontiguousarray(a, dtype=np.float32)) for i, a in enumerate(arrays)})
+    """Float32 arrays packed for the wire (:func:`~lungvl_model.federation_protocol.flatten_arrays`)."""
+    values, shapes = flatten_arrays(arrays)
+    return ArrayRecord({PACKED_VALUES: Array(values), PACKED_SHAPES: Array(shapes)})
 
 
 def unpack_arrays(record: ArrayRecord) -> list[np.ndarray]:
-    """The arrays of an ``ArrayRecord`` in ``"0"``, ``"1"``, ... order."""
+    """The arrays of a packed record (or of one keyed ``"0"``, ``"1"``, ... in that order).
+
+    Raises:
+        ValueError: a shape table that does not fit the values.
+    """
+    if set(record.keys()) == {PACKED_VALUES, PACKED_SHAPES}:
+        return unflatten_arrays(record[PACKED_VALUES].numpy(), record[PACKED_SHAPES].numpy())
     return [record[str(i)].numpy() for i in range(len(record))]
 
 

@@ -121,7 +121,7 @@ class PullPolicy:
         backoff_cap_s: longest wait between two asks.
     """
 
-    slice_s: float = 15.0
+    slice_s: float = 5.0
     max_wait_s: float = 1800.0
     last_try_s: float = 2.0
     backoff_s: float = 0.1

@@ -32,7 +32,7 @@ import os
 import platform
 import statistics
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,11 +40,11 @@ from time import perf_counter
 from typing import Any
 
 import numpy as np
-from flwr.app import Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvgM
 
 from server.aggregation import Arrays, Shape, StreamingAggregator, apply_server_momentum, dp_fedavgm_step
-from server.strategy import arrays_from_record, arrays_to_record
+from server.strategy import arrays_from_record
 
 PEER = "flower FedAvgM"
 METHODS = (PEER, "lungvl batch", "lungvl stream", "lungvl stream+unpack")
@@ -184,7 +184,7 @@ class Workload:
         for k in range(self.sites):
             arrays = [w + d for w, d in zip(self.weights, self.delta(k), strict=True)]
             metrics = MetricRecord({KEY: self.num_examples[k]})
-            content = RecordDict({"arrays": arrays_to_record(arrays), "metrics": metrics})
+            content = RecordDict({"arrays": keyed_record(arrays), "metrics": metrics})
             meta = Metadata(1, f"r{k}", k + 1, 0, "i", "1", 0.0, 3600.0, MessageType.TRAIN)
             # a reply as the SuperLink hands it over (metadata given), without touching TaskIdentity
             out.append(Message(content=content, metadata=meta))  # type: ignore[call-overload]
@@ -288,6 +288,15 @@ def _available_bytes() -> int:
 PHASES = (("replies", (PEER, "lungvl stream+unpack")), ("deltas", ("lungvl batch",)), ("lazy", ("lungvl stream",)))
 
 
+def keyed_record(arrays: Sequence[np.ndarray]) -> ArrayRecord:
+    """One ``Array`` per key ``"0"``..``"n-1"``: the layout Flower's strategies aggregate key by key.
+
+    lungvl's own messages travel packed (``server.strategy.arrays_to_record``); the bench compares
+    aggregation, so both sides get this layout and ``arrays_from_record`` reads it too.
+    """
+    return ArrayRecord({str(i): Array(np.ascontiguousarray(a, dtype=np.float32)) for i, a in enumerate(arrays)})
+
+
 def _inputs(phase: str, w: Workload) -> tuple[dict[str, Any], int]:
     """Build one phase's inputs (untimed) and count the bytes held: updates or replies, ``w_t``, ``v``."""
     held = 2 * 4 * w.params
@@ -296,7 +305,7 @@ def _inputs(phase: str, w: Workload) -> tuple[dict[str, Any], int]:
         held += sum(len(a.data) for m in replies for a in m.content.array_records["arrays"].values())
         return {
             "replies": replies,
-            "record": arrays_to_record(w.weights),
+            "record": keyed_record(w.weights),
             "flower_momentum": [-v for v in w.momentum],
         }, held
     if phase == "deltas":

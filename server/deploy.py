@@ -199,6 +199,7 @@ def server_env(cfg: ServerDeployConfig) -> dict[str, str]:
         MPLCONFIGDIR=str(cfg.run_dir / "mpl"),
         HF_HOME=str(cfg.run_dir / "hf"),
         UV_CACHE_DIR=str(cfg.run_dir / "uv"),
+        PYTHONUNBUFFERED="1",  # log lines reach the log files even when a process is killed
     )
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # flower-superexec etc.
     return env

@@ -57,9 +57,13 @@ from lungvl_model.federation_protocol import (
     CONFIG,
     METRICS,
     NUM_EXAMPLES,
+    PACKED_SHAPES,
+    PACKED_VALUES,
     QUERY_KEY,
     SITE_NAME_KEY,
     RoundConfig,
+    flatten_arrays,
+    unflatten_arrays,
 )
 from privacy.accountant import PrivacyBudgetExceeded
 from server.aggregation import AggregationError, Arrays
@@ -89,17 +93,24 @@ NAME_REASK_TIMEOUT_S = 10.0
 
 
 def arrays_to_record(arrays: Sequence[np.ndarray]) -> ArrayRecord:
-    """Arrays as an ``ArrayRecord`` keyed ``"0"``, ``"1"``, ... (float32 on the wire)."""
-    return ArrayRecord({str(i): Array(np.ascontiguousarray(a, dtype=np.float32)) for i, a in enumerate(arrays)})
+    """Arrays packed for the wire (:func:`~lungvl_model.federation_protocol.flatten_arrays`): two objects."""
+    values, shapes = flatten_arrays(arrays)
+    return ArrayRecord({PACKED_VALUES: Array(values), PACKED_SHAPES: Array(shapes)})
 
 
 def arrays_from_record(record: ArrayRecord) -> Arrays:
-    """Inverse of :func:`arrays_to_record`, ordered by the integer keys whatever the record's key order.
+    """Inverse of :func:`arrays_to_record`; also reads one array per key ``"0"``..``"n-1"`` (any key order).
 
     Raises:
-        AggregationError: keys that are not ``0..n-1``.
+        AggregationError: a packed record whose shape table does not fit its values, or keys that are
+            neither the packed pair nor ``0..n-1``.
     """
     keys = list(record.keys())
+    if set(keys) == {PACKED_VALUES, PACKED_SHAPES}:
+        try:
+            return unflatten_arrays(record[PACKED_VALUES].numpy(), record[PACKED_SHAPES].numpy())
+        except ValueError as err:
+            raise AggregationError(str(err)) from err
     if sorted(keys, key=lambda k: int(k) if k.isdigit() else -1) != [str(i) for i in range(len(keys))]:
         raise AggregationError(f"array record keys must be '0'..'{len(keys) - 1}', got {keys[:5]}...")
     return [record[str(i)].numpy() for i in range(len(keys))]

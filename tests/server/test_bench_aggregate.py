@@ -29,11 +29,11 @@ LUNGVL = [m for m in METHODS if m != PEER]
 
 
 def _inputs(w: Workload) -> dict:
-    from server.strategy import arrays_to_record
+    from server.bench_aggregate import keyed_record
 
     return {
         "replies": w.replies(),
-        "record": arrays_to_record(w.weights),
+        "record": keyed_record(w.weights),
         "flower_momentum": [-v for v in w.momentum],
         "deltas": [w.delta(k) for k in range(w.sites)],
     }

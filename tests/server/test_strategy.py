@@ -416,3 +416,18 @@ def test_array_record_order_is_by_index() -> None:
     for i in (1, 0):
         rec[str(i)] = Array(np.full(2, i, np.float32))
     assert [a[0] for a in arrays_from_record(rec)] == [0.0, 1.0]
+
+
+def test_arrays_travel_packed_and_a_bad_shape_table_is_refused() -> None:
+    from flwr.app import Array
+
+    from lungvl_model.federation_protocol import PACKED_SHAPES, PACKED_VALUES
+    from server.aggregation import AggregationError
+
+    rec = arrays_to_record(W0)
+    assert sorted(rec.keys()) == sorted([PACKED_SHAPES, PACKED_VALUES])  # two objects, whatever the model
+    back = arrays_from_record(rec)
+    assert [a.shape for a in back] == [(2, 3), (4,)] and float(back[1].sum()) == 4.0
+    bad = ArrayRecord({PACKED_VALUES: rec[PACKED_VALUES], PACKED_SHAPES: Array(np.array([2, 2, 3], np.int64))})
+    with pytest.raises(AggregationError, match="shapes account for 6 of 10"):
+        arrays_from_record(bad)

@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 import client.app as client_app
 from client.app import SiteEndpoint
 from client.trainer import LocalResult, payload_bytes
-from lungvl_model.federation_protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, RoundConfig
+from lungvl_model.federation_protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, RoundConfig, flatten_arrays
 from privacy.accountant import PrivacyBudgetExceeded
 from server.registry import Registry
 from simulations.scenario import Scenario, SiteSpec
@@ -170,7 +170,8 @@ def test_client_app_train_reply_and_budget_refusal(
     arrays = client_app.unpack_arrays(reply.content.array_records[ARRAYS])
     assert [a.dtype for a in arrays] == [np.float32, np.float32] and float(arrays[1][0]) == 0.5
     assert dict(reply.content.metric_records[METRICS]) == {"train_loss": 1.25, NUM_EXAMPLES: 3} == metrics
-    assert kind == "train_reply" and payload == payload_bytes(arrays)  # the exact bytes of the arrays sent
+    # the exact bytes sent: the packed values and shape table
+    assert kind == "train_reply" and payload == payload_bytes(flatten_arrays(arrays))
 
 
 def test_client_app_failure_keeps_details_at_the_site(tmp_path: Path, monkeypatch, task_identity: None) -> None:
