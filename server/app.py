@@ -62,8 +62,8 @@ Log = Callable[[str], None]
 #: Settings that may differ between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = frozenset({"rounds", "round_timeout_s"})
 #: Backoff (first wait, longest wait; s) when pulling a reply's objects that are not uploaded yet.
-#: Flower 1.42's fixed 1 s doubling to 10 s made the ServerApp wait up to 20 s for a reply that was
-#: already on its way (measured on loopback); each ask is one request to the SuperLink.
+#: Flower 1.42's fixed 1 s doubling to 10 s costs up to 8 s per ask that comes before the upload is
+#: complete (seen on loopback); each ask is one request to the SuperLink.
 REPLY_PULL_BACKOFF_S = (0.2, 1.0)
 
 
