@@ -17,13 +17,13 @@ demo: $(BIN)/lungvl
 
 test: $(BIN)/lungvl
 	$(BIN)/ruff check .
-	$(BIN)/mypy --strict --no-warn-unused-ignores server privacy
+	$(BIN)/mypy --strict --no-warn-unused-ignores server privacy federation
 	$(BIN)/mypy client simulations
 	OMP_NUM_THREADS=1 FLWR_TELEMETRY_ENABLED=0 MPLCONFIGDIR=$(CURDIR)/.pytest_cache/mpl $(BIN)/python -m pytest -q -m "not gpu"
 
 lint: $(BIN)/lungvl
 	$(BIN)/ruff check .
-	$(BIN)/mypy --strict --no-warn-unused-ignores server privacy
+	$(BIN)/mypy --strict --no-warn-unused-ignores server privacy federation
 	$(BIN)/mypy client simulations
 
 clean:

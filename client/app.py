@@ -9,7 +9,7 @@ Which site a process serves comes from the node config:
 
 Messages:
 
-- ``train``: arrays + :class:`~lungvl_model.federation_protocol.RoundConfig` in; the update (float32)
+- ``train``: arrays + :class:`~federation.protocol.RoundConfig` in; the update (float32)
   and a metrics record (``num_examples`` + whitelisted metrics) out. A site that refuses because of its
   own ε budget (``PrivacyBudgetExceeded``) answers with an error reply whose reason says so; any other
   failure answers with an error reply naming only the exception type (its message could carry local
@@ -20,7 +20,7 @@ Messages:
 Every reply is written to the audit ledger (kind, round, exact payload bytes, metrics) before it is
 returned. The train reply's payload is the concatenation of the ``np.save`` bytes of its arrays exactly
 as they sit in the ``ArrayRecord``: the packed values and shape table
-(:func:`~lungvl_model.federation_protocol.flatten_arrays`; what :func:`client.trainer.payload_bytes`
+(:func:`~federation.protocol.flatten_arrays`; what :func:`client.trainer.payload_bytes`
 computes for them).
 """
 
@@ -28,46 +28,30 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Error,
-    Message,
-    MetricRecord,
-    MetricRecordValues,
-    RecordDict,
-)
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from client.config import ClientConfig
 from client.ledger import LEDGER_FILENAME, AuditLedger, filter_metrics
 from client.trainer import EVALUATE_REPLY, TRAIN_REPLY, SiteTrainer
-from lungvl_model.federation_protocol import (
-    ARRAYS,
-    CONFIG,
-    METRICS,
-    NUM_EXAMPLES,
-    PACKED_SHAPES,
-    PACKED_VALUES,
-    QUERY_KEY,
-    SITE_NAME_KEY,
-    RoundConfig,
-    flatten_arrays,
-    unflatten_arrays,
+from federation.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, QUERY_KEY, SITE_NAME_KEY, RoundConfig
+from federation.records import (
+    arrays_from_record,
+    arrays_to_record,
+    metric_record,
+    packed_payload,
+    round_config_from_record,
 )
 from privacy.accountant import PrivacyBudgetExceeded
 
-__all__ = ["SITE_NAME_KEY", "SiteEndpoint", "app", "make_client_app", "pack_arrays", "unpack_arrays"]
+__all__ = ["SiteEndpoint", "app", "make_client_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,30 +133,8 @@ def get_trainer(endpoint: SiteEndpoint) -> SiteTrainer:
     return trainer
 
 
-def pack_arrays(arrays: Sequence[np.ndarray]) -> ArrayRecord:
-    """Float32 arrays packed for the wire (:func:`~lungvl_model.federation_protocol.flatten_arrays`)."""
-    values, shapes = flatten_arrays(arrays)
-    return ArrayRecord({PACKED_VALUES: Array(values), PACKED_SHAPES: Array(shapes)})
-
-
-def unpack_arrays(record: ArrayRecord) -> list[np.ndarray]:
-    """The arrays of a packed record (or of one keyed ``"0"``, ``"1"``, ... in that order).
-
-    Raises:
-        ValueError: a shape table that does not fit the values.
-    """
-    if set(record.keys()) == {PACKED_VALUES, PACKED_SHAPES}:
-        return unflatten_arrays(record[PACKED_VALUES].numpy(), record[PACKED_SHAPES].numpy())
-    return [record[str(i)].numpy() for i in range(len(record))]
-
-
-def _metric_record(metrics: Mapping[str, int | float]) -> MetricRecord:
-    values: dict[str, MetricRecordValues] = dict(metrics)
-    return MetricRecord(values)
-
-
 def _round_config(msg: Message) -> RoundConfig:
-    return RoundConfig.from_record(dict(msg.content.config_records[CONFIG]))
+    return round_config_from_record(msg.content.config_records[CONFIG])
 
 
 def _error_reply(msg: Message, reason: str, trainer: SiteTrainer | None, rnd: int) -> Message:
@@ -194,7 +156,7 @@ def handle_train(msg: Message, endpoint: SiteEndpoint) -> Message:
     trainer = get_trainer(endpoint)
     rc = _round_config(msg)
     try:
-        result = trainer.fit(unpack_arrays(msg.content.array_records[ARRAYS]), rc)
+        result = trainer.fit(arrays_from_record(msg.content.array_records[ARRAYS]), rc)
     except PrivacyBudgetExceeded as err:
         logger.warning("round %d: site refuses to train: %s", rc.server_round, err)
         return _error_reply(msg, f"site refused: {err}", trainer, rc.server_round)
@@ -203,11 +165,11 @@ def handle_train(msg: Message, endpoint: SiteEndpoint) -> Message:
         _log_site_error(trainer, rc.server_round, "local training failed")
         reason = f"local training failed ({type(err).__name__}; see {SITE_ERROR_LOG} at the site)"
         return _error_reply(msg, reason, trainer, rc.server_round)
-    arrays = pack_arrays(result.delta)
+    arrays = arrays_to_record(result.delta)
     metrics = filter_metrics({**result.metrics, NUM_EXAMPLES: int(result.num_examples)})
-    payload = b"".join(arrays[k].data for k in arrays)
+    payload = packed_payload(arrays)
     trainer.record_outbound(rc.server_round, TRAIN_REPLY, payload, metrics)
-    return Message(RecordDict({ARRAYS: arrays, METRICS: _metric_record(metrics)}), reply_to=msg)
+    return Message(RecordDict({ARRAYS: arrays, METRICS: metric_record(metrics)}), reply_to=msg)
 
 
 def handle_evaluate(msg: Message, endpoint: SiteEndpoint) -> Message:
@@ -215,7 +177,7 @@ def handle_evaluate(msg: Message, endpoint: SiteEndpoint) -> Message:
     trainer = get_trainer(endpoint)
     rc = _round_config(msg)
     try:
-        n, metrics = trainer.evaluate(unpack_arrays(msg.content.array_records[ARRAYS]), rc)
+        n, metrics = trainer.evaluate(arrays_from_record(msg.content.array_records[ARRAYS]), rc)
     except Exception as err:
         logger.exception("round %d: evaluation failed", rc.server_round)
         _log_site_error(trainer, rc.server_round, "evaluation failed")
@@ -224,7 +186,7 @@ def handle_evaluate(msg: Message, endpoint: SiteEndpoint) -> Message:
         )
     metrics = filter_metrics({**metrics, NUM_EXAMPLES: int(n)})
     trainer.record_outbound(rc.server_round, EVALUATE_REPLY, b"", metrics)
-    return Message(RecordDict({METRICS: _metric_record(metrics)}), reply_to=msg)
+    return Message(RecordDict({METRICS: metric_record(metrics)}), reply_to=msg)
 
 
 def handle_query(msg: Message, endpoint: SiteEndpoint) -> Message:

@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.config import ClientConfig
+from federation.processes import stop_process
 from lungvl_model.data.site_check import check_site
-from lungvl_model.processes import stop_process
 from privacy.budget import SiteBudget
 
 __all__ = [

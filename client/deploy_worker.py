@@ -63,6 +63,8 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from federation.transport import PULL_BACKOFF_CAP_S, PULL_BACKOFF_S
+
 __all__ = [
     "ALLOWED_FAB_PREFIX",
     "PullPolicy",
@@ -124,8 +126,8 @@ class PullPolicy:
     slice_s: float = 5.0
     max_wait_s: float = 1800.0
     last_try_s: float = 2.0
-    backoff_s: float = 0.1
-    backoff_cap_s: float = 1.0
+    backoff_s: float = PULL_BACKOFF_S
+    backoff_cap_s: float = PULL_BACKOFF_CAP_S
 
 
 def pull_task_message(

@@ -71,8 +71,8 @@ METRIC_WHITELIST: Final[frozenset[str]] = frozenset(
         # sample-level DP at the site (Opacus DP-SGD)
         "epsilon",
         "delta",
-        "noise_multiplier",
-        "max_grad_norm",
+        "dp_sgd_noise_multiplier",
+        "dp_sgd_max_grad_norm",
         "sample_rate",
         "dp_steps",
         "budget_exhausted",
@@ -205,7 +205,8 @@ class AuditLedger:
             kind: message kind, e.g. ``"train_reply"``, ``"evaluate_reply"``.
             payload: the exact serialised bytes that will be sent (size and sha256 computed here).
             metrics: the scalar metrics inside the message.
-            dp: DP parameters used (e.g. ``noise_multiplier``, ``max_grad_norm``, ``sample_rate``, ``steps``).
+            dp: DP parameters used (e.g. ``dp_sgd_noise_multiplier``, ``dp_sgd_max_grad_norm``,
+                ``sample_rate``, ``steps``).
             epsilon: the site's sample-level ε spent so far (``None`` without DP-SGD).
             delta: the δ of that ε.
             run_id: the server's run identifier, when known.

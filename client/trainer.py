@@ -12,7 +12,7 @@ ClientApp glue packs and unpacks them):
 * :meth:`SiteTrainer.evaluate` scores the global model on the site's studies.
 * :meth:`SiteTrainer.record_outbound` writes what is about to leave the site to the audit ledger.
 
-DP-SGD plumbing (per-study separability of the model, empty Poisson batches) is in :mod:`client.dp_sgd`.
+DP-SGD plumbing (per-study separability of the model, empty Poisson batches) is in :mod:`privacy.dp_sgd`.
 
 The DP noise and the Poisson sample come from fresh OS entropy, never from the round seed: the
 server knows that seed, and noise or a sample it can replay protects nothing.
@@ -24,36 +24,24 @@ import hashlib
 import io
 import logging
 import math
-import secrets
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
 import numpy as np
 import torch
-from opacus.grad_sample import GradSampleModule  # type: ignore[import-untyped]
-from opacus.optimizers import DPOptimizer  # type: ignore[import-untyped]
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # type: ignore[import-untyped]
 from opacus.validators import ModuleValidator  # type: ignore[import-untyped]
 from torch.utils.data import DataLoader
 
 from client.config import ClientConfig
-from client.dp_sgd import (
-    EmptyBatchSafe,
-    PoissonCollate,
-    dp_sgd_ready,
-    empty_like,
-    per_sample_parameters,
-    reset_opacus_state,
-)
 from client.ledger import LEDGER_FILENAME, AuditLedger, filter_metrics
+from federation.arrays import arrays_to_model, model_to_arrays
+from federation.protocol import NUM_EXAMPLES, TRAIN_STAGES, RoundConfig
 from lungvl_model.data.catalogue import build_catalogue
 from lungvl_model.data.dataset import SiteDataset, collate
 from lungvl_model.data.split import holdout_split, patient_pairs
 from lungvl_model.evaluation.site_summary import site_risk_metrics
-from lungvl_model.federation_protocol import NUM_EXAMPLES, RoundConfig, arrays_to_model, model_to_arrays
 from lungvl_model.losses.group_penalty import SLICE_GROUPS, GroupPenalized, slice_thickness_group
 from lungvl_model.models.lungvl import LungVLModel, LungVLOutput
 from lungvl_model.training.checkpoint import load_checkpoint
@@ -69,6 +57,7 @@ from lungvl_model.training.loop import (
     to_device,
 )
 from privacy.budget import SiteBudget
+from privacy.dp_sgd_train import dp_sgd_steps
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +67,10 @@ __all__ = [
     "TRAIN_STAGES",
     "LocalResult",
     "SiteTrainer",
-    "dp_sgd_ready",
     "payload_bytes",
-    "per_sample_parameters",
     "site_seed",
 ]
 
-TRAIN_STAGES: Final = ("ssl", "seg", "vl")
 TRAIN_REPLY: Final = "train_reply"
 EVALUATE_REPLY: Final = "evaluate_reply"
 GRAD_CLIP: Final = 1.0
@@ -147,10 +133,9 @@ class SiteTrainer:
         self.model, self.package_meta = load_checkpoint(config.model_dir)
         self.model.to(self.device)
         ModuleValidator.validate(self.model, strict=True)  # e.g. no BatchNorm: fail now, not in round 5
-        self._requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
         self._catalogue = build_catalogue(config.site_dir)
         self._datasets: dict[tuple[bool, str], SiteDataset] = {}
-        self._dp_params: dict[str, tuple[set[str], set[str]]] = {}
+        self._dp_params: dict[str, set[str]] = {}  # stage -> parameters with a per-study gradient
         assert config.state_dir is not None  # resolved by ClientConfig
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.budget = SiteBudget(config.state_dir, epsilon_budget=config.epsilon_budget, delta=config.delta)
@@ -219,22 +204,15 @@ class SiteTrainer:
                 changed: not the model, not the accountant).
             ValueError: unusable round config or arrays that do not fit the model.
         """
-        rc = round_config
-        if rc.local_steps < 1 or rc.lr <= 0:
-            raise ValueError(f"round config needs local_steps >= 1 and lr > 0, got {rc.local_steps}, {rc.lr}")
-        if rc.dp_sgd and not (math.isfinite(rc.max_grad_norm) and rc.max_grad_norm > 0):
-            raise ValueError(f"DP-SGD needs a finite max_grad_norm > 0, got {rc.max_grad_norm!r}")
-        if rc.dp_sgd and (rc.dg_penalty > 0 or rc.dro_step > 0):  # a cross-study loss defeats per-study clipping
-            raise ValueError(
-                f"dg_penalty={rc.dg_penalty} / dro_step={rc.dro_step} couple the studies of a batch and cannot be "
-                "combined with DP-SGD (per-study clipping would not bound a study's influence)"
-            )
+        rc = round_config  # validated where it entered (RoundConfig)
         dataset = self.dataset(rc.stage)
         n = len(dataset)
         batch = self._batch_size(rc)
         q = min(1.0, batch / n)
         if rc.dp_sgd:  # the site's budget decides first, whatever the server asks
-            self.budget.check_can_train(noise_multiplier=rc.noise_multiplier, sample_rate=q, steps=rc.local_steps)
+            self.budget.check_can_train(
+                noise_multiplier=rc.dp_sgd_noise_multiplier, sample_rate=q, steps=rc.local_steps
+            )
         t0 = time.perf_counter()
         arrays_to_model(self.model, list(arrays))
         w_global = model_to_arrays(self.model)
@@ -275,92 +253,39 @@ class SiteTrainer:
         return LocalResult(delta=delta, num_examples=n, metrics=filter_metrics(metrics))
 
     def _train_dp(self, dataset: SiteDataset, rc: RoundConfig, train: TrainConfig, q: float) -> TrainResult:
-        """DP-SGD steps (Poisson sampling, per-study clipping, noise); records the privacy spent."""
-        model, n = self.model, len(dataset)
-        steps_done = 0
+        """DP-SGD steps (:func:`~privacy.dp_sgd_train.dp_sgd_steps`); records the privacy spent."""
 
-        def count(_optimizer: DPOptimizer) -> None:  # after the noise of each step: what the accountant counts
-            nonlocal steps_done
-            steps_done += 1
+        def spend(steps: int) -> None:
+            self.budget.record(noise_multiplier=rc.dp_sgd_noise_multiplier, sample_rate=q, steps=steps)
 
-        with dp_sgd_ready(model):
-            for name, p in model.named_parameters():
-                p.requires_grad_(self._requires_grad[name])
-            if rc.stage not in self._dp_params:
-                probe = to_device(collate([dataset[i] for i in range(min(2, n))]), self.device)
-                self._dp_params[rc.stage] = per_sample_parameters(model, probe, stage=rc.stage)
-                logger.info(
-                    "DP-SGD stage %s: %d parameter tensors frozen (no per-study gradient): %s",
-                    rc.stage,
-                    len(self._dp_params[rc.stage][1]),
-                    sorted(self._dp_params[rc.stage][1]),
-                )
-            kept, _ = self._dp_params[rc.stage]
-            if not kept:
-                raise RuntimeError(f"no parameter has a per-study gradient in stage {rc.stage!r}")
-            for name, p in model.named_parameters():
-                p.requires_grad_(name in kept)
-            seed_everything(train.seed)
-            reset_opacus_state(model, params=True)
-            noise_gen = torch.Generator(device=self.device)
-            noise_gen.manual_seed(secrets.randbits(63))
-            sample_gen = torch.Generator()
-            sample_gen.manual_seed(secrets.randbits(63))
-            gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-            try:
-                optimizer = DPOptimizer(
-                    build_optimizer(model, train),
-                    noise_multiplier=rc.noise_multiplier,
-                    max_grad_norm=rc.max_grad_norm,
-                    expected_batch_size=round(q * n),
-                    loss_reduction="mean",
-                    generator=noise_gen,
-                )
-                optimizer.attach_step_hook(count)
-                sampler = UniformWithReplacementSampler(
-                    num_samples=n, sample_rate=q, generator=sample_gen, steps=rc.local_steps
-                )
-                empty = empty_like(collate([dataset[0]]))
-                loader = DataLoader(
-                    dataset,
-                    batch_sampler=sampler,
-                    collate_fn=PoissonCollate(empty),
-                    num_workers=self.config.num_workers,
-                )
-                module = EmptyBatchSafe(gsm, [p for p in model.parameters() if p.requires_grad])
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    return run_steps(
-                        cast(LungVLModel, module),
-                        cycle(loader),
-                        optimizer,
-                        stage=rc.stage,
-                        steps=rc.local_steps,
-                        device=self.device,
-                        grad_clip=0.0,
-                        bf16=self.config.bf16,
-                        seed=train.seed,
-                    )
-            finally:
-                gsm.to_standard_module()  # removes the hooks
-                reset_opacus_state(model, params=True)
-                model.zero_grad(set_to_none=True)
-                for name, p in model.named_parameters():
-                    p.requires_grad_(self._requires_grad[name])
-                if steps_done:  # spent even if the round then failed: record what ran
-                    self.budget.record(noise_multiplier=rc.noise_multiplier, sample_rate=q, steps=steps_done)
+        return dp_sgd_steps(
+            model=self.model,
+            dataset=dataset,
+            optimizer=build_optimizer(self.model, train),
+            stage=rc.stage,
+            steps=rc.local_steps,
+            sample_rate=q,
+            noise_multiplier=rc.dp_sgd_noise_multiplier,
+            max_grad_norm=rc.dp_sgd_max_grad_norm,
+            device=self.device,
+            bf16=self.config.bf16,
+            seed=train.seed,
+            num_workers=self.config.num_workers,
+            trainable=self._dp_params,
+            on_steps=spend,
+        )
 
     def _dp_metrics(self, rc: RoundConfig, q: float, steps: int) -> dict[str, float | int]:
         exhausted = self.budget.accountant.would_exceed(
             target_epsilon=self.budget.epsilon_budget,
             delta=self.budget.delta,
-            noise_multiplier=rc.noise_multiplier,
+            noise_multiplier=rc.dp_sgd_noise_multiplier,
             sample_rate=q,
             num_steps=rc.local_steps,
         )
         self.last_dp = {
-            "noise_multiplier": rc.noise_multiplier,
-            "max_grad_norm": rc.max_grad_norm,
+            "dp_sgd_noise_multiplier": rc.dp_sgd_noise_multiplier,
+            "dp_sgd_max_grad_norm": rc.dp_sgd_max_grad_norm,
             "sample_rate": q,
             "dp_steps": steps,
         }

@@ -1,29 +1,8 @@
-"""Differential privacy for lungvl: accounting with persistent state and per-site budgets.
+"""Differential privacy for lungvl: accounting with persistent state, per-site budgets, DP-SGD wiring.
 
-Layering (DESIGN.md section 1): imports ``lungvl_model``, numpy, torch and opacus only; never flwr.
+Modules: :mod:`privacy.accountant` (registry, persistent state), :mod:`privacy.budget` (the server's
+client-level accountant, a site's budget), :mod:`privacy.dp_sgd` and :mod:`privacy.dp_sgd_train`
+(patient-level DP-SGD of the LungVL model with Opacus). Import from those modules; this package
+re-exports nothing. Layering (DESIGN.md section 1): imports ``lungvl_model``, numpy, torch and opacus
+only; never flwr.
 """
-
-from privacy.accountant import (
-    ACCOUNTANT_STATE_FILE,
-    HistoryEntry,
-    PrivacyAccountant,
-    PrivacyBudgetExceeded,
-    available_accountants,
-    create_accountant,
-    get_noise_multiplier,
-    register_accountant,
-)
-from privacy.budget import ClientLevelAccountant, SiteBudget
-
-__all__ = [
-    "ACCOUNTANT_STATE_FILE",
-    "ClientLevelAccountant",
-    "HistoryEntry",
-    "PrivacyAccountant",
-    "PrivacyBudgetExceeded",
-    "SiteBudget",
-    "available_accountants",
-    "create_accountant",
-    "get_noise_multiplier",
-    "register_accountant",
-]

@@ -6,7 +6,7 @@
 name; it is JSON-serialisable, and loading rebuilds the Opacus accountant by replaying the history, so
 ε survives restarts. ε is recomputed from the whole history on demand (cached until the next step).
 
-Two users of it, in :mod:`privacy.budget` (re-exported here):
+Two users of it, in :mod:`privacy.budget`:
 
 * the server, for client-level DP: :class:`~privacy.budget.ClientLevelAccountant`, one sampled-Gaussian
   step per round with ``q = expected_sites / total_sites``;
@@ -372,6 +372,3 @@ def get_noise_multiplier(
             f"({err})"
         ) from None
     return float(sigma)
-
-
-#: Names that moved to :mod:`privacy.budget`; still importable from here.

@@ -5,8 +5,6 @@
 * a site, for sample-level DP-SGD: :class:`SiteBudget`, which keeps the site's accountant in
   ``<state_dir>/privacy_accountant.json`` and refuses local training that would take ε past the site's
   budget, whatever the server asks.
-
-Both are re-exported by :mod:`privacy.accountant` (and :mod:`privacy`), where they used to live.
 """
 
 from __future__ import annotations

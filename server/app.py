@@ -34,16 +34,18 @@ import numpy as np
 import torch
 from flwr.app import Context, UserConfigValue
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.inflatable import inflatable_utils
 
-from lungvl_model.federation_protocol import arrays_to_model, model_to_arrays
+from federation.arrays import arrays_to_model, model_to_arrays
+from federation.records import arrays_to_record
+from federation.transport import shorten_object_pull_backoff
 from lungvl_model.models.lungvl import LungVLModel
-from lungvl_model.patching import override_keyword_defaults
 from lungvl_model.training.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from server.aggregation import Arrays
 from server.config import ServerConfig
 from server.registry import Registry
-from server.strategy import DPFedAvgM, RoundEngine, RoundOutcome, arrays_to_record
+from server.round_engine import RoundEngine
+from server.round_types import RoundOutcome
+from server.strategy import DPFedAvgM
 
 __all__ = [
     "RUN_FILE",
@@ -61,10 +63,6 @@ STATE_FILE = "server_state.pt"
 Log = Callable[[str], None]
 #: Settings that may differ between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = frozenset({"rounds", "round_timeout_s"})
-#: Backoff (first wait, longest wait; s) when pulling a reply's objects that are not uploaded yet.
-#: Flower 1.42's fixed 1 s doubling to 10 s costs up to 8 s per ask that comes before the upload is
-#: complete (seen on loopback); each ask is one request to the SuperLink.
-REPLY_PULL_BACKOFF_S = (0.2, 1.0)
 
 
 @dataclass(frozen=True)
@@ -257,9 +255,7 @@ def make_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        initial, cap = REPLY_PULL_BACKOFF_S
-        for func in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
-            override_keyword_defaults(func, initial_backoff=initial, backoff_cap=cap)
+        shorten_object_pull_backoff()
         spec = ServerRunSpec.from_run_config({**(defaults or {}), **context.run_config})
         summary = run_server(grid, spec, log=log)
         if on_done is not None:

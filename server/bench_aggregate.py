@@ -43,8 +43,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvgM
 
+from federation.records import arrays_from_record
 from server.aggregation import Arrays, Shape, StreamingAggregator, apply_server_momentum, dp_fedavgm_step
-from server.strategy import arrays_from_record
 
 PEER = "flower FedAvgM"
 METHODS = (PEER, "lungvl batch", "lungvl stream", "lungvl stream+unpack")

@@ -1,16 +1,18 @@
 """The consortium server's settings: one frozen dataclass, built from TOML, saved with every run.
 
-A ``server.toml`` holds the settings either at the top level or under ``[server]``; the tables
-``[strategy]``, ``[dp]`` and ``[training]`` are accepted as well and merged (a scenario file uses
-them), so these three files mean the same::
+A ``server.toml`` holds the settings either at the top level or under ``[server]`` (any key), or in
+the tables ``[strategy]``, ``[dp]`` and ``[training]``, each of which accepts only its own keys
+(:data:`TABLE_KEYS`); so these three files mean the same::
 
-    [server]                 [strategy]               rounds = 10
-    rounds = 10              rounds = 10              noise_multiplier = 1.0
-    noise_multiplier = 1.0   [dp]
-                             noise_multiplier = 1.0
+    [server]                        [strategy]                      rounds = 10
+    rounds = 10                     rounds = 10                     client_noise_multiplier = 1.0
+    client_noise_multiplier = 1.0   [dp]
+                                    client_noise_multiplier = 1.0
 
 Unknown keys raise ``KeyError`` with a "did you mean" hint; bad values raise ``ValueError`` naming the
-key and the value.
+key and the value. The sites' per-round settings (``stage``, ``local_steps``, ``lr``, ``batch_size``,
+``dp_sgd*``, ``dg_penalty``, ``dro_step``) are validated by the
+:class:`~federation.protocol.RoundConfig` they become, the same rules a site applies on receipt.
 """
 
 from __future__ import annotations
@@ -23,15 +25,44 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["STRATEGIES", "TABLES", "ServerConfig"]
+import numpy as np
+
+from federation.protocol import RoundConfig
+
+__all__ = ["SITE_SAMPLINGS", "STRATEGIES", "TABLES", "TABLE_KEYS", "ServerConfig", "round_seed"]
 
 STRATEGIES: Final = ("fedavg", "fedavgm")
+#: How the sites of a round are drawn: independently with probability ``fraction_train`` (Poisson;
+#: what the client-level accountant analyses) or a fixed number without replacement (no client-level
+#: DP with ``fraction_train < 1``: lungvl has no without-replacement analysis).
+SITE_SAMPLINGS: Final = ("poisson", "fixed")
+#: The keys each strict table accepts; ``[server]`` and the top level accept all of them.
+TABLE_KEYS: Final[dict[str, frozenset[str]]] = {
+    "strategy": frozenset(
+        {"rounds", "fraction_train", "fraction_evaluate", "min_sites", "strategy", "server_lr", "server_momentum",
+         "max_update_norm", "site_sampling", "seed", "round_timeout_s"}
+    ),
+    "dp": frozenset(
+        {"clip_norm", "client_noise_multiplier", "target_epsilon", "delta", "accountant", "reproducible_noise",
+         "dp_sgd", "dp_sgd_noise_multiplier", "dp_sgd_max_grad_norm"}
+    ),
+    "training": frozenset({"stage", "local_steps", "lr", "batch_size", "dg_penalty", "dro_step"}),
+}  # fmt: skip
 #: TOML tables whose keys are merged into one flat settings dict.
-TABLES: Final = ("server", "strategy", "dp", "training")
-_STAGES: Final = ("ssl", "seg", "vl")
+TABLES: Final = ("server", *TABLE_KEYS)
+
+
+def round_seed(seed: int, rnd: int) -> int:
+    """The data-order seed sent to the sites in round ``rnd`` (a function of ``(seed, rnd)``; never DP noise)."""
+    return int(np.random.SeedSequence([seed, rnd]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def _unknown_key_error(key: str, known: list[str], where: str) -> KeyError:
+    if key == "noise_multiplier":  # two σ, named for what they are
+        return KeyError(
+            f"unknown {where} key 'noise_multiplier'; did you mean 'client_noise_multiplier' (the server's noise on "
+            "the sum of site updates) or 'dp_sgd_noise_multiplier' (DP-SGD at the sites)?"
+        )
     hint = difflib.get_close_matches(key, known, n=1)
     return KeyError(f"unknown {where} key {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
 
@@ -42,32 +73,41 @@ class ServerConfig:
 
     Attributes:
         rounds: federated rounds to run.
-        fraction_train: share of the connected sites sampled per round (at least ``min_sites``).
+        fraction_train: with ``site_sampling = "poisson"`` the probability that a site is sampled in a
+            round (the client-level accountant's ``q``); with ``"fixed"`` the share of the connected
+            sites drawn (at least ``min_sites``).
         fraction_evaluate: share of the sites asked to evaluate the new global model (0 = no
             federated evaluation).
-        min_sites: fewest valid replies for a round to move the model; also the fewest sites sampled.
+        min_sites: fewest valid replies for a round to move the model (with ``"fixed"`` sampling also
+            the fewest sites drawn).
         strategy: ``"fedavgm"`` (server momentum) or ``"fedavg"`` (``server_momentum`` ignored, i.e. 0).
         server_lr: server learning rate ``η``.
         server_momentum: server momentum ``β`` in ``[0, 1)``.
         clip_norm: per-site L2 clip ``C`` of the update (client-level DP); 0 = no clipping.
-        noise_multiplier: client-level noise ``σ`` (std ``σ·C`` on the clipped sum); 0 = no client-level DP.
+        client_noise_multiplier: client-level noise ``σ`` (std ``σ·C`` on the clipped sum of the site
+            updates); 0 = no client-level DP. Not the sites' DP-SGD σ (``dp_sgd_noise_multiplier``).
         target_epsilon: client-level ε budget at ``delta``; 0 = no budget. The run stops before a round
             that would pass it.
         delta: δ at which ε is reported.
         accountant: ``"rdp"`` or ``"prv"``.
         max_update_norm: updates with a larger L2 norm are rejected (before clipping); 0 = no limit.
+        site_sampling: ``"poisson"`` or ``"fixed"`` (:data:`SITE_SAMPLINGS`).
+        reproducible_noise: research only: draw the client-level noise and the site sample from
+            ``seed`` so that a simulation can be repeated bit for bit. Such a run is *not private* (anyone
+            who knows the seed can subtract the noise); the registry and ``server status`` say so. By
+            default both come from OS entropy and are never stored or sent.
         stage: training stage at the sites (``ssl``/``seg``/``vl``).
         local_steps: optimisation steps per site per round.
         lr: local learning rate.
         batch_size: local batch size.
-        dp_sgd: ask the sites to run Opacus DP-SGD (sample-level DP, the sites' own budgets apply).
-        dp_sgd_noise_multiplier: DP-SGD noise multiplier at the sites.
-        dp_sgd_max_grad_norm: DP-SGD per-sample clip at the sites.
+        dp_sgd: ask the sites to run Opacus DP-SGD (patient-level DP, the sites' own budgets apply).
+        dp_sgd_noise_multiplier: DP-SGD noise multiplier σ at the sites.
+        dp_sgd_max_grad_norm: DP-SGD per-study clip at the sites.
         dg_penalty: weight of the sites' variance penalty across slice-thickness subgroups
             (domain generalisation, ``lungvl_model.losses.group_penalty``; 0 = off; not with DP-SGD).
         dro_step: group-DRO step size for the subgroup weights at the sites (0 = off; not with DP-SGD).
-        seed: seed of site sampling, of the aggregation noise and of the sites' rounds (per round,
-            derived from ``(seed, round)``).
+        seed: seed of the sites' data order (per round, :func:`round_seed`); seeds site sampling and
+            the aggregation noise only with ``reproducible_noise``.
         round_timeout_s: seconds to wait for the replies of a round; missing replies count as timeouts.
     """
 
@@ -79,11 +119,13 @@ class ServerConfig:
     server_lr: float = 1.0
     server_momentum: float = 0.9
     clip_norm: float = 0.0
-    noise_multiplier: float = 0.0
+    client_noise_multiplier: float = 0.0
     target_epsilon: float = 0.0
     delta: float = 1e-5
     accountant: str = "rdp"
     max_update_norm: float = 0.0
+    site_sampling: str = "poisson"
+    reproducible_noise: bool = False
     stage: str = "vl"
     local_steps: int = 5
     lr: float = 3e-4
@@ -101,13 +143,14 @@ class ServerConfig:
             value = getattr(self, f.name)
             if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise ValueError(f"ServerConfig.{f.name} must be a number, got {value!r}")
+            if f.type == "int" and not isinstance(value, int):
+                raise ValueError(f"ServerConfig.{f.name} must be an integer, got {value!r}")
             if f.type == "float" and not math.isfinite(value):
                 raise ValueError(f"ServerConfig.{f.name} must be finite, got {value!r}")
-        if self.rounds < 1 or self.min_sites < 1 or self.local_steps < 1 or self.batch_size < 1:
-            raise ValueError(
-                "ServerConfig: rounds, min_sites, local_steps and batch_size must be >= 1, got "
-                f"{self.rounds}, {self.min_sites}, {self.local_steps}, {self.batch_size}"
-            )
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"ServerConfig.{f.name} must be true or false, got {value!r}")
+        if self.rounds < 1 or self.min_sites < 1:
+            raise ValueError(f"ServerConfig: rounds and min_sites must be >= 1, got {self.rounds}, {self.min_sites}")
         if not 0 < self.fraction_train <= 1 or not 0 <= self.fraction_evaluate <= 1:
             raise ValueError(
                 f"ServerConfig: need 0 < fraction_train <= 1 and 0 <= fraction_evaluate <= 1, got "
@@ -115,57 +158,48 @@ class ServerConfig:
             )
         if self.strategy not in STRATEGIES:
             raise ValueError(f"ServerConfig.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.stage not in _STAGES:
-            raise ValueError(f"ServerConfig.stage must be one of {_STAGES}, got {self.stage!r}")
+        if self.site_sampling not in SITE_SAMPLINGS:
+            raise ValueError(f"ServerConfig.site_sampling must be one of {SITE_SAMPLINGS}, got {self.site_sampling!r}")
         if self.server_lr <= 0 or not 0 <= self.server_momentum < 1:
             raise ValueError(
                 f"ServerConfig: need server_lr > 0 and 0 <= server_momentum < 1, got {self.server_lr}, "
                 f"{self.server_momentum}"
             )
-        for name in (
-            "clip_norm",
-            "noise_multiplier",
-            "target_epsilon",
-            "max_update_norm",
-            "lr",
-            "round_timeout_s",
-            "dg_penalty",
-            "dro_step",
-        ):
+        for name in ("clip_norm", "client_noise_multiplier", "target_epsilon", "max_update_norm", "round_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr == 0 or self.round_timeout_s == 0:
-            raise ValueError(f"ServerConfig: lr and round_timeout_s must be > 0, got {self.lr}, {self.round_timeout_s}")
-        if self.noise_multiplier > 0 and self.clip_norm == 0:
+        if self.round_timeout_s == 0:
+            raise ValueError("ServerConfig.round_timeout_s must be > 0, got 0")
+        if self.client_noise_multiplier > 0 and self.clip_norm == 0:
             raise ValueError(
-                f"ServerConfig.noise_multiplier={self.noise_multiplier} needs clip_norm > 0 (noise std is σ·C)"
+                f"ServerConfig.client_noise_multiplier={self.client_noise_multiplier} needs clip_norm > 0 "
+                "(noise std is σ·C)"
             )
-        if self.target_epsilon > 0 and self.noise_multiplier == 0:
+        if self.target_epsilon > 0 and self.client_noise_multiplier == 0:
             raise ValueError(
-                f"ServerConfig.target_epsilon={self.target_epsilon} needs noise_multiplier > 0 (client-level DP)"
+                f"ServerConfig.target_epsilon={self.target_epsilon} needs client_noise_multiplier > 0 (client-level DP)"
+            )
+        if self.client_dp and self.site_sampling == "fixed" and self.fraction_train < 1:
+            raise ValueError(
+                f"ServerConfig: site_sampling='fixed' with fraction_train={self.fraction_train} < 1 under client-level "
+                "DP: the accountant analyses Poisson sampling only; use site_sampling='poisson'"
             )
         if not 0 < self.delta < 1:
             raise ValueError(f"ServerConfig.delta must be in (0, 1), got {self.delta}")
         if self.accountant not in ("rdp", "prv"):
             raise ValueError(f"ServerConfig.accountant must be 'rdp' or 'prv', got {self.accountant!r}")
-        if self.dp_sgd and (self.dp_sgd_noise_multiplier <= 0 or self.dp_sgd_max_grad_norm <= 0):
-            raise ValueError(
-                "ServerConfig: dp_sgd needs dp_sgd_noise_multiplier > 0 and dp_sgd_max_grad_norm > 0, got "
-                f"{self.dp_sgd_noise_multiplier}, {self.dp_sgd_max_grad_norm}"
-            )
-        if self.dp_sgd and (self.dg_penalty > 0 or self.dro_step > 0):
-            raise ValueError(
-                f"ServerConfig: dg_penalty={self.dg_penalty} / dro_step={self.dro_step} cannot be combined with "
-                "dp_sgd (the subgroup penalty couples studies, so per-study clipping would not bound them)"
-            )
         if self.seed < 0:
             raise ValueError(f"ServerConfig.seed must be >= 0, got {self.seed}")
+        try:  # the sites' settings: RoundConfig's rules, the ones a site applies on receipt
+            self.round_config(1)
+        except ValueError as err:
+            raise ValueError(f"ServerConfig: {err}") from None
 
     # ---- derived
     @property
     def client_dp(self) -> bool:
         """Whether client-level DP is on (clipping plus noise, uniform mean over the expected sites)."""
-        return self.noise_multiplier > 0
+        return self.client_noise_multiplier > 0
 
     @property
     def momentum(self) -> float:
@@ -173,8 +207,30 @@ class ServerConfig:
         return 0.0 if self.strategy == "fedavg" else self.server_momentum
 
     def sample_size(self, available: int) -> int:
-        """Sites to sample from ``available`` connected ones: ``max(⌊fraction·N⌋, min_sites)``, at most N."""
+        """``"fixed"`` sampling: sites drawn from ``available``: ``max(⌊fraction·N⌋, min_sites)``, at most N."""
         return min(available, max(int(available * self.fraction_train), self.min_sites))
+
+    def expected_sites(self, available: int) -> float:
+        """The divisor of the DP mean: ``q·N`` for Poisson sampling, the fixed sample size otherwise."""
+        if self.site_sampling == "poisson":
+            return self.fraction_train * available
+        return float(self.sample_size(available))
+
+    def round_config(self, rnd: int) -> RoundConfig:
+        """The config record sent with round ``rnd``'s messages (raises ``ValueError`` naming a bad value)."""
+        return RoundConfig(
+            server_round=rnd,
+            stage=self.stage,
+            local_steps=self.local_steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            seed=round_seed(self.seed, rnd),
+            dp_sgd=self.dp_sgd,
+            dp_sgd_noise_multiplier=self.dp_sgd_noise_multiplier,
+            dp_sgd_max_grad_norm=self.dp_sgd_max_grad_norm,
+            dg_penalty=self.dg_penalty,
+            dro_step=self.dro_step,
+        )
 
     # ---- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -219,6 +275,14 @@ class ServerConfig:
                 if not isinstance(value, Mapping):
                     raise ValueError(f"[{key}] must be a table, got {value!r}")
                 items = list(value.items())
+                own = TABLE_KEYS.get(key)
+                for k, _ in items:
+                    if own is not None and k not in own:
+                        home = [t for t, keys in TABLE_KEYS.items() if k in keys]
+                        where = f"; it belongs in [{home[0]}]" if home else ""
+                        if not home:
+                            raise _unknown_key_error(k, sorted(own), f"[{key}]")
+                        raise KeyError(f"[{key}] does not take {k!r}{where}")
             elif isinstance(value, Mapping):
                 raise _unknown_key_error(key, [*TABLES, *ignore], "server TOML table")
             else:

@@ -46,8 +46,8 @@ from typing import Any, Final
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from federation.processes import stop_process
 from lungvl_model.data.site_layout import toml_dumps
-from lungvl_model.processes import stop_process
 from server.app import RUN_FILE
 from server.config import ServerConfig
 from server.registry import Registry

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from lungvl_model.federation_protocol import NUM_EXAMPLES, RoundConfig
+from federation.metrics import weighted_means
+from federation.protocol import NUM_EXAMPLES, RoundConfig
 from privacy.budget import ClientLevelAccountant
 from server.aggregation import (
     AggregationError,
@@ -30,7 +31,7 @@ from server.aggregation import (
 )
 from server.config import ServerConfig
 from server.registry import Registry
-from server.round_types import NOT_GLOBAL, RoundOutcome, SiteReply, round_config, weighted_means
+from server.round_types import RoundOutcome, SiteReply
 
 __all__ = ["Log", "RoundEngine", "RoundHook"]
 
@@ -111,7 +112,7 @@ class RoundEngine:
 
     def round_config(self, rnd: int) -> RoundConfig:
         """The config record sent with round ``rnd``'s train and evaluate messages."""
-        return round_config(self.config, rnd)
+        return self.config.round_config(rnd)
 
     # ------------------------------------------------------------------ a round
     def _ensure_accountant(self, total_sites: int, expected_sites: int) -> ClientLevelAccountant:
@@ -121,7 +122,7 @@ class RoundEngine:
             fresh = ClientLevelAccountant(
                 total_sites=total_sites,
                 expected_sites=expected_sites,
-                noise_multiplier=c.noise_multiplier,
+                noise_multiplier=c.client_noise_multiplier,
                 delta=c.delta,
                 target_epsilon=c.target_epsilon or None,
                 accountant=c.accountant,
@@ -233,7 +234,7 @@ class RoundEngine:
                 site_name=name,
                 epsilon=m["epsilon"],
                 delta=m["delta"],
-                noise_multiplier=m.get("noise_multiplier", 0.0),
+                noise_multiplier=m.get("dp_sgd_noise_multiplier", 0.0),
                 sample_rate=m.get("sample_rate", 0.0),
                 steps=int(m.get("dp_steps", 0)),
                 accountant="site",
@@ -258,7 +259,7 @@ class RoundEngine:
         if ok >= c.min_sites and ok > 0:
             mean = self._agg.finalize(
                 expected_sites=len(self._sampled) if c.clip_norm else None,
-                noise_multiplier=c.noise_multiplier,
+                noise_multiplier=c.client_noise_multiplier,
                 rng=np.random.default_rng([c.seed, rnd, _NOISE]),
             )
             self.weights, self.momentum = apply_server_momentum(
@@ -266,7 +267,7 @@ class RoundEngine:
             )
             outcome.status = "completed"
             outcome.update_norm = l2_norm(mean)
-            outcome.train_metrics = weighted_means(self._train_rows, skip=NOT_GLOBAL)
+            outcome.train_metrics = weighted_means(self._train_rows)
             if c.client_dp and self.accountant is not None:
                 outcome.epsilon = self.accountant.step_round()
                 self._record_client_privacy(rnd)
@@ -307,7 +308,7 @@ class RoundEngine:
             rows.append((int(r.num_examples), finite))
             if self.registry is not None and self.run_id is not None:
                 self.registry.record_metrics(self.run_id, outcome.round, f"site:{self.label(r.node_id)}", finite)
-        outcome.eval_metrics = weighted_means(rows, skip=NOT_GLOBAL)
+        outcome.eval_metrics = weighted_means(rows)
         if self.registry is not None and self.run_id is not None and outcome.eval_metrics:
             self.registry.record_metrics(self.run_id, outcome.round, "global", outcome.eval_metrics)
         return outcome.eval_metrics

@@ -5,7 +5,7 @@ Flower: the global weights, the server momentum buffer, the client-level account
 sampling, the fold of one reply at a time into :class:`~server.aggregation.StreamingAggregator`, and
 what goes into the registry. Its state is checkpointable
 (:meth:`~server.round_engine.RoundEngine.state_dict`). The plain values a round exchanges live in
-:mod:`server.round_types`; this module re-exports them and the engine, so existing imports keep working.
+:mod:`server.round_types`.
 
 :class:`DPFedAvgM` is the Flower glue: it turns engine decisions into ``Message`` objects and replies
 back into :class:`~server.round_types.SiteReply`, and runs the rounds (:meth:`DPFedAvgM.start`). It owns aggregation
@@ -35,54 +35,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-import numpy as np
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    ConfigRecordValues,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from lungvl_model.federation_protocol import (
-    ARRAYS,
-    CONFIG,
-    METRICS,
-    NUM_EXAMPLES,
-    PACKED_SHAPES,
-    PACKED_VALUES,
-    QUERY_KEY,
-    SITE_NAME_KEY,
-    RoundConfig,
-    flatten_arrays,
-    unflatten_arrays,
-)
+from federation.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, QUERY_KEY, SITE_NAME_KEY
+from federation.records import RecordError, arrays_from_record, arrays_to_record, config_record
 from privacy.accountant import PrivacyBudgetExceeded
-from server.aggregation import AggregationError, Arrays
 from server.config import ServerConfig
 from server.registry import Registry
 from server.round_engine import Log, RoundEngine, RoundHook
-from server.round_types import RoundOutcome, SiteReply, round_config, round_seed
+from server.round_types import RoundOutcome, SiteReply
 
-__all__ = [
-    "SITE_NAME_KEY",
-    "DPFedAvgM",
-    "RoundEngine",
-    "RoundOutcome",
-    "SiteReply",
-    "arrays_from_record",
-    "arrays_to_record",
-    "round_seed",
-    "round_config",
-]
+__all__ = ["DPFedAvgM"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,35 +58,6 @@ logger = logging.getLogger(__name__)
 NAME_QUERY_TIMEOUT_S = 300.0
 #: Wait for a site that did not answer the first name query, in each later round.
 NAME_REASK_TIMEOUT_S = 10.0
-
-
-def arrays_to_record(arrays: Sequence[np.ndarray]) -> ArrayRecord:
-    """Arrays packed for the wire (:func:`~lungvl_model.federation_protocol.flatten_arrays`): two objects."""
-    values, shapes = flatten_arrays(arrays)
-    return ArrayRecord({PACKED_VALUES: Array(values), PACKED_SHAPES: Array(shapes)})
-
-
-def arrays_from_record(record: ArrayRecord) -> Arrays:
-    """Inverse of :func:`arrays_to_record`; also reads one array per key ``"0"``..``"n-1"`` (any key order).
-
-    Raises:
-        AggregationError: a packed record whose shape table does not fit its values, or keys that are
-            neither the packed pair nor ``0..n-1``.
-    """
-    keys = list(record.keys())
-    if set(keys) == {PACKED_VALUES, PACKED_SHAPES}:
-        try:
-            return unflatten_arrays(record[PACKED_VALUES].numpy(), record[PACKED_SHAPES].numpy())
-        except ValueError as err:
-            raise AggregationError(str(err)) from err
-    if sorted(keys, key=lambda k: int(k) if k.isdigit() else -1) != [str(i) for i in range(len(keys))]:
-        raise AggregationError(f"array record keys must be '0'..'{len(keys) - 1}', got {keys[:5]}...")
-    return [record[str(i)].numpy() for i in range(len(keys))]
-
-
-def _config_record(rc: RoundConfig) -> ConfigRecord:
-    values: dict[str, ConfigRecordValues] = dict(rc.to_record())
-    return ConfigRecord(values)
 
 
 def _reply_to_site(
@@ -144,7 +83,7 @@ def _reply_to_site(
         arrays = None if arrays_rec is None else arrays_from_record(arrays_rec)
         size = None if arrays_rec is None else sum(len(a.data) for a in arrays_rec.values())
         n = int(metrics.get(NUM_EXAMPLES, 0))
-    except (AggregationError, ValueError, TypeError, KeyError) as err:
+    except (RecordError, ValueError, TypeError, KeyError) as err:
         return SiteReply(node_id=node, site_name=name, error=f"unreadable reply: {err}", seconds=seconds)
     return SiteReply(
         node_id=node,
@@ -197,7 +136,7 @@ class DPFedAvgM(Strategy):
     def summary(self) -> None:
         """Log the settings."""
         c = self.config
-        dp = f"client-level DP σ={c.noise_multiplier}, C={c.clip_norm}" if c.client_dp else "no client-level DP"
+        dp = f"client-level DP σ={c.client_noise_multiplier}, C={c.clip_norm}" if c.client_dp else "no client-level DP"
         self.log(
             f"DPFedAvgM: {c.strategy}, η={c.server_lr}, β={c.momentum}, fraction={c.fraction_train}, "
             f"min_sites={c.min_sites}, {dp}"
@@ -217,7 +156,7 @@ class DPFedAvgM(Strategy):
         nodes = list(grid.get_node_ids())
         sampled = eng.sample(nodes, server_round)
         eng.begin_round(server_round, sampled, total_sites=len(nodes))
-        record = RecordDict({ARRAYS: arrays, CONFIG: _config_record(eng.round_config(server_round))})
+        record = RecordDict({ARRAYS: arrays, CONFIG: config_record(eng.round_config(server_round))})
         self._sent_at = time.time()
         return [Message(record, n, MessageType.TRAIN, group_id=str(server_round)) for n in sampled]
 
@@ -240,7 +179,7 @@ class DPFedAvgM(Strategy):
         """One evaluate message per site drawn for evaluation (``fraction_evaluate``)."""
         eng = self._engine()
         nodes = eng.sample_evaluate(grid.get_node_ids(), server_round)
-        record = RecordDict({ARRAYS: arrays, CONFIG: _config_record(eng.round_config(server_round))})
+        record = RecordDict({ARRAYS: arrays, CONFIG: config_record(eng.round_config(server_round))})
         self._sent_at = time.time()
         return [Message(record, n, MessageType.EVALUATE, group_id=str(server_round)) for n in nodes]
 

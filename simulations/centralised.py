@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from client.trainer import GRAD_CLIP
+from federation.arrays import model_to_arrays
 from lungvl_model.data.dataset import SiteDataset
-from lungvl_model.federation_protocol import model_to_arrays
 from lungvl_model.training.checkpoint import load_checkpoint
 from lungvl_model.training.config import TrainConfig
 from lungvl_model.training.loop import build_optimizer, cycle, make_loader, resolve_device, run_steps, seed_everything
+from server.config import round_seed
 from server.registry import Registry
-from server.strategy import round_seed
 from simulations.local_only import Recorder, initial_model, make_round_config, site_trainers
 from simulations.scenario import Scenario
 from simulations.simulate import prepare_sites, simulation_env

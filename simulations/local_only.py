@@ -2,7 +2,7 @@
 
 Each site's model starts from the same initial model package as the federation and runs, per round,
 exactly the local training a federated site runs (:meth:`client.trainer.SiteTrainer.fit` with the
-round's :class:`~lungvl_model.federation_protocol.RoundConfig`, DP-SGD included when the scenario asks
+round's :class:`~federation.protocol.RoundConfig`, DP-SGD included when the scenario asks
 for it), but keeps its own weights instead of receiving an aggregate. Reusing the site trainer rather
 than a second training loop keeps the comparison fair: same optimiser, steps, clipping, seeds and
 evaluation code as the federated cells (Flower is not involved: there is nothing to exchange).
@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,47 +31,25 @@ import numpy as np
 
 from client.app import SiteEndpoint
 from client.trainer import SiteTrainer
-from lungvl_model.federation_protocol import RoundConfig, model_to_arrays
+from federation.arrays import model_to_arrays
+from federation.metrics import weighted_means
+from federation.protocol import RoundConfig
 from lungvl_model.training.checkpoint import save_checkpoint
 from lungvl_model.training.stages import build_model
 from server.config import ServerConfig
 from server.registry import Registry
-from server.strategy import round_config
 from simulations.scenario import Scenario
 from simulations.simulate import plot_convergence, prepare_sites, simulation_env
 
 __all__ = [
-    "NOT_AVERAGED",
     "Recorder",
     "initial_model",
     "make_round_config",
     "run_local_only",
     "site_trainers",
-    "weighted_means",
 ]
 
 Progress = Callable[[str], None]
-#: Metrics that are bookkeeping or DP parameters, not averaged into the ``global`` scope.
-NOT_AVERAGED = (
-    "num_examples", "num_batches", "local_steps", "local_epochs", "seconds", "update_norm", "epsilon", "delta",
-    "noise_multiplier", "max_grad_norm", "sample_rate", "dp_steps", "budget_exhausted",
-)  # fmt: skip
-
-
-def weighted_means(
-    rows: Iterable[tuple[int, Mapping[str, float]]], skip: Iterable[str] = NOT_AVERAGED
-) -> dict[str, float]:
-    """Example-weighted mean per metric name over the rows that have it (finite values, ``n > 0`` only)."""
-    skipped = set(skip)
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    for n, metrics in rows:
-        for k, v in metrics.items():
-            if k in skipped or n <= 0 or not math.isfinite(v):
-                continue
-            sums[k] = sums.get(k, 0.0) + n * v
-            weights[k] = weights.get(k, 0.0) + n
-    return {k: sums[k] / weights[k] for k in sorted(sums)}
 
 
 def initial_model(scenario: Scenario, sites: Mapping[str, Path], target: Path, *, seed: int | None = None) -> Path:
@@ -107,7 +85,7 @@ def make_round_config(server: ServerConfig, rnd: int, *, dg_penalty: float = 0.0
     """The round config a federated server would send in round ``rnd`` (same fields, same round seed)."""
     if dg_penalty or dro_step:
         server = server.with_updates(dg_penalty=dg_penalty, dro_step=dro_step)
-    return round_config(server, rnd)
+    return server.round_config(rnd)
 
 
 class Recorder:
@@ -137,7 +115,7 @@ class Recorder:
             if "epsilon" in m and "delta" in m:
                 reg.record_privacy(
                     run, rnd, level="sample", site_name=name, epsilon=m["epsilon"], delta=m["delta"],
-                    noise_multiplier=m.get("noise_multiplier", 0.0), sample_rate=m.get("sample_rate", 0.0),
+                    noise_multiplier=m.get("dp_sgd_noise_multiplier", 0.0), sample_rate=m.get("sample_rate", 0.0),
                     steps=int(m.get("dp_steps", 0)), accountant="site",
                 )  # fmt: skip
         for name, (_, m) in site_rows.items():
@@ -215,7 +193,7 @@ def run_local_only(
     out.mkdir(parents=True, exist_ok=True)
     db = db_url or str(out / "registry.db")
     if scenario.server.client_dp:
-        log("local-only: client-level DP does not apply (nothing is aggregated); ignoring noise_multiplier")
+        log("local-only: client-level DP does not apply (nothing is aggregated); ignoring client_noise_multiplier")
     with simulation_env(out):
         sites = prepare_sites(scenario, out, log)
         model_dir = (

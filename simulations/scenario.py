@@ -19,7 +19,7 @@
     server_momentum = 0.9
 
     [dp]                       # ServerConfig keys too (client-level DP; dp_sgd asks the sites for DP-SGD)
-    noise_multiplier = 1.0
+    client_noise_multiplier = 1.0
     clip_norm = 1.0
 
     [training]                 # ServerConfig keys too (what the sites do each round)
@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 
 from lungvl_model.data.synth import PROFILES
 from lungvl_model.models.config import LungVLConfig, get_preset
-from server.config import ServerConfig
+from server.config import TABLE_KEYS, ServerConfig
 
 __all__ = ["Scenario", "SiteSpec", "deep_merge"]
 
@@ -223,12 +223,8 @@ class Scenario:
         run = {"name": self.name, "rounds": server.pop("rounds"), "seed": server.pop("seed"), "preset": self.preset}
         run |= {"matrix": self.matrix, "z_extent_mm": self.z_extent_mm, "num_cpus": self.num_cpus}
         run["holdout_fraction"] = self.holdout_fraction
-        return {
-            "run": run,
-            "model": dict(self.model_overrides),
-            "strategy": server,
-            "sites": [s.to_dict() for s in self.sites],
-        }
+        tables = {t: {k: v for k, v in server.items() if k in keys} for t, keys in TABLE_KEYS.items()}
+        return {"run": run, "model": dict(self.model_overrides), **tables, "sites": [s.to_dict() for s in self.sites]}
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], *, base_dir: Path | None = None, source: Path | None = None) -> Scenario:

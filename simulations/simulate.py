@@ -365,7 +365,7 @@ def summary_markdown(reg: Registry, run_id: int, scenario: Scenario) -> str:
     cols = [
         n for n in ("train_loss", "val_loss", "val_dice", "val_lung_rads_acc") if any(n in g for g in glob.values())
     ]
-    dp = f"σ = {c.noise_multiplier}, C = {c.clip_norm}, δ = {c.delta}" if c.client_dp else "off"
+    dp = f"σ = {c.client_noise_multiplier}, C = {c.clip_norm}, δ = {c.delta}" if c.client_dp else "off"
     lines = [
         f"# {scenario.name}",
         "",

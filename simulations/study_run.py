@@ -89,7 +89,7 @@ def cell_scenario(
     """
     c = base.server
     changes: dict[str, Any] = {"seed": cell.seed, "delta": study.delta, "dp_sgd": False}
-    changes |= {"noise_multiplier": 0.0, "target_epsilon": 0.0, "clip_norm": 0.0}
+    changes |= {"client_noise_multiplier": 0.0, "target_epsilon": 0.0, "clip_norm": 0.0}
     if cell.strategy == "fedavg":
         changes |= {"strategy": "fedavg", "server_lr": 1.0}
     elif cell.strategy == "fedavgm":
@@ -100,7 +100,11 @@ def cell_scenario(
         sigma = get_noise_multiplier(
             target_epsilon=cell.epsilon, delta=study.delta, sample_rate=q, steps=c.rounds, accountant=c.accountant
         )
-        changes |= {"clip_norm": study.client_clip_norm, "noise_multiplier": sigma, "target_epsilon": cell.epsilon}
+        changes |= {
+            "clip_norm": study.client_clip_norm,
+            "client_noise_multiplier": sigma,
+            "target_epsilon": cell.epsilon,
+        }
         noise["client_sigma"] = sigma
     elif cell.dp == "sample":
         steps = c.rounds * c.local_steps

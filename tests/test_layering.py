@@ -1,4 +1,4 @@
-"""DESIGN.md section 1: lungvl_model <- privacy <- client/server <- simulations <- lungvl (CLI)."""
+"""DESIGN.md section 1: lungvl_model <- privacy <- federation <- client/server <- simulations <- lungvl (CLI)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {
     "lungvl_model": set(),
     "privacy": {"lungvl_model"},
-    "client": {"lungvl_model", "privacy"},
-    "server": {"lungvl_model", "privacy"},
-    "simulations": {"lungvl_model", "privacy", "client", "server"},
-    "lungvl": {"lungvl_model", "privacy", "client", "server", "simulations"},
+    "federation": {"lungvl_model", "privacy"},
+    "client": {"lungvl_model", "privacy", "federation"},
+    "server": {"lungvl_model", "privacy", "federation"},
+    "simulations": {"lungvl_model", "privacy", "federation", "client", "server"},
+    "lungvl": {"lungvl_model", "privacy", "federation", "client", "server", "simulations"},
 }
 FORBIDDEN_THIRD_PARTY = {"lungvl_model": {"flwr", "opacus", "typer"}, "privacy": {"flwr", "typer"}}
 

@@ -17,24 +17,23 @@ from client.config import STATE_DIRNAME, ClientConfig
 from client.ledger import METRIC_WHITELIST
 from client.trainer import (
     TRAIN_REPLY,
-    EmptyBatchSafe,
-    PoissonCollate,
     SiteTrainer,
-    dp_sgd_ready,
     payload_bytes,
     site_seed,
 )
+from federation.arrays import array_keys, model_to_arrays
+from federation.protocol import RoundConfig
 from lungvl_model.data.dataset import collate
 from lungvl_model.data.preprocess import PreprocessConfig
 from lungvl_model.data.site_layout import toml_dumps
 from lungvl_model.data.split import training_studies
 from lungvl_model.data.synth import SynthConfig, generate_site
-from lungvl_model.federation_protocol import RoundConfig, array_keys, model_to_arrays
 from lungvl_model.models.config import HeadsConfig, LungVLConfig, TextConfig, VisionConfig
 from lungvl_model.training.checkpoint import save_checkpoint
 from lungvl_model.training.loop import run_steps
 from lungvl_model.training.stages import build_model
 from privacy.accountant import ACCOUNTANT_STATE_FILE, PrivacyBudgetExceeded
+from privacy.dp_sgd import EmptyBatchSafe, PoissonCollate, dp_sgd_ready
 
 CFG = LungVLConfig(
     preset="test",
@@ -43,7 +42,7 @@ CFG = LungVLConfig(
     heads=HeadsConfig(hidden=16),
     input=PreprocessConfig(spacing_mm=(8.0, 8.0, 8.0), size=(32, 32, 32)),
 )
-DP = {"dp_sgd": True, "noise_multiplier": 4.0, "max_grad_norm": 1.0}
+DP = {"dp_sgd": True, "dp_sgd_noise_multiplier": 4.0, "dp_sgd_max_grad_norm": 1.0}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -232,9 +231,9 @@ def test_dp_sgd_fit_spends_epsilon_that_survives_a_restart(package, tmp_path: Pa
     assert_whitelisted(res.metrics)
     m = res.metrics
     assert m["epsilon"] > 0 and m["dp_steps"] == 1 and m["sample_rate"] == pytest.approx(2 / 3)
-    assert m["noise_multiplier"] == 4.0 and m["delta"] == 1e-5
+    assert m["dp_sgd_noise_multiplier"] == 4.0 and m["delta"] == 1e-5
     assert "train_loss" not in m  # training losses are not privatised: they stay at the site
-    frozen = trainer._dp_params[stage][1]
+    frozen = {n for n, _ in trainer.model.named_parameters()} - trainer._dp_params[stage]
     assert "heads.decompose.weight" in frozen  # read through .weight: no per-study gradient
     if stage == "vl":  # GPT-2's positions get per-study ids under DP-SGD, so they still train
         assert "decoder.lm.transformer.wpe.weight" not in frozen and "image_proj.weight" in frozen  # no InfoNCE

@@ -34,8 +34,8 @@ import pytest
 
 from client.deploy import SiteDeployConfig, supernode_command
 from client.ledger import LEDGER_FILENAME, AuditLedger
+from federation.processes import stop_process
 from lungvl_model.data.site_layout import toml_dumps
-from server.deploy import stop_process
 from server.registry import Registry
 from simulations.scenario import Scenario
 from simulations.simulate import _initial_model, prepare_sites

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from federation.protocol import RoundConfig
 from lungvl_model.evaluation.site_summary import site_risk_metrics
-from lungvl_model.federation_protocol import RoundConfig
 from lungvl_model.losses.group_penalty import (
     GroupPenalized,
     GroupRiskLoss,

@@ -13,17 +13,16 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier as opacus_get_noise_multiplier
 
 import privacy.accountant as accountant_module
-from privacy import (
+from privacy.accountant import (
     ACCOUNTANT_STATE_FILE,
-    ClientLevelAccountant,
     PrivacyAccountant,
     PrivacyBudgetExceeded,
-    SiteBudget,
     available_accountants,
     create_accountant,
     get_noise_multiplier,
     register_accountant,
 )
+from privacy.budget import ClientLevelAccountant, SiteBudget
 
 DELTA = 1e-5
 OPACUS = {"rdp": RDPAccountant, "prv": PRVAccountant}

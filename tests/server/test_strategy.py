@@ -14,18 +14,16 @@ from flwr.clientapp import ClientApp
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp import Grid
 
-from lungvl_model.federation_protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, RoundConfig
+from federation.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, RoundConfig
+from federation.records import arrays_from_record, arrays_to_record
 from privacy.accountant import PrivacyBudgetExceeded
 from server.aggregation import clip_update
-from server.config import ServerConfig
+from server.config import ServerConfig, round_seed
 from server.registry import Registry
+from server.round_engine import RoundEngine
+from server.round_types import SiteReply
 from server.strategy import (
     DPFedAvgM,
-    RoundEngine,
-    SiteReply,
-    arrays_from_record,
-    arrays_to_record,
-    round_seed,
 )
 
 W0 = [np.zeros((2, 3), np.float32), np.ones(4, np.float32)]
@@ -131,7 +129,7 @@ def test_server_momentum_accumulates(tmp_path: Path) -> None:
 
 
 def test_client_level_dp_clips_adds_seeded_noise_and_epsilon_grows(tmp_path: Path) -> None:
-    eng, reg, run = make(tmp_path, clip_norm=1.0, noise_multiplier=0.7, seed=3, min_sites=2)
+    eng, reg, run = make(tmp_path, clip_norm=1.0, client_noise_multiplier=0.7, seed=3, min_sites=2)
     d1, d2 = delta(2.0), delta(0.01)
     out = play_round(eng, 1, {1: SiteReply(1, arrays=d1, num_examples=100), 2: SiteReply(2, arrays=d2, num_examples=1)})
     c1, _ = clip_update(d1, 1.0)
@@ -151,7 +149,7 @@ def test_client_level_dp_clips_adds_seeded_noise_and_epsilon_grows(tmp_path: Pat
 
 
 def test_budget_stops_before_the_round_that_would_pass_it(tmp_path: Path) -> None:
-    eng, reg, run = make(tmp_path, clip_norm=1.0, noise_multiplier=2.0, target_epsilon=4.5)
+    eng, reg, run = make(tmp_path, clip_norm=1.0, client_noise_multiplier=2.0, target_epsilon=4.5)
     replies = {1: SiteReply(1, arrays=delta(0.1), num_examples=1), 2: SiteReply(2, arrays=delta(0.1), num_examples=1)}
     done = 0
     with pytest.raises(PrivacyBudgetExceeded, match="server: privacy budget exceeded"):
@@ -166,7 +164,7 @@ def test_budget_stops_before_the_round_that_would_pass_it(tmp_path: Path) -> Non
 def test_sample_level_epsilon_reported_by_a_site_goes_to_the_ledger(tmp_path: Path) -> None:
     eng, reg, run = make(tmp_path, min_sites=1)
     eng.site_names = {1: "screening-a"}
-    dp = {"epsilon": 1.5, "delta": 1e-5, "noise_multiplier": 1.1, "sample_rate": 0.2, "dp_steps": 5.0}
+    dp = {"epsilon": 1.5, "delta": 1e-5, "dp_sgd_noise_multiplier": 1.1, "sample_rate": 0.2, "dp_steps": 5.0}
     play_round(eng, 1, {1: SiteReply(1, arrays=delta(0.1), num_examples=8, metrics=dp)})
     (row,) = reg.privacy(run)
     assert (
@@ -198,7 +196,7 @@ def test_state_dict_resume_is_bit_identical(tmp_path: Path) -> None:
         "strategy": "fedavgm",
         "server_momentum": 0.9,
         "clip_norm": 1.0,
-        "noise_multiplier": 0.8,
+        "client_noise_multiplier": 0.8,
         "fraction_train": 0.7,
     }
     full, _, _ = make(tmp_path / "full", **cfg)
@@ -230,9 +228,9 @@ def test_round_protocol_misuse_is_refused(tmp_path: Path) -> None:
 
 def test_server_config_round_trips_through_toml(tmp_path: Path) -> None:
     p = tmp_path / "server.toml"
-    p.write_text("[strategy]\nrounds = 3\nserver_momentum = 0.5\n[dp]\nnoise_multiplier = 1\nclip_norm = 2\n")
+    p.write_text("[strategy]\nrounds = 3\nserver_momentum = 0.5\n[dp]\nclient_noise_multiplier = 1\nclip_norm = 2\n")
     cfg = ServerConfig.from_toml(p)
-    assert cfg.rounds == 3 and cfg.noise_multiplier == 1.0 and cfg.client_dp
+    assert cfg.rounds == 3 and cfg.client_noise_multiplier == 1.0 and cfg.client_dp
     assert ServerConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -241,8 +239,8 @@ def test_server_config_round_trips_through_toml(tmp_path: Path) -> None:
     [
         ({"server_momentun": 0.9}, KeyError, "did you mean 'server_momentum'"),
         ({"strategy": "fedprox"}, ValueError, "strategy"),
-        ({"noise_multiplier": 1.0}, ValueError, "needs clip_norm"),
-        ({"target_epsilon": 5.0}, ValueError, "needs noise_multiplier"),
+        ({"client_noise_multiplier": 1.0}, ValueError, "needs clip_norm"),
+        ({"target_epsilon": 5.0}, ValueError, "needs client_noise_multiplier"),
         ({"server_momentum": 1.0}, ValueError, "server_momentum"),
         ({"fraction_train": 0.0}, ValueError, "fraction_train"),
         ({"delta": 1.0}, ValueError, "delta"),
@@ -400,7 +398,12 @@ def test_a_site_gone_offline_is_recorded_under_its_own_name(tmp_path: Path, task
 def test_flower_strategy_stops_cleanly_at_the_budget(task_identity: None) -> None:
     grid = LocalGrid(toy_client(lambda n, r: "ok"), {1: "a", 2: "b"})
     cfg = ServerConfig(
-        rounds=50, strategy="fedavgm", clip_norm=1.0, noise_multiplier=2.0, target_epsilon=3.5, fraction_evaluate=0.0
+        rounds=50,
+        strategy="fedavgm",
+        clip_norm=1.0,
+        client_noise_multiplier=2.0,
+        target_epsilon=3.5,
+        fraction_evaluate=0.0,
     )
     strategy = DPFedAvgM(cfg, log=lambda _: None)
     strategy.start(grid, arrays_to_record(W0))
@@ -418,16 +421,20 @@ def test_array_record_order_is_by_index() -> None:
     assert [a[0] for a in arrays_from_record(rec)] == [0.0, 1.0]
 
 
-def test_arrays_travel_packed_and_a_bad_shape_table_is_refused() -> None:
-    from flwr.app import Array
-
-    from lungvl_model.federation_protocol import PACKED_SHAPES, PACKED_VALUES
-    from server.aggregation import AggregationError
-
-    rec = arrays_to_record(W0)
-    assert sorted(rec.keys()) == sorted([PACKED_SHAPES, PACKED_VALUES])  # two objects, whatever the model
-    back = arrays_from_record(rec)
-    assert [a.shape for a in back] == [(2, 3), (4,)] and float(back[1].sum()) == 4.0
-    bad = ArrayRecord({PACKED_VALUES: rec[PACKED_VALUES], PACKED_SHAPES: Array(np.array([2, 2, 3], np.int64))})
-    with pytest.raises(AggregationError, match="shapes account for 6 of 10"):
-        arrays_from_record(bad)
+@pytest.mark.parametrize(
+    ("toml", "match"),
+    [
+        ("[strategy]\nclip_norm = 1.0\n", r"\[strategy\] does not take 'clip_norm'; it belongs in \[dp\]"),
+        ("[training]\ndp_sgd = true\n", r"\[training\] does not take 'dp_sgd'; it belongs in \[dp\]"),
+        ("[dp]\nnoise_multiplier = 1.0\n", "did you mean 'client_noise_multiplier'"),
+        ("[training]\nlocal_steps = 0\n", "'local_steps' must be >= 1"),
+        ("[strategy]\nrounds = 2.5\n", "rounds must be an integer"),
+        ("[dp]\nclip_norm = 1.0\nclient_noise_multiplier = 1.0\n[strategy]\nfraction_train = 0.5\n"
+         "site_sampling = 'fixed'\n", "analyses Poisson sampling only"),
+    ],
+)  # fmt: skip
+def test_strict_tables_take_only_their_own_keys(tmp_path: Path, toml: str, match: str) -> None:
+    p = tmp_path / "server.toml"
+    p.write_text(toml)
+    with pytest.raises((KeyError, ValueError), match=match):
+        ServerConfig.from_toml(p)

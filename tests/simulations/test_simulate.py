@@ -15,7 +15,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 import client.app as client_app
 from client.app import SiteEndpoint
 from client.trainer import LocalResult, payload_bytes
-from lungvl_model.federation_protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, RoundConfig, flatten_arrays
+from federation.arrays import flatten_arrays
+from federation.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, RoundConfig
+from federation.records import arrays_from_record, arrays_to_record
 from privacy.accountant import PrivacyBudgetExceeded
 from server.registry import Registry
 from simulations.scenario import Scenario, SiteSpec
@@ -159,7 +161,7 @@ def test_client_app_train_reply_and_budget_refusal(
     stub = StubTrainer(refuse)
     monkeypatch.setitem(client_app._TRAINERS, endpoint, stub)
     rc = RoundConfig(server_round=3)
-    content = RecordDict({ARRAYS: client_app.pack_arrays(W), CONFIG: ConfigRecord(dict(rc.to_record()))})
+    content = RecordDict({ARRAYS: arrays_to_record(W), CONFIG: ConfigRecord(dict(rc.to_record()))})
     reply = client_app.handle_train(Message(content, 7, MessageType.TRAIN), endpoint)
     ((rnd, kind, payload, metrics),) = stub.outbound
     assert rnd == 3
@@ -167,7 +169,7 @@ def test_client_app_train_reply_and_budget_refusal(
         assert reply.has_error() and "site refused" in str(reply.error.reason)
         assert "privacy budget exceeded" in str(reply.error.reason) and kind == "error_reply"
         return
-    arrays = client_app.unpack_arrays(reply.content.array_records[ARRAYS])
+    arrays = arrays_from_record(reply.content.array_records[ARRAYS])
     assert [a.dtype for a in arrays] == [np.float32, np.float32] and float(arrays[1][0]) == 0.5
     assert dict(reply.content.metric_records[METRICS]) == {"train_loss": 1.25, NUM_EXAMPLES: 3} == metrics
     # the exact bytes sent: the packed values and shape table
@@ -179,7 +181,7 @@ def test_client_app_failure_keeps_details_at_the_site(tmp_path: Path, monkeypatc
     stub = StubTrainer("crash", state_dir=tmp_path)
     monkeypatch.setitem(client_app._TRAINERS, endpoint, stub)
     content = RecordDict(
-        {ARRAYS: client_app.pack_arrays(W), CONFIG: ConfigRecord(dict(RoundConfig(server_round=2).to_record()))}
+        {ARRAYS: arrays_to_record(W), CONFIG: ConfigRecord(dict(RoundConfig(server_round=2).to_record()))}
     )
     reply = client_app.handle_train(Message(content, 7, MessageType.TRAIN), endpoint)
     reason = str(reply.error.reason)

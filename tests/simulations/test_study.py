@@ -106,7 +106,7 @@ def test_cell_scenarios_pick_the_noise_for_epsilon(tmp_path: Path) -> None:
     c2, n2 = study_run.cell_scenario(s, base, cells["fedavgm-lr1-m0.9-client2-s0"], dirs, sizes)
     c8, n8 = study_run.cell_scenario(s, base, cells["fedavgm-lr1-m0.9-client8-s0"], dirs, sizes)
     assert c2.server.target_epsilon == 2.0 and c2.server.clip_norm == s.client_clip_norm
-    assert n2["client_sigma"] > n8["client_sigma"] > 0 and c2.server.noise_multiplier == n2["client_sigma"]
+    assert n2["client_sigma"] > n8["client_sigma"] > 0 and c2.server.client_noise_multiplier == n2["client_sigma"]
     s8, ns = study_run.cell_scenario(s, base, cells["fedavgm-lr1-m0.9-sample8-s0"], dirs, sizes)
     assert s8.server.dp_sgd and not s8.server.client_dp and s8.server.dp_sgd_noise_multiplier == ns["sample_sigma"]
     from privacy.accountant import get_noise_multiplier

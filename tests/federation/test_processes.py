@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from lungvl_model.processes import children, stop_process
+from federation.processes import children, stop_process
 
 
 def _alive(pid: int) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lungvl_model.patching import override_keyword_defaults
+from federation.patching import override_keyword_defaults
 
 
 def _fetch(key: str, *, tries: int = 3, backoff: float = 1.0) -> tuple[str, int, float]:

@@ -1,11 +1,11 @@
-"""The packed wire format of model arrays: round trip for any shapes, clear errors for bad tables."""
+"""federation.arrays: the packed wire format of model arrays (round trip for any shapes, clear errors)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from lungvl_model.federation_protocol import flatten_arrays, unflatten_arrays
+from federation.arrays import flatten_arrays, unflatten_arrays
 
 
 @pytest.mark.parametrize(

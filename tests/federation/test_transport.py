@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flwr.supercore.inflatable import inflatable_utils
 
-from client.supernode_main import shorten_object_pull_backoff
+from federation.transport import shorten_object_pull_backoff
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -101,7 +101,7 @@ class EmptyBatchSafe(nn.Module):
         if batch["image"].shape[0] > 0:
             return self.gsm(batch, stage=stage, generator=generator)
         loss = torch.zeros((), device=batch["image"].device, requires_grad=True) * 1.0
-        loss.register_hook(self._empty_grad_samples)
+        loss.register_hook(self._empty_grad_samples)  # type: ignore[no-untyped-call]
         return LungVLOutput(loss=loss, losses={})
 
     def _empty_grad_samples(self, grad: torch.Tensor) -> torch.Tensor:
