@@ -10,16 +10,22 @@ Which site a process serves comes from the node config:
 Messages:
 
 - ``train``: arrays + :class:`~federation.protocol.RoundConfig` in; the update (float32)
-  and a metrics record (``num_examples`` + whitelisted metrics) out. A site that refuses because of its
-  own ε budget (``PrivacyBudgetExceeded``) answers with an error reply whose reason says so; any other
-  failure answers with an error reply naming only the exception type (its message could carry local
-  paths or identifiers: the details stay in the site's log).
-- ``evaluate``: the global model scored on the site's studies; metrics only.
+  and a metrics record (``num_examples`` + whitelisted metrics) out.
+- ``evaluate``: the global model scored on the site's hold-out patients; metrics only.
 - ``query`` asking for ``site_name``: the site's name (the server attributes failures and timeouts to it).
 
-Every reply is written to the audit ledger (kind, round, exact payload bytes, metrics) before it is
-returned. The train reply's payload is the concatenation of the ``np.save`` bytes of its arrays exactly
-as they sit in the ``ArrayRecord``: the packed values and shape table
+A request outside the site's own policy (site.toml ``[privacy]``: DP-SGD required, σ floor, steps per
+round, rounds, evaluations per round, no evaluation on training studies under DP-SGD, fewest hold-out
+studies; :class:`~privacy.site_policy.SitePolicyRefusal`) or its ε budget (``PrivacyBudgetExceeded``)
+is refused whatever the server asks: nothing is trained or scored, and the error reply's reason starts
+with "site refused: " and says why (it is logged and written to the audit ledger like every reply).
+Any other failure answers with an error reply naming only the exception type (its message could carry
+local paths or identifiers: the details stay in the site's log).
+
+Every reply is written to the audit ledger (kind, run id, round, exact payload bytes, metrics) before
+it is returned; the site's policy counts its rounds and evaluations per round from the ledger's train
+and evaluate replies. The train reply's payload is the concatenation of the ``np.save`` bytes of its
+arrays exactly as they sit in the ``ArrayRecord``: the packed values and shape table
 (:func:`~federation.protocol.flatten_arrays`; what :func:`client.trainer.payload_bytes`
 computes for them).
 """
@@ -50,6 +56,7 @@ from federation.records import (
     round_config_from_record,
 )
 from privacy.accountant import PrivacyBudgetExceeded
+from privacy.site_policy import SitePolicyRefusal
 
 __all__ = ["SiteEndpoint", "app", "make_client_app"]
 
@@ -137,6 +144,13 @@ def _round_config(msg: Message) -> RoundConfig:
     return round_config_from_record(msg.content.config_records[CONFIG])
 
 
+def _serve(msg: Message, endpoint: SiteEndpoint) -> SiteTrainer:
+    """The endpoint's trainer, told which server run the message belongs to (its counts are per run)."""
+    trainer = get_trainer(endpoint)
+    trainer.run_id = str(msg.metadata.run_id)
+    return trainer
+
+
 def _error_reply(msg: Message, reason: str, trainer: SiteTrainer | None, rnd: int) -> Message:
     if trainer is not None:
         trainer.record_outbound(rnd, "error_reply", reason.encode(), {}, dp={})
@@ -153,11 +167,11 @@ def _log_site_error(trainer: SiteTrainer, rnd: int, what: str) -> None:
 
 def handle_train(msg: Message, endpoint: SiteEndpoint) -> Message:
     """Local training on the received global arrays; the reply carries Δ and the metrics."""
-    trainer = get_trainer(endpoint)
+    trainer = _serve(msg, endpoint)
     rc = _round_config(msg)
     try:
         result = trainer.fit(arrays_from_record(msg.content.array_records[ARRAYS]), rc)
-    except PrivacyBudgetExceeded as err:
+    except (PrivacyBudgetExceeded, SitePolicyRefusal) as err:
         logger.warning("round %d: site refuses to train: %s", rc.server_round, err)
         return _error_reply(msg, f"site refused: {err}", trainer, rc.server_round)
     except Exception as err:
@@ -173,11 +187,14 @@ def handle_train(msg: Message, endpoint: SiteEndpoint) -> Message:
 
 
 def handle_evaluate(msg: Message, endpoint: SiteEndpoint) -> Message:
-    """Score the received global arrays on the site's studies; the reply carries metrics only."""
-    trainer = get_trainer(endpoint)
+    """Score the received global arrays on the site's hold-out studies; the reply carries metrics only."""
+    trainer = _serve(msg, endpoint)
     rc = _round_config(msg)
     try:
         n, metrics = trainer.evaluate(arrays_from_record(msg.content.array_records[ARRAYS]), rc)
+    except SitePolicyRefusal as err:
+        logger.warning("round %d: site refuses to evaluate: %s", rc.server_round, err)
+        return _error_reply(msg, f"site refused: {err}", trainer, rc.server_round)
     except Exception as err:
         logger.exception("round %d: evaluation failed", rc.server_round)
         _log_site_error(trainer, rc.server_round, "evaluation failed")
@@ -200,7 +217,14 @@ def handle_query(msg: Message, endpoint: SiteEndpoint) -> Message:
     ledger = AuditLedger(config.state_dir / LEDGER_FILENAME)
     try:
         ledger.record(
-            round=0, kind="query_reply", payload=config.name.encode(), metrics={}, dp={}, epsilon=None, delta=None
+            round=0,
+            kind="query_reply",
+            payload=config.name.encode(),
+            metrics={},
+            dp={},
+            epsilon=None,
+            delta=None,
+            run_id=str(msg.metadata.run_id),
         )
     finally:
         ledger.close()

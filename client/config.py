@@ -6,9 +6,15 @@
     name = "hospital-a"
     cohort = "screening"
 
-    [privacy]               # the site's own sample-level DP budget, enforced whatever the server asks
-    epsilon_budget = 8.0
+    [privacy]               # the site's own DP budget and policy, enforced whatever the server asks
+    epsilon_budget = 8.0    # sample-level ε budget for DP-SGD
     delta = 1e-5
+    require_dp_sgd = false          # refuse training without DP-SGD
+    min_dp_sgd_noise_multiplier = 0 # refuse DP-SGD with a smaller σ (0 = no floor)
+    max_steps_per_round = 0         # local steps per server round (0 = no cap)
+    max_rounds = 0                  # distinct server rounds the site trains in, ever (0 = no cap)
+    min_eval_studies = 5            # fewest hold-out studies behind any evaluation metric (>= 1)
+    max_evaluations_per_round = 1   # evaluate answers per server round (0 = answer none)
 
     [compute]
     device = "auto"         # auto | cpu | cuda | cuda:N
@@ -20,8 +26,11 @@
     model_dir = "/opt/lungvl/initial_model"   # the consortium's initial model package (relative: to site_dir)
     holdout_fraction = 0.25 # patients kept out of local training and used for federated evaluation (0 = none)
 
-Unknown keys of ``[privacy]``, ``[compute]`` and ``[training]`` raise ``KeyError`` naming the table
-and the key (with a "did you mean"). ``[site]`` keeps free extra keys, as :class:`SiteManifest` does
+The policy keys of ``[privacy]`` are :class:`privacy.site_policy.SitePolicy`'s (``ClientConfig.policy``);
+the site trainer applies them to every train and evaluate request. Values are validated here, once:
+a bad one raises ``ValueError`` naming the file, the table, the key and the value. Unknown keys of
+``[privacy]``, ``[compute]`` and ``[training]`` raise ``KeyError`` naming the table and the key (with a
+"did you mean"). ``[site]`` keeps free extra keys, as :class:`SiteManifest` does
 (the synthetic generator writes provenance there), but a near miss of one of its known keys
 (``nmae = ...``) is refused the same way. Other tables (``[synth]``, ...) belong to other tools.
 """
@@ -35,6 +44,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from privacy.site_policy import POLICY_KEYS, SitePolicy
+
 __all__ = ["STATE_DIRNAME", "ClientConfig"]
 
 #: Default state directory name inside the site directory (accountant state, audit ledger).
@@ -43,7 +54,7 @@ STATE_DIRNAME = ".lungvl_state"
 # table -> {key in the table: ClientConfig field}
 _TABLES: dict[str, dict[str, str]] = {
     "site": {"name": "name", "cohort": "cohort", "description": "description"},
-    "privacy": {"epsilon_budget": "epsilon_budget", "delta": "delta"},
+    "privacy": {"epsilon_budget": "epsilon_budget", "delta": "delta", **{k: k for k in POLICY_KEYS}},
     "compute": {"device": "device", "bf16": "bf16"},
     "training": {
         "batch_size": "batch_size",
@@ -78,7 +89,11 @@ class ClientConfig:
         state_dir: accountant state and audit ledger (default ``<site_dir>/.lungvl_state``).
         model_dir: the consortium's initial model package (a lungvl checkpoint directory).
         holdout_fraction: fraction of the site's patients held out of local training and used for
-            federated evaluation (``lungvl_model.data.split``; 0 = train and evaluate on every study).
+            federated evaluation (``lungvl_model.data.split``; 0 = none: evaluation then scores the
+            training studies, which the site allows only without any DP).
+        require_dp_sgd, min_dp_sgd_noise_multiplier, max_steps_per_round, max_rounds, min_eval_studies,
+            max_evaluations_per_round: the site's policy (``[privacy]``; see
+            :class:`~privacy.site_policy.SitePolicy` and :attr:`policy`).
     """
 
     site_dir: Path
@@ -94,6 +109,12 @@ class ClientConfig:
     state_dir: Path | None = None
     model_dir: Path | None = None
     holdout_fraction: float = 0.0
+    require_dp_sgd: bool = False
+    min_dp_sgd_noise_multiplier: float = 0.0
+    max_steps_per_round: int = 0
+    max_rounds: int = 0
+    min_eval_studies: int = 5
+    max_evaluations_per_round: int = 1
 
     def __post_init__(self) -> None:
         site_dir = Path(self.site_dir).expanduser()
@@ -124,6 +145,14 @@ class ClientConfig:
         nw = self.num_workers
         if isinstance(nw, bool) or not isinstance(nw, int) or nw < 0:
             raise ValueError(f"[training] num_workers must be an integer >= 0, got {nw!r}")
+        policy = SitePolicy(**{k: getattr(self, k) for k in POLICY_KEYS})  # validates the policy keys
+        for k in POLICY_KEYS:
+            object.__setattr__(self, k, getattr(policy, k))
+
+    @property
+    def policy(self) -> SitePolicy:
+        """The site's policy (``[privacy]`` beside the ε budget), enforced by the site trainer."""
+        return SitePolicy(**{k: getattr(self, k) for k in POLICY_KEYS})
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> ClientConfig:
@@ -139,7 +168,8 @@ class ClientConfig:
 
         Raises:
             FileNotFoundError: no site.toml there.
-            ValueError: the file is not valid TOML, a table is not a table, or a value is invalid.
+            ValueError: the file is not valid TOML, a table is not a table, or a value is invalid (the
+                message names the file, the key and the value).
             KeyError: an unknown key in ``[privacy]``/``[compute]``/``[training]``, a near miss of a
                 ``[site]`` key, a missing ``[site] name``, or an unknown override.
         """
@@ -175,7 +205,10 @@ class ClientConfig:
         if isinstance(kw.get("model_dir"), str):  # relative to the site directory
             kw["model_dir"] = p.parent / Path(kw["model_dir"]).expanduser()
         kw.update(overrides)
-        return cls(**kw)
+        try:
+            return cls(**kw)
+        except ValueError as err:
+            raise ValueError(f"{p}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (paths as strings); :meth:`from_dict` reverses it."""

@@ -36,9 +36,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.config import ClientConfig
+from client.ledger import LEDGER_FILENAME, AuditLedger
 from federation.processes import stop_process
 from lungvl_model.data.site_check import check_site
-from privacy.budget import SiteBudget
+from privacy.budget import AccountantStateMismatch, SiteBudget
 
 __all__ = [
     "FEDERATION_KEYS",
@@ -61,7 +62,7 @@ FEDERATION_KEYS: Final = ("superlink", "root_certificates", "private_key", "runt
 
 
 class SiteNotReady(RuntimeError):
-    """The site must not join: no usable study, privacy budget spent, or a missing file."""
+    """The site must not join: no usable study, budget spent, a missing file, an accountant behind its ledger."""
 
 
 def generate_site_keys(out_dir: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
@@ -234,11 +235,14 @@ def preflight(cfg: SiteDeployConfig, *, check_data: bool = True) -> dict[str, An
         check_data: run :func:`~lungvl_model.data.site_check.check_site` (reads every study).
 
     Returns:
-        ``{"usable", "studies", "phi_findings", "epsilon_spent", "epsilon_budget"}``.
+        ``{"usable", "studies", "phi_findings", "epsilon_spent", "epsilon_budget", "policy"}``
+        (``policy``: the site's policy, :meth:`~privacy.site_policy.SitePolicy.to_dict`).
 
     Raises:
         SiteNotReady: a missing CA certificate, key or model package; a malformed key; no usable
-            study; or the site's sample-level ε budget already spent.
+            study; an accountant state that is missing or holds less ε than the audit ledger records
+            as spent (:meth:`~privacy.budget.SiteBudget.reconcile`); or the site's sample-level ε
+            budget already spent.
     """
     if not cfg.root_certificates.is_file():
         raise SiteNotReady(f"[federation] root_certificates: CA certificate {cfg.root_certificates} does not exist")
@@ -260,7 +264,16 @@ def preflight(cfg: SiteDeployConfig, *, check_data: bool = True) -> dict[str, An
                 f"({report.summary['studies']} found; run `lungvl site check` for the reasons)"
             )
     budget = SiteBudget(cfg.state_dir, epsilon_budget=cfg.client.epsilon_budget, delta=cfg.client.delta)
-    out.update(epsilon_spent=budget.spent, epsilon_budget=budget.epsilon_budget)
+    ledger_path = cfg.state_dir / LEDGER_FILENAME
+    if ledger_path.exists():
+        ledger = AuditLedger(ledger_path)
+        try:
+            budget.reconcile(ledger.max_epsilon(), record=ledger_path)
+        except AccountantStateMismatch as err:
+            raise SiteNotReady(f"site {cfg.client.name}: {err}") from None
+        finally:
+            ledger.close()
+    out.update(epsilon_spent=budget.spent, epsilon_budget=budget.epsilon_budget, policy=cfg.client.policy.to_dict())
     if budget.remaining <= 0:
         raise SiteNotReady(
             f"site {cfg.client.name}: privacy budget spent (ε {budget.spent:.3f} of {budget.epsilon_budget} at "

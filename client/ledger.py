@@ -11,6 +11,11 @@ metric is not in :data:`METRIC_WHITELIST` or not a finite number, and writes not
 then not be sent. :func:`filter_metrics` is the lenient step before it, which drops (and logs) such
 metrics.
 
+The ledger is also the site's memory of what it has answered: the site trainer counts the rounds it
+trained in and the evaluations it answered per round from it (:meth:`AuditLedger.entries`,
+:meth:`AuditLedger.rounds`), and a restarted site checks its accountant state against the largest ε
+the ledger records (:meth:`AuditLedger.max_epsilon`).
+
 Storage: a SQLite file in the site's state directory by default (``<state_dir>/outbound_ledger.db``),
 or any SQLAlchemy URL. One short-lived session per call; meant for one process at a time.
 """
@@ -243,9 +248,20 @@ class AuditLedger:
             s.flush()
             return entry.id
 
-    def entries(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """Entries oldest first; with ``limit``, only the most recent ``limit`` (still oldest first)."""
+    def entries(
+        self, limit: int | None = None, *, kind: str | None = None, run_id: str | None = None, round: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Entries oldest first; with ``limit``, only the most recent ``limit`` (still oldest first).
+
+        ``kind``, ``run_id`` and ``round`` keep only the entries with that message kind, run and round.
+        """
         query = select(Outbound).order_by(Outbound.id.desc())
+        if kind is not None:
+            query = query.where(Outbound.kind == kind)
+        if run_id is not None:
+            query = query.where(Outbound.run_id == run_id)
+        if round is not None:
+            query = query.where(Outbound.round == int(round))
         if limit is not None:
             query = query.limit(limit)
         with self._sessions() as s:
@@ -254,6 +270,22 @@ class AuditLedger:
         for row in out:
             row["time"] = row["time"].replace(tzinfo=UTC)
         return out
+
+    def rounds(self, kind: str) -> set[tuple[str, int]]:
+        """The distinct ``(run_id, round)`` of the entries of one message kind (e.g. the rounds trained in)."""
+        query = select(Outbound.run_id, Outbound.round).where(Outbound.kind == kind).distinct()
+        with self._sessions() as s:
+            return {(str(run), int(rnd)) for run, rnd in s.execute(query)}
+
+    def max_epsilon(self) -> dict[float | None, float]:
+        """The largest ε recorded, per δ it was recorded at (``{}`` when no entry records an ε)."""
+        query = (
+            select(Outbound.delta, func.max(Outbound.epsilon))
+            .where(Outbound.epsilon.is_not(None))
+            .group_by(Outbound.delta)
+        )
+        with self._sessions() as s:
+            return {None if d is None else float(d): float(e) for d, e in s.execute(query) if e is not None}
 
     def total_bytes(self) -> int:
         """Sum of the payload sizes of all recorded messages."""

@@ -6,11 +6,23 @@ ClientApp glue packs and unpacks them):
 
 * :meth:`SiteTrainer.fit` loads the global arrays, trains ``local_steps`` steps of the round's stage
   with the framework-free :func:`~lungvl_model.training.loop.run_steps` and returns the update
-  ``Δ = w_site − w_global``. With ``round_config.dp_sgd`` the steps are Opacus DP-SGD (Poisson
-  sampling at ``q = batch / N``, per-study clipping, Gaussian noise), after the site's own budget has
+  ``Δ = w_site − w_global``. With ``round_config.dp_sgd`` the steps are Opacus DP-SGD with the patient
+  as the unit (Poisson sampling of patients at ``q = batch / patients``, one study of each sampled
+  patient, per-study clipping, Gaussian noise; the accountant is charged per patient), after the site's own budget has
   agreed to them; the accountant state persists in ``state_dir`` across rounds and restarts.
-* :meth:`SiteTrainer.evaluate` scores the global model on the site's studies.
+* :meth:`SiteTrainer.evaluate` scores the global model on the site's hold-out patients.
 * :meth:`SiteTrainer.record_outbound` writes what is about to leave the site to the audit ledger.
+
+The site's policy (site.toml ``[privacy]``, :class:`~privacy.site_policy.SitePolicy`) decides first,
+whatever the server asks: a train request without DP-SGD where the site requires it, with σ below the
+site's floor, with more local steps per round or in more rounds than the site allows, and an evaluate
+request past the site's evaluations per round, on training studies while DP-SGD is on (no hold-out), or
+on fewer hold-out studies than ``min_eval_studies``, raise :class:`~privacy.site_policy.SitePolicyRefusal`
+before anything changes (not the model, not the accountant). Evaluation metrics that stand on fewer
+than ``min_eval_studies`` studies are withheld. Counts of what the site has done (rounds trained in,
+steps and evaluations per round, keyed by the server's run id and round) come from the audit ledger
+in ``state_dir``, so a restart does not reset them; a restarted trainer also refuses an accountant
+state that holds less ε than the ledger records as spent.
 
 DP-SGD plumbing (per-study separability of the model, empty Poisson batches) is in :mod:`privacy.dp_sgd`.
 
@@ -40,8 +52,8 @@ from federation.arrays import arrays_to_model, model_to_arrays
 from federation.protocol import NUM_EXAMPLES, TRAIN_STAGES, RoundConfig
 from lungvl_model.data.catalogue import build_catalogue
 from lungvl_model.data.dataset import SiteDataset, collate
-from lungvl_model.data.split import holdout_split, patient_pairs
-from lungvl_model.evaluation.site_summary import site_risk_metrics
+from lungvl_model.data.split import holdout_split, patient_groups, patient_pairs
+from lungvl_model.evaluation.site_summary import LUNG_RADS_4A, site_risk_metrics
 from lungvl_model.losses.group_penalty import SLICE_GROUPS, GroupPenalized, slice_thickness_group
 from lungvl_model.models.lungvl import LungVLModel, LungVLOutput
 from lungvl_model.training.checkpoint import load_checkpoint
@@ -58,6 +70,7 @@ from lungvl_model.training.loop import (
 )
 from privacy.budget import SiteBudget
 from privacy.dp_sgd_train import dp_sgd_steps
+from privacy.site_policy import SitePolicyRefusal, check_evaluate, check_train, withhold_thin_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +133,16 @@ class SiteTrainer:
     Args:
         config: the site's settings (``model_dir`` must name the initial model package).
 
+    Attributes:
+        policy: the site's policy (``config.policy``).
+        run_id: the server run the request being served belongs to (the ClientApp sets it from the
+            message; ``""`` outside a federation). The policy's per-round counts and the ledger's
+            entries are keyed by it and the server round.
+
     Raises:
         ValueError: ``config.model_dir`` is not set.
+        privacy.budget.AccountantStateMismatch: the audit ledger records ε spent but the accountant
+            state is missing or holds less (nothing starts with ε silently back at 0).
         lungvl_model.training.checkpoint.CheckpointError: the model package is unusable.
     """
 
@@ -129,6 +150,17 @@ class SiteTrainer:
         if config.model_dir is None:
             raise ValueError("ClientConfig.model_dir is not set: pass the initial model package directory")
         self.config = config
+        self.policy = config.policy
+        self.run_id = ""
+        assert config.state_dir is not None  # resolved by ClientConfig
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.budget = SiteBudget(config.state_dir, epsilon_budget=config.epsilon_budget, delta=config.delta)
+        self.ledger = AuditLedger(config.state_dir / LEDGER_FILENAME)
+        try:  # before anything slow: a site whose accountant forgot spending does not start
+            self.budget.reconcile(self.ledger.max_epsilon(), record=config.state_dir / LEDGER_FILENAME)
+        except Exception:
+            self.ledger.close()
+            raise
         self.device = resolve_device(config.device)
         self.model, self.package_meta = load_checkpoint(config.model_dir)
         self.model.to(self.device)
@@ -136,10 +168,6 @@ class SiteTrainer:
         self._catalogue = build_catalogue(config.site_dir)
         self._datasets: dict[tuple[bool, str], SiteDataset] = {}
         self._dp_params: dict[str, set[str]] = {}  # stage -> parameters with a per-study gradient
-        assert config.state_dir is not None  # resolved by ClientConfig
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.budget = SiteBudget(config.state_dir, epsilon_budget=config.epsilon_budget, delta=config.delta)
-        self.ledger = AuditLedger(config.state_dir / LEDGER_FILENAME)
         self.last_dp: dict[str, float | int] = {}
         self._dro: GroupPenalized | None = None
 
@@ -147,7 +175,8 @@ class SiteTrainer:
     def split(self) -> tuple[list[str], list[str]]:
         """``(training, hold-out)`` StudyInstanceUIDs of the usable studies, split by patient.
 
-        With ``holdout_fraction == 0`` every study is in both roles (evaluation then scores training data).
+        With ``holdout_fraction == 0`` every study is in both roles: evaluation would then score training
+        data, which :meth:`evaluate` does only when the site uses no DP at all (and logs it).
         """
         train, hold = holdout_split(patient_pairs(self._catalogue), float(self.config.holdout_fraction))
         return train, (hold if self.config.holdout_fraction > 0 else train)
@@ -159,6 +188,9 @@ class SiteTrainer:
             stage: ``ssl``, ``seg`` or ``vl``.
             part: ``"train"`` (local training) or ``"holdout"`` (federated evaluation); the same
                 studies when the site holds none out.
+
+        Raises:
+            ValueError: an unknown stage or part, or no usable study in it.
         """
         if stage not in TRAIN_STAGES:
             raise ValueError(f"a site trains stage ssl, seg or vl, got {stage!r}")
@@ -179,12 +211,85 @@ class SiteTrainer:
             raise ValueError(f"site {self.config.name!r} has no usable {part} studies for stage {stage!r}")
         return ds
 
+    # ------------------------------------------------------------------ policy
+    def check_train_policy(self, rc: RoundConfig) -> None:
+        """Refuse a train request outside the site's policy (:func:`privacy.site_policy.check_train`).
+
+        Steps already trained in the round and the rounds trained in so far are the train replies of the
+        audit ledger (keyed by :attr:`run_id` and the server round), so they survive restarts.
+
+        Raises:
+            SitePolicyRefusal: naming the rule, the requested value and the site's limit.
+        """
+        this_round: list[dict[str, Any]] = []
+        rounds_trained = 0
+        if self.policy.max_steps_per_round or self.policy.max_rounds:
+            this_round = self.ledger.entries(kind=TRAIN_REPLY, run_id=self.run_id, round=rc.server_round)
+            rounds_trained = len(self.ledger.rounds(TRAIN_REPLY)) if self.policy.max_rounds else 0
+        check_train(
+            self.policy,
+            dp_sgd=rc.dp_sgd,
+            noise_multiplier=rc.dp_sgd_noise_multiplier,
+            local_steps=rc.local_steps,
+            steps_this_round=sum(int(e["metrics"].get("local_steps", 0)) for e in this_round),
+            rounds_trained=rounds_trained,
+            new_round=not this_round,
+        )
+
+    def dp_sgd_reason(self, rc: RoundConfig) -> str:
+        """Why DP-SGD is on for this site in this round (empty when it is not)."""
+        why = []
+        if self.policy.require_dp_sgd:
+            why.append("required by the site's policy")
+        if rc.dp_sgd:
+            why.append("asked for in this round")
+        if self.budget.accountant.steps > 0:
+            why.append(f"ε = {self.budget.spent:.3g} already spent")
+        return "; ".join(why)
+
+    def check_evaluate_policy(self, rc: RoundConfig) -> bool:
+        """Refuse an evaluate request outside the site's policy (:func:`privacy.site_policy.check_evaluate`).
+
+        Evaluations already answered in the round are the evaluate replies of the audit ledger (keyed by
+        :attr:`run_id` and the server round), so a restart does not reset them.
+
+        Returns:
+            True when the evaluation scores hold-out patients; False when the site holds none out and
+            uses no DP, so that the evaluation scores training studies (allowed, and logged as such).
+
+        Raises:
+            SitePolicyRefusal: naming the rule, the requested value and the site's limit.
+        """
+        answered = len(self.ledger.entries(kind=EVALUATE_REPLY, run_id=self.run_id, round=rc.server_round))
+        holdout = self.config.holdout_fraction > 0
+        studies = 0
+        if holdout:
+            try:
+                studies = len(self.dataset(rc.stage, "holdout"))
+            except ValueError:  # no usable hold-out study for the stage
+                studies = 0
+        check_evaluate(
+            self.policy,
+            answered_this_round=answered,
+            holdout=holdout,
+            dp_reason=self.dp_sgd_reason(rc),
+            holdout_studies=studies,
+        )
+        if not holdout:
+            logger.warning(
+                "round %d: site %s evaluates on its training studies (holdout_fraction = 0, no DP): "
+                "these are not hold-out metrics",
+                rc.server_round,
+                self.config.name,
+            )
+        return holdout
+
     def _batch_size(self, rc: RoundConfig) -> int:
         return int(self.config.batch_size or rc.batch_size)
 
     @property
     def epsilon_spent(self) -> float:
-        """The site's sample-level ε spent so far (at ``config.delta``)."""
+        """The site's patient-level DP-SGD ε spent so far (at ``config.delta``)."""
         return self.budget.spent
 
     # ------------------------------------------------------------------ fit
@@ -200,15 +305,19 @@ class SiteTrainer:
             training losses are withheld (they are not privatised); ε, σ, q and the step count are sent.
 
         Raises:
+            SitePolicyRefusal: a request outside the site's policy (:meth:`check_train_policy`; nothing
+                is changed).
             PrivacyBudgetExceeded: DP-SGD that would take the site past its ε budget (nothing is
                 changed: not the model, not the accountant).
             ValueError: unusable round config or arrays that do not fit the model.
         """
+        self.check_train_policy(round_config)  # the site's policy decides first, whatever the server asks
         rc = round_config  # validated where it entered (RoundConfig)
         dataset = self.dataset(rc.stage)
         n = len(dataset)
         batch = self._batch_size(rc)
-        q = min(1.0, batch / n)
+        patients = self.patient_groups(dataset)  # DP-SGD samples patients (at most one study each per step)
+        q = min(1.0, batch / len(patients))  # per patient: what the accountant is charged with
         if rc.dp_sgd:  # the site's budget decides first, whatever the server asks
             self.budget.check_can_train(
                 noise_multiplier=rc.dp_sgd_noise_multiplier, sample_rate=q, steps=rc.local_steps
@@ -230,7 +339,7 @@ class SiteTrainer:
         )
         metrics: dict[str, Any] = {NUM_EXAMPLES: n, "local_steps": rc.local_steps}
         if rc.dp_sgd:
-            result = self._train_dp(dataset, rc, train, q)
+            result = self._train_dp(dataset, patients, rc, train, q)
             metrics |= self._dp_metrics(rc, q, result.steps)
         else:
             seed_everything(seed)
@@ -252,8 +361,18 @@ class SiteTrainer:
         metrics["seconds"] = time.perf_counter() - t0
         return LocalResult(delta=delta, num_examples=n, metrics=filter_metrics(metrics))
 
-    def _train_dp(self, dataset: SiteDataset, rc: RoundConfig, train: TrainConfig, q: float) -> TrainResult:
-        """DP-SGD steps (:func:`~privacy.dp_sgd_train.dp_sgd_steps`); records the privacy spent."""
+    def patient_groups(self, dataset: SiteDataset) -> list[list[int]]:
+        """Indices of ``dataset`` grouped by patient (DICOM PatientID; a study without one is its own patient).
+
+        DP-SGD's sampling unit: each step includes a patient with probability ``q = batch / patients``
+        and then one of its studies (a prior and a current study are never in one step together).
+        """
+        return patient_groups(patient_pairs(self._catalogue), [entry.study_uid for _, entry in dataset.entries])
+
+    def _train_dp(
+        self, dataset: SiteDataset, patients: list[list[int]], rc: RoundConfig, train: TrainConfig, q: float
+    ) -> TrainResult:
+        """DP-SGD steps (:func:`~privacy.dp_sgd_train.dp_sgd_steps`) at patient rate ``q``; records ε spent."""
 
         def spend(steps: int) -> None:
             self.budget.record(noise_multiplier=rc.dp_sgd_noise_multiplier, sample_rate=q, steps=steps)
@@ -261,6 +380,7 @@ class SiteTrainer:
         return dp_sgd_steps(
             model=self.model,
             dataset=dataset,
+            patients=patients,
             optimizer=build_optimizer(self.model, train),
             stage=rc.stage,
             steps=rc.local_steps,
@@ -327,6 +447,10 @@ class SiteTrainer:
     ) -> tuple[int, dict[str, float]]:
         """Score the global model on the site's hold-out studies (eval mode, no gradient).
 
+        The site's policy decides first (:meth:`check_evaluate_policy`): nothing is loaded or scored for a
+        refused request. A site that holds no patient out scores its training studies only when it uses
+        no DP at all, and logs it.
+
         Args:
             arrays: the global model's exchanged arrays.
             round_config: the round's settings (stage, batch size, seed of the SSL masks).
@@ -338,8 +462,14 @@ class SiteTrainer:
             ``val_lung_rads_acc`` (vl, studies with a known category), plus in stage vl the risk-head
             summary of :func:`~lungvl_model.evaluation.site_summary.site_risk_metrics` (malignancy AUC
             and ECE, sensitivity/specificity for Lung-RADS >= 4A, concept F1, AUC per slice-thickness
-            group) where defined on the site's studies; whitelisted names only.
+            group) where defined on the site's studies; whitelisted names only. On hold-out studies, a
+            metric that stands on fewer than ``min_eval_studies`` studies is withheld.
+
+        Raises:
+            SitePolicyRefusal: a request outside the site's policy, or (``max_batches``) fewer hold-out
+                studies scored than ``min_eval_studies``.
         """
+        holdout = self.check_evaluate_policy(round_config)
         rc = round_config
         dataset = self.dataset(rc.stage, "holdout")
         arrays_to_model(self.model, list(arrays))
@@ -393,6 +523,21 @@ class SiteTrainer:
                 concepts_pred=np.asarray(risk["cp"], dtype=float),
                 groups=risk["group"],
             )
+        if holdout:
+            least = self.policy.min_eval_studies
+            if n < least:  # max_batches cut the hold-out short
+                raise SitePolicyRefusal(
+                    "min_eval_studies", requested=n, limit=least, reason=f"only {n} hold-out studies were scored"
+                )
+            support = {"val_loss": n, "val_dice": len(dice), "val_lung_rads_acc": lr_known, **_risk_support(risk)}
+            metrics, withheld = withhold_thin_metrics(metrics, support, least)
+            if withheld:
+                logger.info(
+                    "round %d: withheld %s (fewer than min_eval_studies = %d studies behind each)",
+                    rc.server_round,
+                    ", ".join(withheld),
+                    least,
+                )
         return n, filter_metrics(metrics)
 
     # ------------------------------------------------------------------ audit
@@ -404,9 +549,12 @@ class SiteTrainer:
         metrics: Mapping[str, Any],
         *,
         dp: Mapping[str, Any] | None = None,
-        run_id: str = "",
+        run_id: str | None = None,
     ) -> int:
         """Write one outbound message to the audit ledger before it is sent; returns the entry id.
+
+        The ledger's train and evaluate replies are also the site policy's count of rounds trained in
+        and of evaluations answered per round.
 
         Args:
             round: the server round answered.
@@ -414,7 +562,7 @@ class SiteTrainer:
             payload_bytes: the exact serialised bytes that will be sent (e.g. :func:`payload_bytes`).
             metrics: the scalar metrics inside the message.
             dp: DP parameters to record; by default those of the last fit for a train reply, else none.
-            run_id: the server's run id, when known.
+            run_id: the server's run id (default: :attr:`run_id`, the run of the request being served).
 
         Raises:
             client.ledger.MetricNotAllowed: a metric may not leave the site (nothing is written).
@@ -430,7 +578,7 @@ class SiteTrainer:
             dp=dict(dp),
             epsilon=self.budget.spent if spent else None,
             delta=self.budget.delta if spent else None,
-            run_id=run_id,
+            run_id=self.run_id if run_id is None else run_id,
         )
 
     def close(self) -> None:
@@ -456,6 +604,26 @@ def _collect_risk(acc: dict[str, list[Any]], out: LungVLOutput, batch: Mapping[s
     acc["ct"] += torch.stack([t[k].float() for k, _ in _CONCEPTS], -1).tolist()
     acc["cp"] += torch.stack([(getattr(r, a) > 0).float() for _, a in _CONCEPTS], -1).tolist()
     acc["group"] += [group(uid) for uid in batch["study_uid"]]
+
+
+def _risk_support(acc: Mapping[str, list[Any]]) -> dict[str, int]:
+    """Studies behind each risk-head metric of :func:`site_risk_metrics` (what it counts, per metric)."""
+    if not acc["y"]:
+        return {}
+    y, lt = np.asarray(acc["y"], dtype=float), np.asarray(acc["lt"], dtype=int)
+    ct = np.asarray(acc["ct"], dtype=float).reshape(len(y), -1)
+    known = ~np.isnan(y)
+    out = {
+        "val_auc": int(known.sum()),
+        "val_ece": int(known.sum()),
+        "val_sensitivity": int((lt >= LUNG_RADS_4A).sum()),
+        "val_specificity": int(((lt >= 0) & (lt < LUNG_RADS_4A)).sum()),
+        "val_concept_f1": int((~np.isnan(ct)).any(axis=1).sum()),
+    }
+    groups = np.asarray([g or "" for g in acc["group"]])
+    for g in sorted(set(groups.tolist()) - {""}):
+        out[f"val_auc_{g}"] = int((known & (groups == g)).sum())
+    return out
 
 
 def _loss_metrics(result: TrainResult) -> dict[str, float]:

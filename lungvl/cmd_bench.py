@@ -48,9 +48,20 @@ def train(
     ),
     stage: str = typer.Option("vl", "--stage", help="seg: like-for-like step only | vl: also the full VL step"),
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast on CUDA"),
+    dp: bool = typer.Option(
+        False, "--dp", help="instead: the DP-SGD step (Opacus hooks, ghost clipping) against the non-DP step"
+    ),
     out_dir: Path | None = typer.Option(None, "--out", help="write bench_train.json and bench_train.md here"),
 ) -> None:
-    """Time a training step of LungVL and of the MONAI DynUNet peer at the same input size."""
+    """Time a training step of LungVL and of the MONAI DynUNet peer at the same input size.
+
+    With --dp: LungVL's DP-SGD step (Opacus per-study gradients by hooks, and by ghost clipping) against
+    its own non-DP step, same model, batch and run (a --batch-size below 2 becomes 4 there: Opacus needs
+    a batch to tell per-study gradients apart).
+    """
+    if dp:
+        _bench_dp(preset, device, steps, warmup, batch_size, stage, input_size, out_dir)
+        return
     from lungvl_model.benchmarks import PEER_NAME, bench_train
 
     try:
@@ -107,6 +118,66 @@ def train(
         (out_dir / "bench_train.md").write_text(result.to_markdown())
         err.print(f"wrote {out_dir / 'bench_train.json'} and {out_dir / 'bench_train.md'}", highlight=False)
     if m.get("failed"):
+        raise typer.Exit(1)
+
+
+def _bench_dp(
+    preset: str,
+    device: str,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    stage: str,
+    input_size: tuple[int, int, int] | None,
+    out_dir: Path | None,
+) -> None:
+    """``lungvl bench train --dp``: privacy.bench_dp_sgd, printed as a table of ratios to the non-DP step."""
+    from privacy.bench_dp_sgd import bench_dp_sgd
+
+    try:
+        result = bench_dp_sgd(
+            preset,
+            stage=stage,
+            device=device,
+            steps=steps,
+            warmup=warmup,
+            batch_size=batch_size if batch_size >= 2 else 4,
+            input_size=input_size,
+            log=lambda m: err.print(m, highlight=False, markup=False),
+        )
+    except (ValueError, KeyError) as e:
+        err.print(escape(str(e)), style="red")
+        raise typer.Exit(2) from e
+    m = result.meta
+    t = Table(
+        title=f"DP-SGD step vs the non-DP step, preset {m['preset']}, stage {m['stage']}, batch {m['batch_size']} "
+        f"on {m['device']} ({m['device_name']})",
+        caption=f"x = ratio to the non-DP step measured in the same run; σ {m['sigma']}, C {m['clip']}; "
+        f"median of {m['steps']} steps after {m['warmup']} warm-up; memory: {result.rows[0].mem_kind}",
+    )
+    for col in ("mode", "step s", "peak MiB", "time x", "mem x"):
+        t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
+    for r in result.rows:
+        if r.error:
+            t.add_row(r.mode, "failed", "-", "-", "-")
+            continue
+        t.add_row(
+            r.mode,
+            f"{r.step_s:.3f}",
+            f"{r.peak_mem_mb:.0f}",
+            _ratio(result.ratio(r.mode, "time")),
+            _ratio(result.ratio(r.mode, "memory")),
+        )
+    out.print(t)
+    for r in result.rows:
+        if r.error:
+            err.print(f"{r.mode}: {r.error}", style="red", highlight=False, markup=False)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench_dp_sgd.json").write_text(json.dumps(_finite(result.to_dict()), indent=2) + "\n")
+        (out_dir / "bench_dp_sgd.md").write_text(result.to_markdown())
+        err.print(f"wrote {out_dir / 'bench_dp_sgd.json'} and {out_dir / 'bench_dp_sgd.md'}", markup=False)
+    if m["failed"] == [r.mode for r in result.rows]:
         raise typer.Exit(1)
 
 

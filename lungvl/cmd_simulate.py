@@ -17,6 +17,12 @@ def simulate(
     local_only: bool = typer.Option(
         False, "--local-only", help="baseline: every site trains alone for the same rounds (no federation)"
     ),
+    reproducible_noise: bool = typer.Option(
+        False,
+        "--reproducible-noise",
+        help="research only, NOT PRIVATE: seed the client-level noise and site sample from the run's seed "
+        "(bit-exact reruns and resumes); pass it again with --resume",
+    ),
 ) -> None:
     """Run a federated simulation; one line per round on stdout, outputs and summary.md in --out."""
     from simulations.scenario import Scenario
@@ -28,6 +34,9 @@ def simulate(
         err.print(f"[red]{e.args[0] if e.args else e}")
         raise typer.Exit(2) from e
     if local_only:
+        if reproducible_noise:
+            err.print("[red]--reproducible-noise applies to federated runs; --local-only adds no server noise")
+            raise typer.Exit(2)
         if resume:
             err.print("[red]--local-only runs cannot be resumed; start it again in a new --out directory")
             raise typer.Exit(2)
@@ -36,7 +45,14 @@ def simulate(
         run_local_only(spec, out_dir, db_url=db, progress=lambda line: print(line, flush=True))
         return
     try:
-        result = run_simulation(spec, out_dir, db_url=db, resume=resume, progress=lambda line: print(line, flush=True))
+        result = run_simulation(
+            spec,
+            out_dir,
+            db_url=db,
+            resume=resume,
+            progress=lambda line: print(line, flush=True),
+            reproducible_noise=reproducible_noise,
+        )
     except (FileExistsError, FileNotFoundError) as e:
         err.print(f"[red]{e}")
         raise typer.Exit(2) from e

@@ -58,7 +58,10 @@ def check(
     site_dir: Path = typer.Argument(..., help="site directory (DESIGN.md section 2 layout)"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the full report as JSON here"),
 ) -> None:
-    """Is this site's data usable, and is anything identifying in it? Exit 0 when a study is usable."""
+    """Is this site's data usable, and is anything identifying in it? Exit 0 when a study is usable.
+
+    Also prints the site's privacy policy from site.toml ``[privacy]`` (exit 2 when it is invalid).
+    """
     with progress_callback("checking studies") as cb:
         try:
             report = check_site(site_dir, progress=cb)
@@ -68,6 +71,19 @@ def check(
     render(report)
     if json_out is not None:
         json_out.write_text(json.dumps(report.to_dict(), indent=2))
+    if (site_dir / "site.toml").is_file():
+        from client.config import ClientConfig
+
+        try:
+            cfg = ClientConfig.from_toml(site_dir)
+        except (KeyError, ValueError) as e:
+            err.print(f"[red]site.toml: {e.args[0] if e.args else e}", highlight=False)
+            raise typer.Exit(2) from e
+        out.print(
+            f"privacy: ε budget {cfg.epsilon_budget:g} at δ {cfg.delta:g}; holdout_fraction "
+            f"{cfg.holdout_fraction:g}; policy: {cfg.policy.describe()}",
+            highlight=False,
+        )
     raise typer.Exit(0 if report.summary["usable"] > 0 else 1)
 
 
@@ -104,7 +120,7 @@ def join(
         raise typer.Exit(2) from e
     out.print(
         f"site {cfg.client.name}: {info['usable']} usable studies, ε spent {info['epsilon_spent']:.3f} of "
-        f"{info['epsilon_budget']}; joining {cfg.superlink}",
+        f"{info['epsilon_budget']}; policy: {cfg.client.policy.describe()}; joining {cfg.superlink}",
         highlight=False,
     )
     raise typer.Exit(run_site(cfg, log=lambda line: out.print(line, highlight=False)))

@@ -21,6 +21,11 @@ def run(
     max_cells: int | None = typer.Option(None, "--max-cells", min=1, help="stop after running this many cells"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and exit"),
     rerun: bool = typer.Option(False, "--rerun", help="run the selected cells again even when they finished"),
+    reproducible_noise: bool = typer.Option(
+        False,
+        "--reproducible-noise",
+        help="research only, NOT PRIVATE: seed each cell's client-level noise from its seed and cell id",
+    ),
 ) -> None:
     """Run every cell not yet finished (a rerun skips finished cells); one progress line per cell and round."""
     from simulations.study_config import StudyConfig
@@ -36,7 +41,13 @@ def run(
             print(cell.cell_id)
         return
     summary = run_study(
-        spec, out_dir, only=only, max_cells=max_cells, rerun=rerun, progress=lambda line: print(line, flush=True)
+        spec,
+        out_dir,
+        only=only,
+        max_cells=max_cells,
+        rerun=rerun,
+        progress=lambda line: print(line, flush=True),
+        reproducible_noise=reproducible_noise,
     )
     for cell_id, reason in summary["failed"].items():
         err.print(f"[red]{cell_id}: {reason}", highlight=False)

@@ -3,12 +3,14 @@
 * the server, for client-level DP: :class:`ClientLevelAccountant`, one sampled-Gaussian step per round
   with ``q = expected_sites / total_sites``, and a refusal of the round that would pass the target ε;
 * a site, for sample-level DP-SGD: :class:`SiteBudget`, which keeps the site's accountant in
-  ``<state_dir>/privacy_accountant.json`` and refuses local training that would take ε past the site's
-  budget, whatever the server asks.
+  ``<state_dir>/privacy_accountant.json``, refuses local training that would take ε past the site's
+  budget, whatever the server asks, and refuses to start from a state that has forgotten spending its
+  audit ledger records (:meth:`SiteBudget.reconcile`, :class:`AccountantStateMismatch`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +25,10 @@ from privacy.accountant import (
     _check_mechanism,
 )
 
-__all__ = ["ClientLevelAccountant", "SiteBudget"]
+__all__ = ["AccountantStateMismatch", "ClientLevelAccountant", "SiteBudget"]
+
+#: ε the accountant may fall short of a recorded ε by (relative, plus 1e-9 absolute): float round-off only.
+RECONCILE_RTOL = 1e-6
 
 
 class ClientLevelAccountant:
@@ -104,11 +109,17 @@ class ClientLevelAccountant:
 # --------------------------------------------------------------------------------------------- site side
 
 
+class AccountantStateMismatch(RuntimeError):
+    """A site's accountant state is missing, or holds less ε than its audit ledger records as spent."""
+
+
 class SiteBudget:
     """A site's own ε budget for sample-level DP-SGD, persisted in ``<state_dir>/privacy_accountant.json``.
 
     The state file is read when the budget is created (so a restarted client continues where it
-    stopped) and written atomically by :meth:`record`.
+    stopped) and written atomically by :meth:`record`. A missing file starts a fresh accountant: the
+    site checks it with :meth:`reconcile` against what its audit ledger records, so a deleted or reset
+    state is refused rather than silently starting ε at 0.
 
     Args:
         state_dir: the site's state directory.
@@ -208,3 +219,34 @@ class SiteBudget:
     def save(self) -> None:
         """Write the accountant state atomically."""
         self.accountant.save(self.path)
+
+    def reconcile(self, recorded: Mapping[float | None, float], *, record: str | os.PathLike[str]) -> None:
+        """Refuse a state that has forgotten spending recorded elsewhere (the site's audit ledger).
+
+        Args:
+            recorded: the largest ε recorded as spent, per δ it was recorded at (``None``: at
+                :attr:`delta`); e.g. ``AuditLedger.max_epsilon()``. Empty: nothing to check.
+            record: where it was recorded (named in the error).
+
+        Raises:
+            AccountantStateMismatch: ε was recorded but the state file is missing, or the state's ε at a
+                recorded δ is below the recorded ε (beyond float round-off). The message names both
+                files and both numbers.
+        """
+        for rec_delta, rec_eps in sorted(recorded.items(), key=lambda kv: -kv[1]):
+            if rec_eps <= 0:
+                continue
+            delta = self.delta if rec_delta is None else rec_delta
+            if not self.path.exists():
+                raise AccountantStateMismatch(
+                    f"{record} records ε = {rec_eps:.6g} spent (δ = {delta:g}), but the accountant state "
+                    f"{self.path} does not exist (ε would restart at 0); restore the state file from a backup "
+                    "(the site refuses to start without it)"
+                )
+            have = self.accountant.get_epsilon(delta)
+            if math.isnan(have) or have < rec_eps - (RECONCILE_RTOL * rec_eps + 1e-9):
+                raise AccountantStateMismatch(
+                    f"the accountant state {self.path} holds ε = {have:.6g} at δ = {delta:g}, less than the "
+                    f"ε = {rec_eps:.6g} that {record} records as spent; restore the state file from a backup "
+                    "(the site refuses to start with less ε than it has spent)"
+                )

@@ -12,6 +12,11 @@ model fit that, each undone after the round (see :func:`dp_sgd_ready` and
   outside their module's forward, e.g. the visual scale embedding) are frozen for the round; they are
   found once per stage by a dry forward/backward through a ``GradSampleModule``.
 
+Every loss term of the model is a per-study quantity with fixed weights ``1/B`` (a study's per-sample
+gradient depends on that study alone; :mod:`lungvl_model.models.lungvl`), and the sampling unit is the
+patient (:class:`privacy.dp_sgd_train.PatientPoissonSampler`: at most one study of a patient per step),
+so one patient moves a step's clipped sum by at most ``C``.
+
 Poisson sampling can draw an empty batch; :class:`PoissonCollate` and :class:`EmptyBatchSafe` turn it into
 a noise-only DP step, as Opacus' own data loader does.
 """

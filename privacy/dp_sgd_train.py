@@ -1,10 +1,23 @@
 """Local DP-SGD steps of the LungVL model with Opacus (the wiring; the model plumbing is :mod:`privacy.dp_sgd`).
 
-:func:`dp_sgd_steps` runs ``steps`` DP-SGD steps: Poisson sampling at rate ``q``, per-study gradients
-clipped to ``max_grad_norm``, Gaussian noise ``N(0, (σ·C)²)`` on their sum, division by the expected
-batch. The noise and the sample come from OS entropy (:mod:`secrets`), never from a seed the server
-knows. Which parameters have a correct per-study gradient is decided once per stage by
-:func:`~privacy.dp_sgd.per_sample_parameters`; the others are frozen for the steps.
+:func:`dp_sgd_steps` runs ``steps`` DP-SGD steps with the *patient* as the privacy unit:
+
+* sampling (:class:`PatientPoissonSampler`): every step each patient is included independently with
+  probability ``q`` (Poisson, at the patient level), and an included patient contributes exactly one
+  of its studies, drawn uniformly. A patient is so at most one study of a step, and the step's
+  sensitivity to adding or removing a patient is one clipped per-study gradient, ``C``; the
+  accountant is charged ``q`` per patient (``q = expected patients per step / patients``), not per
+  study (sampling studies would include a patient with a prior and a current study at about twice
+  the rate, and up to twice in one step);
+* per-study gradients clipped to ``max_grad_norm`` (the model's losses are per-study quantities, so a
+  study's per-sample gradient depends on that study alone, :mod:`lungvl_model.models.lungvl`);
+* Gaussian noise ``N(0, (σ·C)²)`` on their sum, division by the expected batch ``q · patients``.
+
+The noise and the sample come from OS entropy (:mod:`secrets`), never from a seed the server knows.
+Which parameters have a correct per-study gradient is decided once per stage by
+:func:`~privacy.dp_sgd.per_sample_parameters` on a *public* synthetic batch (a chest phantom and a
+template report, :func:`~lungvl_model.benchmarks.train_bench.synthetic_batch`), never on the site's
+studies, whose use outside the noisy steps would not be accounted; the others are frozen for the steps.
 """
 
 from __future__ import annotations
@@ -12,15 +25,15 @@ from __future__ import annotations
 import logging
 import secrets
 import warnings
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any, cast
 
 import torch
 from opacus.grad_sample import GradSampleModule  # type: ignore[import-untyped]
 from opacus.optimizers import DPOptimizer  # type: ignore[import-untyped]
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # type: ignore[import-untyped]
 from torch.utils.data import DataLoader, Dataset
 
+from lungvl_model.benchmarks.train_bench import synthetic_batch
 from lungvl_model.data.dataset import collate
 from lungvl_model.models.lungvl import LungVLModel
 from lungvl_model.training.loop import TrainResult, cycle, run_steps, seed_everything, to_device
@@ -33,15 +46,85 @@ from privacy.dp_sgd import (
     reset_opacus_state,
 )
 
-__all__ = ["dp_sgd_steps"]
+__all__ = ["PatientPoissonSampler", "check_patient_groups", "dp_sgd_steps"]
 
 logger = logging.getLogger(__name__)
+
+
+def _public_probe(model: LungVLModel, device: torch.device) -> dict[str, Any]:
+    """Two synthetic studies at the model's input size: what decides the per-study parameters (no site data)."""
+    cfg = model.config.input
+    size = cfg.size or (32, 32, 32)
+    batch = synthetic_batch(
+        (int(size[0]), int(size[1]), int(size[2])), 2, spacing_mm=cfg.spacing_mm, hu_window=cfg.hu_window
+    )
+    return to_device(batch, device)
+
+
+def check_patient_groups(patients: Sequence[Sequence[int]], n: int) -> None:
+    """Raise ``ValueError`` unless ``patients`` partitions ``range(n)`` into non-empty groups."""
+    if any(len(group) == 0 for group in patients):
+        raise ValueError("a patient group is empty")
+    seen = [int(i) for group in patients for i in group]
+    if sorted(seen) != list(range(n)):
+        raise ValueError(
+            f"patient groups must partition the {n} studies (each index in exactly one group); got {len(seen)} "
+            f"indices, {len(set(seen))} distinct, from {min(seen, default=None)} to {max(seen, default=None)}"
+        )
+
+
+class PatientPoissonSampler:
+    """Batch sampler of DP-SGD with the patient as the unit: Poisson over patients, one study each.
+
+    Each of ``steps`` batches includes every patient independently with probability ``sample_rate``
+    (so a batch may be empty) and, for each included patient, one of its studies drawn uniformly. The
+    inclusion and the draw use ``generator`` only (seed it from OS entropy: a sample the server can
+    replay protects nothing).
+
+    Args:
+        patients: dataset indices of each patient's studies (a partition of the dataset's indices).
+        sample_rate: ``q``, the probability that a patient is in a step.
+        steps: batches to yield.
+        generator: the sampling randomness.
+
+    Raises:
+        ValueError: an empty patient group, ``q`` outside ``(0, 1]`` or ``steps < 0``.
+    """
+
+    def __init__(
+        self, patients: Sequence[Sequence[int]], sample_rate: float, *, steps: int, generator: torch.Generator
+    ) -> None:
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        if any(len(g) == 0 for g in patients):
+            raise ValueError("a patient group is empty")
+        self.patients = [[int(i) for i in g] for g in patients]
+        self.sample_rate = float(sample_rate)
+        self.steps = steps
+        self.generator = generator
+        self._sizes = torch.tensor([len(g) for g in self.patients], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n = len(self.patients)
+        for _ in range(self.steps):
+            draw = torch.rand(n, generator=self.generator, dtype=torch.float64)
+            included = (draw < self.sample_rate).nonzero().squeeze(1)
+            sizes = self._sizes[included]
+            u = torch.rand(len(included), generator=self.generator, dtype=torch.float64)
+            picks = torch.minimum((u * sizes).long(), sizes - 1)  # uniform over the patient's studies
+            yield [self.patients[int(p)][int(k)] for p, k in zip(included, picks, strict=True)]
 
 
 def dp_sgd_steps(
     *,
     model: LungVLModel,
     dataset: Dataset[dict[str, Any]],
+    patients: Sequence[Sequence[int]],
     optimizer: torch.optim.Optimizer,
     stage: str,
     steps: int,
@@ -60,10 +143,12 @@ def dp_sgd_steps(
     Args:
         model: the model (on ``device``); parameters' ``requires_grad`` is restored afterwards.
         dataset: the training studies (``len(dataset)`` items).
+        patients: the dataset indices of each patient's studies, a partition of ``range(len(dataset))``
+            (a study without a known patient is its own group): the sampling unit.
         optimizer: the base optimizer over ``model``'s parameters (wrapped in a ``DPOptimizer``).
         stage: ``"ssl"``, ``"seg"`` or ``"vl"``.
         steps: DP-SGD steps.
-        sample_rate: Poisson rate ``q`` of each study per step.
+        sample_rate: Poisson rate ``q`` of each *patient* per step (what the accountant is charged with).
         noise_multiplier: DP-SGD σ.
         max_grad_norm: per-study clip ``C``.
         device: where tensors go.
@@ -76,8 +161,12 @@ def dp_sgd_steps(
 
     Returns:
         The steps' history.
+
+    Raises:
+        ValueError: ``patients`` does not partition the dataset's indices.
     """
     n = len(dataset)  # type: ignore[arg-type]
+    check_patient_groups(patients, n)
     cache = trainable if trainable is not None else {}
     before = {name: p.requires_grad for name, p in model.named_parameters()}
     steps_done = 0
@@ -88,8 +177,7 @@ def dp_sgd_steps(
 
     with dp_sgd_ready(model):
         if stage not in cache:
-            probe = to_device(collate([dataset[i] for i in range(min(2, n))]), device)
-            cache[stage], dropped = per_sample_parameters(model, probe, stage=stage)
+            cache[stage], dropped = per_sample_parameters(model, _public_probe(model, device), stage=stage)
             logger.info(
                 "DP-SGD stage %s: %d parameter tensors frozen (no per-study gradient): %s",
                 stage,
@@ -113,14 +201,12 @@ def dp_sgd_steps(
                 optimizer,
                 noise_multiplier=noise_multiplier,
                 max_grad_norm=max_grad_norm,
-                expected_batch_size=max(1, round(sample_rate * n)),
+                expected_batch_size=max(1, round(sample_rate * len(patients))),  # one study per sampled patient
                 loss_reduction="mean",
                 generator=noise_gen,
             )
             dp_optimizer.attach_step_hook(count)
-            sampler = UniformWithReplacementSampler(
-                num_samples=n, sample_rate=sample_rate, generator=sample_gen, steps=steps
-            )
+            sampler = PatientPoissonSampler(patients, sample_rate, steps=steps, generator=sample_gen)
             loader = DataLoader(
                 dataset,
                 batch_sampler=sampler,

@@ -8,17 +8,23 @@ Run config keys (``[tool.flwr.app.config]``, ``flwr run --run-config`` or the si
 - ``run-dir``: where checkpoints go (default ``runs/server``);
 - ``registry``: SQLAlchemy URL or SQLite path (default ``<run-dir>/registry.db``);
 - ``run-name``: the registry's run name (default the run directory's name);
-- ``resume``: continue the run recorded in ``<run-dir>/run.json`` from its last completed round.
+- ``resume``: continue the run recorded in ``<run-dir>/run.json`` after its last closed round.
 
-Per completed round ``n`` it writes ``<run-dir>/checkpoints/round_<n>/``: the global weights as a lungvl
-checkpoint (``save_checkpoint``), ``server_state.pt`` (momentum buffer, round, accountant, numpy/torch/
-python RNG states, config; loadable with ``torch.load(weights_only=True)``) and ``server_state.json``
-(the same without arrays), then records it in the registry *before* the round is marked completed.
+Per closed round ``n`` (``completed`` or ``failed``: a failed round is charged to ε too) it writes
+``<run-dir>/checkpoints/round_<n>/``: the global weights as a lungvl checkpoint (``save_checkpoint``),
+``server_state.pt`` (momentum buffer, round, accountant, numpy/torch/python global RNG states, config;
+loadable with ``torch.load(weights_only=True)``) and ``server_state.json`` (the same without arrays),
+records it in the registry and marks the round closed, all *before* the new weights are sent to any
+site for evaluation (release once, DESIGN.md section 4). The generators of the site sample and the
+noise are not in it: they are fresh OS entropy per draw and kept nowhere.
 
-Resume: pending rounds (rows after the last completed round, a crash's leftovers) are deleted from the
-registry, weights and server state come from the last completed round's checkpoint, and the run goes
-on. Every random draw of a round is seeded from ``(seed, round)``, so a resumed run ends with the same
-weights as an uninterrupted one, bit for bit on CPU (given sites that train deterministically).
+Resume: pending rounds (rows after the last closed round: a crash before the commit, whose weights never
+left the server) are deleted from the registry, weights and server state come from the last closed
+round's checkpoint, and the run goes on with the next round; a round that was committed (and so may
+have been sent out) is never run again. New rounds draw fresh secret noise, so a resumed private run
+differs from an uninterrupted one; only with ``reproducible_noise`` (not private), where every draw is
+seeded from ``(seed, round)``, does it end with the same weights, bit for bit on CPU (given sites that
+train deterministically).
 """
 
 from __future__ import annotations
@@ -191,9 +197,16 @@ def run_server(grid: Grid, spec: ServerRunSpec, *, log: Log = print) -> dict[str
         for rnd in registry.pending_rounds(run_id):
             registry.delete_round(run_id, rnd)
         registry.reopen_run(run_id)
-        last = registry.last_completed_round(run_id)
+        last = registry.last_closed_round(run_id)
         if last > 0:
-            weights, state = load_round_checkpoint(spec.run_dir / "checkpoints" / f"round_{last}")
+            directory = spec.run_dir / "checkpoints" / f"round_{last}"
+            if not (directory / STATE_FILE).exists():
+                raise FileNotFoundError(
+                    f"round {last} of run {run_id} is closed in the registry but {directory / STATE_FILE} is missing"
+                )
+            weights, state = load_round_checkpoint(directory)
+            if int(state["round"]) != last:
+                raise ValueError(f"{directory} holds the state after round {state['round']}, expected round {last}")
             _check_resumable(state["config"], cfg)
             _set_rng_states(state.pop("rng"))
         log(f"resuming run {run_id} after round {last}")
@@ -206,10 +219,10 @@ def run_server(grid: Grid, spec: ServerRunSpec, *, log: Log = print) -> dict[str
     last_ckpt: list[Path] = []
 
     def on_round_end(engine: RoundEngine, outcome: RoundOutcome) -> None:
-        if outcome.status != "completed":
-            return
+        # Every closed round, failed ones too (their accountant step must survive a crash).
         directory = spec.run_dir / "checkpoints" / f"round_{outcome.round}"
-        meta = {"stage": cfg.stage, "run_id": run_id, "epsilon": outcome.epsilon, "metrics": outcome.eval_metrics}
+        meta = {"stage": cfg.stage, "run_id": run_id, "round_status": outcome.status, "epsilon": outcome.epsilon}
+        meta["metrics"] = outcome.train_metrics  # evaluation comes after the commit, into the registry
         sha = save_round_checkpoint(directory, model, engine, meta)
         registry.record_checkpoint(run_id, outcome.round, directory, sha)
         last_ckpt.append(directory)

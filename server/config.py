@@ -44,7 +44,7 @@ TABLE_KEYS: Final[dict[str, frozenset[str]]] = {
     ),
     "dp": frozenset(
         {"clip_norm", "client_noise_multiplier", "target_epsilon", "delta", "accountant", "reproducible_noise",
-         "dp_sgd", "dp_sgd_noise_multiplier", "dp_sgd_max_grad_norm"}
+         "noise_key", "dp_sgd", "dp_sgd_noise_multiplier", "dp_sgd_max_grad_norm"}
     ),
     "training": frozenset({"stage", "local_steps", "lr", "batch_size", "dg_penalty", "dro_step"}),
 }  # fmt: skip
@@ -96,6 +96,9 @@ class ServerConfig:
             ``seed`` so that a simulation can be repeated bit for bit. Such a run is *not private* (anyone
             who knows the seed can subtract the noise); the registry and ``server status`` say so. By
             default both come from OS entropy and are never stored or sent.
+        noise_key: with ``reproducible_noise``, a name mixed into the seed of the noise so that runs with
+            the same ``seed`` draw different noise (a study sets it to the cell's identity); must be empty
+            without ``reproducible_noise``.
         stage: training stage at the sites (``ssl``/``seg``/``vl``).
         local_steps: optimisation steps per site per round.
         lr: local learning rate.
@@ -126,6 +129,7 @@ class ServerConfig:
     max_update_norm: float = 0.0
     site_sampling: str = "poisson"
     reproducible_noise: bool = False
+    noise_key: str = ""
     stage: str = "vl"
     local_steps: int = 5
     lr: float = 3e-4
@@ -183,6 +187,13 @@ class ServerConfig:
             raise ValueError(
                 f"ServerConfig: site_sampling='fixed' with fraction_train={self.fraction_train} < 1 under client-level "
                 "DP: the accountant analyses Poisson sampling only; use site_sampling='poisson'"
+            )
+        if not isinstance(self.noise_key, str):
+            raise ValueError(f"ServerConfig.noise_key must be a string, got {self.noise_key!r}")
+        if self.noise_key and not self.reproducible_noise:
+            raise ValueError(
+                f"ServerConfig.noise_key={self.noise_key!r} only applies with reproducible_noise = true (secret "
+                "noise needs no key)"
             )
         if not 0 < self.delta < 1:
             raise ValueError(f"ServerConfig.delta must be in (0, 1), got {self.delta}")

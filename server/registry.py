@@ -212,9 +212,19 @@ class Registry:
             self._run(s, run_id)
             return int(s.scalar(query) or 0)
 
+    def last_closed_round(self, run_id: int) -> int:
+        """Highest round with status ``completed`` or ``failed`` (0 when none): resume after it.
+
+        A failed round is closed too: under client-level DP it was charged to ε, and it is never run again.
+        """
+        query = select(func.max(Round.round)).where(Round.run_id == run_id, Round.status.in_(ROUND_STATUSES[1:]))
+        with self._sessions() as s:
+            self._run(s, run_id)
+            return int(s.scalar(query) or 0)
+
     def pending_rounds(self, run_id: int) -> list[int]:
-        """Rounds with any row after the last completed one (a crash's leftovers, to ``delete_round``)."""
-        last = self.last_completed_round(run_id)
+        """Rounds with any row after the last closed one (a crash's leftovers, to ``delete_round``)."""
+        last = self.last_closed_round(run_id)
         found: set[int] = set()
         with self._sessions() as s:
             for table in (Round, *ROUND_SCOPED):
@@ -230,16 +240,16 @@ class Registry:
         Args:
             run_id: the run.
             rnd: the round to redo.
-            force: also delete a ``completed`` round. Refused by default: its privacy-ledger rows
-                record ε that was really spent.
+            force: also delete a closed (``completed`` or ``failed``) round. Refused by default: its
+                privacy-ledger rows record ε that was really spent.
 
         Raises:
-            RegistryError: the round is completed and ``force`` is false.
+            RegistryError: the round is closed and ``force`` is false.
         """
         with self._sessions.begin() as s:
             row = s.get(Round, (run_id, rnd))
-            if row is not None and row.status == "completed" and not force:
-                raise RegistryError(f"round {rnd} of run {run_id} is completed; pass force=True to delete it")
+            if row is not None and row.status != "running" and not force:
+                raise RegistryError(f"round {rnd} of run {run_id} is {row.status}; pass force=True to delete it")
             for table in ROUND_SCOPED:
                 s.execute(delete(table).where(table.run_id == run_id, table.round == rnd))
             if row is not None:

@@ -1,17 +1,30 @@
 """The Flower-free DP-FedAvgM round engine.
 
 :class:`RoundEngine` holds everything a round needs and knows nothing about Flower: the global weights,
-the server momentum buffer, the client-level accountant, seeded site sampling, the fold of one reply at
-a time into :class:`~server.aggregation.StreamingAggregator`, and what goes into the registry. Its
-state is checkpointable (:meth:`RoundEngine.state_dict`). Its inputs and outputs are the plain values
-of :mod:`server.round_types`; :class:`~server.strategy.DPFedAvgM` drives it over Flower's Message API.
+the server momentum buffer, the client-level accountant, site sampling, the fold of one reply at a time
+into :class:`~server.aggregation.StreamingAggregator`, and what goes into the registry. Its state is
+checkpointable (:meth:`RoundEngine.state_dict`). Its inputs and outputs are the plain values of
+:mod:`server.round_types`; :class:`~server.strategy.DPFedAvgM` drives it over Flower's Message API.
 The round itself is described in :mod:`server.strategy`.
+
+Randomness (:func:`round_rng`): the site sample, the aggregation noise and the evaluation sites of a
+round each come from a generator seeded with 128 bits of OS entropy (:func:`secrets.randbits`), made
+fresh for that draw and never stored (not in checkpoints, not in the registry) or sent, so that no
+site, knowing its own update, the round config, the seed and both global models, can replay the noise
+and subtract it. Only with ``ServerConfig.reproducible_noise`` (research, *not private*) are they
+seeded from ``(seed, round, stream)`` (plus a hash of ``noise_key`` for the noise), which makes a
+simulation, and its resumption, repeatable bit for bit.
+
+Every round opened under client-level DP is charged to ε when it closes, ``completed`` or ``failed``
+(DESIGN.md section 4, "release once").
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -33,7 +46,7 @@ from server.config import ServerConfig
 from server.registry import Registry
 from server.round_types import RoundOutcome, SiteReply
 
-__all__ = ["Log", "RoundEngine", "RoundHook"]
+__all__ = ["EVAL_STREAM", "NOISE_STREAM", "SAMPLE_STREAM", "Log", "RoundEngine", "RoundHook", "round_rng"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +54,26 @@ Log = Callable[[str], None]
 #: Called after a round closes, before it is committed: ``(engine, outcome)`` (checkpoint writing).
 RoundHook = Callable[["RoundEngine", "RoundOutcome"], None]
 
-_SAMPLE, _NOISE, _EVAL = 0, 1, 2  # streams of default_rng([seed, round, stream])
+#: The draws of a round; with ``reproducible_noise`` the streams of ``default_rng([seed, round, stream])``.
+SAMPLE_STREAM, NOISE_STREAM, EVAL_STREAM = 0, 1, 2
+
+
+def round_rng(config: ServerConfig, rnd: int, stream: int) -> np.random.Generator:
+    """The generator of one draw of round ``rnd``: the site sample, the noise or the evaluation sites.
+
+    By default seeded with 128 bits from the OS's CSPRNG, fresh for every call, and kept nowhere: nobody
+    (the server's operators included) can draw it again. With ``config.reproducible_noise`` (research
+    only, not private): ``default_rng([seed, rnd, stream])``, and for the noise stream with a non-empty
+    ``noise_key`` also four words of its SHA-256, so that runs sharing a seed (a study's cells) still
+    draw different noise.
+    """
+    if not config.reproducible_noise:
+        return np.random.default_rng(secrets.randbits(128))
+    words = [config.seed, rnd, stream]
+    if stream == NOISE_STREAM and config.noise_key:
+        digest = hashlib.sha256(config.noise_key.encode("utf-8")).digest()
+        words += [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
+    return np.random.default_rng(words)
 
 
 class RoundEngine:
@@ -83,6 +115,8 @@ class RoundEngine:
         self._train_rows: list[tuple[int, Mapping[str, float]]] = []
         self._statuses: dict[str, str] = {}
         self._failed = 0
+        self._total_sites = 0
+        self._charged = False
 
     # ------------------------------------------------------------------ naming and sampling
     def label(self, node_id: int) -> str:
@@ -90,14 +124,25 @@ class RoundEngine:
         return self.site_names.get(node_id) or f"node-{node_id}"
 
     def sample(self, node_ids: Iterable[int], rnd: int) -> list[int]:
-        """The sites that train in round ``rnd``: a seeded draw over the sites sorted by name.
+        """The sites that train in round ``rnd``, drawn (:func:`round_rng`) over the sites sorted by name.
 
-        The draw depends on ``(seed, rnd)`` and the set of site names only (not on Flower's node ids,
-        which change between runs), so a resumed run samples as the uninterrupted one would.
+        ``site_sampling = "poisson"``: each site independently with probability ``fraction_train`` (all of
+        them at 1), so the realised count varies around ``q·N``; ``"fixed"``: ``sample_size(N)`` sites
+        without replacement. With ``reproducible_noise`` the draw depends on ``(seed, rnd)`` and the set
+        of site names only (not on Flower's node ids, which change between runs), so a resumed run
+        samples as the uninterrupted one would; otherwise it is secret and fresh.
         """
         ordered = sorted(set(node_ids), key=lambda n: (self.label(n), n))
-        k = self.config.sample_size(len(ordered))
-        rng = np.random.default_rng([self.config.seed, rnd, _SAMPLE])
+        c = self.config
+        if not ordered:
+            return []
+        if c.site_sampling == "poisson":
+            if c.fraction_train >= 1:
+                return ordered
+            keep = round_rng(c, rnd, SAMPLE_STREAM).random(len(ordered)) < c.fraction_train
+            return [n for n, kept in zip(ordered, keep.tolist(), strict=True) if kept]
+        k = c.sample_size(len(ordered))
+        rng = round_rng(c, rnd, SAMPLE_STREAM)
         picked = sorted(rng.choice(len(ordered), size=k, replace=False).tolist()) if k else []
         return [ordered[i] for i in picked]
 
@@ -107,7 +152,7 @@ class RoundEngine:
         if self.config.fraction_evaluate == 0 or not ordered:
             return []
         k = min(len(ordered), max(1, math.ceil(len(ordered) * self.config.fraction_evaluate)))
-        rng = np.random.default_rng([self.config.seed, rnd, _EVAL])
+        rng = round_rng(self.config, rnd, EVAL_STREAM)
         return [ordered[i] for i in sorted(rng.choice(len(ordered), size=k, replace=False).tolist())]
 
     def round_config(self, rnd: int) -> RoundConfig:
@@ -115,7 +160,7 @@ class RoundEngine:
         return self.config.round_config(rnd)
 
     # ------------------------------------------------------------------ a round
-    def _ensure_accountant(self, total_sites: int, expected_sites: int) -> ClientLevelAccountant:
+    def _ensure_accountant(self, total_sites: int, expected_sites: float) -> ClientLevelAccountant:
         acc = self.accountant
         if acc is None or acc.total_sites != total_sites or acc.expected_sites != expected_sites:
             c = self.config
@@ -132,20 +177,37 @@ class RoundEngine:
             self.accountant = acc = fresh
         return acc
 
+    def too_few_sampled(self) -> bool:
+        """Whether the open round's draw holds fewer than ``min_sites`` sites (nobody is asked; it fails)."""
+        return len(self._sampled) < self.config.min_sites
+
     def begin_round(self, rnd: int, sampled: Sequence[int], total_sites: int) -> None:
         """Open round ``rnd`` with the ``sampled`` node ids out of ``total_sites`` connected.
+
+        With client-level DP the round is charged to ε when it closes, whatever its outcome (a draw below
+        ``min_sites`` included), with ``q = fraction_train`` for Poisson sampling (the accountant's
+        ``expected_sites`` is ``q·N``, never the realised count).
 
         Raises:
             PrivacyBudgetExceeded: with client-level DP, when this round would take ε past ``target_epsilon``
                 (nothing is recorded; the caller stops the run).
-            ValueError: a round already open, or a round number that does not follow the last one.
+            ValueError: a round already open, a round number that does not follow the last one, or a
+                clipped mean whose divisor ``q·N`` would be below 1 (raise ``fraction_train``).
         """
         if self._current is not None:
             raise ValueError(f"round {self._current} is still open; close_round() it first")
         if rnd != self.round + 1:
             raise ValueError(f"round {rnd} does not follow the last closed round {self.round}")
-        if self.config.client_dp and sampled:
-            self._ensure_accountant(total_sites, len(sampled)).check_next_round()
+        c = self.config
+        expected = c.expected_sites(total_sites)
+        if c.clip_norm and total_sites > 0 and expected < 1:
+            raise ValueError(
+                f"round {rnd}: fraction_train={c.fraction_train} of {total_sites} site(s) expects {expected:g} < 1 "
+                "site per round, the divisor of the clipped mean; raise fraction_train"
+            )
+        charged = c.client_dp and total_sites > 0
+        if charged:
+            self._ensure_accountant(total_sites, expected).check_next_round()
         if self.registry is not None and self.run_id is not None:
             self.registry.start_round(self.run_id, rnd, sampled=len(sampled))
         self._current = rnd
@@ -155,6 +217,8 @@ class RoundEngine:
         self._train_rows = []
         self._statuses = {}
         self._failed = 0
+        self._total_sites = total_sites
+        self._charged = charged
 
     def _participation(self, reply: SiteReply, status: str, **kw: Any) -> None:
         self._statuses[self.label(reply.node_id)] = status
@@ -243,24 +307,31 @@ class RoundEngine:
     def close_round(self) -> RoundOutcome:
         """Record the sampled sites that never answered as ``timeout`` and aggregate (or fail) the round.
 
-        The round is not yet marked completed in the registry: :meth:`commit_round` does that once the
-        caller has written the round's checkpoint.
+        With client-level DP the accountant takes the round's step here, ``completed`` or ``failed``.
+        The round is not yet marked closed in the registry: :meth:`commit_round` does that once the
+        caller has written the round's checkpoint, and only then may anything derived from the new
+        weights leave the server.
         """
         if self._current is None or self._agg is None:
             raise ValueError("close_round() outside a round")
         rnd, c = self._current, self.config
-        for node_id in sorted(set(self._sampled) - self._seen, key=self.label):
-            self.log(f"round {rnd}: {self.label(node_id)} did not reply within {c.round_timeout_s:g} s")
-            self._participation(SiteReply(node_id=node_id), "timeout", reason=f"no reply within {c.round_timeout_s} s")
+        if self.too_few_sampled():
+            drawn = len(self._sampled)
+            self.log(f"round {rnd}: {drawn} site(s) sampled < min_sites={c.min_sites}; nobody was asked to train")
+        else:
+            for node_id in sorted(set(self._sampled) - self._seen, key=self.label):
+                self.log(f"round {rnd}: {self.label(node_id)} did not reply within {c.round_timeout_s:g} s")
+                reason = f"no reply within {c.round_timeout_s} s"
+                self._participation(SiteReply(node_id=node_id), "timeout", reason=reason)
         ok = self._agg.count
         outcome = RoundOutcome(
             round=rnd, status="failed", sampled=len(self._sampled), ok=ok, failed=self._failed, statuses=self._statuses
         )
         if ok >= c.min_sites and ok > 0:
             mean = self._agg.finalize(
-                expected_sites=len(self._sampled) if c.clip_norm else None,
+                expected_sites=c.expected_sites(self._total_sites) if c.clip_norm else None,
                 noise_multiplier=c.client_noise_multiplier,
-                rng=np.random.default_rng([c.seed, rnd, _NOISE]),
+                rng=round_rng(c, rnd, NOISE_STREAM) if c.client_noise_multiplier > 0 else None,
             )
             self.weights, self.momentum = apply_server_momentum(
                 self.weights, mean, self.momentum, server_lr=c.server_lr, server_momentum=c.momentum
@@ -268,11 +339,12 @@ class RoundEngine:
             outcome.status = "completed"
             outcome.update_norm = l2_norm(mean)
             outcome.train_metrics = weighted_means(self._train_rows)
-            if c.client_dp and self.accountant is not None:
-                outcome.epsilon = self.accountant.step_round()
-                self._record_client_privacy(rnd)
         else:
             self.log(f"round {rnd}: {ok} usable update(s) < min_sites={c.min_sites}; the model does not move")
+        if self._charged and self.accountant is not None:  # every opened round is a release (DESIGN.md 4)
+            outcome.epsilon = self.accountant.step_round()
+            self._record_client_privacy(rnd)
+        self._charged = False
         if self.registry is not None and self.run_id is not None and outcome.train_metrics:
             self.registry.record_metrics(self.run_id, rnd, "global", outcome.train_metrics)
         self._agg = None
@@ -296,7 +368,10 @@ class RoundEngine:
         )
 
     def record_evaluation(self, outcome: RoundOutcome, replies: Iterable[SiteReply]) -> dict[str, float]:
-        """Record the sites' evaluation of the new global model; returns the example-weighted global metrics."""
+        """Record the sites' evaluation of the new global model; returns the example-weighted global metrics.
+
+        Called after :meth:`commit_round`: the evaluated model was released only once its round was committed.
+        """
         rows: list[tuple[int, Mapping[str, float]]] = []
         for r in replies:
             if r.site_name:
@@ -314,7 +389,10 @@ class RoundEngine:
         return outcome.eval_metrics
 
     def commit_round(self, outcome: RoundOutcome) -> None:
-        """Mark the round ``completed``/``failed`` in the registry (after its checkpoint is written)."""
+        """Mark the round ``completed``/``failed`` in the registry (after its checkpoint is written).
+
+        From here on the round is released: a resumed run continues after it and never draws it again.
+        """
         if self.registry is not None and self.run_id is not None:
             self.registry.end_round(
                 self.run_id,
@@ -365,4 +443,4 @@ class RoundEngine:
         self.accountant = None
         acc = state.get("accountant")
         if acc is not None and self.config.client_dp:
-            self._ensure_accountant(int(acc["total_sites"]), int(acc["expected_sites"])).load_state_dict(acc["state"])
+            self._ensure_accountant(int(acc["total_sites"]), float(acc["expected_sites"])).load_state_dict(acc["state"])

@@ -40,7 +40,8 @@ def status_rows(registry: Registry, run_id: int | None = None) -> dict[str, Any]
         (client-level ε recorded in that round, or ``None``) and ``metrics`` (global metrics of that round);
         ``sites`` one dict per site with ``site``, ``ok``, ``failed`` (not ok), ``examples``, ``last_status``,
         ``last_reason``, ``epsilon`` (latest sample-level ε or ``None``); ``metric_names`` the global
-        metric columns shown.
+        metric columns shown; ``sampling`` how sites were drawn (``None`` for a run without a server
+        config); ``reproducible_noise`` whether the run's noise was seeded (not private).
 
     Raises:
         RegistryError: ``run_id`` given but unknown.
@@ -76,7 +77,26 @@ def status_rows(registry: Registry, run_id: int | None = None) -> dict[str, Any]
         site["last_status"], site["last_reason"] = p["status"], p["reason"]
     for key, site in sites.items():
         site["epsilon"] = site_eps.get(key)
-    return {"summary": summary, "rounds": rounds, "sites": list(sites.values()), "metric_names": names}
+    server = (summary["run"].get("config") or {}).get("server") or {}
+    return {
+        "summary": summary,
+        "rounds": rounds,
+        "sites": list(sites.values()),
+        "metric_names": names,
+        "sampling": _sampling(server),
+        "reproducible_noise": bool(server.get("reproducible_noise", False)),
+    }
+
+
+def _sampling(server: dict[str, Any]) -> str | None:
+    """How the run drew its sites, from its resolved server config (None when the run has none)."""
+    if not server:
+        return None
+    mode = server.get("site_sampling", "fixed")  # runs from before site_sampling drew a fixed number
+    q = server.get("fraction_train", 1.0)
+    if mode == "poisson":
+        return f"poisson, q={q:g} per site (the DP mean divides by q·N)"
+    return f"fixed, fraction {q:g} (at least min_sites={server.get('min_sites')})"
 
 
 def render_status(registry: Registry, run_id: int | None = None, *, max_rounds: int = 20) -> list[Table]:
@@ -98,7 +118,8 @@ def render_status(registry: Registry, run_id: int | None = None, *, max_rounds: 
         return [empty]
     s, run = data["summary"], data["summary"]["run"]
 
-    overview = Table(title=f"Run {run['name']} (#{run['id']})", show_header=False)
+    not_private = " — noise reproducible: not private" if data["reproducible_noise"] else ""
+    overview = Table(title=f"Run {run['name']} (#{run['id']}){not_private}", show_header=False)
     overview.add_column("field", style="bold")
     overview.add_column("value")
     eps = "-" if s["epsilon"] is None else f"{s['epsilon']:.3f} (δ={s['delta']:.1e})"
@@ -107,6 +128,13 @@ def render_status(registry: Registry, run_id: int | None = None, *, max_rounds: 
         ("status", run["status"]),
         ("created", _fmt(run["created_at"])),
         ("seed", _fmt(run["seed"])),
+        ("site sampling", data["sampling"] or "-"),
+        (
+            "noise",
+            "noise reproducible: not private (seeded from the run's seed)"
+            if data["reproducible_noise"]
+            else ("secret (OS entropy, never stored)" if data["sampling"] else "-"),
+        ),
         ("rounds completed", f"{s['rounds_done']} of {s['rounds_recorded']} recorded"),
         ("sites seen", f"{len(s['sites_seen'])}: {', '.join(s['sites_seen'])}" if s["sites_seen"] else "0"),
         ("site failures", str(s["failures"])),

@@ -1,8 +1,8 @@
 """DP-FedAvgM as a Flower 1.42 Message-API strategy, around a Flower-free round engine.
 
 :class:`~server.round_engine.RoundEngine` holds everything a round needs and knows nothing about
-Flower: the global weights, the server momentum buffer, the client-level accountant, seeded site
-sampling, the fold of one reply at a time into :class:`~server.aggregation.StreamingAggregator`, and
+Flower: the global weights, the server momentum buffer, the client-level accountant, site sampling,
+the fold of one reply at a time into :class:`~server.aggregation.StreamingAggregator`, and
 what goes into the registry. Its state is checkpointable
 (:meth:`~server.round_engine.RoundEngine.state_dict`). The plain values a round exchanges live in
 :mod:`server.round_types`.
@@ -21,14 +21,24 @@ One round ``t``:
 
 1. the sites are named once (a ``query`` message answered with ``site_name``), so that sampling,
    failures and timeouts are attributed to names that are stable across restarts;
-2. ``max(⌊fraction·N⌋, min_sites)`` sites are drawn with ``default_rng([seed, t, 0])`` from the
-   connected sites sorted by name; a run over its client-level ε budget stops *before* this round;
+2. a run over its client-level ε budget stops *before* this round; the sites are drawn from the
+   connected ones sorted by name: with ``site_sampling = "poisson"`` each independently with probability
+   ``fraction_train``, with ``"fixed"`` ``max(⌊fraction·N⌋, min_sites)`` of them; a draw below
+   ``min_sites`` asks nobody and the round fails;
 3. replies are folded as they arrive: error replies are ``failed``, non-finite, wrongly shaped or
    oversized updates are ``rejected``, sites that do not answer within ``round_timeout_s`` are
    ``timeout``; none of them is aggregated and the round goes on;
-4. with at least ``min_sites`` folded updates the (noisy, with ``default_rng([seed, t, 1])``) mean update
-   goes through server momentum and the accountant takes one step; otherwise the round is ``failed`` and
-   the model, the momentum and ε do not move.
+4. with at least ``min_sites`` folded updates the mean update (with client-level DP: clipped sum plus
+   Gaussian noise, divided by the expected ``q·N`` sites) goes through server momentum; otherwise the
+   round is ``failed`` and the model and the momentum do not move. Under client-level DP the accountant
+   takes one step either way (a failed round is a release too);
+5. release once: the round's checkpoint is written (``on_round_end``) and the round committed to the
+   registry, and only then is the new global model sent out for evaluation; a crash after that resumes
+   after this round and never draws it again.
+
+The site sample, the noise and the evaluation sites come from fresh OS entropy, never stored or sent
+(:func:`server.round_engine.round_rng`); only ``reproducible_noise`` (research, not private) seeds them
+from ``(seed, round)``.
 """
 
 from __future__ import annotations
@@ -103,8 +113,9 @@ class DPFedAvgM(Strategy):
         config: server settings.
         registry: run registry (None: nothing recorded).
         run_id: the registry run.
-        on_round_end: called after each closed round, before it is committed (the ServerApp writes the
-            round's checkpoint there).
+        on_round_end: called after each closed round (completed or failed), before it is committed and
+            before anything derived from it leaves the server (the ServerApp writes the round's checkpoint
+            there).
         log: one line per round (and per notable event).
         state: an engine state to resume from (see :meth:`RoundEngine.state_dict`); the weights are the
             ``initial_arrays`` given to :meth:`start`.
@@ -137,9 +148,10 @@ class DPFedAvgM(Strategy):
         """Log the settings."""
         c = self.config
         dp = f"client-level DP σ={c.client_noise_multiplier}, C={c.clip_norm}" if c.client_dp else "no client-level DP"
+        noise = "noise reproducible: not private" if c.reproducible_noise else "noise and sampling secret"
         self.log(
-            f"DPFedAvgM: {c.strategy}, η={c.server_lr}, β={c.momentum}, fraction={c.fraction_train}, "
-            f"min_sites={c.min_sites}, {dp}"
+            f"DPFedAvgM: {c.strategy}, η={c.server_lr}, β={c.momentum}, {c.site_sampling} sampling "
+            f"fraction={c.fraction_train}, min_sites={c.min_sites}, {dp}, {noise}"
         )
 
     def _engine(self) -> RoundEngine:
@@ -151,11 +163,13 @@ class DPFedAvgM(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample the round's sites (seeded) and build one train message per site."""
+        """Sample the round's sites and build one train message per site (none for a draw below ``min_sites``)."""
         eng = self._engine()
         nodes = list(grid.get_node_ids())
         sampled = eng.sample(nodes, server_round)
         eng.begin_round(server_round, sampled, total_sites=len(nodes))
+        if eng.too_few_sampled():
+            return []
         record = RecordDict({ARRAYS: arrays, CONFIG: config_record(eng.round_config(server_round))})
         self._sent_at = time.time()
         return [Message(record, n, MessageType.TRAIN, group_id=str(server_round)) for n in sampled]
@@ -253,7 +267,8 @@ class DPFedAvgM(Strategy):
 
         Unlike ``Strategy.start``: it continues after a resumed state, stops cleanly before a round over
         the client-level budget (:attr:`stopped_by_budget`), streams replies into the aggregator as they
-        arrive, and calls :attr:`on_round_end` before committing each round.
+        arrive, and releases each round once: :attr:`on_round_end` (checkpoint), then the registry
+        commit, and only then the evaluate messages carrying the new weights.
 
         Args:
             initial_arrays: the global weights to start from (the resumed round's weights when resuming).
@@ -285,10 +300,15 @@ class DPFedAvgM(Strategy):
                 self.stopped_by_budget = True
                 self.log(f"round {rnd}: stopping before it: {err}")
                 break
-            new_arrays, train_metrics = self.aggregate_train(rnd, self._stream(grid, messages, wait))
+            replies = self._stream(grid, messages, wait) if messages else iter(())
+            new_arrays, train_metrics = self.aggregate_train(rnd, replies)
             t_train = time.time() - t0
             outcome = self._last_outcome
             assert outcome is not None  # set by aggregate_train
+            # Release once: checkpoint and commit before anything derived from the new weights leaves.
+            if self.on_round_end is not None:
+                self.on_round_end(eng, outcome)
+            eng.commit_round(outcome)
             if new_arrays is not None:
                 result.arrays = new_arrays
             if train_metrics is not None:
@@ -305,9 +325,6 @@ class DPFedAvgM(Strategy):
                     res = evaluate_fn(rnd, result.arrays)
                     if res is not None:
                         result.evaluate_metrics_serverapp[rnd] = res
-            if self.on_round_end is not None:
-                self.on_round_end(eng, outcome)
-            eng.commit_round(outcome)
             self.log(_round_line(outcome, time.time() - t0, last, train_s=t_train))
         return result
 

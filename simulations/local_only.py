@@ -35,7 +35,7 @@ from federation.arrays import model_to_arrays
 from federation.metrics import weighted_means
 from federation.protocol import RoundConfig
 from lungvl_model.training.checkpoint import save_checkpoint
-from lungvl_model.training.stages import build_model
+from lungvl_model.training.stages import build_public_model, public_model_meta
 from server.config import ServerConfig
 from server.registry import Registry
 from simulations.scenario import Scenario
@@ -53,17 +53,16 @@ Progress = Callable[[str], None]
 
 
 def initial_model(scenario: Scenario, sites: Mapping[str, Path], target: Path, *, seed: int | None = None) -> Path:
-    """The initial model package in ``target`` (built with ``seed``, default the scenario's; reused when present)."""
+    """The initial model package in ``target`` (built with ``seed``, default the scenario's; reused when present).
+
+    Its tokenizer is trained on the public synthetic report corpus only (no site's reports), as the
+    federation's (:func:`~lungvl_model.training.stages.build_public_model`).
+    """
     if (target / "model.pt").exists():
         return target
     s = scenario.seed if seed is None else seed
-    model = build_model(scenario.model_config(), list(sites.values()), seed=s)
-    meta = {
-        "stage": "init",
-        "seed": s,
-        "tokenizer_corpus": "union of the simulated sites' reports",
-        "sites": sorted(sites),
-    }
+    model = build_public_model(scenario.model_config(), seed=s)
+    meta = {"stage": "init", "seed": s, **public_model_meta(), "sites": sorted(sites)}
     save_checkpoint(target, model, meta)
     return target
 

@@ -17,9 +17,9 @@ consortium deploys. Outputs under ``out_dir``::
     epsilon.png          client-level ε per round (and the sites' own sample-level ε)
     summary.md           the run at a glance
 
-The initial model's report tokenizer is trained on the union of the simulated sites' reports. That is
-acceptable here only because the reports are synthetic (or public, LIDC); a real consortium trains it
-on a public or synthetic corpus so that no site's text shapes the shared vocabulary.
+The initial model's report tokenizer is trained on the public synthetic report corpus only
+(:func:`~lungvl_model.training.stages.build_public_model`), as a real consortium's must be: no site's
+text shapes the vocabulary every site receives.
 
 Flower, Ray, matplotlib and Hugging Face write under ``$HOME`` and ``/tmp`` by default; while the
 simulation runs, ``FLWR_HOME``, ``MPLCONFIGDIR`` and ``HF_HOME`` point into ``out_dir`` and Ray's temp
@@ -46,7 +46,7 @@ from client.app import SiteEndpoint, make_client_app
 from lungvl_model.data.site_layout import toml_dumps
 from lungvl_model.data.synth import SynthConfig, generate_site
 from lungvl_model.training.checkpoint import save_checkpoint
-from lungvl_model.training.stages import build_model
+from lungvl_model.training.stages import build_public_model, public_model_meta
 from server.app import RUN_FILE, make_server_app
 from server.registry import Registry
 from simulations.scenario import Scenario, SiteSpec
@@ -158,13 +158,8 @@ def _initial_model(scenario: Scenario, sites: dict[str, Path], out_dir: Path, lo
     if (target / "model.pt").exists():
         return target
     t0 = time.perf_counter()
-    model = build_model(scenario.model_config(), list(sites.values()), seed=scenario.seed)
-    meta = {
-        "stage": "init",
-        "seed": scenario.seed,
-        "tokenizer_corpus": "union of the simulated sites' reports (synthetic/public data only)",
-        "sites": sorted(sites),
-    }
+    model = build_public_model(scenario.model_config(), seed=scenario.seed)  # no site's reports in the tokenizer
+    meta = {"stage": "init", "seed": scenario.seed, **public_model_meta(), "sites": sorted(sites)}
     save_checkpoint(target, model, meta)
     log(f"initial model: {model.num_parameters()['total']:,} parameters, tokenizer of {len(model.tokenizer)} tokens "
         f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
@@ -179,6 +174,7 @@ def run_simulation(
     resume: bool = False,
     progress: Progress | None = None,
     init_model: str | Path | None = None,
+    reproducible_noise: bool = False,
 ) -> dict[str, Any]:
     """Run ``scenario`` with Flower's simulation engine and write the outputs listed in the module docstring.
 
@@ -186,10 +182,13 @@ def run_simulation(
         scenario: the scenario.
         out_dir: the run directory.
         db_url: registry URL (default ``out_dir/registry.db``).
-        resume: continue the run of ``out_dir`` from its last completed round (up to ``scenario.rounds``).
+        resume: continue the run of ``out_dir`` after its last closed round (up to ``scenario.rounds``).
         progress: line printer (default ``print``: one line per round on stdout).
         init_model: use this initial model package instead of building one (e.g. to compare strategies
             from the same start); it is copied by reference into ``config.json``.
+        reproducible_noise: research only, *not private*: seed the client-level noise and the site sample
+            from the scenario's seed (``ServerConfig.reproducible_noise``) so that the run, and its
+            resumption, can be repeated bit for bit. A resume must pass the same value.
 
     Returns:
         ``{"run_id", "status", "rounds_done", "epsilon", "seconds", "out_dir", "checkpoint", "files"}``.
@@ -201,6 +200,10 @@ def run_simulation(
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     log = progress or print
+    if reproducible_noise and not scenario.server.reproducible_noise:
+        scenario = scenario.with_server(reproducible_noise=True)
+    if scenario.server.reproducible_noise:
+        log("noise reproducible: not private (client-level noise and site sample seeded from the run's seed)")
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser().resolve()
     if (out / RUN_FILE).exists() and not resume:
@@ -366,18 +369,20 @@ def summary_markdown(reg: Registry, run_id: int, scenario: Scenario) -> str:
         n for n in ("train_loss", "val_loss", "val_dice", "val_lung_rads_acc") if any(n in g for g in glob.values())
     ]
     dp = f"σ = {c.client_noise_multiplier}, C = {c.clip_norm}, δ = {c.delta}" if c.client_dp else "off"
+    if c.reproducible_noise:
+        dp += " (**noise reproducible: not private**)"
     lines = [
         f"# {scenario.name}",
         "",
         f"run {run_id}: **{s['run']['status']}**, {s['rounds_done']}/{c.rounds} rounds completed, "
         f"{s['failures']} failed/rejected/timed-out site replies.",
         "",
-        f"strategy {c.strategy} (η = {c.server_lr}, β = {c.momentum}), fraction {c.fraction_train}, min_sites "
+        f"strategy {c.strategy} (η = {c.server_lr}, β = {c.momentum}), {c.site_sampling} site sampling, fraction "
+        f"{c.fraction_train}, min_sites "
         f"{c.min_sites}; client-level DP {dp}; DP-SGD at sites {'on' if c.dp_sgd else 'off'}; stage {c.stage}, "
         f"{c.local_steps} local steps, lr {c.lr}; model preset {scenario.preset}; seed {c.seed}.",
         "",
-        "The initial model's tokenizer was trained on the union of the simulated sites' reports (acceptable "
-        "for synthetic/public data only).",
+        "The initial model's tokenizer was trained on the public synthetic report corpus (no site's reports).",
         "",
         "| site | cohort | studies |",
         "|---|---|---|",

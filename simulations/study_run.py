@@ -15,11 +15,18 @@ rounds, the sites by path, and server settings:
 * ``local`` / ``centralised``: :mod:`simulations.local_only` / :mod:`simulations.centralised`;
 * DP off: no clipping, no noise, no DP-SGD;
 * ``client`` at ε: clip ``client_clip_norm``, σ = the smallest noise keeping ``rounds`` sampled-Gaussian
-  steps at ``q = sampled/total`` sites under ε (:func:`privacy.accountant.get_noise_multiplier`), and ε
-  as the run's budget;
+  steps at ``q = expected sampled/total`` sites (``fraction_train`` for Poisson sampling) under ε
+  (:func:`privacy.accountant.get_noise_multiplier`), and ε as the run's budget;
 * ``sample`` at ε: DP-SGD at every site with one σ, the largest any site needs to stay under ε over
-  ``rounds × local_steps`` steps at its own ``q = batch / studies``; each generated site's own budget
-  is raised to the study's largest ε (the sites still refuse to go past it).
+  ``rounds × local_steps`` steps (what a site sampled in every round runs, and its accountant charges)
+  at its own patient-level ``q = batch / training patients`` (hold-out patients excluded; DP-SGD samples
+  patients, one study each, so ε is per patient whatever the number of a patient's studies); each
+  generated site's own budget is raised to the study's largest ε (the sites still refuse to go past it).
+
+Noise: secret by default (OS entropy, every cell its own). With ``reproducible_noise`` (research only,
+not private; the flag or the scenario's own setting) every cell's noise is seeded from its seed *and*
+its identity (``ServerConfig.noise_key = "<study>:<cell_id>"``), so cells never share noise, e.g. the
+ε = 2 and ε = 8 cells of one seed.
 
 A cell counts as done when the registry holds a ``finished`` or ``stopped_budget`` run tagged with its
 id; a rerun skips it. A federated cell interrupted mid-run is resumed from its last completed round.
@@ -40,7 +47,7 @@ from sqlalchemy.orm import Session
 
 from client.config import ClientConfig
 from lungvl_model.data.catalogue import build_catalogue
-from lungvl_model.data.split import training_studies
+from lungvl_model.data.split import training_patients, training_studies
 from privacy.accountant import get_noise_multiplier
 from server.app import RUN_FILE
 from server.config import ServerConfig
@@ -51,7 +58,7 @@ from simulations.scenario import Scenario, SiteSpec
 from simulations.simulate import prepare_sites, run_simulation, simulation_env
 from simulations.study_config import Cell, StudyConfig
 
-__all__ = ["DONE_STATUSES", "base_scenario", "cell_scenario", "done_cells", "run_study", "tag_run"]
+__all__ = ["DONE_STATUSES", "base_scenario", "cell_scenario", "done_cells", "run_study", "sample_sigma", "tag_run"]
 
 Progress = Callable[[str], None]
 DONE_STATUSES = ("finished", "stopped_budget")
@@ -78,10 +85,45 @@ def _site_studies(site_dir: Path, stage: str, holdout_fraction: float) -> int:
     return len(training_studies(build_catalogue(site_dir), holdout_fraction, require_report=stage == "vl"))
 
 
+def _site_patients(site_dir: Path, stage: str, holdout_fraction: float) -> int:
+    """Patients behind :func:`_site_studies` (the unit DP-SGD samples: ``q = batch / patients``)."""
+    return training_patients(build_catalogue(site_dir), holdout_fraction, require_report=stage == "vl")
+
+
+def sample_sigma(
+    *, epsilon: float, delta: float, batch_size: int, steps: int, site_patients: Mapping[str, int]
+) -> float:
+    """DP-SGD σ of a ``sample`` cell: the largest any site needs to keep its patients under ``epsilon``.
+
+    Each site samples its training patients at ``q = min(1, batch_size / patients)`` for ``steps`` steps.
+
+    Raises:
+        ValueError: a site without training patients.
+    """
+    empty = sorted(k for k, n in site_patients.items() if n < 1)
+    if empty:
+        raise ValueError(f"sites without training patients cannot run DP-SGD: {empty}")
+    return max(
+        get_noise_multiplier(target_epsilon=epsilon, delta=delta, sample_rate=min(1.0, batch_size / n), steps=steps)
+        for n in site_patients.values()
+    )
+
+
 def cell_scenario(
-    study: StudyConfig, base: Scenario, cell: Cell, site_dirs: Mapping[str, Path], site_sizes: Mapping[str, int]
+    study: StudyConfig,
+    base: Scenario,
+    cell: Cell,
+    site_dirs: Mapping[str, Path],
+    site_patients: Mapping[str, int],
+    *,
+    reproducible_noise: bool = False,
 ) -> tuple[Scenario, dict[str, float]]:
     """The scenario of one cell and the DP noise chosen for it (``{"client_sigma"|"sample_sigma": σ}``).
+
+    ``site_patients`` are the training patients of each site (hold-out excluded): DP-SGD's unit.
+
+    With ``reproducible_noise`` (or a base scenario that sets it) the cell's server config seeds its
+    noise from the seed and ``noise_key = "<study>:<cell_id>"`` (not private; see the module docstring).
 
     Raises:
         ValueError: a DG cell while the server cannot forward the penalty (no ``ServerConfig.dg_penalty``),
@@ -90,13 +132,15 @@ def cell_scenario(
     c = base.server
     changes: dict[str, Any] = {"seed": cell.seed, "delta": study.delta, "dp_sgd": False}
     changes |= {"client_noise_multiplier": 0.0, "target_epsilon": 0.0, "clip_norm": 0.0}
+    if reproducible_noise or c.reproducible_noise:  # never two cells with the same noise
+        changes |= {"reproducible_noise": True, "noise_key": f"{study.name}:{cell.cell_id}"}
     if cell.strategy == "fedavg":
         changes |= {"strategy": "fedavg", "server_lr": 1.0}
     elif cell.strategy == "fedavgm":
         changes |= {"strategy": "fedavgm", "server_lr": cell.server_lr, "server_momentum": cell.server_momentum}
     noise: dict[str, float] = {}
     if cell.dp == "client":
-        q = c.sample_size(len(base.sites)) / len(base.sites)
+        q = c.expected_sites(len(base.sites)) / len(base.sites)  # what the server's accountant uses
         sigma = get_noise_multiplier(
             target_epsilon=cell.epsilon, delta=study.delta, sample_rate=q, steps=c.rounds, accountant=c.accountant
         )
@@ -107,12 +151,9 @@ def cell_scenario(
         }
         noise["client_sigma"] = sigma
     elif cell.dp == "sample":
-        steps = c.rounds * c.local_steps
-        sigma = max(
-            get_noise_multiplier(
-                target_epsilon=cell.epsilon, delta=study.delta, sample_rate=min(1.0, c.batch_size / n), steps=steps
-            )
-            for n in site_sizes.values()
+        steps = c.rounds * c.local_steps  # a site sampled in every round runs (and is charged) this many
+        sigma = sample_sigma(
+            epsilon=cell.epsilon, delta=study.delta, batch_size=c.batch_size, steps=steps, site_patients=site_patients
         )
         changes |= {"dp_sgd": True, "dp_sgd_noise_multiplier": sigma}
         changes |= {"dp_sgd_max_grad_norm": study.sample_max_grad_norm}
@@ -182,6 +223,7 @@ def run_study(
     max_cells: int | None = None,
     rerun: bool = False,
     progress: Progress | None = None,
+    reproducible_noise: bool = False,
 ) -> dict[str, Any]:
     """Run the study's cells that are not done yet, one after the other.
 
@@ -193,6 +235,8 @@ def run_study(
         rerun: run the selected cells again even when finished (their directories are replaced; the
             registry keeps the old runs, and the report reads each cell's latest finished run).
         progress: line printer (default ``print``).
+        reproducible_noise: research only, *not private*: seed every federated cell's noise and site
+            sample from its seed and its cell identity (see the module docstring).
 
     Returns:
         ``{"cells", "done", "skipped", "ran", "failed" (cell id -> error), "seconds", "out_dir"}``.
@@ -212,12 +256,15 @@ def run_study(
     with simulation_env(out):
         site_dirs = prepare_sites(base, out, log)
         sizes = {k: _site_studies(v, base.server.stage, base.holdout_fraction) for k, v in site_dirs.items()}
+        patients = {k: _site_patients(v, base.server.stage, base.holdout_fraction) for k, v in site_dirs.items()}
     cohorts = _site_cohorts(base, site_dirs)
     with Registry(db) as reg:
         done = done_cells(reg, study.name)
     wanted = [c for c in cells if not only or any(fnmatch.fnmatch(c.cell_id, p) for p in only)]
     todo = [c for c in wanted if rerun or c.cell_id not in done]
     log(f"study {study.name}: {len(cells)} cells, {len(wanted) - len(todo)} already done, {len(todo)} to run")
+    if reproducible_noise or base.server.reproducible_noise:
+        log("noise reproducible: not private (each cell's noise seeded from its seed and cell id)")
     ran: list[str] = []
     failed: dict[str, str] = {}
     for i, cell in enumerate(todo, 1):
@@ -226,7 +273,9 @@ def run_study(
         started = time.perf_counter()
         log(f"[{i}/{len(todo)}] {cell.cell_id}: starting")
         try:
-            scenario, noise = cell_scenario(study, base, cell, site_dirs, sizes)
+            scenario, noise = cell_scenario(
+                study, base, cell, site_dirs, patients, reproducible_noise=reproducible_noise
+            )
             if rerun and cell.cell_id in done:
                 shutil.rmtree(out / "cells" / cell.cell_id, ignore_errors=True)
             init_dir = out / "init" / f"seed_{cell.seed}"
@@ -237,6 +286,7 @@ def run_study(
                 "cell": cell.to_dict(),
                 "sites": cohorts,
                 "site_studies": sizes,
+                "site_patients": patients,
                 "rounds": base.rounds,
                 "local_steps": base.server.local_steps,
                 "holdout_fraction": base.holdout_fraction,

@@ -53,7 +53,17 @@ from lungvl_model.text.tokenizer import train_tokenizer
 from lungvl_model.training.config import TrainConfig
 from lungvl_model.training.loop import build_optimizer, resolve_device, to_device
 
-__all__ = ["PEER_NAME", "BenchResult", "BenchRow", "bench_train", "device_name", "synthetic_batch"]
+__all__ = [
+    "PEER_NAME",
+    "SYNTH_REPORTS",
+    "BenchResult",
+    "BenchRow",
+    "bench_train",
+    "current_rss",
+    "device_name",
+    "peak_rss",
+    "synthetic_batch",
+]
 
 PEER_NAME = "DynUNet"
 _LUNGVL_NAME = "LungVL ({stage})"
@@ -277,15 +287,15 @@ def device_name(device: torch.device | str) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def _current_rss() -> int:
+def current_rss() -> int:
     """Current resident set size in bytes (``/proc/self/statm``; the peak so far where unavailable)."""
     with contextlib.suppress(OSError, ValueError, IndexError):
         with open("/proc/self/statm", encoding="ascii") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return _peak_rss()
+    return peak_rss()
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     """Peak resident set size of this process in bytes (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
@@ -314,7 +324,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
         mem0 = torch.cuda.memory_allocated(device)
     else:
-        mem0 = _current_rss()
+        mem0 = current_rss()
 
     model: torch.nn.Module
     loss_fn: Callable[[], torch.Tensor]
@@ -355,7 +365,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"{spec['model']} loss became {float(loss.detach())} at step {i + 1}")
-    peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss()
+    peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss()
     step_s = statistics.median(times)
     return {
         "row": {

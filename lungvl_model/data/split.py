@@ -9,13 +9,13 @@ on the order or number of studies, so adding studies to a site never moves exist
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from lungvl_model.data.catalogue import SiteCatalogue
 
-__all__ = ["holdout_split", "in_holdout", "patient_pairs", "training_studies"]
+__all__ = ["holdout_split", "in_holdout", "patient_groups", "patient_pairs", "training_patients", "training_studies"]
 
 
 def in_holdout(patient_key: str, fraction: float, salt: str = "lungvl-holdout") -> bool:
@@ -82,6 +82,32 @@ def patient_pairs(catalogue: SiteCatalogue) -> list[tuple[str, str]]:
         (e.study_uid, str(e.series.header.get("PatientID") or "") if e.series is not None else "")
         for e in catalogue.usable
     ]
+
+
+def patient_groups(pairs: Iterable[tuple[str, str]], study_uids: Sequence[str]) -> list[list[int]]:
+    """Positions in ``study_uids`` grouped by patient (DP-SGD's sampling unit), in order of first appearance.
+
+    Args:
+        pairs: ``(study_uid, patient_key)`` (e.g. :func:`patient_pairs`); a study whose key is empty, or
+            that ``pairs`` does not name, is its own patient (as in :func:`holdout_split`).
+        study_uids: the studies to group (e.g. a dataset's, in dataset order).
+
+    Returns:
+        One list of positions per patient; together they partition ``range(len(study_uids))``.
+    """
+    key_of = {uid: key for uid, key in pairs}
+    groups: dict[tuple[bool, str], list[int]] = {}
+    for i, uid in enumerate(study_uids):
+        key = key_of.get(uid, "")
+        groups.setdefault((bool(key), key or uid), []).append(i)  # a UID never merges with a PatientID
+    return list(groups.values())
+
+
+def training_patients(catalogue: SiteCatalogue, fraction: float, *, require_report: bool = False) -> int:
+    """Patients behind :func:`training_studies` (DP-SGD samples patients: ``q = batch / patients``)."""
+    return len(
+        patient_groups(patient_pairs(catalogue), training_studies(catalogue, fraction, require_report=require_report))
+    )
 
 
 def training_studies(catalogue: SiteCatalogue, fraction: float, *, require_report: bool = False) -> list[str]:

@@ -4,6 +4,12 @@
 HausdorffDTLoss(sigmoid=True)`` (both MONAI) + ``bce_weight * BCEWithLogits``, computed per study so
 that studies without a reference mask can be excluded through ``valid``.
 
+Per study, never pooled over the batch: MONAI's ``DiceLoss`` and ``HausdorffDTLoss`` run with
+``batch=False`` (their default: intersections, sums and distance fields per sample) and
+``reduction="none"``; the BCE is a per-study voxel mean; ``"mean"`` is the sum over valid studies
+divided by the batch size ``B`` (a study without a mask contributes 0 and does not change the divisor).
+A study's loss, and so its per-sample gradient under DP-SGD, depends on that study alone.
+
 Empty targets and Dice: with MONAI's smoothing (1e-5), the per-sample soft Dice of an empty target
 is ``1 - 1e-5 / (sum(p) + 1e-5)``, i.e. ~1 for any prediction that is not exactly zero everywhere, so
 it carries almost no gradient and, averaged with the non-empty samples, hides their progress (the
@@ -40,8 +46,9 @@ class SegmentationLoss(nn.Module):
     Args:
         dice_weight: weight of the soft Dice term (>= 0).
         boundary_weight: weight of the ``HausdorffDTLoss`` boundary term (>= 0).
-        reduction: ``"mean"`` over valid studies, ``"sum"`` over valid studies, or ``"none"``: a
-            ``(B,)`` tensor with one loss per study, 0 for studies excluded by ``valid``.
+        reduction: ``"mean"``: sum over valid studies / B (fixed weights: an invalid study adds 0),
+            ``"sum"`` over valid studies, or ``"none"``: a ``(B,)`` tensor with one loss per study, 0 for
+            studies excluded by ``valid``.
         alpha: exponent of the distance fields in ``HausdorffDTLoss``.
         bce_weight: weight of the voxel-mean binary cross-entropy term (>= 0).
         pos_weight: BCE weight of foreground voxels (> 0). Nodules are ~1e-4 of a volume (~4e-4 of a
@@ -93,8 +100,11 @@ class SegmentationLoss(nn.Module):
         self.pos_weight = float(pos_weight)
         self.dice_on_empty = bool(dice_on_empty)
         self.reduction = reduction
-        self.dice = DiceLoss(sigmoid=True, reduction="none")
-        self.boundary = HausdorffDTLoss(alpha=alpha, include_background=True, sigmoid=True, reduction="none")
+        # batch=False: per-sample Dice and distance fields (batch=True would pool the studies of a batch)
+        self.dice = DiceLoss(sigmoid=True, reduction="none", batch=False)
+        self.boundary = HausdorffDTLoss(
+            alpha=alpha, include_background=True, sigmoid=True, reduction="none", batch=False
+        )
 
     def per_sample(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Unreduced loss of every sample (no ``valid`` handling).
@@ -135,8 +145,8 @@ class SegmentationLoss(nn.Module):
             valid: optional ``(B,)`` bool, false for studies without a reference mask.
 
         Returns:
-            A scalar for ``"mean"``/``"sum"`` (0 with grad when no study is valid), ``(B,)`` for
-            ``"none"``.
+            A scalar for ``"mean"`` (``Σ_valid loss / B``) / ``"sum"`` (0 with grad when no study is
+            valid), ``(B,)`` for ``"none"``.
 
         Raises:
             ValueError: on mismatched shapes.
@@ -157,9 +167,9 @@ class SegmentationLoss(nn.Module):
         if not bool(valid.any()):
             return logits.new_zeros(b) + zero if self.reduction == "none" else zero
         idx = valid.nonzero().squeeze(1)
-        sample = self.per_sample(logits[idx], target[idx])
+        per_study = logits.new_zeros(b).index_put((idx,), self.per_sample(logits[idx], target[idx])) + zero
         if self.reduction == "none":
-            return logits.new_zeros(b).index_put((idx,), sample) + zero
+            return per_study
         if self.reduction == "sum":
-            return sample.sum()
-        return sample.mean()
+            return per_study.sum()
+        return per_study.mean()  # / B, not / valid studies

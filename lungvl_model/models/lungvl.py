@@ -3,6 +3,15 @@
 Stages: ``"ssl"`` masked-subvolume reconstruction, ``"seg"`` segmentation fine-tune, ``"vl"``
 end-to-end (report CE + image–report contrastive + mention grounding + segmentation + risk heads +
 concepts). Every stage uses the same module tree, so checkpoints chain from stage to stage.
+
+Every loss term is a per-study quantity averaged over the batch with fixed weights ``1/B``: the
+reconstruction error over the study's own hidden voxels, its Dice + boundary + BCE, the cross-entropy
+over its own report tokens, its own grounded mentions, its known risk and concept targets (a study
+without a mask, report, mention or label contributes 0 to that term; the divisor stays ``B``). So the
+stage loss is ``mean_i study_losses[i]`` and a study's per-sample gradient depends on that study alone
+(what DP-SGD's per-study clip needs), with one exception: the image–report InfoNCE term compares each
+study with the others of its batch, and DP-SGD switches it off (:func:`privacy.dp_sgd.dp_sgd_ready`).
+Training with and without DP-SGD uses these same definitions.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from lungvl_model.data.site_layout import LOBE_LABELS
 from lungvl_model.losses.multimodal import GroundingLoss, InfoNCELoss, MaskedTargetLoss
 from lungvl_model.losses.segmentation import SegmentationLoss
 from lungvl_model.models.config import LungVLConfig
-from lungvl_model.models.decoder import ReportDecoder, attention_implementation
+from lungvl_model.models.decoder import ReportDecoder, attention_implementation, causal_lm_loss
 from lungvl_model.models.fusion import TokenLayout, VisualTokenizer, region_fraction_per_token
 from lungvl_model.models.heads import RiskHeads, RiskOutput
 from lungvl_model.models.masked_reconstruction import (
@@ -39,14 +48,16 @@ class LungVLOutput:
     """What a forward pass returns (STYLE.md habit 6).
 
     Attributes:
-        loss: weighted total loss of the stage.
-        losses: each term, detached, for logging.
+        loss: weighted total loss of the stage, a scalar: ``study_losses.mean()`` (fixed weights ``1/B``).
+        losses: each term (its batch mean, ``1/B`` weights), detached, for logging.
         seg_logits: ``(B, 1, D, H, W)`` nodule logits (seg/vl stages).
         risk: head outputs (vl stage).
         image_embeds: ``(B, 128)`` normalised image embeddings (vl stage).
         text_embeds: ``(B, 128)`` normalised report embeddings (vl stage).
         cross_attention: ``(B, T, N)`` decoder→visual attention averaged over layers and heads.
         layout: where the visual tokens come from.
+        study_losses: ``(B,)`` the weighted total loss of each study (its share of ``loss`` times B), with
+            grad; None where no forward ran (an empty DP-SGD batch).
     """
 
     loss: torch.Tensor
@@ -57,6 +68,7 @@ class LungVLOutput:
     text_embeds: torch.Tensor | None = None
     cross_attention: torch.Tensor | None = None
     layout: TokenLayout | None = None
+    study_losses: torch.Tensor | None = None
 
 
 def region_masks(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,13 +118,14 @@ class LungVLModel(nn.Module):
         self.image_proj = nn.Linear(self.vision.pooled_channels, EMBED_DIM)
         self.text_proj = nn.Linear(config.text.n_embd, EMBED_DIM)
         self.heads = RiskHeads(self.vision.pooled_channels, config.text.n_embd, config.heads)
-        self.seg_loss = SegmentationLoss(dice_weight=1.0, boundary_weight=0.05)
+        # every term per study, (B,): averaged with fixed weights 1/B in forward (module docstring)
+        self.seg_loss = SegmentationLoss(dice_weight=1.0, boundary_weight=0.05, reduction="none")
         self.recon_loss = MaskedReconstructionLoss()
-        self.contrastive = InfoNCELoss()
-        self.grounding = GroundingLoss()
-        self.bce = MaskedTargetLoss("binary")
-        self.ce = MaskedTargetLoss("multiclass")
-        self.reg = MaskedTargetLoss("regression")
+        self.contrastive = InfoNCELoss(reduction="none")
+        self.grounding = GroundingLoss(reduction="none")
+        self.bce = MaskedTargetLoss("binary", reduction="none")
+        self.ce = MaskedTargetLoss("multiclass", reduction="none")
+        self.reg = MaskedTargetLoss("regression", reduction="none")
 
     # ---------------------------------------------------------------- pieces
     def encode_image(self, image: torch.Tensor) -> VisionOutput:
@@ -140,7 +153,9 @@ class LungVLModel(nn.Module):
             generator: RNG for the SSL masks.
 
         Returns:
-            :class:`LungVLOutput`.
+            :class:`LungVLOutput` with ``loss`` (scalar), ``study_losses`` ``(B,)`` and the per-term
+            batch means in ``losses``; every term is per study, averaged with fixed weights ``1/B``
+            (module docstring).
         """
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
@@ -148,18 +163,24 @@ class LungVLModel(nn.Module):
         if stage == "ssl":
             masked, mask = mask_subvolumes(image, ratio=0.4, block=8, generator=generator)
             recon = self.recon_head(self.encode_image(masked).scales[0])
-            loss = self.recon_loss(recon, image, mask)
-            return LungVLOutput(loss=loss, losses={"reconstruction": float(loss.detach())})
+            per = self.recon_loss.per_study(recon, image, mask)  # (B,) over each study's own hidden voxels
+            loss = per.mean()
+            return LungVLOutput(loss=loss, losses={"reconstruction": float(loss.detach())}, study_losses=per)
         vis = self.encode_image(image)
         seg_logits = self.seg_head(vis.scales[0])
+        # (B,): Dice + boundary + BCE of each study with a mask, 0 for the others
         seg = self.seg_loss(seg_logits, batch["seg"], batch["has_mask"].bool())
         if stage == "seg":
-            return LungVLOutput(loss=seg, losses={"segmentation": float(seg.detach())}, seg_logits=seg_logits)
+            loss = seg.mean()
+            return LungVLOutput(
+                loss=loss, losses={"segmentation": float(loss.detach())}, seg_logits=seg_logits, study_losses=seg
+            )
         return self._vl(batch, vis, seg_logits, seg)
 
     def _vl(
         self, batch: dict[str, Any], vis: VisionOutput, seg_logits: torch.Tensor, seg: torch.Tensor
     ) -> LungVLOutput:
+        """The end-to-end stage; ``seg`` is the ``(B,)`` per-study segmentation loss."""
         w = self.config.loss
         texts = list(batch["text"])
         has_text = torch.tensor([bool(t.strip()) for t in texts], device=seg.device)
@@ -170,10 +191,12 @@ class LungVLModel(nn.Module):
         need_attn = w.grounding > 0
         impl = "eager" if need_attn else self.config.text.attn_implementation
         with attention_implementation(self.decoder.lm, impl):
-            out = self.decoder(ids, am, visual_tokens=vt, labels=labels, output_attentions=need_attn)
-        report = out.loss if out.loss is not None else vt.sum() * 0.0
+            out = self.decoder(ids, am, visual_tokens=vt, output_attentions=need_attn)
+        # (B,): each report's mean token cross-entropy over its own tokens (0 without a report), never a
+        # mean over the batch's tokens (whose divisor would depend on the other reports' lengths)
+        report = causal_lm_loss(out.logits, labels, reduction="none") + vt.sum() * 0.0
         attn = None
-        grounding = vt.sum() * 0.0
+        grounding = vt.new_zeros(vt.shape[0]) + vt.sum() * 0.0
         if need_attn and out.cross_attentions:
             attn = torch.stack(list(out.cross_attentions), 0).mean(dim=(0, 2))  # (B, T, N)
             regions, valid = region_masks(batch)
@@ -185,9 +208,10 @@ class LungVLModel(nn.Module):
         text_emb = self.embed_text(ids, am)
         img_z = F.normalize(self.image_proj(vis.pooled), dim=-1)
         txt_z = F.normalize(self.text_proj(text_emb), dim=-1)
-        contrastive = self.contrastive(img_z, txt_z, has_text)
+        contrastive = self.contrastive(img_z, txt_z, has_text)  # (B,), couples the batch (off under DP-SGD)
         risk = self.heads(vis.pooled, text_emb * has_text.unsqueeze(1).to(text_emb.dtype))
         t = batch["targets"]
+        # (B,) each: the loss of a study's known target, 0 where it is unknown (divisor B, not the known count)
         mal = self.bce(risk.malignancy_logit, t["malignant"])
         lr = self.ce(risk.lung_rads_logits, t["lung_rads"])
         growth = self.reg(risk.growth_mm, t["growth_mm"])
@@ -198,7 +222,7 @@ class LungVLModel(nn.Module):
             + self.bce(risk.juxtapleural_logit, t["juxtapleural"])
             + self.reg(risk.roundness, t["roundness"])
             + self.reg(torch.log1p(risk.diameter_mm), torch.log1p(t["diameter_mm"]))
-            + 0.1 * risk.residual_logit.pow(2).mean()  # decomposition: explain risk by concepts
+            + 0.1 * risk.residual_logit.pow(2)  # decomposition: explain risk by concepts
         )
         terms = {
             "report": (w.report, report),
@@ -210,10 +234,13 @@ class LungVLModel(nn.Module):
             "growth": (w.growth, growth),
             "concepts": (w.concepts, concepts),
         }
-        loss = sum(wt * v for wt, v in terms.values() if wt > 0)
+        per_study: torch.Tensor = sum(
+            (wt * v.float() for wt, v in terms.values() if wt > 0), start=seg.new_zeros(seg.shape, dtype=torch.float32)
+        )
         return LungVLOutput(
-            loss=loss,  # type: ignore[arg-type]
-            losses={k: float(v.detach()) for k, (_, v) in terms.items()},
+            loss=per_study.mean(),
+            losses={k: float(v.detach().float().mean()) for k, (_, v) in terms.items()},
+            study_losses=per_study,
             seg_logits=seg_logits,
             risk=risk,
             image_embeds=img_z,

@@ -120,11 +120,15 @@ class ReconstructionHead(nn.Module):
 class MaskedReconstructionLoss(nn.Module):
     """L1 or L2 reconstruction error on the hidden voxels only (STYLE.md habit 5).
 
+    A study's loss is the mean error over *its own* hidden voxels (:meth:`per_study`), never a mean
+    pooled over the batch (whose divisor would depend on the other studies' masks).
+
     Args:
         kind: ``"l1"`` (absolute error) or ``"l2"`` (squared error).
-        reduction: ``"mean"``: average error over the hidden voxels (and channels) of the whole
-            batch, 0 (with grad) when nothing is hidden; ``"sum"``: summed error over hidden voxels;
-            ``"none"``: the element-wise error map ``(B, C, D, H, W)``, zero outside the mask.
+        reduction: ``"mean"``: the per-study losses averaged with fixed weights ``1/B`` (a study with
+            nothing hidden contributes 0), 0 (with grad) when nothing is hidden; ``"sum"``: summed error
+            over hidden voxels; ``"none"``: the element-wise error map ``(B, C, D, H, W)``, zero outside
+            the mask.
 
     Raises:
         ValueError: on an unknown ``kind`` or ``reduction``.
@@ -138,6 +142,14 @@ class MaskedReconstructionLoss(nn.Module):
             raise ValueError(f"MaskedReconstructionLoss reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         self.kind = kind
         self.reduction = reduction
+
+    def per_study(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean error over each study's hidden voxels (and channels): ``(B,)``, 0 where nothing is hidden.
+
+        Args and shapes as :meth:`forward`.
+        """
+        err, weight = self._error(pred, target, mask)
+        return err.flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1.0)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Score the reconstruction.
@@ -153,6 +165,13 @@ class MaskedReconstructionLoss(nn.Module):
         Raises:
             ValueError: when the shapes do not match.
         """
+        if self.reduction == "mean":
+            return self.per_study(pred, target, mask).mean()
+        err, _ = self._error(pred, target, mask)
+        return err if self.reduction == "none" else err.sum()
+
+    def _error(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The error map, zero outside the mask, and the mask as weights (both ``(B, C, D, H, W)``)."""
         if pred.shape != target.shape:
             raise ValueError(
                 f"MaskedReconstructionLoss: pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}"
@@ -170,10 +189,4 @@ class MaskedReconstructionLoss(nn.Module):
         diff = pred - target.detach()
         err = diff.abs() if self.kind == "l1" else diff.square()
         weight = mask.expand_as(err).to(err.dtype)
-        err = err * weight
-        if self.reduction == "none":
-            return err
-        total = err.sum()
-        if self.reduction == "sum":
-            return total
-        return total / weight.sum().clamp_min(1.0)
+        return err * weight, weight

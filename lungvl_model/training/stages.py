@@ -1,8 +1,11 @@
 """``lungvl train``: one stage on one or more site directories, from a preset or a previous stage.
 
 Stages chain through checkpoints: ``text`` (report warm-up, optional) → ``ssl`` → ``seg`` → ``vl``;
-each ``--init`` is the previous stage's checkpoint directory. The first stage trains the report
-tokenizer on the sites' reports; later stages reuse the checkpoint's tokenizer.
+each ``--init`` is the previous stage's checkpoint directory. The first stage of a central run trains
+the report tokenizer on the given sites' reports (:func:`build_model`): central training runs where
+the data is, and its tokenizer, like its weights, stays there. Later stages reuse the checkpoint's
+tokenizer. A model that other sites receive (the federation's initial model) is built by
+:func:`build_public_model`: its tokenizer is trained on the public synthetic report corpus only.
 
 Outputs in ``out_dir``: ``checkpoint/`` (see :mod:`lungvl_model.training.checkpoint`), ``config.json``
 (resolved model + training config, sites, init), ``metrics.json`` (summary and per-step history) and
@@ -22,6 +25,7 @@ from torch.utils.data import Dataset
 from lungvl_model.data.catalogue import build_catalogue
 from lungvl_model.data.crops import ForegroundCrops
 from lungvl_model.data.dataset import SiteDataset
+from lungvl_model.data.synth.reports import public_report_corpus
 from lungvl_model.models.config import LungVLConfig
 from lungvl_model.models.lungvl import LungVLModel
 from lungvl_model.models.report_pretrain import pretrain_reports
@@ -31,6 +35,11 @@ from lungvl_model.training.config import TrainConfig
 from lungvl_model.training.loop import StepCallback, TrainResult, seed_everything, train_stage
 
 Log = Callable[[str], None]
+
+#: The corpus the federation's initial model trains its tokenizer on (checkpoint meta ``tokenizer_corpus``).
+PUBLIC_TOKENIZER_CORPUS = "lungvl synthetic report generator (public)"
+#: Reports of :func:`~lungvl_model.data.synth.reports.public_report_corpus` behind that tokenizer.
+PUBLIC_CORPUS_REPORTS = 2000
 
 
 @dataclass
@@ -60,7 +69,12 @@ def seg_crops(dataset: SiteDataset, train: TrainConfig) -> Dataset[dict[str, Any
 def build_model(
     config: LungVLConfig, site_dirs: Sequence[str | Path], *, seed: int = 0, extra_texts: Sequence[str] = ()
 ) -> LungVLModel:
-    """A fresh model whose tokenizer is trained on the sites' reports."""
+    """A fresh model whose tokenizer is trained on the sites' reports (and ``extra_texts``).
+
+    For central training on one's own sites (``lungvl train``): the tokenizer is then derived from
+    those reports without DP, which is fine as long as the model never leaves where the reports are.
+    Do not ship such a model to other sites; a federation starts from :func:`build_public_model`.
+    """
     texts = [*site_reports(site_dirs), *extra_texts]
     if len(texts) < 2:
         raise ValueError(
@@ -69,6 +83,35 @@ def build_model(
     seed_everything(seed)
     tok = train_tokenizer(texts, vocab_size=config.text.vocab_size)
     return LungVLModel(config, tok)
+
+
+def build_public_model(config: LungVLConfig, *, seed: int = 0, n_reports: int = PUBLIC_CORPUS_REPORTS) -> LungVLModel:
+    """A fresh model whose tokenizer is trained on the public synthetic report corpus only.
+
+    The federation's initial model: every site receives its tokenizer, so no site's reports may shape
+    it (a vocabulary learned from a site's text, without DP, would leak its frequent strings). The corpus
+    is :func:`~lungvl_model.data.synth.reports.public_report_corpus` (``n_reports`` reports, corpus
+    seed 0 whatever ``seed`` is, so every seed's model shares one vocabulary); record
+    :func:`public_model_meta` in its checkpoint.
+
+    Args:
+        config: the model config.
+        seed: seed of the weights' initialisation.
+        n_reports: size of the corpus.
+    """
+    texts = public_report_corpus(n_reports, seed=0)
+    seed_everything(seed)
+    tok = train_tokenizer(texts, vocab_size=config.text.vocab_size)
+    return LungVLModel(config, tok)
+
+
+def public_model_meta(n_reports: int = PUBLIC_CORPUS_REPORTS) -> dict[str, Any]:
+    """Checkpoint meta of a :func:`build_public_model` model: where its tokenizer's vocabulary comes from."""
+    return {
+        "tokenizer_corpus": PUBLIC_TOKENIZER_CORPUS,
+        "tokenizer_corpus_reports": n_reports,
+        "tokenizer_corpus_seed": 0,
+    }
 
 
 def plot_history(history: list[dict[str, float]], path: Path, title: str) -> None:

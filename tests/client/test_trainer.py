@@ -26,7 +26,7 @@ from federation.protocol import RoundConfig
 from lungvl_model.data.dataset import collate
 from lungvl_model.data.preprocess import PreprocessConfig
 from lungvl_model.data.site_layout import toml_dumps
-from lungvl_model.data.split import training_studies
+from lungvl_model.data.split import training_patients, training_studies
 from lungvl_model.data.synth import SynthConfig, generate_site
 from lungvl_model.models.config import HeadsConfig, LungVLConfig, TextConfig, VisionConfig
 from lungvl_model.training.checkpoint import save_checkpoint
@@ -261,6 +261,30 @@ def test_dp_sgd_fit_spends_epsilon_that_survives_a_restart(package, tmp_path: Pa
         np.testing.assert_array_equal(a, b)  # the arrays were not even loaded
     assert tight.epsilon_spent == pytest.approx(m["epsilon"])
     tight.close()
+
+
+def test_dp_sgd_samples_patients_and_charges_the_patient_rate(package, tmp_path: Path) -> None:
+    """Two patients with a prior and a current CT each: q is per patient (1/2), not per study (1/4)."""
+    site = tmp_path / "priors"
+    generate_site(
+        SynthConfig(
+            cohort="screening", n_studies=2, out_dir=site, seed=7, matrix=64, z_extent_mm=120.0, prior_fraction=1.0
+        )
+    )
+    trainer = SiteTrainer(
+        ClientConfig.from_toml(site / "site.toml", model_dir=package[1], state_dir=tmp_path / "state", device="cpu")
+    )
+    ds = trainer.dataset("seg")
+    groups = trainer.patient_groups(ds)
+    assert len(ds) == 4 and sorted(map(len, groups)) == [2, 2]
+    patient = {e.study_uid: e.series.header.get("PatientID") for _, e in ds.entries}
+    assert all(len({patient[ds.entries[i][1].study_uid] for i in g}) == 1 for g in groups)
+    assert training_patients(trainer._catalogue, 0.0) == 2  # what a study sizes DP-SGD's q with
+    res = trainer.fit(model_to_arrays(trainer.model), RoundConfig(stage="seg", local_steps=1, batch_size=1, **DP))
+    assert res.metrics["sample_rate"] == 0.5 and res.metrics["dp_steps"] == 1
+    saved = json.loads((tmp_path / "state" / ACCOUNTANT_STATE_FILE).read_text())
+    assert saved["history"] == [[4.0, 0.5, 1]]  # the accountant is charged the patient-level q
+    trainer.close()
 
 
 def test_rounds_start_clean_after_dp_sgd_in_every_stage(package, tmp_path: Path) -> None:

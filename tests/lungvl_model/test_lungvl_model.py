@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from lungvl_model.data.preprocess import PreprocessConfig
+from lungvl_model.losses.group_penalty import take_batch
 from lungvl_model.models.config import HeadsConfig, LungVLConfig, TextConfig, VisionConfig, get_preset
 from lungvl_model.models.fusion import attention_to_heatmap
 from lungvl_model.models.lungvl import LungVLModel, mention_regions
@@ -103,6 +105,35 @@ def test_stage_outputs_and_heatmap_alignment(tok) -> None:
         assert torch.isfinite(model(batch, stage=stage).loss)
     with pytest.raises(ValueError, match="unknown stage"):
         model(batch, stage="pretrain")
+
+
+def test_every_loss_is_per_study_with_fixed_weights(tok) -> None:
+    """A study's loss depends on that study alone; the batch loss is the plain mean of the studies' (1/B)."""
+    torch.manual_seed(0)
+    model = LungVLModel(SMALL, tok).eval()  # eval: no dropout, so two passes are comparable
+    model.config = replace(SMALL, loss=replace(SMALL.loss, contrastive=0.0))  # InfoNCE couples by design
+    batch = make_batch(2)
+    other = take_batch(batch, [0, 1])  # a copy; study 1: no report, no mask, every label unknown
+    other["text"] = [batch["text"][0], ""]
+    other["has_mask"] = torch.tensor([True, False])
+    for v in other["targets"].values():
+        v[1] = -1 if v.dtype == torch.int64 else float("nan")
+    alone = take_batch(batch, [0])
+    with torch.no_grad():
+        for stage in ("ssl", "seg", "vl"):
+            outs = [model(b, stage=stage, generator=torch.Generator().manual_seed(3)) for b in (batch, other, alone)]
+            for b, out in zip((batch, other, alone), outs, strict=True):
+                assert out.study_losses is not None and out.study_losses.shape == (len(b["text"]),)
+                torch.testing.assert_close(out.loss, out.study_losses.mean())
+            if stage == "ssl":  # study 0's mask noise differs between a batch of 2 and of 1 (one RNG stream)
+                torch.testing.assert_close(outs[0].study_losses[0], outs[1].study_losses[0])
+                continue
+            for out in outs[1:]:
+                torch.testing.assert_close(out.study_losses[0], outs[0].study_losses[0], rtol=1e-5, atol=1e-6)
+        # an unknown label adds 0 to its term and leaves the divisor at B: the term halves in a batch of 2
+        vl = [model(b, stage="vl") for b in (other, alone)]
+    for term in ("report", "segmentation", "malignancy", "lung_rads", "growth", "grounding"):
+        assert vl[0].losses[term] == pytest.approx(vl[1].losses[term] / 2, rel=1e-4), term
 
 
 def test_mention_regions_mark_nodule_and_lobe_tokens(tok) -> None:

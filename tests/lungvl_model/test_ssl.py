@@ -72,9 +72,27 @@ def test_loss_reductions_and_empty_mask() -> None:
     none = MaskedReconstructionLoss(reduction="none")(pred, target, mask)
     assert none.shape == pred.shape and torch.all(none[~mask] == 0)
     torch.testing.assert_close(MaskedReconstructionLoss(reduction="sum")(pred, target, mask), none.sum())
-    torch.testing.assert_close(MaskedReconstructionLoss()(pred, target, mask), none.sum() / mask.sum())
+    # per study, fixed weights 1/B: study 1 hides nothing and adds 0 (not a batch-pooled voxel mean)
+    torch.testing.assert_close(MaskedReconstructionLoss()(pred, target, mask), none[0].sum() / mask[0].sum() / 2)
     empty = MaskedReconstructionLoss()(pred, target, torch.zeros_like(mask))
     assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_loss_of_a_study_does_not_depend_on_the_others_masks() -> None:
+    target, pred = torch.rand(2, 1, 4, 4, 4), torch.rand(2, 1, 4, 4, 4)
+    small, large = torch.zeros(2, 1, 4, 4, 4, dtype=torch.bool), torch.zeros(2, 1, 4, 4, 4, dtype=torch.bool)
+    small[:, :, :1] = True
+    large[0, :, :1] = True
+    large[1] = True  # study 1 hides 4x more voxels: a batch-pooled mean would shrink study 0's weight
+    loss_fn = MaskedReconstructionLoss()
+    a, b = loss_fn.per_study(pred, target, small), loss_fn.per_study(pred, target, large)
+    torch.testing.assert_close(a[0], b[0])
+    p = pred.clone().requires_grad_(True)
+    loss_fn(p, target, large).backward()
+    grad_large = p.grad[0].clone()
+    p.grad = None
+    loss_fn(p, target, small).backward()
+    torch.testing.assert_close(p.grad[0], grad_large)
 
 
 def test_loss_invalid_args() -> None:

@@ -129,7 +129,9 @@ def test_server_momentum_accumulates(tmp_path: Path) -> None:
 
 
 def test_client_level_dp_clips_adds_seeded_noise_and_epsilon_grows(tmp_path: Path) -> None:
-    eng, reg, run = make(tmp_path, clip_norm=1.0, client_noise_multiplier=0.7, seed=3, min_sites=2)
+    eng, reg, run = make(
+        tmp_path, clip_norm=1.0, client_noise_multiplier=0.7, seed=3, min_sites=2, reproducible_noise=True
+    )
     d1, d2 = delta(2.0), delta(0.01)
     out = play_round(eng, 1, {1: SiteReply(1, arrays=d1, num_examples=100), 2: SiteReply(2, arrays=d2, num_examples=1)})
     c1, _ = clip_update(d1, 1.0)
@@ -173,9 +175,10 @@ def test_sample_level_epsilon_reported_by_a_site_goes_to_the_ledger(tmp_path: Pa
 
 
 def test_sampling_is_seeded_by_round_and_site_names_not_node_ids(tmp_path: Path) -> None:
-    eng, _, _ = make(tmp_path, fraction_train=0.5)
+    seeded = {"fraction_train": 0.5, "site_sampling": "fixed", "reproducible_noise": True}
+    eng, _, _ = make(tmp_path, **seeded)
     eng.site_names = {10: "a", 20: "b", 30: "c", 40: "d"}
-    other, _, _ = make(tmp_path / "o", fraction_train=0.5)
+    other, _, _ = make(tmp_path / "o", **seeded)
     other.site_names = {7: "c", 8: "a", 9: "d", 6: "b"}
     for rnd in (1, 2, 3):
         names = sorted(eng.site_names[n] for n in eng.sample(eng.site_names, rnd))
@@ -198,6 +201,7 @@ def test_state_dict_resume_is_bit_identical(tmp_path: Path) -> None:
         "clip_norm": 1.0,
         "client_noise_multiplier": 0.8,
         "fraction_train": 0.7,
+        "reproducible_noise": True,
     }
     full, _, _ = make(tmp_path / "full", **cfg)
     for rnd in (1, 2, 3):

@@ -78,7 +78,7 @@ def test_ray_temp_dir_stays_short(tmp_path: Path) -> None:
 def test_tiny_scenario_end_to_end_and_resume(tmp_path: Path) -> None:
     tiny = Scenario.from_toml(TINY)
     lines: list[str] = []
-    full = run_simulation(tiny, tmp_path / "full", progress=lines.append)
+    full = run_simulation(tiny, tmp_path / "full", progress=lines.append, reproducible_noise=True)
     assert full["status"] == "finished" and full["rounds_done"] == 2
     assert sum(line.startswith("round ") and "completed" in line for line in lines) == 2
     out = tmp_path / "full"
@@ -98,18 +98,28 @@ def test_tiny_scenario_end_to_end_and_resume(tmp_path: Path) -> None:
         assert {"train_loss", "val_loss"} <= glob
     for name in ("convergence.png", "epsilon.png", "summary.md", "config.json", "metrics_global.csv"):
         assert (out / name).stat().st_size > 0, name
+    assert "noise reproducible: not private" in (out / "summary.md").read_text()
     assert (out / "state" / "screening-a" / "outbound_ledger.db").exists()  # the site audited its replies
 
-    # Interrupted after round 1, resumed to round 2: same final weights, bit for bit. The same site data
-    # and initial model package are used (linked), as a crashed run would find them on disk.
+    # Interrupted after round 1, resumed to round 2: same final weights, bit for bit (seeded noise and
+    # sampling: reproducible_noise; a private run's resume draws fresh noise, tests/server/test_release_once.py).
+    # The same site data and initial model package are used (linked), as a crashed run would find them on disk.
     linked = tuple(SiteSpec(name=s.name, path=out / "sites" / s.name) for s in tiny.sites)
     same = Scenario(**{**tiny.__dict__, "sites": linked})
     part = tmp_path / "part"
-    first = run_simulation(same.with_server(rounds=1), part, init_model=out / "initial_model", progress=lambda _: None)
+    first = run_simulation(
+        same.with_server(rounds=1),
+        part,
+        init_model=out / "initial_model",
+        progress=lambda _: None,
+        reproducible_noise=True,
+    )
     assert first["rounds_done"] == 1
     with pytest.raises(FileExistsError):
         run_simulation(same, part, init_model=out / "initial_model")
-    resumed = run_simulation(same, part, resume=True, init_model=out / "initial_model", progress=lambda _: None)
+    resumed = run_simulation(
+        same, part, resume=True, init_model=out / "initial_model", progress=lambda _: None, reproducible_noise=True
+    )
     assert resumed["rounds_done"] == 2 and resumed["run_id"] == first["run_id"]
     a, b = weights(out), weights(part)
     assert a.keys() == b.keys()

@@ -98,7 +98,7 @@ def test_cell_scenarios_pick_the_noise_for_epsilon(tmp_path: Path) -> None:
     base = study_run.base_scenario(s)
     assert all(x.epsilon_budget == 8.0 for x in base.sites)  # raised to the largest ε for DP-SGD
     dirs = {x.name: tmp_path / x.name for x in base.sites}
-    sizes = {name: 5 for name in dirs} | {"referral": 3}
+    sizes = {name: 5 for name in dirs} | {"referral": 3}  # training patients: DP-SGD's q is per patient
     cells = {c.cell_id: c for c in s.cells()}
     plain, _ = study_run.cell_scenario(s, base, cells["fedavg-s1"], dirs, sizes)
     assert plain.server.strategy == "fedavg" and plain.server.seed == 1 and not plain.server.client_dp
@@ -115,11 +115,28 @@ def test_cell_scenarios_pick_the_noise_for_epsilon(tmp_path: Path) -> None:
     assert ns["sample_sigma"] == get_noise_multiplier(target_epsilon=8.0, delta=1e-5, sample_rate=2 / 3, steps=steps)
 
 
+def test_initial_models_tokenizer_comes_from_the_public_corpus_not_the_sites(tmp_path: Path) -> None:
+    from lungvl_model.training.checkpoint import load_checkpoint
+    from simulations.local_only import initial_model
+    from simulations.simulate import _initial_model
+
+    base = study_run.base_scenario(StudyConfig.from_toml(STUDIES / "screening_vs_referral_small.toml"))
+    sites = {s.name: tmp_path / "no-such-site" for s in base.sites}  # no site is read (none exists)
+    for target in (
+        _initial_model(base, sites, tmp_path / "sim", lambda _: None),
+        initial_model(base, sites, tmp_path / "lo"),
+    ):
+        model, meta = load_checkpoint(target)
+        assert meta["tokenizer_corpus"] == "lungvl synthetic report generator (public)"
+        assert len(model.tokenizer) > 300
+
+
 def _fake_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: set[str]) -> list[str]:
     """Stub out sites, models and runs: each cell writes a tagged run into the registry (or fails)."""
     calls: list[str] = []
     monkeypatch.setattr(study_run, "prepare_sites", lambda base, out, log: {s.name: out / s.name for s in base.sites})
     monkeypatch.setattr(study_run, "_site_studies", lambda d, stage, holdout: 4)
+    monkeypatch.setattr(study_run, "_site_patients", lambda d, stage, holdout: 3)
     monkeypatch.setattr(study_run, "initial_model", lambda base, sites, target, seed: target)
 
     def fake_run(cell, scenario, cell_dir, db, init, tag, log):

@@ -21,7 +21,7 @@ from .patients import (
     sample_patient,
     sample_patients,
 )
-from .reports import write_report
+from .reports import public_report_corpus, write_report
 from .scanner import ScanParams
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "generate_site",
     "get_profile",
     "nodule_states",
+    "public_report_corpus",
     "sample_patient",
     "sample_patients",
     "write_report",

@@ -8,6 +8,10 @@ The text follows conventions a report labeler can parse: sizes carry units (``9 
 text are the Lung-RADS mean diameter (or long x short axis) of the true nodule, rounded as a
 radiologist would. Phrasing is drawn from the study's report stream, so the same seed gives the
 same report.
+
+:func:`public_report_corpus` writes reports of synthetic patients without rendering any volume: the
+public corpus the federation's report tokenizer is trained on, so that no site's reports shape the
+vocabulary every site receives.
 """
 
 from __future__ import annotations
@@ -18,8 +22,24 @@ import numpy as np
 
 from lungvl_model.clinical.lung_rads import category_rank, management
 
-from .cohorts import CohortProfile
-from .patients import NoduleState, PatientCase, exam_category
+from .cohorts import PROFILES, CohortProfile
+from .patients import NoduleState, PatientCase, exam_category, nodule_states, sample_patient
+
+__all__ = [
+    "CATEGORY_WORDS",
+    "LOBE_NAMES",
+    "PUBLIC_CORPUS_SEED_BASE",
+    "emphysema_sentence",
+    "lobe_phrase",
+    "nodule_sentence",
+    "public_report_corpus",
+    "size_phrase",
+    "write_report",
+]
+
+#: Site seed of the public corpus's patients: ``PUBLIC_CORPUS_SEED_BASE + seed``, far from the small
+#: seeds generated sites use, so the corpus does not reproduce a simulated site's patients and reports.
+PUBLIC_CORPUS_SEED_BASE = 7_340_000_000
 
 LOBE_NAMES: dict[str, str] = {
     "RUL": "right upper lobe",
@@ -281,3 +301,47 @@ def write_report(
     lines += [f"{i}. {t}" for i, t in enumerate(impression, start=1)]
     lines.append(f"RECOMMENDATION: {management(cat)}")
     return "\n".join(lines)
+
+
+def public_report_corpus(n: int = 2000, seed: int = 0, cohorts: Sequence[str] | None = None) -> list[str]:
+    """``n`` reports of synthetic patients, written by :func:`write_report` without rendering a volume.
+
+    The corpus depends only on this code and ``seed``: no site's data. It is what the federation's
+    initial model trains its report tokenizer on (:func:`lungvl_model.training.stages.build_public_model`).
+    Patients are drawn as a generated site draws them (:func:`~.patients.sample_patient`, at site seed
+    ``PUBLIC_CORPUS_SEED_BASE + seed``), cycling over ``cohorts``; a patient with a prior study gives its
+    prior report then its current one. The image numbers a rendered study would cite for its nodules
+    ("(image 57)") are drawn at random instead.
+
+    Args:
+        n: reports to write (>= 1).
+        seed: corpus seed: the same seed gives the same reports.
+        cohorts: cohort profiles to draw from (default: all of :data:`~.cohorts.PROFILES`).
+
+    Returns:
+        ``n`` report texts.
+
+    Raises:
+        ValueError: ``n < 1`` or an unknown cohort.
+    """
+    if n < 1:
+        raise ValueError(f"public_report_corpus needs n >= 1, got {n}")
+    names = list(PROFILES) if cohorts is None else list(cohorts)
+    unknown = [c for c in names if c not in PROFILES]
+    if unknown or not names:
+        raise ValueError(f"unknown cohort(s) {unknown or names}, expected some of {sorted(PROFILES)}")
+    profiles = [PROFILES[c] for c in names]
+    texts: list[str] = []
+    index = 0
+    while len(texts) < n:
+        profile = profiles[index % len(profiles)]
+        case = sample_patient(profile, PUBLIC_CORPUS_SEED_BASE + seed, index)
+        index += 1
+        for prior in (True, False) if case.has_prior else (False,):
+            stream = case.streams[1 if prior else 0]
+            states = nodule_states(case, prior=prior)
+            slices = np.random.default_rng([stream, 11]).integers(8, 160, size=len(states))
+            images = {s.spec.nodule_id: int(k) for s, k in zip(states, slices, strict=True)}
+            rng = np.random.default_rng([stream, 7])  # the stream a generated study's report uses
+            texts.append(write_report(case, states, profile, rng, prior=prior, images=images))
+    return texts[:n]
