@@ -77,12 +77,15 @@ class SiteEndpoint:
         model_dir: the initial model package (None: site.toml ``[training] model_dir``).
         state_dir: accountant state and audit ledger (None: ``<site_dir>/.lungvl_state``).
         holdout_fraction: overrides site.toml ``[training] holdout_fraction`` (None: keep the file's).
+        min_eval_studies: overrides site.toml ``[privacy] min_eval_studies`` (None: keep the file's; a
+            simulation of public synthetic sites sets it from the scenario).
     """
 
     site_dir: Path
     model_dir: Path | None = None
     state_dir: Path | None = None
     holdout_fraction: float | None = None
+    min_eval_studies: int | None = None
 
     def client_config(self) -> ClientConfig:
         """The site's :class:`ClientConfig` with these paths."""
@@ -93,6 +96,8 @@ class SiteEndpoint:
             overrides["state_dir"] = Path(self.state_dir)
         if self.holdout_fraction is not None:
             overrides["holdout_fraction"] = float(self.holdout_fraction)
+        if self.min_eval_studies is not None:
+            overrides["min_eval_studies"] = int(self.min_eval_studies)
         return ClientConfig.from_toml(Path(self.site_dir) / "site.toml", **overrides)
 
 

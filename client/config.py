@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from lungvl_model.data.split import check_holdout_fraction
+from privacy.accountant import check_delta, check_epsilon
 from privacy.site_policy import POLICY_KEYS, SitePolicy
 
 __all__ = ["STATE_DIRNAME", "ClientConfig"]
@@ -125,11 +127,11 @@ class ClientConfig:
             object.__setattr__(self, "model_dir", Path(self.model_dir).expanduser())
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"ClientConfig.name must be a non-empty string, got {self.name!r}")
-        eps = self.epsilon_budget
-        if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
-            raise ValueError(f"[privacy] epsilon_budget must be a number > 0, got {eps!r}")
-        if isinstance(self.delta, bool) or not isinstance(self.delta, int | float) or not 0 < self.delta < 1:
-            raise ValueError(f"[privacy] delta must be in (0, 1), got {self.delta!r}")
+        try:  # privacy.accountant's rules, the ones SiteBudget applies
+            check_epsilon("[privacy] epsilon_budget", self.epsilon_budget)
+            check_delta(self.delta)
+        except ValueError as err:
+            raise ValueError(str(err).replace("delta must", "[privacy] delta must")) from None
         if not isinstance(self.device, str) or (
             self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:")
         ):
@@ -139,9 +141,7 @@ class ClientConfig:
         bs = self.batch_size
         if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):
             raise ValueError(f"[training] batch_size must be an integer >= 1, got {bs!r}")
-        hf = self.holdout_fraction
-        if isinstance(hf, bool) or not isinstance(hf, int | float) or not 0 <= hf < 1:
-            raise ValueError(f"[training] holdout_fraction must be a number in [0, 1), got {hf!r}")
+        check_holdout_fraction(self.holdout_fraction, key="[training] holdout_fraction")
         nw = self.num_workers
         if isinstance(nw, bool) or not isinstance(nw, int) or nw < 0:
             raise ValueError(f"[training] num_workers must be an integer >= 0, got {nw!r}")

@@ -105,7 +105,10 @@ def create_accountant(name: str) -> IAccountant:
 # --------------------------------------------------------------------------------------------- validation
 
 
-def _check_delta(delta: float) -> float:
+def check_delta(delta: float) -> float:
+    """``delta`` as a float in (0, 1), or ``ValueError`` naming the value (the one rule for every δ)."""
+    if isinstance(delta, bool) or not isinstance(delta, int | float):
+        raise ValueError(f"delta must be a number in (0, 1), got {delta!r}")
     d = float(delta)
     if not 0.0 < d < 1.0:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
@@ -124,7 +127,10 @@ def _check_mechanism(noise_multiplier: float, sample_rate: float, num_steps: int
     return sigma, q, int(num_steps)
 
 
-def _check_epsilon(name: str, epsilon: float) -> float:
+def check_epsilon(name: str, epsilon: float) -> float:
+    """``epsilon`` as a float > 0, or ``ValueError`` naming ``name`` and the value (the one rule for every ε)."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float):
+        raise ValueError(f"{name} must be a number > 0, got {epsilon!r}")
     e = float(epsilon)
     if not (e > 0):  # also rejects nan
         raise ValueError(f"{name} must be > 0, got {epsilon!r}")
@@ -282,11 +288,11 @@ class PrivacyAccountant:
 
     def get_epsilon(self, delta: float) -> float:
         """ε spent so far at ``delta`` (0.0 before any step)."""
-        return self._epsilon_of(self.history, _check_delta(delta))
+        return self._epsilon_of(self.history, check_delta(delta))
 
     def epsilon_after(self, *, delta: float, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> float:
         """ε at ``delta`` if the given steps were added; this accountant is not changed."""
-        d = _check_delta(delta)
+        d = check_delta(delta)
         history = list(self.history)
         _append(history, _check_mechanism(noise_multiplier, sample_rate, num_steps))
         return self._epsilon_of(history, d)
@@ -301,7 +307,7 @@ class PrivacyAccountant:
         num_steps: int = 1,
     ) -> bool:
         """Whether ε after the hypothetical steps would be above ``target_epsilon`` (nothing is recorded)."""
-        target = _check_epsilon("target_epsilon", target_epsilon)
+        target = check_epsilon("target_epsilon", target_epsilon)
         eps = self.epsilon_after(
             delta=delta, noise_multiplier=noise_multiplier, sample_rate=sample_rate, num_steps=num_steps
         )
@@ -352,10 +358,10 @@ def get_noise_multiplier(
     Raises:
         ValueError: invalid arguments, or a budget too small for any σ up to 1e6.
     """
-    target = _check_epsilon("target_epsilon", target_epsilon)
-    d = _check_delta(delta)
+    target = check_epsilon("target_epsilon", target_epsilon)
+    d = check_delta(delta)
     _check_mechanism(1.0, sample_rate, steps)
-    _check_epsilon("epsilon_tolerance", epsilon_tolerance)
+    check_epsilon("epsilon_tolerance", epsilon_tolerance)
     create_accountant(accountant)  # did-you-mean on a bad name before Opacus' plain error
     try:
         sigma = _opacus_get_noise_multiplier(

@@ -20,9 +20,9 @@ from privacy.accountant import (
     ACCOUNTANT_STATE_FILE,
     PrivacyAccountant,
     PrivacyBudgetExceeded,
-    _check_delta,
-    _check_epsilon,
     _check_mechanism,
+    check_delta,
+    check_epsilon,
 )
 
 __all__ = ["AccountantStateMismatch", "ClientLevelAccountant", "SiteBudget"]
@@ -62,8 +62,8 @@ class ClientLevelAccountant:
         self.noise_multiplier, self.sample_rate, _ = _check_mechanism(
             noise_multiplier, self.expected_sites / self.total_sites, 1
         )
-        self.delta = _check_delta(delta)
-        self.target_epsilon = None if target_epsilon is None else _check_epsilon("target_epsilon", target_epsilon)
+        self.delta = check_delta(delta)
+        self.target_epsilon = None if target_epsilon is None else check_epsilon("target_epsilon", target_epsilon)
         self.accountant = PrivacyAccountant(accountant)
 
     @property
@@ -135,8 +135,8 @@ class SiteBudget:
         self, state_dir: str | os.PathLike[str], *, epsilon_budget: float, delta: float, accountant: str = "rdp"
     ) -> None:
         self.state_dir = Path(state_dir)
-        self.epsilon_budget = _check_epsilon("epsilon_budget", epsilon_budget)
-        self.delta = _check_delta(delta)
+        self.epsilon_budget = check_epsilon("epsilon_budget", epsilon_budget)
+        self.delta = check_delta(delta)
         if self.path.exists():
             self.accountant = PrivacyAccountant.load(self.path)
             if self.accountant.name != accountant:

@@ -45,7 +45,6 @@ from server.registry_schema import (
     PrivacyEntry,
     Round,
     Run,
-    UTCDateTime,
     check_choice,
     check_finite,
     check_scope,
@@ -53,23 +52,7 @@ from server.registry_schema import (
     utc_now,
 )
 
-__all__ = [
-    "PARTICIPATION_STATUSES",
-    "PRIVACY_LEVELS",
-    "ROUND_STATUSES",
-    "RUN_STATUSES",
-    "Base",
-    "Checkpoint",
-    "Metric",
-    "Participation",
-    "PrivacyEntry",
-    "Registry",
-    "RegistryError",
-    "Round",
-    "Run",
-    "UTCDateTime",
-    "sqlalchemy_url",
-]
+__all__ = ["Registry", "RegistryError", "sqlalchemy_url"]
 
 
 class RegistryError(Exception):

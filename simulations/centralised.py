@@ -83,7 +83,9 @@ def run_centralised(
         model_dir = (
             Path(init_model) if init_model is not None else initial_model(scenario, sites, out / "initial_model")
         )
-        evaluators = site_trainers(sites, model_dir, out / "state", scenario.holdout_fraction)
+        evaluators = site_trainers(
+            sites, model_dir, out / "state", scenario.holdout_fraction, scenario.min_eval_studies
+        )
         model, _ = load_checkpoint(model_dir)
         dev = resolve_device(device)
         model.to(dev)

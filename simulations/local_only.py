@@ -68,14 +68,20 @@ def initial_model(scenario: Scenario, sites: Mapping[str, Path], target: Path, *
 
 
 def site_trainers(
-    sites: Mapping[str, Path], model_dir: Path, state_root: Path, holdout_fraction: float | None = None
+    sites: Mapping[str, Path],
+    model_dir: Path,
+    state_root: Path,
+    holdout_fraction: float | None = None,
+    min_eval_studies: int | None = None,
 ) -> dict[str, SiteTrainer]:
     """One :class:`SiteTrainer` per site (state, i.e. DP-SGD accountant and ledger, under ``state_root/<name>``).
 
-    ``holdout_fraction`` overrides the sites' own (the scenario's ``[run] holdout_fraction``).
+    ``holdout_fraction`` and ``min_eval_studies`` override the sites' own (the scenario's ``[run]``).
     """
     return {
-        name: SiteTrainer(SiteEndpoint(site_dir, model_dir, state_root / name, holdout_fraction).client_config())
+        name: SiteTrainer(
+            SiteEndpoint(site_dir, model_dir, state_root / name, holdout_fraction, min_eval_studies).client_config()
+        )
         for name, site_dir in sites.items()
     }
 
@@ -198,7 +204,7 @@ def run_local_only(
         model_dir = (
             Path(init_model) if init_model is not None else initial_model(scenario, sites, out / "initial_model")
         )
-        trainers = site_trainers(sites, model_dir, out / "state", scenario.holdout_fraction)
+        trainers = site_trainers(sites, model_dir, out / "state", scenario.holdout_fraction, scenario.min_eval_studies)
         config = {
             "kind": "local_only",
             "scenario": scenario.to_dict(),

@@ -47,8 +47,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lungvl_model.data.split import check_holdout_fraction
 from lungvl_model.data.synth import PROFILES
 from lungvl_model.models.config import LungVLConfig, get_preset
+from privacy.site_policy import SitePolicy
 from server.config import TABLE_KEYS, ServerConfig
 
 __all__ = ["Scenario", "SiteSpec", "deep_merge"]
@@ -148,7 +150,9 @@ def read_toml(path: str | Path, build: Callable[..., T]) -> T:
         raise type(err)(f"{p}: {err.args[0] if err.args else err}") from None
 
 
-_RUN_KEYS = ("name", "rounds", "seed", "preset", "matrix", "z_extent_mm", "num_cpus", "holdout_fraction")
+_RUN_KEYS = (
+    "name", "rounds", "seed", "preset", "matrix", "z_extent_mm", "num_cpus", "holdout_fraction", "min_eval_studies",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,11 @@ class Scenario:
         z_extent_mm: default z coverage of generated sites.
         num_cpus: CPUs Ray may use for the simulated sites.
         holdout_fraction: fraction of each site's patients kept out of local training and used for the
-            per-round federated evaluation (0: sites are scored on their training studies).
+            per-round federated evaluation (0: sites are scored on their training studies, which a site
+            allows only without DP).
+        min_eval_studies: overrides every simulated site's ``[privacy] min_eval_studies`` (the fewest
+            hold-out studies behind an evaluation metric; None keeps each site's own, default 5). Small
+            synthetic sites hold out 2–5 studies: a research scenario on public data may lower it.
         source: the TOML file it came from (informational).
     """
 
@@ -178,6 +186,7 @@ class Scenario:
     z_extent_mm: float = 120.0
     num_cpus: int = 2
     holdout_fraction: float = 0.0
+    min_eval_studies: int | None = None
     source: Path | None = None
 
     def __post_init__(self) -> None:
@@ -196,8 +205,10 @@ class Scenario:
             )
         if self.num_cpus < 1:
             raise ValueError(f"scenario [run] num_cpus must be >= 1, got {self.num_cpus}")
-        if not 0 <= self.holdout_fraction < 1:
-            raise ValueError(f"scenario [run] holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        frac = check_holdout_fraction(self.holdout_fraction, key="scenario [run] holdout_fraction")
+        object.__setattr__(self, "holdout_fraction", frac)
+        if self.min_eval_studies is not None:  # SitePolicy's rule, the one every site applies
+            SitePolicy(min_eval_studies=self.min_eval_studies)
         self.model_config()  # fail early on a bad preset or override
 
     @property
@@ -223,6 +234,8 @@ class Scenario:
         run = {"name": self.name, "rounds": server.pop("rounds"), "seed": server.pop("seed"), "preset": self.preset}
         run |= {"matrix": self.matrix, "z_extent_mm": self.z_extent_mm, "num_cpus": self.num_cpus}
         run["holdout_fraction"] = self.holdout_fraction
+        if self.min_eval_studies is not None:
+            run["min_eval_studies"] = self.min_eval_studies
         tables = {t: {k: v for k, v in server.items() if k in keys} for t, keys in TABLE_KEYS.items()}
         return {"run": run, "model": dict(self.model_overrides), **tables, "sites": [s.to_dict() for s in self.sites]}
 
@@ -250,7 +263,8 @@ class Scenario:
             matrix=int(run.get("matrix", 64)),
             z_extent_mm=float(run.get("z_extent_mm", 120.0)),
             num_cpus=int(run.get("num_cpus", 2)),
-            holdout_fraction=float(run.get("holdout_fraction", 0.0)),
+            holdout_fraction=run.get("holdout_fraction", 0.0),
+            min_eval_studies=run.get("min_eval_studies"),
             source=source,
         )
 

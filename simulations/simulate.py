@@ -232,7 +232,9 @@ def run_simulation(
             )
         )
         endpoints = [
-            SiteEndpoint(sites[s.name], model_dir, out / "state" / s.name, scenario.holdout_fraction)
+            SiteEndpoint(
+                sites[s.name], model_dir, out / "state" / s.name, scenario.holdout_fraction, scenario.min_eval_studies
+            )
             for s in scenario.sites
         ]
         done: dict[str, Any] = {}

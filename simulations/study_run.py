@@ -51,7 +51,8 @@ from lungvl_model.data.split import training_patients, training_studies
 from privacy.accountant import get_noise_multiplier
 from server.app import RUN_FILE
 from server.config import ServerConfig
-from server.registry import Registry, Run
+from server.registry import Registry
+from server.registry_schema import Run
 from simulations.centralised import run_centralised
 from simulations.local_only import initial_model, run_local_only
 from simulations.scenario import Scenario, SiteSpec

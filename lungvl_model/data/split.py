@@ -38,6 +38,13 @@ def in_holdout(patient_key: str, fraction: float, salt: str = "lungvl-holdout") 
     return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
 
 
+def check_holdout_fraction(fraction: object, *, key: str = "holdout_fraction") -> float:
+    """The one rule for a hold-out fraction: a number in [0, 1) (raises ``ValueError`` naming ``key``)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction < 1:
+        raise ValueError(f"{key} must be a number in [0, 1), got {fraction!r}")
+    return float(fraction)
+
+
 def holdout_split(
     studies: Iterable[tuple[str, str]], fraction: float, *, salt: str = "lungvl-holdout", min_each: int = 1
 ) -> tuple[list[str], list[str]]:
@@ -59,8 +66,7 @@ def holdout_split(
     Raises:
         ValueError: ``fraction`` outside [0, 1).
     """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"hold-out fraction must be in [0, 1), got {fraction!r}")
+    fraction = check_holdout_fraction(fraction, key="hold-out fraction")
     pairs = [(uid, key or uid) for uid, key in studies]
     if fraction == 0.0:
         return [u for u, _ in pairs], []

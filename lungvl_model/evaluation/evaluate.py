@@ -35,7 +35,8 @@ from lungvl_model.evaluation.classification_metrics import (
 from lungvl_model.evaluation.segmentation_metrics import detection_summary, dice, hd95, match_detections
 from lungvl_model.evaluation.text_metrics import bleu4, rouge_l_corpus
 from lungvl_model.inference.explain import Explanation, explain_study
-from lungvl_model.text.labeler import concept_f1, label_report
+from lungvl_model.text.labeler import label_report
+from lungvl_model.text.report_labels import concept_f1
 
 Progress = Callable[[int, int, str], None]
 

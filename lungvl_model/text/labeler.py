@@ -22,30 +22,14 @@ from typing import Any
 from lungvl_model.text import labeler_patterns as P
 from lungvl_model.text.report_labels import (
     COMPARISON_PRIORITY,
-    CONCEPT_KEYS,
     LabeledNodule,
     ReportLabels,
-    concept_f1,
-    concept_vector,
-    dominant_nodule,
-    size_bucket,
 )
 from lungvl_model.text.report_sentences import Sentence, report_sentences
 from lungvl_model.text.sentence_findings import Mention, label_sentence, size_comparison
 from lungvl_model.text.sentence_spans import Size
 
-__all__ = [
-    "COMPARISON_PRIORITY",
-    "CONCEPT_KEYS",
-    "LabeledNodule",
-    "ReportLabels",
-    "concept_f1",
-    "concept_vector",
-    "dominant_nodule",
-    "label_report",
-    "label_reports_jsonl",
-    "size_bucket",
-]
+__all__ = ["label_report", "label_reports_jsonl"]
 
 
 def _compatible(k: LabeledNodule, m: LabeledNodule) -> bool:

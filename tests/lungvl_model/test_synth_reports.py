@@ -93,6 +93,8 @@ def test_same_stream_same_text() -> None:
 
 def test_report_labeler_reads_the_reports(reports) -> None:
     labeler = pytest.importorskip("lungvl_model.text.labeler")
+    from lungvl_model.text.report_labels import dominant_nodule
+
     n = cat_ok = present_ok = emph_ok = lobe_ok = dom_n = 0
     for case, states, _, text in reports:
         lab = labeler.label_report(text)
@@ -101,7 +103,7 @@ def test_report_labeler_reads_the_reports(reports) -> None:
         present_ok += lab.nodule_present == bool(states)
         emph_ok += bool(lab.emphysema) == (case.emphysema.kind != "none")
         if states:
-            dom = labeler.dominant_nodule(lab)
+            dom = dominant_nodule(lab)
             dom_n += 1
             lobe_ok += dom is not None and dom.lobe in {s.spec.lobe for s in states}
     assert cat_ok / n >= 0.95 and present_ok / n >= 0.95 and emph_ok / n >= 0.95

@@ -199,3 +199,18 @@ def test_client_app_failure_keeps_details_at_the_site(tmp_path: Path, monkeypatc
     assert "1.2.3" not in reason and stub.outbound[0][1] == "error_reply"
     log = (tmp_path / client_app.SITE_ERROR_LOG).read_text()
     assert "round 2: local training failed" in log and "study 1.2.3 has 0 slices" in log
+
+
+def test_scenario_sets_the_sites_min_eval_studies(tmp_path: Path) -> None:
+    doc = {"run": {"name": "x", "min_eval_studies": 2}, "sites": TWO}
+    sc = Scenario.from_dict(doc)
+    assert sc.min_eval_studies == 2 and Scenario.from_dict(sc.to_dict()).min_eval_studies == 2
+    with pytest.raises(ValueError, match="min_eval_studies"):
+        Scenario.from_dict({"run": {"name": "x", "min_eval_studies": 0}, "sites": TWO})
+    with pytest.raises(ValueError, match=r"scenario \[run\] holdout_fraction must be a number in \[0, 1\)"):
+        Scenario.from_dict({"run": {"name": "x", "holdout_fraction": 1.0}, "sites": TWO})
+    site = tmp_path / "s"
+    site.mkdir()
+    (site / "site.toml").write_text('[site]\nname = "s"\n[privacy]\nmin_eval_studies = 7\n')
+    assert SiteEndpoint(site).client_config().min_eval_studies == 7
+    assert SiteEndpoint(site, min_eval_studies=2).client_config().min_eval_studies == 2
