@@ -241,7 +241,7 @@ def preflight(cfg: SiteDeployConfig, *, check_data: bool = True) -> dict[str, An
     Raises:
         SiteNotReady: a missing CA certificate, key or model package; a malformed key; no usable
             study; an accountant state that is missing or holds less ε than the audit ledger records
-            as spent (:meth:`~privacy.budget.SiteBudget.reconcile`); or the site's sample-level ε
+            as spent (:meth:`~privacy.budget.SiteBudget.reconcile`); or the site's patient-level ε
             budget already spent.
     """
     if not cfg.root_certificates.is_file():

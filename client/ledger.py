@@ -73,7 +73,7 @@ METRIC_WHITELIST: Final[frozenset[str]] = frozenset(
         "val_auc_thin",
         "val_auc_medium",
         "val_auc_thick",
-        # sample-level DP at the site (Opacus DP-SGD)
+        # patient-level DP at the site (Opacus DP-SGD)
         "epsilon",
         "delta",
         "dp_sgd_noise_multiplier",
@@ -212,7 +212,7 @@ class AuditLedger:
             metrics: the scalar metrics inside the message.
             dp: DP parameters used (e.g. ``dp_sgd_noise_multiplier``, ``dp_sgd_max_grad_norm``,
                 ``sample_rate``, ``steps``).
-            epsilon: the site's sample-level ε spent so far (``None`` without DP-SGD).
+            epsilon: the site's patient-level ε spent so far (``None`` without DP-SGD).
             delta: the δ of that ε.
             run_id: the server's run identifier, when known.
 

@@ -372,7 +372,10 @@ class SiteTrainer:
     def _train_dp(
         self, dataset: SiteDataset, patients: list[list[int]], rc: RoundConfig, train: TrainConfig, q: float
     ) -> TrainResult:
-        """DP-SGD steps (:func:`~privacy.dp_sgd_train.dp_sgd_steps`) at patient rate ``q``; records ε spent."""
+        """DP-SGD steps (:func:`~privacy.dp_sgd_train.dp_sgd_steps`) at patient rate ``q``; records ε spent.
+
+        The clipping (hooks or microbatch) is the site's ``[compute] dp_sgd_clipping`` for its device.
+        """
 
         def spend(steps: int) -> None:
             self.budget.record(noise_multiplier=rc.dp_sgd_noise_multiplier, sample_rate=q, steps=steps)
@@ -393,6 +396,7 @@ class SiteTrainer:
             num_workers=self.config.num_workers,
             trainable=self._dp_params,
             on_steps=spend,
+            clipping=self.config.clipping_for(self.device.type),
         )
 
     def _dp_metrics(self, rc: RoundConfig, q: float, steps: int) -> dict[str, float | int]:

@@ -10,7 +10,7 @@ Two users of it, in :mod:`privacy.budget`:
 
 * the server, for client-level DP: :class:`~privacy.budget.ClientLevelAccountant`, one sampled-Gaussian
   step per round with ``q = expected_sites / total_sites``;
-* a site, for sample-level DP-SGD: :class:`~privacy.budget.SiteBudget`, which keeps the site's accountant
+* a site, for patient-level DP-SGD: :class:`~privacy.budget.SiteBudget`, which keeps the site's accountant
   in ``<state_dir>/privacy_accountant.json`` and refuses local training that would take ε past the site's
   budget, whatever the server asks.
 """

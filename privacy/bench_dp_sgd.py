@@ -1,18 +1,25 @@
 """What DP-SGD costs a site: the DP-SGD training step against the non-DP step of the same model, same run.
 
 :func:`bench_dp_sgd` measures one optimisation step of the LungVL model on one synthetic batch
-(:func:`~lungvl_model.benchmarks.train_bench.synthetic_batch`) three ways, each in a fresh ``spawn``
-child process (so peak memory belongs to one mode):
+(:func:`~lungvl_model.benchmarks.train_bench.synthetic_batch`) four ways, each in a fresh ``spawn``
+child process (so peak memory belongs to one mode; the frozen set all modes share is found first, by an
+Opacus pass in a process of its own):
 
 * ``non-DP`` (the peer): ``loss.backward()`` + AdamW, the model prepared exactly as for DP-SGD
   (:func:`~privacy.dp_sgd.dp_sgd_ready`: InfoNCE off, the same parameters frozen), so the ratio isolates
   the price of per-study clipping and noise;
 * ``DP-SGD hooks``: Opacus ``GradSampleModule`` (per-study gradients materialised for every parameter)
-  + ``DPOptimizer`` — what :func:`~privacy.dp_sgd_train.dp_sgd_steps` runs;
+  + ``DPOptimizer`` — what :func:`~privacy.dp_sgd_train.dp_sgd_steps` runs with ``clipping="hooks"``;
 * ``DP-SGD ghost``: Opacus fast gradient clipping (``GradSampleModuleFastGradientClipping`` with ghost
   clipping where Opacus has it): per-study gradient *norms* from a first backward of the per-study
   losses, then a second backward of the clipped-weighted sum; it needs the per-study loss vector
-  ``LungVLOutput.study_losses`` (B,), which exists because every loss term is per study.
+  ``LungVLOutput.study_losses`` (B,), which exists because every loss term is per study;
+* ``DP-SGD microbatch``: :class:`~privacy.dp_sgd_microbatch.MicrobatchDPSGD`, what
+  ``dp_sgd_steps(clipping="microbatch")`` runs: each study forwarded and backwarded alone (a batch of
+  one), its gradient clipped and added to a float32 sum, noise, ÷ the batch. Here it trains the same
+  parameters as the other modes (the frozen set is shared for fairness); in ``dp_sgd_steps`` it also
+  trains the parameters Opacus' hooks cannot give a per-study gradient (only the stage's unused ones
+  stay frozen).
 
 Figures are ratios to ``non-DP`` (DESIGN.md section 6); no test asserts on them.
 """
@@ -46,11 +53,12 @@ from lungvl_model.text.tokenizer import train_tokenizer
 from lungvl_model.training.config import TrainConfig
 from lungvl_model.training.loop import build_optimizer, resolve_device, to_device
 from privacy.dp_sgd import dp_sgd_ready, per_sample_parameters, reset_opacus_state
+from privacy.dp_sgd_microbatch import MicrobatchDPSGD
 
 __all__ = ["MODES", "PEER_MODE", "DPBenchResult", "DPBenchRow", "bench_dp_sgd"]
 
 PEER_MODE: Final = "non-DP"
-MODES: Final = (PEER_MODE, "DP-SGD hooks", "DP-SGD ghost")
+MODES: Final = (PEER_MODE, "DP-SGD hooks", "DP-SGD ghost", "DP-SGD microbatch")
 _STAGES: Final = ("ssl", "seg", "vl")
 _MB: Final = float(2**20)
 
@@ -162,6 +170,21 @@ def _step_fn(mode: str, model: LungVLModel, batch: dict[str, Any], spec: dict[st
             return float(loss.detach())
 
         return hooks
+    if mode == "DP-SGD microbatch":
+        micro = MicrobatchDPSGD(
+            [p for p in model.parameters() if p.requires_grad],
+            base,
+            noise_multiplier=spec["sigma"],
+            max_grad_norm=spec["clip"],
+            expected_batch_size=b,
+            noise_generator=torch.Generator(device=batch["image"].device).manual_seed(spec["seed"]),
+        )
+
+        def microbatch() -> float:
+            base.zero_grad(set_to_none=True)
+            return micro.step(model, batch, stage=stage)["loss"]
+
+        return microbatch
     ghost = GradSampleModuleFastGradientClipping(
         model, batch_first=True, loss_reduction="mean", max_grad_norm=spec["clip"], use_ghost_clipping=True
     )
@@ -180,11 +203,9 @@ def _step_fn(mode: str, model: LungVLModel, batch: dict[str, Any], spec: dict[st
     return ghost_step
 
 
-def _measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """One mode in a fresh process: build, warm up, time the steps (child process)."""
+def _inputs(spec: dict[str, Any], device: torch.device) -> tuple[LungVLConfig, dict[str, Any], Any]:
+    """The config, the synthetic batch (on ``device``) and the tokenizer of a measurement."""
     torch.manual_seed(spec["seed"])
-    device = torch.device(spec["device"])
-    cuda = device.type == "cuda"
     config = LungVLConfig.from_dict(spec["config"])
     batch = to_device(
         synthetic_batch(
@@ -196,7 +217,29 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         ),
         device,
     )
-    tokenizer = train_tokenizer(list(SYNTH_REPORTS) * 4, vocab_size=config.text.vocab_size)
+    return config, batch, train_tokenizer(list(SYNTH_REPORTS) * 4, vocab_size=config.text.vocab_size)
+
+
+def _probe(spec: dict[str, Any]) -> list[str]:
+    """The parameters every mode trains: those with a per-study hook gradient (child process).
+
+    Its own process, so that no mode's peak memory includes this Opacus pass over the whole batch.
+    """
+    device = torch.device(spec["device"])
+    config, batch, tokenizer = _inputs(spec, device)
+    model = LungVLModel(config, tokenizer).to(device)
+    model.train()
+    with dp_sgd_ready(model), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        kept, _ = per_sample_parameters(model, batch, stage=spec["stage"])
+    return sorted(kept)
+
+
+def _measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """One mode in a fresh process: build, warm up, time the steps (child process)."""
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
+    config, batch, tokenizer = _inputs(spec, device)
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -208,7 +251,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     times: list[float] = []
     with dp_sgd_ready(model), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        kept, _ = per_sample_parameters(model, batch, stage=spec["stage"])  # the same frozen set in every mode
+        kept = set(spec["kept"])  # the same frozen set in every mode (_probe)
         for name, p in model.named_parameters():
             p.requires_grad_(name in kept)
         step = _step_fn(spec["mode"], model, batch, spec)
@@ -237,6 +280,14 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _failure(e: BaseException) -> str:
+    """``Type: first line`` of a failure of a measuring process (at most 200 characters of message)."""
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    if isinstance(e, BrokenProcessPool):
+        msg = f"measuring process died (killed for memory?): {msg}"
+    return f"{type(e).__name__}: {msg}"
+
+
 def bench_dp_sgd(
     preset: str = "tiny",
     *,
@@ -252,7 +303,9 @@ def bench_dp_sgd(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> DPBenchResult:
-    """Time and measure the DP-SGD step (hooks, ghost clipping) against the non-DP step, one process each.
+    """Time and measure the DP-SGD step (hooks, ghost clipping, microbatches) against the non-DP step.
+
+    One process per mode.
 
     Args:
         preset: LungVL preset.
@@ -295,21 +348,26 @@ def bench_dp_sgd(
     ctx = multiprocessing.get_context("spawn")
     rows: list[DPBenchRow] = []
     child: dict[str, Any] = {}
+    probe_error: str | None = None
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            spec["kept"] = pool.submit(_probe, spec).result()
+    except Exception as e:  # noqa: BLE001 - every mode then fails with this reason
+        probe_error = f"frozen-set probe: {_failure(e)}"
     for mode in [PEER_MODE, *(m for m in modes if m != PEER_MODE)]:
         if log is not None:
             log(f"measuring {mode} ({stage}) on {dev} at {'x'.join(map(str, size))} ...")
-        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            try:
+        try:
+            if probe_error is not None:
+                raise RuntimeError(probe_error)
+            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
                 out = pool.submit(_measure, {**spec, "mode": mode}).result()
-            except Exception as e:  # noqa: BLE001 - any failure of one mode is a failed row, not a failed run
-                msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                if isinstance(e, BrokenProcessPool):
-                    msg = f"measuring process died (killed for memory?): {msg}"
-                if log is not None:
-                    log(f"{mode} failed: {type(e).__name__}: {msg}")
-                kind = "cuda_max_allocated" if dev.type == "cuda" else "cpu_peak_rss_growth"
-                rows.append(DPBenchRow(mode, math.nan, math.nan, kind, error=f"{type(e).__name__}: {msg}"))
-                continue
+        except Exception as e:  # noqa: BLE001 - any failure of one mode is a failed row, not a failed run
+            if log is not None:
+                log(f"{mode} failed: {_failure(e)}")
+            kind = "cuda_max_allocated" if dev.type == "cuda" else "cpu_peak_rss_growth"
+            rows.append(DPBenchRow(mode, math.nan, math.nan, kind, error=_failure(e)))
+            continue
         rows.append(DPBenchRow(**out["row"]))
         child = child or out
     meta = {

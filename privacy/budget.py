@@ -2,7 +2,7 @@
 
 * the server, for client-level DP: :class:`ClientLevelAccountant`, one sampled-Gaussian step per round
   with ``q = expected_sites / total_sites``, and a refusal of the round that would pass the target ε;
-* a site, for sample-level DP-SGD: :class:`SiteBudget`, which keeps the site's accountant in
+* a site, for patient-level DP-SGD: :class:`SiteBudget`, which keeps the site's accountant in
   ``<state_dir>/privacy_accountant.json``, refuses local training that would take ε past the site's
   budget, whatever the server asks, and refuses to start from a state that has forgotten spending its
   audit ledger records (:meth:`SiteBudget.reconcile`, :class:`AccountantStateMismatch`).
@@ -114,7 +114,7 @@ class AccountantStateMismatch(RuntimeError):
 
 
 class SiteBudget:
-    """A site's own ε budget for sample-level DP-SGD, persisted in ``<state_dir>/privacy_accountant.json``.
+    """A site's own ε budget for patient-level DP-SGD, persisted in ``<state_dir>/privacy_accountant.json``.
 
     The state file is read when the budget is created (so a restarted client continues where it
     stopped) and written atomically by :meth:`record`. A missing file starts a fresh accountant: the

@@ -326,8 +326,9 @@ class Registry:
     ) -> int:
         """Record ε spent so far at ``delta`` (cumulative, not per round); returns the row id.
 
-        ``level="client"`` is the server's client-level accountant (``site_name`` None);
-        ``level="sample"`` is one site's DP-SGD accountant (``site_name`` required).
+        ``level="client"`` is the server's client-level accountant (``site_name`` None; ``noise_multiplier``
+        is stored as ``client_noise_multiplier``); ``level="sample"`` is one site's DP-SGD accountant
+        (``site_name`` required; stored as ``dp_sgd_noise_multiplier``).
         """
         check_choice("privacy level", level, PRIVACY_LEVELS)
         if (level == "sample") != bool(site_name):
@@ -350,7 +351,8 @@ class Registry:
                 round=rnd,
                 level=level,
                 site_name=site_name,
-                noise_multiplier=sigma,
+                client_noise_multiplier=sigma if level == "client" else None,
+                dp_sgd_noise_multiplier=sigma if level == "sample" else None,
                 sample_rate=q,
                 steps=int(steps),
                 epsilon=eps,
@@ -415,7 +417,7 @@ class Registry:
             ``failures`` (participation rows not ``ok``), ``latest_global_round`` and
             ``latest_global_metrics`` (``{}`` when none), ``epsilon``/``delta`` (latest client-level,
             ``None`` without client-level DP), ``max_site_epsilon`` and ``max_site_epsilon_site``
-            (largest latest sample-level ε over sites, ``None`` when none).
+            (largest latest patient-level ε over sites, ``None`` when none).
         """
         return summarize_run(
             self.run(run_id),

@@ -140,7 +140,12 @@ class Metric(Base):
 
 
 class PrivacyEntry(Base):
-    """Privacy spent: client-level (server accountant) or sample-level (one site's DP-SGD)."""
+    """Privacy spent: client-level (server accountant) or patient-level (one site's DP-SGD).
+
+    The σ of the row's mechanism sits in the column named for it: ``client_noise_multiplier`` for a
+    ``client`` row (the server's noise on the sum of site updates), ``dp_sgd_noise_multiplier`` for a
+    ``sample`` row (the site's DP-SGD); the other column is NULL.
+    """
 
     __tablename__ = "privacy_ledger"
     __table_args__ = (Index("ix_privacy_run_round", "run_id", "round"),)
@@ -149,7 +154,8 @@ class PrivacyEntry(Base):
     round: Mapped[int]
     level: Mapped[str] = mapped_column(String(16))
     site_name: Mapped[str | None] = mapped_column(String(200))
-    noise_multiplier: Mapped[float]
+    client_noise_multiplier: Mapped[float | None]
+    dp_sgd_noise_multiplier: Mapped[float | None]
     sample_rate: Mapped[float]
     steps: Mapped[int]
     epsilon: Mapped[float]

@@ -283,7 +283,7 @@ class RoundEngine:
         return "ok"
 
     def _record_site(self, reply: SiteReply) -> None:
-        """Per-site metrics, and the site's own sample-level ε when it reports one."""
+        """Per-site metrics, and the site's own patient-level ε when it reports one."""
         if self.registry is None or self.run_id is None or self._current is None:
             return
         name = self.site_names.get(reply.node_id) or self.label(reply.node_id)

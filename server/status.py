@@ -39,7 +39,7 @@ def status_rows(registry: Registry, run_id: int | None = None) -> dict[str, Any]
         ``summary`` from :meth:`Registry.summary`; ``rounds`` the round dicts, each with ``epsilon``
         (client-level ε recorded in that round, or ``None``) and ``metrics`` (global metrics of that round);
         ``sites`` one dict per site with ``site``, ``ok``, ``failed`` (not ok), ``examples``, ``last_status``,
-        ``last_reason``, ``epsilon`` (latest sample-level ε or ``None``); ``metric_names`` the global
+        ``last_reason``, ``epsilon`` (latest patient-level ε or ``None``); ``metric_names`` the global
         metric columns shown; ``sampling`` how sites were drawn (``None`` for a run without a server
         config); ``reproducible_noise`` whether the run's noise was seeded (not private).
 
@@ -139,7 +139,7 @@ def render_status(registry: Registry, run_id: int | None = None, *, max_rounds: 
         ("sites seen", f"{len(s['sites_seen'])}: {', '.join(s['sites_seen'])}" if s["sites_seen"] else "0"),
         ("site failures", str(s["failures"])),
         ("client-level ε", eps),
-        ("max site ε (sample-level)", site_eps),
+        ("max site ε (patient-level)", site_eps),
         ("latest global metrics", ", ".join(f"{k}={_fmt(v)}" for k, v in s["latest_global_metrics"].items()) or "-"),
     ):
         overview.add_row(field, value)

@@ -13,7 +13,7 @@ Registry records (one run, the same tables a federated run fills, so reports rea
   studies (``val_*``); after the last round also ``xval_*``, the example-weighted mean of the same
   model's evaluation on the *other* sites' studies (how far a site-only model transfers);
 * ``global``: example-weighted means over sites of the above (as the federated ``global`` scope);
-* participation (one ``ok`` row per site and round), rounds, sample-level ε of DP-SGD sites.
+* participation (one ``ok`` row per site and round), rounds, patient-level ε of DP-SGD sites.
 
 Client-level DP settings of the scenario do not apply (nothing is aggregated) and are ignored.
 """

@@ -87,7 +87,7 @@ class SiteSpec:
         path: an existing site directory instead of a generated one.
         matrix: in-plane pixels (None: the scenario's ``[run] matrix``).
         z_extent_mm: cranio-caudal coverage (None: the scenario's).
-        epsilon_budget: the site's own sample-level ε budget written to its site.toml (None: keep).
+        epsilon_budget: the site's own patient-level ε budget written to its site.toml (None: keep).
     """
 
     name: str

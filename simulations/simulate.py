@@ -14,7 +14,7 @@ consortium deploys. Outputs under ``out_dir``::
     checkpoints/round_<n>/  global weights + server state after each completed round
     metrics.csv, metrics_global.csv, metrics_site_<name>.csv
     convergence.png      global validation metrics per round
-    epsilon.png          client-level ε per round (and the sites' own sample-level ε)
+    epsilon.png          client-level ε per round (and the sites' own patient-level ε)
     summary.md           the run at a glance
 
 The initial model's report tokenizer is trained on the public synthetic report corpus only
@@ -330,7 +330,7 @@ def plot_convergence(global_rows: list[dict[str, Any]], path: Path, title: str) 
 
 
 def plot_epsilon(ledger: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Client-level ε per round (server accountant) and each site's own sample-level ε."""
+    """Client-level ε per round (server accountant) and each site's own patient-level ε."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     client = [(p["round"], p["epsilon"]) for p in ledger if p["level"] == "client"]
@@ -338,7 +338,7 @@ def plot_epsilon(ledger: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.plot(*zip(*client, strict=True), marker="o", lw=2, label=f"client-level (δ={ledger[0]['delta']:g})")
     for site in sorted({p["site_name"] for p in ledger if p["level"] == "sample"}):
         pts = [(p["round"], p["epsilon"]) for p in ledger if p["level"] == "sample" and p["site_name"] == site]
-        ax.plot(*zip(*pts, strict=True), marker=".", ls="--", label=f"{site} (sample-level)")
+        ax.plot(*zip(*pts, strict=True), marker=".", ls="--", label=f"{site} (patient-level)")
     if ax.has_data():
         ax.legend(fontsize=8)
     else:

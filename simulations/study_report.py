@@ -152,7 +152,7 @@ def _privacy_section(rows: list[dict[str, Any]], metric: str) -> list[str]:
         "## Privacy–utility",
         "",
         f"Final {metric} per DP setting (ε spent: client-level ε of the last round, or the largest site's "
-        "sample-level ε); Δ against the same strategy without DP. With a handful of sites, client-level noise "
+        "patient-level ε); Δ against the same strategy without DP. With a handful of sites, client-level noise "
         "(std σ·C over the expected number of sites) swamps the mean update at small ε: expect client-level DP "
         "at ε = 2 to cost most of the utility, which is the finding, not a bug.",
         "",

@@ -73,7 +73,7 @@ class StudyRun:
 
     @property
     def epsilon(self) -> float | None:
-        """ε spent: the client-level ε of the last round, else the largest sample-level ε of a site."""
+        """ε spent: the client-level ε of the last round, else the largest patient-level ε of a site."""
         client = [p["epsilon"] for p in self.privacy if p["level"] == "client"]
         if client:
             return float(client[-1])

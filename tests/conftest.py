@@ -60,3 +60,14 @@ def write_mini_site(root: Path, n_studies: int = 3, *, shape=(10, 24, 24)) -> di
 def mini_site(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     site = tmp_path / "site"
     return site, write_mini_site(site)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module (2 cores shared with other jobs: 2 threads thrash, 10-40x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from typer.testing import CliRunner
 
@@ -34,15 +33,9 @@ from privacy.site_policy import SitePolicy, SitePolicyRefusal, check_evaluate, w
 from tests.client.test_deploy import write_site
 from tests.client.test_trainer import CFG, DP
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SEG = RoundConfig(stage="seg", local_steps=1, batch_size=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,8 @@ from lungvl_model.training.stages import build_model
 from privacy.accountant import ACCOUNTANT_STATE_FILE, PrivacyBudgetExceeded
 from privacy.dp_sgd import EmptyBatchSafe, PoissonCollate, dp_sgd_ready
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CFG = LungVLConfig(
     preset="test",
     vision=VisionConfig(channels=(4, 8, 8, 16, 16), aggregation_channels=8, attention_scales=(3, 4)),
@@ -43,15 +45,6 @@ CFG = LungVLConfig(
     input=PreprocessConfig(spacing_mm=(8.0, 8.0, 8.0), size=(32, 32, 32)),
 )
 DP = {"dp_sgd": True, "dp_sgd_noise_multiplier": 4.0, "dp_sgd_max_grad_norm": 1.0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 cores shared with another job, 2 threads thrash (10-40x slower steps)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -220,10 +213,10 @@ def assert_clean(trainer: SiteTrainer) -> None:
     assert model.config.loss.contrastive == CFG.loss.contrastive
 
 
-@pytest.mark.parametrize("stage", ["seg", "vl"])
-def test_dp_sgd_fit_spends_epsilon_that_survives_a_restart(package, tmp_path: Path, stage: str) -> None:
+@pytest.mark.parametrize(("stage", "clipping"), [("seg", "hooks"), ("vl", "hooks"), ("vl", "microbatch")])
+def test_dp_sgd_fit_spends_epsilon_that_survives_a_restart(package, tmp_path: Path, stage: str, clipping: str) -> None:
     state = tmp_path / "state"
-    trainer = make_trainer(package, state)
+    trainer = make_trainer(package, state, dp_sgd_clipping=clipping)
     w = model_to_arrays(trainer.model)
     rc = RoundConfig(stage=stage, local_steps=1, batch_size=2, **DP)
     res = trainer.fit(w, rc)
@@ -233,8 +226,11 @@ def test_dp_sgd_fit_spends_epsilon_that_survives_a_restart(package, tmp_path: Pa
     assert m["epsilon"] > 0 and m["dp_steps"] == 1 and m["sample_rate"] == pytest.approx(2 / 3)
     assert m["dp_sgd_noise_multiplier"] == 4.0 and m["delta"] == 1e-5
     assert "train_loss" not in m  # training losses are not privatised: they stay at the site
-    frozen = {n for n, _ in trainer.model.named_parameters()} - trainer._dp_params[stage]
-    assert "heads.decompose.weight" in frozen  # read through .weight: no per-study gradient
+    frozen = {n for n, _ in trainer.model.named_parameters()} - trainer._dp_params[
+        stage if clipping == "hooks" else f"{stage}/microbatch"
+    ]
+    # read through .weight: no per-study gradient from Opacus' hooks; exact per study in a microbatch of one
+    assert ("heads.decompose.weight" in frozen) == (clipping == "hooks")
     if stage == "vl":  # GPT-2's positions get per-study ids under DP-SGD, so they still train
         assert "decoder.lm.transformer.wpe.weight" not in frozen and "image_proj.weight" in frozen  # no InfoNCE
     for key, d in zip(array_keys(trainer.model), res.delta, strict=True):

@@ -41,10 +41,11 @@ def test_ratios_and_markdown_from_rows() -> None:
 def test_bench_runs_on_cpu_and_reports_ratios() -> None:
     res = bench_dp_sgd(
         "tiny", stage="seg", device="cpu", steps=1, warmup=0, batch_size=2, input_size=(32, 32, 32),
-        modes=(PEER_MODE, "DP-SGD hooks"),
+        modes=(PEER_MODE, "DP-SGD hooks", "DP-SGD microbatch"),
     )  # fmt: skip
-    assert [r.mode for r in res.rows] == [PEER_MODE, "DP-SGD hooks"]
+    assert [r.mode for r in res.rows] == [PEER_MODE, "DP-SGD hooks", "DP-SGD microbatch"]
     assert all(r.error is None and r.step_s > 0 and r.params_trained > 0 for r in res.rows), res.rows
-    assert math.isfinite(res.ratio("DP-SGD hooks", "time"))
+    assert len({r.params_trained for r in res.rows}) == 1  # the same frozen set in every mode
+    assert math.isfinite(res.ratio("DP-SGD hooks", "time")) and math.isfinite(res.ratio("DP-SGD microbatch", "time"))
     d = json.loads(json.dumps(res.to_dict()))
     assert d["meta"]["input_size"] == [32, 32, 32] and "DP-SGD hooks/time" in d["ratios"]

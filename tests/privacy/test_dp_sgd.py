@@ -28,6 +28,8 @@ from lungvl_model.text.tokenizer import train_tokenizer
 from privacy.dp_sgd import dp_sgd_ready, per_sample_parameters, reset_opacus_state
 from privacy.dp_sgd_train import PatientPoissonSampler, check_patient_groups, dp_sgd_steps
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # The tiny preset made smaller still (as simulations/scenarios/tiny.toml): 32³ voxels, a 1-layer decoder.
 # The tiny preset itself takes ~60 s per stage for these per-sample gradients on one CPU core.
 CFG = LungVLConfig(
@@ -45,15 +47,6 @@ TEXTS = [
     "No pleural effusion. The central airways are patent.",
 ]
 NAN = math.nan
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread (2 cores shared with other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def study(seed: int, *, known: bool, text: str, mask: bool) -> dict[str, Any]:

@@ -102,6 +102,9 @@ def check_filled(reg: Registry, run: int) -> None:
     assert [m["value"] for m in reg.metrics(run, "global") if m["name"] == "val_loss"] == [1.0, 0.5]
     eps = [p["epsilon"] for p in reg.privacy(run) if p["level"] == "client"]
     assert eps == sorted(eps) and eps[-1] > eps[0]
+    # each σ in the column named for it: the server's client-level σ, a site's DP-SGD σ
+    sigmas = {(p["level"], p["client_noise_multiplier"], p["dp_sgd_noise_multiplier"]) for p in reg.privacy(run)}
+    assert sigmas == {("client", 1.1, None), ("sample", None, 0.9)}
     assert [c["path"] for c in reg.checkpoints(run)] == ["/ckpt/round_1.pt", "/ckpt/round_2.pt"]
     s = reg.summary(run)
     assert s["rounds_done"] == 2 and s["sites_seen"] == ["alpha", "beta", "gamma"] and s["failures"] == 1

@@ -6,22 +6,15 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import torch
 
 from server.registry import Registry
 from simulations.centralised import run_centralised, steps_per_round
 from simulations.local_only import run_local_only
 from simulations.scenario import Scenario
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
