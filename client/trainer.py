@@ -48,14 +48,14 @@ from torch.utils.data import DataLoader
 
 from client.config import ClientConfig
 from client.ledger import LEDGER_FILENAME, AuditLedger, filter_metrics
+from client.site_evaluation import score_studies
 from federation.arrays import arrays_to_model, model_to_arrays
 from federation.protocol import NUM_EXAMPLES, TRAIN_STAGES, RoundConfig
 from lungvl_model.data.catalogue import build_catalogue
 from lungvl_model.data.dataset import SiteDataset, collate
 from lungvl_model.data.split import holdout_split, patient_groups, patient_pairs
-from lungvl_model.evaluation.site_summary import LUNG_RADS_4A, site_risk_metrics
 from lungvl_model.losses.group_penalty import SLICE_GROUPS, GroupPenalized, slice_thickness_group
-from lungvl_model.models.lungvl import LungVLModel, LungVLOutput
+from lungvl_model.models.lungvl import LungVLModel
 from lungvl_model.training.checkpoint import load_checkpoint
 from lungvl_model.training.config import TrainConfig
 from lungvl_model.training.loop import (
@@ -66,7 +66,6 @@ from lungvl_model.training.loop import (
     resolve_device,
     run_steps,
     seed_everything,
-    to_device,
 )
 from privacy.budget import SiteBudget
 from privacy.dp_sgd_train import dp_sgd_steps
@@ -487,53 +486,16 @@ class SiteTrainer:
         )
         gen = torch.Generator(device=self.device)
         gen.manual_seed(site_seed(rc.seed, rc.server_round, self.config.name))
-        n, batches, loss_sum, dice, lr_hits, lr_known = 0, 0, 0.0, [], 0, 0
-        risk: dict[str, list[Any]] = {k: [] for k in ("y", "p", "lt", "lp", "ct", "cp", "group")}
-        for raw in loader:
-            if max_batches is not None and batches >= max_batches:
-                break
-            batches += 1
-            batch = to_device(raw, self.device)
-            out = self.model(batch, stage=rc.stage, generator=gen)
-            b = int(batch["image"].shape[0])
-            n += b
-            loss_sum += float(out.loss) * b
-            if out.seg_logits is not None:
-                pred, target = out.seg_logits.float() > 0, batch["seg"] > 0.5
-                inter = (pred & target).flatten(1).sum(1).float()
-                total = (pred.flatten(1).sum(1) + target.flatten(1).sum(1)).float()
-                per_study = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
-                dice += per_study[batch["has_mask"].bool()].tolist()
-            if out.risk is not None:
-                known = batch["targets"]["lung_rads"] >= 0
-                hits = out.risk.lung_rads_logits.argmax(-1) == batch["targets"]["lung_rads"]
-                lr_hits += int((hits & known).sum())
-                lr_known += int(known.sum())
-                _collect_risk(risk, out, batch, self.slice_group)
-        metrics: dict[str, Any] = {NUM_EXAMPLES: n, "num_batches": batches}
-        if n:
-            metrics["val_loss"] = loss_sum / n
-        if dice:
-            metrics["val_dice"] = float(np.mean(dice))
-        if lr_known:
-            metrics["val_lung_rads_acc"] = lr_hits / lr_known
-        if risk["y"]:
-            metrics |= site_risk_metrics(
-                malignant=risk["y"],
-                malignancy_prob=risk["p"],
-                lung_rads_true=risk["lt"],
-                lung_rads_pred=risk["lp"],
-                concepts_true=np.asarray(risk["ct"], dtype=float),
-                concepts_pred=np.asarray(risk["cp"], dtype=float),
-                groups=risk["group"],
-            )
+        n, metrics, support = score_studies(
+            self.model, loader, stage=rc.stage, device=self.device, generator=gen, group=self.slice_group,
+            max_batches=max_batches,
+        )  # fmt: skip
         if holdout:
             least = self.policy.min_eval_studies
             if n < least:  # max_batches cut the hold-out short
                 raise SitePolicyRefusal(
                     "min_eval_studies", requested=n, limit=least, reason=f"only {n} hold-out studies were scored"
                 )
-            support = {"val_loss": n, "val_dice": len(dice), "val_lung_rads_acc": lr_known, **_risk_support(risk)}
             metrics, withheld = withhold_thin_metrics(metrics, support, least)
             if withheld:
                 logger.info(
@@ -588,46 +550,6 @@ class SiteTrainer:
     def close(self) -> None:
         """Release the ledger's database connections."""
         self.ledger.close()
-
-
-_CONCEPTS: Final = (
-    ("spiculated", "spiculated_logit"),
-    ("calcified", "calcified_logit"),
-    ("juxtapleural", "juxtapleural_logit"),
-)
-
-
-def _collect_risk(acc: dict[str, list[Any]], out: LungVLOutput, batch: Mapping[str, Any], group: Any) -> None:
-    """Append a batch's risk-head predictions and targets to ``acc`` (for :func:`site_risk_metrics`)."""
-    r, t = out.risk, batch["targets"]
-    assert r is not None
-    acc["y"] += t["malignant"].float().tolist()
-    acc["p"] += torch.sigmoid(r.malignancy_logit.float()).tolist()
-    acc["lt"] += t["lung_rads"].tolist()
-    acc["lp"] += r.lung_rads_logits.argmax(-1).tolist()
-    acc["ct"] += torch.stack([t[k].float() for k, _ in _CONCEPTS], -1).tolist()
-    acc["cp"] += torch.stack([(getattr(r, a) > 0).float() for _, a in _CONCEPTS], -1).tolist()
-    acc["group"] += [group(uid) for uid in batch["study_uid"]]
-
-
-def _risk_support(acc: Mapping[str, list[Any]]) -> dict[str, int]:
-    """Studies behind each risk-head metric of :func:`site_risk_metrics` (what it counts, per metric)."""
-    if not acc["y"]:
-        return {}
-    y, lt = np.asarray(acc["y"], dtype=float), np.asarray(acc["lt"], dtype=int)
-    ct = np.asarray(acc["ct"], dtype=float).reshape(len(y), -1)
-    known = ~np.isnan(y)
-    out = {
-        "val_auc": int(known.sum()),
-        "val_ece": int(known.sum()),
-        "val_sensitivity": int((lt >= LUNG_RADS_4A).sum()),
-        "val_specificity": int(((lt >= 0) & (lt < LUNG_RADS_4A)).sum()),
-        "val_concept_f1": int((~np.isnan(ct)).any(axis=1).sum()),
-    }
-    groups = np.asarray([g or "" for g in acc["group"]])
-    for g in sorted(set(groups.tolist()) - {""}):
-        out[f"val_auc_{g}"] = int((known & (groups == g)).sum())
-    return out
 
 
 def _loss_metrics(result: TrainResult) -> dict[str, float]:
