@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lungvl.console import err, out
+from lungvl.console import err, out, print_error
 
 app = typer.Typer(help="Consortium server commands.", no_args_is_help=True)
 
@@ -27,12 +27,24 @@ def start(
     config: Path = typer.Option(..., "--config", "-c", help="server.toml (ServerConfig tables + [deployment])"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in [deployment] run_dir"),
 ) -> None:
-    """Start the SuperLink (TLS, SuperNode auth), admit the configured sites and run the federation."""
+    """Start the SuperLink (TLS, SuperNode auth), admit the configured sites and run the federation.
+
+    Exit status 3 when another process holds the run directory, 2 when a resume is refused (e.g. a
+    checkpoint file that differs from its recorded sha256), 1 when the run failed.
+    """
+    from server.app import ResumeRefused
     from server.deploy import start_server
+    from server.run_lock import RunDirBusy
 
     cfg = _load(config)
     try:
         result = start_server(cfg, resume=resume, log=lambda line: out.print(line, highlight=False))
+    except RunDirBusy as e:
+        print_error(e)
+        raise typer.Exit(3) from e
+    except ResumeRefused as e:
+        print_error(e)
+        raise typer.Exit(2) from e
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
         err.print(f"[red]{e}", highlight=False)
         raise typer.Exit(1) from e

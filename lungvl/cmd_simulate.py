@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lungvl.console import err
+from lungvl.console import err, print_error
 
 
 def simulate(
@@ -24,7 +24,12 @@ def simulate(
         "(bit-exact reruns and resumes); pass it again with --resume",
     ),
 ) -> None:
-    """Run a federated simulation; one line per round on stdout, outputs and summary.md in --out."""
+    """Run a federated simulation; one line per round on stdout, outputs and summary.md in --out.
+
+    Exit status 3 when another process holds --out, 2 when the run cannot start or resume as asked.
+    """
+    from server.app import ResumeRefused
+    from server.run_lock import RunDirBusy
     from simulations.scenario import Scenario
     from simulations.simulate import run_simulation
 
@@ -53,8 +58,11 @@ def simulate(
             progress=lambda line: print(line, flush=True),
             reproducible_noise=reproducible_noise,
         )
-    except (FileExistsError, FileNotFoundError) as e:
-        err.print(f"[red]{e}")
+    except RunDirBusy as e:
+        print_error(e)
+        raise typer.Exit(3) from e
+    except (FileExistsError, FileNotFoundError, ResumeRefused) as e:  # CheckpointMismatch too: names the file
+        print_error(e)
         raise typer.Exit(2) from e
     err.print((Path(result["out_dir"]) / "summary.md").read_text(), highlight=False)
     if result["status"] not in ("finished", "stopped_budget"):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lungvl.console import err
+from lungvl.console import err, print_error
 
 app = typer.Typer(
     help="Studies: a grid of simulation runs (strategy × DP × seed) and its report.", no_args_is_help=True
@@ -27,7 +27,11 @@ def run(
         help="research only, NOT PRIVATE: seed each cell's client-level noise from its seed and cell id",
     ),
 ) -> None:
-    """Run every cell not yet finished (a rerun skips finished cells); one progress line per cell and round."""
+    """Run every cell not yet finished (a rerun skips finished cells); one progress line per cell and round.
+
+    Exit status 3 when another process holds --out, 1 when a cell failed.
+    """
+    from server.run_lock import RunDirBusy
     from simulations.study_config import StudyConfig
     from simulations.study_run import run_study
 
@@ -40,15 +44,19 @@ def run(
         for cell in spec.cells():
             print(cell.cell_id)
         return
-    summary = run_study(
-        spec,
-        out_dir,
-        only=only,
-        max_cells=max_cells,
-        rerun=rerun,
-        progress=lambda line: print(line, flush=True),
-        reproducible_noise=reproducible_noise,
-    )
+    try:
+        summary = run_study(
+            spec,
+            out_dir,
+            only=only,
+            max_cells=max_cells,
+            rerun=rerun,
+            progress=lambda line: print(line, flush=True),
+            reproducible_noise=reproducible_noise,
+        )
+    except RunDirBusy as e:
+        print_error(e)
+        raise typer.Exit(3) from e
     for cell_id, reason in summary["failed"].items():
         err.print(f"[red]{cell_id}: {reason}", highlight=False)
     if summary["failed"]:

@@ -6,10 +6,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # errors name paths and values: never wrap them mid-word
+
+
+def print_error(message: object) -> None:
+    """``message`` as one red line on stderr, as it is (rich markup in its paths and values escaped)."""
+    err.print(f"[red]{escape(str(message).replace(chr(10), ' '))}", highlight=False)
 
 
 @contextmanager

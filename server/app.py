@@ -18,13 +18,19 @@ records it in the registry and marks the round closed, all *before* the new weig
 site for evaluation (release once, DESIGN.md section 4). The generators of the site sample and the
 noise are not in it: they are fresh OS entropy per draw and kept nowhere.
 
-Resume: pending rounds (rows after the last closed round: a crash before the commit, whose weights never
-left the server) are deleted from the registry, weights and server state come from the last closed
-round's checkpoint, and the run goes on with the next round; a round that was committed (and so may
-have been sent out) is never run again. New rounds draw fresh secret noise, so a resumed private run
-differs from an uninterrupted one; only with ``reproducible_noise`` (not private), where every draw is
-seeded from ``(seed, round)``, does it end with the same weights, bit for bit on CPU (given sites that
-train deterministically).
+Resume: first every check, with nothing written (:func:`check_resume`): ``run.json`` readable, the run
+in the registry, the last closed round's ``model.pt`` equal to the sha256 the registry recorded for it
+and its ``server_state.pt`` equal to ``server_state_sha256`` in its ``server_state.json``
+(:class:`CheckpointMismatch` otherwise, naming the file and both hashes), the state of that round,
+and the same settings but ``rounds``/``round_timeout_s`` (:class:`ResumeRefused` otherwise). Only then
+are pending rounds (rows after the last closed round: a crash before the commit, whose weights never
+left the server) deleted from the registry and the run reopened; a resumed run that fails before its
+first round gets its previous status back (``failed`` when that was a stale ``running``). Weights and
+server state come from the last closed round's checkpoint, and the run goes on with the next round; a
+round that was committed (and so may have been sent out) is never run again. New rounds draw fresh
+secret noise, so a resumed private run differs from an uninterrupted one; only with
+``reproducible_noise`` (not private), where every draw is seeded from ``(seed, round)``, does it end
+with the same weights, bit for bit on CPU (given sites that train deterministically).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import json
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +52,10 @@ from federation.arrays import arrays_to_model, model_to_arrays
 from federation.records import arrays_to_record
 from federation.transport import shorten_object_pull_backoff
 from lungvl_model.models.lungvl import LungVLModel
-from lungvl_model.training.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from lungvl_model.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
 from server.aggregation import Arrays
 from server.config import ServerConfig
-from server.registry import Registry
+from server.registry import Registry, RegistryError
 from server.round_engine import RoundEngine
 from server.round_types import RoundOutcome
 from server.strategy import DPFedAvgM
@@ -56,8 +63,12 @@ from server.strategy import DPFedAvgM
 __all__ = [
     "RUN_FILE",
     "STATE_FILE",
+    "CheckpointMismatch",
+    "ResumePoint",
+    "ResumeRefused",
     "ServerRunSpec",
     "app",
+    "check_resume",
     "load_round_checkpoint",
     "make_server_app",
     "run_server",
@@ -66,9 +77,38 @@ __all__ = [
 
 RUN_FILE = "run.json"
 STATE_FILE = "server_state.pt"
+STATE_SUMMARY = "server_state.json"
 Log = Callable[[str], None]
 #: Settings that may differ between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = frozenset({"rounds", "round_timeout_s"})
+
+
+class ResumeRefused(ValueError):
+    """A run cannot be resumed as asked (unreadable run.json, unknown run, changed settings...); nothing was written."""
+
+
+class CheckpointMismatch(ResumeRefused, CheckpointError):
+    """A checkpoint file is missing or differs from the sha256 recorded when it was written.
+
+    Attributes:
+        path: the file.
+        expected: the recorded sha256.
+        actual: the file's sha256 (``None``: missing).
+    """
+
+    def __init__(self, path: Path, expected: str, actual: str | None, *, recorded_in: str) -> None:
+        self.path, self.expected, self.actual = path, expected, actual
+        found = "the file is missing" if actual is None else f"actual sha256 {actual}"
+        super().__init__(f"refusing to resume: {path}: expected sha256 {expected} ({recorded_in}), {found}")
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a checked resume continues: the run, its last closed round and that round's checkpoint."""
+
+    run_id: int
+    last_round: int
+    checkpoint: Path | None  # None when no round was closed (the run starts again from the initial model)
 
 
 @dataclass(frozen=True)
@@ -144,7 +184,7 @@ def save_round_checkpoint(directory: Path, model: LungVLModel, engine: RoundEngi
     summary = {k: state[k] for k in ("round", "accountant", "site_names", "config")}
     summary["epsilon"] = None if engine.accountant is None else engine.accountant.epsilon
     summary["server_state_sha256"] = sha256_file(directory / STATE_FILE)
-    (directory / "server_state.json").write_text(json.dumps(summary, indent=2))
+    (directory / STATE_SUMMARY).write_text(json.dumps(summary, indent=2))
     return sha256_file(directory / "model.pt")
 
 
@@ -167,10 +207,71 @@ def load_round_checkpoint(directory: str | Path) -> tuple[Arrays, dict[str, Any]
 def _check_resumable(saved: Mapping[str, Any], current: ServerConfig) -> None:
     changed = sorted(k for k, v in current.to_dict().items() if saved.get(k) != v and k not in _RESUMABLE_CHANGES)
     if changed:
-        raise ValueError(
+        raise ResumeRefused(
             "cannot resume with different settings: "
             + ", ".join(f"{k} {saved.get(k)!r} -> {getattr(current, k)!r}" for k in changed)
         )
+
+
+def _verify(path: Path, expected: str, recorded_in: str) -> None:
+    actual = sha256_file(path) if path.is_file() else None
+    if actual != expected.lower():
+        raise CheckpointMismatch(path, expected, actual, recorded_in=recorded_in)
+
+
+def _read_json(path: Path, key: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))[key]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ResumeRefused(f"refusing to resume: no {key!r} in {path} ({type(err).__name__}: {err})") from err
+
+
+def check_resume(run_dir: str | Path, registry: Registry, config: ServerConfig) -> ResumePoint:
+    """Check, writing nothing, that the run recorded in ``run_dir`` can be resumed with ``config``.
+
+    ``run.json`` must be readable and name a run of ``registry``; the last closed round's ``model.pt``
+    must have the sha256 the registry recorded for that round's checkpoint, its ``server_state.pt`` the
+    ``server_state_sha256`` of its ``server_state.json``, its state must be that round's, and only
+    ``rounds``/``round_timeout_s`` may differ from the saved settings. Cheap enough to call before
+    starting anything (``run_simulation`` and ``start_server`` do; :func:`run_server` does again).
+
+    Raises:
+        FileNotFoundError: no ``run.json`` in ``run_dir``.
+        CheckpointMismatch: a checkpoint file missing or changed (the message names it, both hashes).
+        ResumeRefused: anything else above.
+    """
+    d = Path(run_dir)
+    run_file = d / RUN_FILE
+    if not run_file.exists():
+        raise FileNotFoundError(f"nothing to resume: {run_file} does not exist (start the run without resume)")
+    try:
+        run_id = int(_read_json(run_file, "run_id"))
+    except (TypeError, ValueError) as err:
+        raise ResumeRefused(f"refusing to resume: {run_file} has no usable run_id ({err})") from err
+    try:
+        last = registry.last_closed_round(run_id)
+    except RegistryError as err:
+        raise ResumeRefused(f"refusing to resume: {run_file} names run {run_id}, not in {registry.url}") from err
+    if last == 0:
+        return ResumePoint(run_id, 0, None)
+    directory = d / "checkpoints" / f"round_{last}"
+    recorded = {int(c["round"]): str(c["sha256"]) for c in registry.checkpoints(run_id)}
+    if last not in recorded:
+        raise ResumeRefused(
+            f"refusing to resume: round {last} of run {run_id} is closed but {registry.url} records no checkpoint of it"
+        )
+    _verify(directory / "model.pt", recorded[last], f"recorded in the registry for run {run_id} round {last}")
+    summary = directory / STATE_SUMMARY
+    _verify(directory / STATE_FILE, str(_read_json(summary, "server_state_sha256")), f"recorded in {summary}")
+    raw = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    if int(raw["round"]) != last:
+        raise ResumeRefused(f"refusing to resume: {directory} holds the state after round {raw['round']}, not {last}")
+    _check_resumable(json.loads(raw["config_json"]), config)
+    return ResumePoint(run_id, last, directory)
+
+
+def _ran_a_round(registry: Registry, run_id: int, after: int) -> bool:
+    return registry.last_closed_round(run_id) != after or bool(registry.pending_rounds(run_id))
 
 
 def run_server(grid: Grid, spec: ServerRunSpec, *, log: Log = print) -> dict[str, Any]:
@@ -181,7 +282,10 @@ def run_server(grid: Grid, spec: ServerRunSpec, *, log: Log = print) -> dict[str
 
     Raises:
         FileNotFoundError: ``resume`` without a ``run.json`` in the run directory.
-        ValueError: a resumed run whose settings differ (other than ``rounds``/``round_timeout_s``).
+        CheckpointMismatch: ``resume`` while a file of the last closed round's checkpoint is missing or
+            changed; nothing is written to the registry then.
+        ResumeRefused: ``resume`` refused for another reason (:func:`check_resume`), e.g. settings that
+            differ (other than ``rounds``/``round_timeout_s``); nothing is written to the registry then.
     """
     cfg = spec.config
     spec.run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,26 +294,22 @@ def run_server(grid: Grid, spec: ServerRunSpec, *, log: Log = print) -> dict[str
     weights = model_to_arrays(model)
     state: dict[str, Any] | None = None
     run_file = spec.run_dir / RUN_FILE
+    reopened: tuple[str, datetime | None] | None = None  # a resumed run's (status, finished_at) before it
+    last = 0
     if spec.resume:
-        if not run_file.exists():
-            raise FileNotFoundError(f"nothing to resume: {run_file} does not exist (start the run without resume)")
-        run_id = int(json.loads(run_file.read_text())["run_id"])
+        try:  # every check before the first registry write: a refused resume leaves the registry as it was
+            point = check_resume(spec.run_dir, registry, cfg)
+            if point.checkpoint is not None:
+                weights, state = load_round_checkpoint(point.checkpoint)
+                _set_rng_states(state.pop("rng"))
+        except BaseException:
+            registry.close()
+            raise
+        run_id, last = point.run_id, point.last_round
+        log(f"resuming run {run_id} after round {last}")
         for rnd in registry.pending_rounds(run_id):
             registry.delete_round(run_id, rnd)
-        registry.reopen_run(run_id)
-        last = registry.last_closed_round(run_id)
-        if last > 0:
-            directory = spec.run_dir / "checkpoints" / f"round_{last}"
-            if not (directory / STATE_FILE).exists():
-                raise FileNotFoundError(
-                    f"round {last} of run {run_id} is closed in the registry but {directory / STATE_FILE} is missing"
-                )
-            weights, state = load_round_checkpoint(directory)
-            if int(state["round"]) != last:
-                raise ValueError(f"{directory} holds the state after round {state['round']}, expected round {last}")
-            _check_resumable(state["config"], cfg)
-            _set_rng_states(state.pop("rng"))
-        log(f"resuming run {run_id} after round {last}")
+        reopened = registry.reopen_run(run_id)
     else:
         resolved = {"server": cfg.to_dict(), "init_model": str(spec.init_model), "init_stage": init_meta.get("stage")}
         run_id = registry.start_run(spec.run_name, resolved, seed=cfg.seed)
@@ -231,7 +331,10 @@ def run_server(grid: Grid, spec: ServerRunSpec, *, log: Log = print) -> dict[str
     try:
         strategy.start(grid, arrays_to_record(weights))
     except BaseException:
-        registry.finish_run(run_id, "failed")
+        if reopened is not None and reopened[0] != "running" and not _ran_a_round(registry, run_id, last):
+            registry.restore_run(run_id, *reopened)  # a resume that ran no round: the run's status as it was
+        else:
+            registry.finish_run(run_id, "failed")
         registry.close()
         raise
     status = "stopped_budget" if strategy.stopped_by_budget else "finished"

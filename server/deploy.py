@@ -48,9 +48,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from federation.processes import stop_process
 from lungvl_model.data.site_layout import toml_dumps
-from server.app import RUN_FILE
+from server.app import RUN_FILE, check_resume
 from server.config import ServerConfig
 from server.registry import Registry
+from server.run_lock import RunDirLock
 
 __all__ = [
     "ADMITTED_FILE",
@@ -442,59 +443,68 @@ def start_server(
         ``{"run_id", "flwr_run_id", "status", "rounds_done", "seconds"}``.
 
     Raises:
+        RunDirBusy: another process holds the run directory (:class:`~server.run_lock.RunDirLock`, taken
+            here for the whole run: SuperLink, Flower home, logs, checkpoints and registry all live there).
         FileExistsError: the run directory already holds a run and ``resume`` is False.
         FileNotFoundError: ``resume`` without a run, or a missing certificate/model.
+        ResumeRefused: ``resume`` refused by :func:`~server.app.check_resume` (e.g.
+            :class:`~server.app.CheckpointMismatch`), before the SuperLink starts.
         RuntimeError: the SuperLink or the run failed.
     """
     t0 = time.perf_counter()
     cfg.check_files()
-    if (cfg.run_dir / RUN_FILE).exists() and not resume:
-        raise FileExistsError(f"{cfg.run_dir} already holds a run ({RUN_FILE}); use --resume or another run_dir")
     if resume and not (cfg.run_dir / RUN_FILE).exists():
         raise FileNotFoundError(f"nothing to resume in {cfg.run_dir} (no {RUN_FILE})")
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.source is not None:
-        (cfg.run_dir / "deployment_source.toml").write_text(cfg.source.read_text(encoding="utf-8"), encoding="utf-8")
-    superlink = start_superlink(cfg, log=log)
-    streamer: subprocess.Popen[bytes] | None = None
-    try:
-        if on_started is not None:
-            on_started(superlink)
-        for key in cfg.admit:
-            entry = admit_site(cfg, key)
-            log(f"admitted {entry['name']} (key {entry['fingerprint']}, node {entry['node_id']})")
-        flwr_run_id = launch_run(cfg, resume=resume)
-        log(f"run started on the SuperLink (Flower run {flwr_run_id}); resume={resume}")
-        with (cfg.run_dir / "logs" / "serverapp.log").open("ab") as fh:
-            streamer = subprocess.Popen(
-                [_bin("flwr"), "log", str(flwr_run_id), CONNECTION, "--stream"],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                env=server_env(cfg),
-                cwd=cfg.run_dir,
-                start_new_session=True,
+    with RunDirLock(cfg.run_dir, what="lungvl server start", log=log):  # the whole run, resume included
+        if (cfg.run_dir / RUN_FILE).exists() and not resume:
+            raise FileExistsError(f"{cfg.run_dir} already holds a run ({RUN_FILE}); use --resume or another run_dir")
+        if resume:  # refuse before the SuperLink starts (the ServerApp checks again)
+            with Registry(cfg.registry_url) as reg:
+                check_resume(cfg.run_dir, reg, cfg.server)
+        if cfg.source is not None:
+            (cfg.run_dir / "deployment_source.toml").write_text(
+                cfg.source.read_text(encoding="utf-8"), encoding="utf-8"
             )
-        last_rounds, last_check, seen_running = -1, time.monotonic(), False
-        while True:
-            time.sleep(poll_s)
-            if superlink.poll() is not None:
-                raise RuntimeError(f"superlink exited with code {superlink.returncode}; see {cfg.run_dir}/logs")
-            run_id, status, rounds = _registry_status(cfg)
-            if rounds != last_rounds and run_id is not None:
-                log(f"run {run_id}: {rounds} round(s) completed, status {status}")
-                last_rounds = rounds
-            seen_running = seen_running or status == "running"
-            if seen_running and status in ("finished", "stopped_budget", "failed"):
-                break
-            if time.monotonic() - last_check > 30:  # a ServerApp that died before touching the registry
-                last_check = time.monotonic()
-                flwr_status = flower_run_status(cfg, flwr_run_id)
-                if flwr_status.startswith("finished"):
-                    raise RuntimeError(f"the ServerApp ended ({flwr_status}); see {cfg.run_dir}/logs/serverapp.log")
-    finally:
-        if streamer is not None:
-            stop_process(streamer, timeout=3)
-        stop_process(superlink)
+        superlink = start_superlink(cfg, log=log)
+        streamer: subprocess.Popen[bytes] | None = None
+        try:
+            if on_started is not None:
+                on_started(superlink)
+            for key in cfg.admit:
+                entry = admit_site(cfg, key)
+                log(f"admitted {entry['name']} (key {entry['fingerprint']}, node {entry['node_id']})")
+            flwr_run_id = launch_run(cfg, resume=resume)
+            log(f"run started on the SuperLink (Flower run {flwr_run_id}); resume={resume}")
+            with (cfg.run_dir / "logs" / "serverapp.log").open("ab") as fh:
+                streamer = subprocess.Popen(
+                    [_bin("flwr"), "log", str(flwr_run_id), CONNECTION, "--stream"],
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    env=server_env(cfg),
+                    cwd=cfg.run_dir,
+                    start_new_session=True,
+                )
+            last_rounds, last_check, seen_running = -1, time.monotonic(), False
+            while True:
+                time.sleep(poll_s)
+                if superlink.poll() is not None:
+                    raise RuntimeError(f"superlink exited with code {superlink.returncode}; see {cfg.run_dir}/logs")
+                run_id, status, rounds = _registry_status(cfg)
+                if rounds != last_rounds and run_id is not None:
+                    log(f"run {run_id}: {rounds} round(s) completed, status {status}")
+                    last_rounds = rounds
+                seen_running = seen_running or status == "running"
+                if seen_running and status in ("finished", "stopped_budget", "failed"):
+                    break
+                if time.monotonic() - last_check > 30:  # a ServerApp that died before touching the registry
+                    last_check = time.monotonic()
+                    flwr_status = flower_run_status(cfg, flwr_run_id)
+                    if flwr_status.startswith("finished"):
+                        raise RuntimeError(f"the ServerApp ended ({flwr_status}); see {cfg.run_dir}/logs/serverapp.log")
+        finally:
+            if streamer is not None:
+                stop_process(streamer, timeout=3)
+            stop_process(superlink)
     result = {
         "run_id": run_id,
         "flwr_run_id": flwr_run_id,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -132,11 +133,24 @@ class Registry:
             run = self._run(s, run_id)
             run.status, run.finished_at = status, utc_now()
 
-    def reopen_run(self, run_id: int) -> None:
-        """Set an ended run back to ``running`` (``server start --resume`` after a failure)."""
+    def reopen_run(self, run_id: int) -> tuple[str, datetime | None]:
+        """Set an ended run back to ``running`` (``server start --resume`` after a failure).
+
+        Returns:
+            The run's previous ``(status, finished_at)``, for :meth:`restore_run`.
+        """
         with self._sessions.begin() as s:
             run = self._run(s, run_id)
+            previous = (run.status, run.finished_at)
             run.status, run.finished_at = "running", None
+            return previous
+
+    def restore_run(self, run_id: int, status: str, finished_at: datetime | None) -> None:
+        """Put back a run's status and end time as :meth:`reopen_run` found them (a resume that ran no round)."""
+        check_choice("run status", status, RUN_STATUSES)
+        with self._sessions.begin() as s:
+            run = self._run(s, run_id)
+            run.status, run.finished_at = status, finished_at
 
     def run(self, run_id: int) -> dict[str, Any]:
         """One run as a dict (id, name, created_at, finished_at, status, config, seed)."""

@@ -6,6 +6,7 @@ consortium deploys. Outputs under ``out_dir``::
 
     config.json          the resolved scenario, model config, paths and environment
     server.toml          the server settings the ServerApp read
+    .lungvl.lock         held while a run (or its resumption) goes on: a second one is refused
     run.json             registry run id (what resume reads)
     registry.db          the run registry (unless db_url names another database)
     sites/<name>/        generated sites, or links to existing site directories
@@ -47,8 +48,9 @@ from lungvl_model.data.site_layout import toml_dumps
 from lungvl_model.data.synth import SynthConfig, generate_site
 from lungvl_model.training.checkpoint import save_checkpoint
 from lungvl_model.training.stages import build_public_model, public_model_meta
-from server.app import RUN_FILE, make_server_app
+from server.app import RUN_FILE, check_resume, make_server_app
 from server.registry import Registry
+from server.run_lock import RunDirLock
 from simulations.scenario import Scenario, SiteSpec
 
 __all__ = ["prepare_sites", "ray_temp_dir", "run_simulation", "simulation_env"]
@@ -194,11 +196,13 @@ def run_simulation(
         ``{"run_id", "status", "rounds_done", "epsilon", "seconds", "out_dir", "checkpoint", "files"}``.
 
     Raises:
+        RunDirBusy: another process holds ``out_dir`` (:class:`~server.run_lock.RunDirLock`, taken for the
+            whole run); nothing is written then.
         FileExistsError: ``out_dir`` already holds a run and ``resume`` is False.
         FileNotFoundError: ``resume`` without a previous run in ``out_dir``.
+        ResumeRefused: ``resume`` refused by :func:`~server.app.check_resume` (:class:`CheckpointMismatch`:
+            a checkpoint file missing or changed), before anything is written or started.
     """
-    from flwr.simulation import run_simulation as flwr_run_simulation
-
     log = progress or print
     if reproducible_noise and not scenario.server.reproducible_noise:
         scenario = scenario.with_server(reproducible_noise=True)
@@ -206,78 +210,89 @@ def run_simulation(
         log("noise reproducible: not private (client-level noise and site sample seeded from the run's seed)")
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser().resolve()
-    if (out / RUN_FILE).exists() and not resume:
-        raise FileExistsError(f"{out} already holds a run ({RUN_FILE}); resume it or choose another directory")
     if resume and not (out / RUN_FILE).exists():
         raise FileNotFoundError(f"nothing to resume in {out} (no {RUN_FILE})")
-    out.mkdir(parents=True, exist_ok=True)
     db = db_url or str(out / "registry.db")
-    with simulation_env(out) as env:
-        sites = prepare_sites(scenario, out, log)
-        model_dir = Path(init_model).resolve() if init_model is not None else _initial_model(scenario, sites, out, log)
-        server_toml = out / "server.toml"
-        server_toml.write_text(toml_dumps({"server": scenario.server.to_dict()}), encoding="utf-8")
-        (out / "config.json").write_text(
-            json.dumps(
+    with RunDirLock(out, what=f"lungvl simulate {scenario.name}", log=log):  # the whole run, resume included
+        if (out / RUN_FILE).exists() and not resume:
+            raise FileExistsError(f"{out} already holds a run ({RUN_FILE}); resume it or choose another directory")
+        if resume:  # refuse before anything is written or started (the ServerApp checks again)
+            with Registry(db) as reg:
+                check_resume(out, reg, scenario.server)
+        with simulation_env(out) as env:
+            sites = prepare_sites(scenario, out, log)
+            model_dir = (
+                Path(init_model).resolve() if init_model is not None else _initial_model(scenario, sites, out, log)
+            )
+            server_toml = out / "server.toml"
+            server_toml.write_text(toml_dumps({"server": scenario.server.to_dict()}), encoding="utf-8")
+            (out / "config.json").write_text(
+                json.dumps(
+                    {
+                        "scenario": scenario.to_dict(),
+                        "model": scenario.model_config().to_dict(),
+                        "sites": {k: str(v) for k, v in sites.items()},
+                        "initial_model": str(model_dir),
+                        "registry": Registry(db).url if db_url else db,
+                        "environment": env,
+                        "resume": resume,
+                    },
+                    indent=2,
+                )
+            )
+            endpoints = [
+                SiteEndpoint(
+                    sites[s.name],
+                    model_dir,
+                    out / "state" / s.name,
+                    scenario.holdout_fraction,
+                    scenario.min_eval_studies,
+                )
+                for s in scenario.sites
+            ]
+            done: dict[str, Any] = {}
+            server_app = make_server_app(
                 {
-                    "scenario": scenario.to_dict(),
-                    "model": scenario.model_config().to_dict(),
-                    "sites": {k: str(v) for k, v in sites.items()},
-                    "initial_model": str(model_dir),
-                    "registry": Registry(db).url if db_url else db,
-                    "environment": env,
+                    "server-config": str(server_toml),
+                    "init-model": str(model_dir),
+                    "run-dir": str(out),
+                    "registry": db,
+                    "run-name": scenario.name,
                     "resume": resume,
                 },
-                indent=2,
+                log=log,
+                on_done=done.update,
             )
-        )
-        endpoints = [
-            SiteEndpoint(
-                sites[s.name], model_dir, out / "state" / s.name, scenario.holdout_fraction, scenario.min_eval_studies
-            )
-            for s in scenario.sites
-        ]
-        done: dict[str, Any] = {}
-        server_app = make_server_app(
-            {
-                "server-config": str(server_toml),
-                "init-model": str(model_dir),
-                "run-dir": str(out),
-                "registry": db,
-                "run-name": scenario.name,
-                "resume": resume,
-            },
-            log=log,
-            on_done=done.update,
-        )
-        backend = {
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {
-                "num_cpus": min(scenario.num_cpus, len(scenario.sites)),
-                "_temp_dir": env["RAY_TMPDIR"],
-                "include_dashboard": False,
-                "logging_level": logging.ERROR,
-                "log_to_driver": True,
-            },
-        }
-        flwr_logger = logging.getLogger("flwr")
-        level = flwr_logger.level
-        flwr_logger.setLevel(logging.WARNING)
-        try:
-            flwr_run_simulation(
-                server_app=server_app,
-                client_app=make_client_app(endpoints),
-                num_supernodes=len(endpoints),
-                backend_config=backend,  # type: ignore[arg-type]
-            )
-        finally:
-            flwr_logger.setLevel(level)
-        if not done:
-            raise RuntimeError("the simulated ServerApp ended without a result (see the log above)")
-        files = _write_outputs(out, db, int(done["run_id"]), scenario)
-        ray_tmp = Path(env["RAY_TMPDIR"])
-        if not ray_tmp.is_relative_to(out):  # the /tmp fallback: Ray's logs are removed after a good run
-            shutil.rmtree(ray_tmp, ignore_errors=True)
+            backend = {
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {
+                    "num_cpus": min(scenario.num_cpus, len(scenario.sites)),
+                    "_temp_dir": env["RAY_TMPDIR"],
+                    "include_dashboard": False,
+                    "logging_level": logging.ERROR,
+                    "log_to_driver": True,
+                },
+            }
+            from flwr.simulation import run_simulation as flwr_run_simulation  # imports Ray: only once it runs
+
+            flwr_logger = logging.getLogger("flwr")
+            level = flwr_logger.level
+            flwr_logger.setLevel(logging.WARNING)
+            try:
+                flwr_run_simulation(
+                    server_app=server_app,
+                    client_app=make_client_app(endpoints),
+                    num_supernodes=len(endpoints),
+                    backend_config=backend,  # type: ignore[arg-type]
+                )
+            finally:
+                flwr_logger.setLevel(level)
+            if not done:
+                raise RuntimeError("the simulated ServerApp ended without a result (see the log above)")
+            files = _write_outputs(out, db, int(done["run_id"]), scenario)
+            ray_tmp = Path(env["RAY_TMPDIR"])
+            if not ray_tmp.is_relative_to(out):  # the /tmp fallback: Ray's logs are removed after a good run
+                shutil.rmtree(ray_tmp, ignore_errors=True)
     result = {**done, "seconds": round(time.perf_counter() - t0, 1), "out_dir": str(out), "files": files}
     log(f"simulation {scenario.name}: {result['status']} after {result['rounds_done']} round(s), {result['seconds']} s")
     return result

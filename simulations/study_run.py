@@ -2,6 +2,7 @@
 
 Layout of the study directory::
 
+    .lungvl.lock        held while ``lungvl study run`` goes on (a second one on the directory is refused)
     study.json          the resolved study and its cells (informational; the report reads the registry)
     registry.db         one registry for all cells (each run's config carries its cell under "study")
     sites/<name>/       the federation's sites, generated once and shared by every cell
@@ -53,6 +54,7 @@ from server.app import RUN_FILE
 from server.config import ServerConfig
 from server.registry import Registry
 from server.registry_schema import Run
+from server.run_lock import RunDirLock
 from simulations.centralised import run_centralised
 from simulations.local_only import initial_model, run_local_only
 from simulations.scenario import Scenario, SiteSpec
@@ -241,81 +243,85 @@ def run_study(
 
     Returns:
         ``{"cells", "done", "skipped", "ran", "failed" (cell id -> error), "seconds", "out_dir"}``.
+
+    Raises:
+        RunDirBusy: another process holds the study directory (held for the whole study; a cell whose
+            own directory is held elsewhere fails alone, like any other cell).
     """
     log = progress or print
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    db = str(out / "registry.db")
-    cells = study.cells()
-    base = base_scenario(study)
-    (out / "study.json").write_text(
-        json.dumps(
-            {"study": study.to_dict(), "cells": [c.to_dict() for c in cells], "scenario": base.to_dict()}, indent=2
-        )
-    )
-    with simulation_env(out):
-        site_dirs = prepare_sites(base, out, log)
-        sizes = {k: _site_studies(v, base.server.stage, base.holdout_fraction) for k, v in site_dirs.items()}
-        patients = {k: _site_patients(v, base.server.stage, base.holdout_fraction) for k, v in site_dirs.items()}
-    cohorts = _site_cohorts(base, site_dirs)
-    with Registry(db) as reg:
-        done = done_cells(reg, study.name)
-    wanted = [c for c in cells if not only or any(fnmatch.fnmatch(c.cell_id, p) for p in only)]
-    todo = [c for c in wanted if rerun or c.cell_id not in done]
-    log(f"study {study.name}: {len(cells)} cells, {len(wanted) - len(todo)} already done, {len(todo)} to run")
-    if reproducible_noise or base.server.reproducible_noise:
-        log("noise reproducible: not private (each cell's noise seeded from its seed and cell id)")
-    ran: list[str] = []
-    failed: dict[str, str] = {}
-    for i, cell in enumerate(todo, 1):
-        if max_cells is not None and len(ran) + len(failed) >= max_cells:
-            break
-        started = time.perf_counter()
-        log(f"[{i}/{len(todo)}] {cell.cell_id}: starting")
-        try:
-            scenario, noise = cell_scenario(
-                study, base, cell, site_dirs, patients, reproducible_noise=reproducible_noise
+    with RunDirLock(out, what=f"lungvl study run {study.name}", log=log):  # cells lock their own directories
+        db = str(out / "registry.db")
+        cells = study.cells()
+        base = base_scenario(study)
+        (out / "study.json").write_text(
+            json.dumps(
+                {"study": study.to_dict(), "cells": [c.to_dict() for c in cells], "scenario": base.to_dict()}, indent=2
             )
-            if rerun and cell.cell_id in done:
-                shutil.rmtree(out / "cells" / cell.cell_id, ignore_errors=True)
-            init_dir = out / "init" / f"seed_{cell.seed}"
-            with simulation_env(out):
-                init = initial_model(base, site_dirs, init_dir, seed=cell.seed)
-            tag = {
-                "study": study.name,
-                "cell": cell.to_dict(),
-                "sites": cohorts,
-                "site_studies": sizes,
-                "site_patients": patients,
-                "rounds": base.rounds,
-                "local_steps": base.server.local_steps,
-                "holdout_fraction": base.holdout_fraction,
-                "delta": study.delta,
-                **noise,
-            }
-            result = _run_cell(cell, scenario, out / "cells" / cell.cell_id, db, init, tag, lambda s: log(f"  {s}"))
-        except Exception as err:  # noqa: BLE001 - one broken cell must not stop the study; reported at the end
-            failed[cell.cell_id] = f"{type(err).__name__}: {err}"
-            log(f"[{i}/{len(todo)}] {cell.cell_id}: FAILED: {failed[cell.cell_id]}")
-            continue
-        ran.append(cell.cell_id)
-        took = time.perf_counter() - started
-        elapsed = time.perf_counter() - t0
-        left = len(todo) - i
-        eta = f", about {elapsed / (len(ran) + len(failed)) * left / 60:.0f} min left" if left else ""
-        log(f"[{i}/{len(todo)}] {cell.cell_id}: {result['status']} in {took:.0f} s{eta}")
-    summary = {
-        "cells": len(cells),
-        "done": len(wanted) - len(todo) + len(ran),
-        "skipped": len(wanted) - len(todo),
-        "ran": ran,
-        "failed": failed,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "out_dir": str(out),
-    }
-    log(
-        f"study {study.name}: ran {len(ran)}, skipped {summary['skipped']}, failed {len(failed)} "
-        f"in {summary['seconds']} s"
-    )
-    return summary
+        )
+        with simulation_env(out):
+            site_dirs = prepare_sites(base, out, log)
+            sizes = {k: _site_studies(v, base.server.stage, base.holdout_fraction) for k, v in site_dirs.items()}
+            patients = {k: _site_patients(v, base.server.stage, base.holdout_fraction) for k, v in site_dirs.items()}
+        cohorts = _site_cohorts(base, site_dirs)
+        with Registry(db) as reg:
+            done = done_cells(reg, study.name)
+        wanted = [c for c in cells if not only or any(fnmatch.fnmatch(c.cell_id, p) for p in only)]
+        todo = [c for c in wanted if rerun or c.cell_id not in done]
+        log(f"study {study.name}: {len(cells)} cells, {len(wanted) - len(todo)} already done, {len(todo)} to run")
+        if reproducible_noise or base.server.reproducible_noise:
+            log("noise reproducible: not private (each cell's noise seeded from its seed and cell id)")
+        ran: list[str] = []
+        failed: dict[str, str] = {}
+        for i, cell in enumerate(todo, 1):
+            if max_cells is not None and len(ran) + len(failed) >= max_cells:
+                break
+            started = time.perf_counter()
+            log(f"[{i}/{len(todo)}] {cell.cell_id}: starting")
+            try:
+                scenario, noise = cell_scenario(
+                    study, base, cell, site_dirs, patients, reproducible_noise=reproducible_noise
+                )
+                if rerun and cell.cell_id in done:
+                    shutil.rmtree(out / "cells" / cell.cell_id, ignore_errors=True)
+                init_dir = out / "init" / f"seed_{cell.seed}"
+                with simulation_env(out):
+                    init = initial_model(base, site_dirs, init_dir, seed=cell.seed)
+                tag = {
+                    "study": study.name,
+                    "cell": cell.to_dict(),
+                    "sites": cohorts,
+                    "site_studies": sizes,
+                    "site_patients": patients,
+                    "rounds": base.rounds,
+                    "local_steps": base.server.local_steps,
+                    "holdout_fraction": base.holdout_fraction,
+                    "delta": study.delta,
+                    **noise,
+                }
+                result = _run_cell(cell, scenario, out / "cells" / cell.cell_id, db, init, tag, lambda s: log(f"  {s}"))
+            except Exception as err:  # noqa: BLE001 - one broken cell must not stop the study; reported at the end
+                failed[cell.cell_id] = f"{type(err).__name__}: {err}"
+                log(f"[{i}/{len(todo)}] {cell.cell_id}: FAILED: {failed[cell.cell_id]}")
+                continue
+            ran.append(cell.cell_id)
+            took = time.perf_counter() - started
+            elapsed = time.perf_counter() - t0
+            left = len(todo) - i
+            eta = f", about {elapsed / (len(ran) + len(failed)) * left / 60:.0f} min left" if left else ""
+            log(f"[{i}/{len(todo)}] {cell.cell_id}: {result['status']} in {took:.0f} s{eta}")
+        summary = {
+            "cells": len(cells),
+            "done": len(wanted) - len(todo) + len(ran),
+            "skipped": len(wanted) - len(todo),
+            "ran": ran,
+            "failed": failed,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "out_dir": str(out),
+        }
+        log(
+            f"study {study.name}: ran {len(ran)}, skipped {summary['skipped']}, failed {len(failed)} "
+            f"in {summary['seconds']} s"
+        )
+        return summary
