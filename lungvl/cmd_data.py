@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lungvl.console import err, out, progress_callback
+from lungvl.console import err, out, print_error, progress_callback
 
 app = typer.Typer(help="Create site datasets: synthetic cohorts and LIDC-IDRI imports.", no_args_is_help=True)
 
@@ -16,7 +16,9 @@ app = typer.Typer(help="Create site datasets: synthetic cohorts and LIDC-IDRI im
 def synth(
     cohort: str = typer.Option(..., "--cohort", help="screening | referral | low_resource"),
     studies: int = typer.Option(20, "--studies", min=1, help="number of current studies (priors come on top)"),
-    out_dir: Path = typer.Option(..., "--out", help="site directory to create"),
+    out_dir: Path = typer.Option(
+        ..., "--out", help="site directory: new, empty, or a synthetic site it wrote (anything else is refused)"
+    ),
     seed: int = typer.Option(0, "--seed"),
     matrix: int = typer.Option(192, "--matrix", min=32, help="in-plane matrix (pixels)"),
     fov_mm: float = typer.Option(320.0, "--fov-mm", help="in-plane field of view (mm)"),
@@ -25,6 +27,7 @@ def synth(
 ) -> None:
     """Write a synthetic site: DICOM CT series, reports, masks, labels.csv and site.toml."""
     from lungvl_model.data.synth import SynthConfig, generate_site
+    from lungvl_model.data.synth.generator import check_out_dir
 
     try:
         cfg = SynthConfig(
@@ -40,8 +43,13 @@ def synth(
     except (ValueError, KeyError) as e:
         err.print(f"[red]{e}")
         raise typer.Exit(2) from e
-    with progress_callback(f"synth {cohort}") as cb:
-        summary = generate_site(cfg, progress=cb)
+    try:
+        check_out_dir(out_dir)  # before the progress bar; generate_site checks again
+        with progress_callback(f"synth {cohort}") as cb:
+            summary = generate_site(cfg, progress=cb)
+    except (FileExistsError, NotADirectoryError) as e:  # --out holds what the generator did not write
+        print_error(e)
+        raise typer.Exit(2) from e
     out.print(f"wrote {out_dir}: {summary.to_dict() if hasattr(summary, 'to_dict') else summary}")
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from lungvl.console import err
 
@@ -28,7 +29,7 @@ def label(
     for result, problem in label_reports_jsonl(lines):
         if problem is not None:
             n_err += 1
-            err.print(f"[red]error[/red] {jsonl.name}: {problem}", highlight=False)
+            err.print(f"[red]error[/red] {escape(jsonl.name)}: {escape(problem)}", highlight=False)
         elif result is not None:
             print(json.dumps(result, ensure_ascii=False))
     if n_err:

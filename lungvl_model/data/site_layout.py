@@ -117,9 +117,12 @@ def read_reports(path: str | Path) -> tuple[dict[str, ReportRecord], list[str]]:
     """Read ``reports.jsonl``.
 
     Returns:
-        ``(records by study_uid, problems)``; a malformed line is reported in ``problems`` (with its
-        line number and what was wrong) and skipped, the others are kept.
+        ``(records by study_uid, problems)``; a malformed line (or an empty report text, or one over the
+        labeler's :data:`~lungvl_model.text.labeler.MAX_REPORT_CHARS`) is reported in ``problems`` (with
+        its line number and what was wrong) and skipped, the others are kept.
     """
+    from lungvl_model.text.labeler import report_size_problem  # the labeler's patterns compile on import
+
     out: dict[str, ReportRecord] = {}
     problems: list[str] = []
     p = Path(path)
@@ -142,6 +145,10 @@ def read_reports(path: str | Path) -> tuple[dict[str, ReportRecord], list[str]]:
             continue
         if not isinstance(text, str) or not text.strip():
             problems.append(f"{p.name}:{lineno}: study {uid}: 'text' missing or empty ({text!r})")
+            continue
+        too_long = report_size_problem(text)  # the weak labels could not be read from it
+        if too_long is not None:
+            problems.append(f"{p.name}:{lineno}: study {uid}: {too_long}")
             continue
         prior = obj.get("prior_study_uid")
         out[uid] = ReportRecord(uid, text, str(obj.get("study_date", "")), prior if prior else None)

@@ -15,7 +15,9 @@ module merges the sentences into report labels and labels JSON lines. Patterns l
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -29,16 +31,20 @@ from lungvl_model.text.report_sentences import Sentence, report_sentences
 from lungvl_model.text.sentence_findings import Mention, label_sentence, size_comparison
 from lungvl_model.text.sentence_spans import Size
 
-__all__ = ["label_report", "label_reports_jsonl"]
+__all__ = ["MAX_REPORT_CHARS", "label_report", "label_reports_jsonl", "report_size_problem"]
+
+#: Longest report text (characters) the labeler reads. Chest CT reports are a few thousand characters
+#: (a long one with many nodules ~10 000): the limit is 100 times that, so no real report reaches it, while
+#: anything longer is a concatenation or a wrong field. Labelling is linear in the length (about 2-4 s for
+#: 1 MB on one CPU core), so a report at the limit still takes seconds, never a hang.
+MAX_REPORT_CHARS = 1_000_000
 
 
-def _compatible(k: LabeledNodule, m: LabeledNodule) -> bool:
-    if k.size_mm is not None and m.size_mm is not None and abs(k.size_mm - m.size_mm) > 0.5:
-        return False
-    return all(
-        getattr(k, f) is None or getattr(m, f) is None or getattr(k, f) == getattr(m, f)
-        for f in ("lobe", "type", "margin", "calcified")
-    )
+def report_size_problem(text: str) -> str | None:
+    """Why ``text`` is too long for :func:`label_report` (None when it is not)."""
+    if len(text) <= MAX_REPORT_CHARS:
+        return None
+    return f"report text of {len(text):,} characters is over the labeler's limit of {MAX_REPORT_CHARS:,} characters"
 
 
 def _same(a: float | str | None, b: float | str | None) -> bool:
@@ -63,33 +69,173 @@ def _worst_comparison(values: Iterable[str | None]) -> str | None:
     return max(vals, key=lambda v: COMPARISON_PRIORITY[v]) if vals else None
 
 
+_CAT_FIELDS = ("lobe", "type", "margin", "calcified")
+#: A kept nodule's place in :class:`_KeptIndex`: (categorical fields, section) and its size.
+_Key = tuple[tuple[Any, ...], str]
+
+
+def _cat(n: LabeledNodule) -> tuple[Any, ...]:
+    return tuple(getattr(n, f) for f in _CAT_FIELDS)
+
+
+def _size_compatible(a: float | None, b: float | None) -> bool:
+    return a is None or b is None or not abs(a - b) > 0.5
+
+
+class _KeptIndex:
+    """The nodules kept so far by :func:`_merge_mentions`, indexed for its queries.
+
+    A mention may merge only into an earlier kept nodule whose lobe/type/margin/calcification each are
+    unset on one side or equal and whose size is unset on one side or within 0.5 mm. Comparing every
+    mention with every kept nodule was quadratic in the report length (a long report keeps many
+    nodules); here the kept nodules are grouped by (those four fields, section) and, inside a group, by
+    size, each group holding its kept positions in order. A query visits only the compatible groups (at
+    most the few combinations of the fields' values) and, inside one, the sizes within 0.5 mm, and reads
+    the last two positions before the mention's sentence by bisection; the answer is the same as the
+    pairwise scan's.
+    """
+
+    def __init__(self) -> None:
+        self.kept: list[Mention] = []
+        self.sents: list[int] = []  # kept[i].sent, non-decreasing
+        self.by_key: dict[_Key, list[int]] = {}  # every size
+        self.by_size: dict[_Key, dict[float | None, list[int]]] = {}
+        self.sizes: dict[_Key, list[float]] = {}  # finite sizes present, sorted
+        self.odd_sizes: dict[_Key, set[float]] = {}  # non-finite sizes ("1e400 mm")
+        self.place: list[tuple[_Key, float | None]] = []
+
+    def append(self, m: Mention) -> None:
+        self.kept.append(m)
+        self.sents.append(m.sent)
+        self.place.append(((_cat(m.nodule), m.section), m.nodule.size_mm))
+        self._add(len(self.kept) - 1)
+
+    def _add(self, i: int) -> None:
+        key, size = self.place[i]
+        bisect.insort(self.by_key.setdefault(key, []), i)
+        group = self.by_size.setdefault(key, {})
+        if size not in group:
+            group[size] = []
+            if size is not None:
+                if math.isfinite(size):
+                    bisect.insort(self.sizes.setdefault(key, []), size)
+                else:
+                    self.odd_sizes.setdefault(key, set()).add(size)
+        bisect.insort(group[size], i)
+
+    def _remove(self, i: int) -> None:
+        key, size = self.place[i]
+        for lst in (self.by_key[key], self.by_size[key][size]):
+            del lst[bisect.bisect_left(lst, i)]
+        if not self.by_size[key][size]:
+            del self.by_size[key][size]
+            if size is not None:
+                if math.isfinite(size):
+                    sizes = self.sizes[key]
+                    del sizes[bisect.bisect_left(sizes, size)]
+                else:
+                    self.odd_sizes[key].discard(size)
+        if not self.by_key[key]:
+            del self.by_key[key], self.by_size[key]
+            self.sizes.pop(key, None)
+            self.odd_sizes.pop(key, None)
+
+    def merge(self, i: int, m: Mention) -> None:
+        """Merge mention ``m`` into kept nodule ``i`` (which may fill its unset fields: re-indexed)."""
+        self._remove(i)
+        _merge_into(self.kept[i].nodule, m.nodule)
+        self.place[i] = ((_cat(self.kept[i].nodule), self.kept[i].section), self.kept[i].nodule.size_mm)
+        self._add(i)
+
+    def _size_lists(self, key: _Key, size: float | None) -> Iterator[tuple[float | None, list[int]]]:
+        """The position lists of group ``key`` whose size is compatible with ``size`` (labelled by that size).
+
+        A mention without a size is compatible with every size: it gets the group's one list of all
+        positions, labelled None (no size of it can be the same).
+        """
+        if size is None:
+            yield None, self.by_key[key]
+            return
+        group = self.by_size[key]
+        if None in group:
+            yield None, group[None]
+        odd = self.odd_sizes.get(key, set())
+        finite = self.sizes.get(key, [])
+        if math.isfinite(size):
+            margin = 0.5 + 1e-6 * max(1.0, abs(size))  # candidates; the exact test follows
+            near = finite[bisect.bisect_left(finite, size - margin) : bisect.bisect_right(finite, size + margin)]
+        else:
+            near = finite if math.isnan(size) else []  # an infinite size is more than 0.5 from any finite one
+        for s in [*near, *odd]:
+            if _size_compatible(s, size):
+                yield s, group[s]
+
+    def query(self, m: Mention) -> tuple[int, int, int, int]:
+        """Positions ``(strong, exact, last linked, second-last linked)`` for mention ``m`` (-1: none).
+
+        Only kept nodules of earlier sentences that are compatible with ``m`` count (:func:`_merge_mentions`).
+        """
+        n = m.nodule
+        ncat = _cat(n)
+        free = m.definite or m.interpretive
+        bound = bisect.bisect_left(self.sents, m.sent)
+        strong = exact = last = second = -1
+        for key in self.by_key:
+            cat, section = key
+            if not all(a is None or b is None or a == b for a, b in zip(cat, ncat, strict=True)):
+                continue
+            linked = free or section != m.section
+            lobe_same = _same(cat[0], n.lobe)
+            for size, lst in self._size_lists(key, n.size_mm):
+                p = bisect.bisect_left(lst, bound)
+                if p == 0:
+                    continue
+                size_same = _same(size, n.size_mm)
+                if size_same and lobe_same:
+                    strong = max(strong, lst[p - 1])
+                if not linked:
+                    continue
+                if size_same or lobe_same:
+                    exact = max(exact, lst[p - 1])
+                for j in lst[max(0, p - 2) : p]:
+                    if j > last:
+                        last, second = j, last
+                    elif j > second:
+                        second = j
+        return strong, exact, last, second
+
+
 def _merge_mentions(mentions: list[Mention]) -> list[LabeledNodule]:
-    kept: list[Mention] = []
+    """Merge mentions of one nodule repeated across sentences/sections (``mentions`` in sentence order).
+
+    A mention merges into the last earlier (previous-sentence) compatible kept nodule of the same size and
+    lobe; else, among the compatible kept nodules of another section (any section for a definite or
+    interpretive mention), into the last one sharing its size or lobe, or the only one, or the last one
+    for a definite/interpretive mention; a size- and lobe-less summary of several is dropped; anything
+    else is kept as a new nodule. Linear in the number of mentions (see :class:`_KeptIndex`).
+    """
+    if any(a.sent > b.sent for a, b in zip(mentions, mentions[1:], strict=False)):
+        raise ValueError("_merge_mentions needs the mentions in sentence order")
+    index = _KeptIndex()
     for m in mentions:
         n = m.nodule
         if m.another:
-            kept.append(m)
+            index.append(m)
             continue
-        earlier = [k for k in kept if k.sent < m.sent and _compatible(k.nodule, n)]
-        target: Mention | None = None
-        if n.size_mm is not None and n.lobe is not None:
-            strong = [k for k in earlier if _same(k.nodule.size_mm, n.size_mm) and k.nodule.lobe == n.lobe]
-            target = strong[-1] if strong else None
-        linked = [k for k in earlier if k.section != m.section or m.definite or m.interpretive]
-        if target is None and linked:
-            keys = [f for f in ("size_mm", "lobe") if getattr(n, f) is not None]
-            exact = [k for k in linked if any(_same(getattr(k.nodule, f), getattr(n, f)) for f in keys)]
-            if exact:
-                target = exact[-1]
-            elif len(linked) == 1 or m.definite or m.interpretive:
-                target = linked[-1]
-            elif not keys:
+        strong, exact, last, second = index.query(m)
+        target = strong if n.size_mm is not None and n.lobe is not None and strong >= 0 else -1
+        if target < 0 and last >= 0:
+            if exact >= 0:
+                target = exact
+            elif second < 0 or m.definite or m.interpretive:
+                target = last
+            elif n.size_mm is None and n.lobe is None:
                 continue  # a summary of several nodules already described
-        if target is not None:
-            _merge_into(target.nodule, n)
+        if target >= 0:
+            index.merge(target, m)
         else:
-            kept.append(m)
-    return [k.nodule for k in kept]
+            index.append(m)
+    return [k.nodule for k in index.kept]
 
 
 def _lung_rads(sentences: list[Sentence]) -> tuple[str | None, bool]:
@@ -106,7 +252,7 @@ def _lung_rads(sentences: list[Sentence]) -> tuple[str | None, bool]:
         for m in hits:
             if P.LUNG_RADS_PRIOR_RE.search(s[max(0, m.start() - 30) : m.start()]):
                 continue
-            up = P.LUNG_RADS_UPGRADE_RE.match(s[m.end() :])
+            up = P.LUNG_RADS_UPGRADE_RE.match(s, m.end())
             g = up or m
             cat, sub = g.group("cat"), (g.group("sub") or "").upper()
             if (cat == "4") != bool(sub):
@@ -128,14 +274,21 @@ def label_report(text: str) -> ReportLabels:
     Returns:
         :class:`ReportLabels`; ``nodule_present`` is True when a current pulmonary nodule is affirmed,
         False when nodules are negated (or the lungs are called clear) and none is affirmed, None when the
-        report does not say (e.g. only "no new or enlarging nodules").
+        report does not say (e.g. only "no new or enlarging nodules"). Empty text gives all None.
+
+    Raises:
+        ValueError: ``text`` is longer than :data:`MAX_REPORT_CHARS` (the message names both sizes).
     """
+    too_long = report_size_problem(text)
+    if too_long is not None:
+        raise ValueError(too_long)
     sentences = report_sentences(text)
     mentions: list[Mention] = []
     negated = clear = False
     emph: list[str] = []
     comps: list[str] = []
     referent: list[str] = []
+    last_in_section: dict[str, Mention] = {}  # the last mention of each section so far
     for idx, sent in enumerate(sentences):
         if sent.section in P.SKIP_SECTIONS or sent.section == "recommendation":
             continue
@@ -146,14 +299,16 @@ def label_report(text: str) -> ReportLabels:
         if r.referent_comparison:
             referent.append(r.referent_comparison)
         if r.pronoun is not None:
-            prior = [m for m in mentions if m.section == sent.section]
-            if prior:
-                target = prior[-1].nodule
+            prior = last_in_section.get(sent.section)
+            if prior is not None:
+                target = prior.nodule
                 _merge_into(target, r.pronoun)
                 if target.comparison is None and target.size_mm is not None and r.pronoun_prior is not None:
                     now = Size(0, (target.size_mm,), "current")
                     target.comparison = size_comparison(now, [r.pronoun_prior])
         mentions += r.mentions
+        for m in r.mentions:
+            last_in_section[m.section] = m
     nodules = _merge_mentions(mentions)
     present = True if nodules else (False if negated or clear else None)
     emphysema = True if "affirmed" in emph else (False if "negated" in emph else None)
@@ -173,7 +328,8 @@ def label_reports_jsonl(lines: Iterable[str]) -> Iterator[tuple[dict[str, Any] |
 
     Yields:
         ``({"id", **labels.to_dict()}, None)`` per record, or ``(None, "line N: <reason>")`` for a malformed
-        line (blank lines are skipped); the following lines are still labelled.
+        line, an empty report text or one over :data:`MAX_REPORT_CHARS` (blank lines are skipped); the
+        following lines are still labelled.
     """
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -193,6 +349,13 @@ def label_reports_jsonl(lines: Iterable[str]) -> Iterator[tuple[dict[str, Any] |
         text = obj.get("text")
         if not isinstance(text, str):
             yield None, f"line {lineno}: id {rid!r}: 'text' missing or not a string (got {_clip(text)})"
+            continue
+        if not text.strip():
+            yield None, f"line {lineno}: id {rid!r}: empty report text ({_clip(text)!r})"
+            continue
+        too_long = report_size_problem(text)
+        if too_long is not None:
+            yield None, f"line {lineno}: id {rid!r}: {too_long}"
             continue
         try:
             labels = label_report(text)

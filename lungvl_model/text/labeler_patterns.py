@@ -219,9 +219,11 @@ POST_NEG_RE = re.compile(
     rf"|\bcan\s*not\s+be\s+(?:\w+\s+)?{_SEEN}\b|\bruled\s+out\b",
     _I,
 )
-#: Listed-as-absent form: "Nodules: none.", "Emphysema: absent."
+#: Listed-as-absent form: "Nodules: none.", "Emphysema: absent." (possessive ``\s*+``: one way to match a
+#: run of spaces, so a long run costs its length, not its cube)
 NONE_LIST_RE = re.compile(
-    r":\s*(?:none|nil|negative|absent|no|not\s+(?:seen|present|identified))\s*(?:seen|identified)?\s*[.;]?\s*$",
+    r":\s*+(?:none|nil|negative|absent|no|not\s++(?:seen|present|identified))\s*+(?:(?:seen|identified)\s*+)?"
+    r"(?:[.;]\s*+)?$",
     _I,
 )
 #: Hard scope terminators.
@@ -251,18 +253,21 @@ ANCHOR_JOIN_RE = re.compile(
 
 NUM = r"(?:\d+(?:\.\d+)?|\.\d+)"
 UNIT = r"(?:mm|millimet(?:er|re)s?|cm|centimet(?:er|re)s?)"
-_SEP = r"\s*(?:x|\*|by)\s*"
+# Whitespace runs are matched possessively (``\s*+``): what follows them never starts with a space, so the
+# matches are the same, but a long run of spaces after a number costs its length instead of its square.
+_DASH = r"\s*+-?\s*+"
+_SEP = r"\s*+(?:x|\*|by)\s*+"
 _UNIT_END = r"(?![a-z0-9\u00b2\u00b3^])"
 #: "12 x 8 mm", "1.2 x 0.8 cm", "6 x 4 x 5 mm", "12 mm x 8 mm", "6mm", "6-mm", "4 millimeter".
 SIZE_RE = re.compile(
-    rf"(?<![\w.])(?P<body>{NUM}(?:\s*-?\s*{UNIT})?(?:{_SEP}{NUM}(?:\s*-?\s*{UNIT})?){{0,2}})\s*-?\s*(?P<unit>{UNIT}){_UNIT_END}",
+    rf"(?<![\w.])(?P<body>{NUM}(?:{_DASH}{UNIT})?(?:{_SEP}{NUM}(?:{_DASH}{UNIT})?){{0,2}}){_DASH}(?P<unit>{UNIT}){_UNIT_END}",
     _I,
 )
 #: "3-4 mm", "3 to 4 mm", and "from 4 to 7 mm" (growth).
 RANGE_RE = re.compile(
-    rf"(?<![\w.])(?P<a>{NUM})\s*(?:{UNIT}\s*)?(?:-|to)\s*(?P<b>{NUM})\s*-?\s*(?P<unit>{UNIT}){_UNIT_END}", _I
+    rf"(?<![\w.])(?P<a>{NUM})\s*+(?:{UNIT}\s*+)?(?:-|to)\s*+(?P<b>{NUM}){_DASH}(?P<unit>{UNIT}){_UNIT_END}", _I
 )
-NUM_UNIT_RE = re.compile(rf"(?P<num>{NUM})(?:\s*-?\s*(?P<unit>{UNIT}))?", _I)
+NUM_UNIT_RE = re.compile(rf"(?P<num>{NUM})(?:{_DASH}(?P<unit>{UNIT}))?", _I)
 SUBCENTIMETER_RE = re.compile(r"\bsub[\s-]?(?:centimet(?:er|re)|cm)\b", _I)
 PRIOR_BEFORE_RE = re.compile(
     r"(?:\bfrom|\bpreviously|\bprior(?:ly)?|\bwas|\bwere|\bformerly|\boriginally|\bcompared\s+(?:to|with)|\bversus"
@@ -360,7 +365,8 @@ CALC_OTHER_BEFORE_RE = re.compile(
     r"[\s-]+(?:\w+\s+)?(?:artery\s+)?$",
     _I,
 )
-CALC_OTHER_AFTER_RE = re.compile(r"^\s*(?:\w+\s+)?(?:lymph|nodes?\b|nodal|plaques?|atheroscl|aort|coronar|pleura)", _I)
+#: Applied with ``.match(text, pos)`` right after the calcification word (no ``^``: the match starts at pos).
+CALC_OTHER_AFTER_RE = re.compile(r"\s*(?:\w+\s+)?(?:lymph|nodes?\b|nodal|plaques?|atheroscl|aort|coronar|pleura)", _I)
 
 # --------------------------------------------------------------------------------------------------
 # Comparison, emphysema, Lung-RADS
@@ -417,8 +423,9 @@ LUNG_RADS_RE = re.compile(
 )
 CATEGORY_RE = re.compile(r"\bcategory\s*[:=#-]?\s*(?P<cat>[0-4])(?P<sub>[abx])?(?P<s>\s*/?\s*s\b)?(?!\d|\.\d)", _I)
 OTHER_RADS_RE = re.compile(r"\b(?:bi|li|ti|pi|o|c|ni)[\s-]*rads\b", _I)
+#: Applied with ``.match(text, pos)`` right after a Lung-RADS category ("4A to 4B").
 LUNG_RADS_UPGRADE_RE = re.compile(
-    r"^\s*(?:to|->|>|now)\s*(?:lung[\s-]*rads\s*)?(?:category\s*)?(?P<cat>[0-4])(?P<sub>[abx])?(?P<s>\s*/?\s*s\b)?"
+    r"\s*(?:to|->|>|now)\s*(?:lung[\s-]*rads\s*)?(?:category\s*)?(?P<cat>[0-4])(?P<sub>[abx])?(?P<s>\s*/?\s*s\b)?"
     r"(?!\d|\.\d)",
     _I,
 )

@@ -7,6 +7,7 @@ hard-wrapped lines and splitting bullets. Patterns live in :mod:`lungvl_model.te
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 
@@ -77,7 +78,11 @@ def _sections(text: str) -> list[tuple[str, str]]:
 
 
 def _continues(prev: str, nxt: str) -> bool:
-    """Whether line ``nxt`` continues the (hard-wrapped) line ``prev``."""
+    """Whether line ``nxt`` continues the (hard-wrapped) line ``prev``.
+
+    Only the end of ``prev`` matters, so the caller passes the last line of the paragraph so far, not the
+    whole paragraph (the checks then cost the length of one line, not of the paragraph).
+    """
     if P.LIST_MARKER_RE.match(nxt) and not re.match(r"\d+(?:\.\d+)?\s*(?:mm|cm)", nxt, re.I):
         return False
     sub = P.SUBHEADER_RE.match(nxt)
@@ -88,43 +93,64 @@ def _continues(prev: str, nxt: str) -> bool:
     return nxt[:1].islower() or bool(P.CONTINUATION_END_RE.search(prev))
 
 
-def _split_sentences(block: str) -> list[str]:
+def _paragraphs(block: str) -> list[str]:
+    """The paragraphs of ``block``: blank lines separate them; hard-wrapped lines are joined with a space."""
     paras: list[str] = []
-    cur = ""
+    cur: list[str] = []  # the stripped lines of the paragraph being read
     for raw in block.split("\n"):
         line = raw.strip()
         if not line:
             if cur:
-                paras.append(cur)
-            cur = ""
-        elif cur and _continues(cur, line):
-            cur += " " + line
+                paras.append(" ".join(cur))
+            cur = []
+        elif cur and _continues(cur[-1], line):
+            cur.append(line)
         else:
             if cur:
-                paras.append(cur)
-            cur = line
+                paras.append(" ".join(cur))
+            cur = [line]
     if cur:
-        paras.append(cur)
+        paras.append(" ".join(cur))
+    return paras
+
+
+_TOKEN_RE = re.compile(r"\S+")
+
+
+def _split_paragraph(para: str) -> list[str]:
+    """Split one paragraph at sentence boundaries, in one pass over it.
+
+    A boundary is not a sentence end when the whitespace-delimited word before it is an abbreviation. That
+    word is found from a table of the paragraph's word starts (one bisection per boundary) instead of
+    re-splitting the paragraph's prefix at every boundary, which was quadratic in the paragraph length.
+    """
     out: list[str] = []
-    for para in paras:
-        start = 0
-        for m in P.SENT_BOUNDARY_RE.finditer(para):
-            words = para[: m.start()].split()
-            last = words[-1].lower().lstrip("([") if words else ""
-            if last.rstrip(".") in P.ABBREVIATIONS or last in P.ABBREVIATIONS:
-                continue
-            out.append(para[start : m.start()])
-            start = m.end()
-        out.append(para[start:])
+    starts: list[int] | None = None
+    start = 0
+    for m in P.SENT_BOUNDARY_RE.finditer(para):
+        b = m.start()  # just after ".", "!" or "?", so the word before the boundary ends at b
+        if starts is None:
+            starts = [t.start() for t in _TOKEN_RE.finditer(para)]
+        i = bisect.bisect_right(starts, b - 1) - 1
+        last = para[starts[i] : b].lower().lstrip("([") if i >= 0 else ""
+        if last.rstrip(".") in P.ABBREVIATIONS or last in P.ABBREVIATIONS:
+            continue
+        out.append(para[start:b])
+        start = m.end()
+    out.append(para[start:])
+    return out
+
+
+_SIZE_FIRST_RE = re.compile(r"^\s*\d+(?:\.\d+)?\s*(?:mm|cm)", re.I)
+
+
+def _split_sentences(block: str) -> list[str]:
     sentences = []
-    for s in out:
-        s = (
-            P.LIST_MARKER_RE.sub("", s, count=1).strip()
-            if not re.match(r"^\s*\d+(?:\.\d+)?\s*(?:mm|cm)", s, re.I)
-            else s
-        )
-        if s.strip(" .;:-"):
-            sentences.append(s.strip())
+    for para in _paragraphs(block):
+        for s in _split_paragraph(para):
+            s = P.LIST_MARKER_RE.sub("", s, count=1).strip() if not _SIZE_FIRST_RE.match(s) else s
+            if s.strip(" .;:-"):
+                sentences.append(s.strip())
     return sentences
 
 

@@ -9,6 +9,7 @@ Patterns live in :mod:`lungvl_model.text.labeler_patterns`.
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, field
 
@@ -61,13 +62,24 @@ def _last_words(text: str, n: int) -> str:
     return " ".join(re.split(r"[,;:()]", text)[-1].split()[-n:])
 
 
+#: How far before a word the labeler looks for the few words of a context anchored there ("without
+#: spiculation", "coronary artery calcification"): such a context is a trigger and at most two words, far
+#: shorter. Searching the whole text before each word instead cost its square on a long sentence.
+CONTEXT_CHARS = 256
+
+
+def _ends_with(rx: re.Pattern[str], text: str, end: int) -> bool:
+    """Whether ``rx`` (anchored with ``$``) matches ``text[:end]``, within its last :data:`CONTEXT_CHARS`."""
+    return rx.search(text, max(0, end - CONTEXT_CHARS), end) is not None  # \b still sees what precedes
+
+
 def _nodule_type(seg: str) -> str | None:
     seg = mask(seg, [m.span() for m in P.NO_SOLID_COMPONENT_RE.finditer(seg)])
     if P.TYPE_PART_SOLID_RE.search(seg):
         return "part_solid"
     non_solid = [m.span() for m in P.TYPE_NON_SOLID_RE.finditer(seg)]
     rest = mask(seg, non_solid)
-    solid = any(not P.ATTR_NEG_BEFORE_RE.search(rest[: m.start()]) for m in P.TYPE_SOLID_RE.finditer(rest))
+    solid = any(not _ends_with(P.ATTR_NEG_BEFORE_RE, rest, m.start()) for m in P.TYPE_SOLID_RE.finditer(rest))
     if non_solid and solid:
         return "part_solid"
     if non_solid:
@@ -81,7 +93,7 @@ def _margin(seg: str) -> str | None:
         (P.MARGIN_LOBULATED_RE, "lobulated"),
         (P.MARGIN_SMOOTH_RE, "smooth"),
     ):
-        if any(not P.ATTR_NEG_BEFORE_RE.search(seg[: m.start()]) for m in rx.finditer(seg)):
+        if any(not _ends_with(P.ATTR_NEG_BEFORE_RE, seg, m.start()) for m in rx.finditer(seg)):
             return name
     return None
 
@@ -90,7 +102,7 @@ def _calcified(seg: str) -> bool | None:
     if P.CALC_NEG_RE.search(seg):
         return False
     for m in P.CALC_POS_RE.finditer(seg):
-        if not P.CALC_OTHER_BEFORE_RE.search(seg[: m.start()]) and not P.CALC_OTHER_AFTER_RE.match(seg[m.end() :]):
+        if not _ends_with(P.CALC_OTHER_BEFORE_RE, seg, m.start()) and not P.CALC_OTHER_AFTER_RE.match(seg, m.end()):
             return True
     return None
 
@@ -126,8 +138,11 @@ def _closest(anchor: Anchor, positions: list[tuple[int, int]]) -> int | None:
     return best
 
 
-def _classify(sent: Sentence, s: str, a: Anchor, seg_sizes: list[Size], seg_lobes: list[Lobe]) -> str:
-    """Returns "excluded" when the mention is not a current pulmonary nodule, else ``a.status``."""
+def _classify(sent: Sentence, s: str, a: Anchor, seg_sizes: list[Size], seg_lobes: list[Lobe], generic: bool) -> str:
+    """Returns "excluded" when the mention is not a current pulmonary nodule, else ``a.status``.
+
+    ``generic``: whether sentence ``s`` reads as guideline text (found once per sentence, not per mention).
+    """
     seg = s[a.seg[0] : a.seg[1]]
     pre = s[a.seg[0] : a.start]
     pre_words = _last_words(pre, 5)
@@ -151,7 +166,7 @@ def _classify(sent: Sentence, s: str, a: Anchor, seg_sizes: list[Size], seg_lobe
             or re.search(r"atelecta|scar|fibro|consolidat", seg, re.I)
         ):
             return "excluded"
-    if P.GENERIC_CONTEXT_RE.search(s) and not seg_lobes and not has_current:
+    if generic and not seg_lobes and not has_current:
         return "excluded"
     if P.HISTORICAL_PRE_RE.search(pre) or P.HISTORICAL_POST_RE.match(post):
         return "historical"
@@ -205,11 +220,13 @@ def label_sentence(sent: Sentence, idx: int) -> SentenceResult:
             res.pronoun_prior = prior if not P.COMP_DECREASED_RE.search(s) else None
         return res
     assign_segments(s, anchors, sizes, lobes)
+    generic = bool(P.GENERIC_CONTEXT_RE.search(s))
+    size_starts, lobe_starts = [z.start for z in sizes], [lb[0] for lb in lobes]  # both in text order
     affirmed: list[tuple[Anchor, Mention]] = []
     for a in anchors:
-        seg_sizes = [z for z in sizes if a.seg[0] <= z.start < a.seg[1]]
-        seg_lobes = [lb for lb in lobes if a.seg[0] <= lb[0] < a.seg[1]]
-        status = _classify(sent, s, a, seg_sizes, seg_lobes)
+        seg_sizes = sizes[bisect.bisect_left(size_starts, a.seg[0]) : bisect.bisect_left(size_starts, a.seg[1])]
+        seg_lobes = lobes[bisect.bisect_left(lobe_starts, a.seg[0]) : bisect.bisect_left(lobe_starts, a.seg[1])]
+        status = _classify(sent, s, a, seg_sizes, seg_lobes, generic)
         if status == "negated":
             res.negated = True
         if status != "affirmed":

@@ -66,6 +66,17 @@ def _to_mm(num: str, unit: str) -> float:
     return round(v, 2)
 
 
+_FROM_END_RE = re.compile(r"\bfrom\s*$", re.I)
+
+
+def _from_before(s: str, end: int) -> bool:
+    """Whether ``s[:end]`` ends with the word "from" (and whitespace), reading only its end."""
+    i = end
+    while i > 0 and s[i - 1].isspace():
+        i -= 1
+    return bool(_FROM_END_RE.search(s, max(0, i - 4), end))  # \b still sees the character before
+
+
 def find_sizes(s: str) -> list[Size]:
     """Sizes in sentence ``s`` (ranges and ``a x b x c mm``), each with its role, in text order."""
     out: list[Size] = []
@@ -73,7 +84,7 @@ def find_sizes(s: str) -> list[Size]:
     for m in P.RANGE_RE.finditer(s):
         unit = m.group("unit")
         a, b = _to_mm(m.group("a"), unit), _to_mm(m.group("b"), unit)
-        if re.search(r"\bfrom\s*$", s[: m.start()], re.I):
+        if _from_before(s, m.start()):
             out += [Size(m.start("a"), (a,), "prior"), Size(m.start("b"), (b,), "current")]
         elif a < b:
             out.append(Size(m.start(), (b,), "current"))
@@ -145,6 +156,24 @@ def _scope_cuts(masked: str) -> list[int]:
     return sorted(hard | {m.start() for m in P.SOFT_BREAK_RE.finditer(masked)})
 
 
+def _first_per_chunk(marks: list[tuple[int, int]]) -> dict[int, int]:
+    """``{chunk: smallest position}`` of ``(position, chunk)`` marks."""
+    out: dict[int, int] = {}
+    for pos, c in marks:
+        if c not in out or pos < out[c]:
+            out[c] = pos
+    return out
+
+
+def _last_per_chunk(marks: list[tuple[int, int]]) -> dict[int, int]:
+    """``{chunk: largest position}`` of ``(position, chunk)`` marks."""
+    out: dict[int, int] = {}
+    for pos, c in marks:
+        if c not in out or pos > out[c]:
+            out[c] = pos
+    return out
+
+
 def negation_statuses(s: str, spans: list[tuple[int, int]]) -> tuple[list[str], str]:
     """NegEx-style status of each span; also returns the text with partial negations masked."""
     partial = [m.span() for m in P.PARTIAL_NEG_RE.finditer(s)]
@@ -165,14 +194,18 @@ def negation_statuses(s: str, spans: list[tuple[int, int]]) -> tuple[list[str], 
         post.append((listed_none.start(), chunk(listed_none.start() - 1)))
     partial_at = [(e, chunk(st)) for st, e in partial]
     uncertain_at = [(st, chunk(st)) for st, _ in uncertain_post]
+    # Per scope chunk, the earliest end of a trigger before the span / the latest start of one after it:
+    # a span is in a trigger's scope when some trigger of its chunk ends before it (starts after it).
+    first_pre, last_post = _first_per_chunk(pre), _last_per_chunk(post)
+    first_partial, last_uncertain = _first_per_chunk(partial_at), _last_per_chunk(uncertain_at)
     out: list[str] = []
     for a, b in spans:
         c = chunk(a)
-        if any(e <= a and k == c for e, k in pre) or any(st >= b and k == c for st, k in post):
+        if first_pre.get(c, a + 1) <= a or last_post.get(c, b - 1) >= b:
             out.append("negated")
-        elif any(e <= a and k == c for e, k in partial_at):
+        elif first_partial.get(c, a + 1) <= a:
             out.append("partial")
-        elif P.UNCERTAIN_PRE_RE.search(s[max(0, a - 40) : a]) or any(st >= b and k == c for st, k in uncertain_at):
+        elif P.UNCERTAIN_PRE_RE.search(s[max(0, a - 40) : a]) or last_uncertain.get(c, b - 1) >= b:
             out.append("uncertain")
         else:
             out.append("affirmed")
@@ -180,7 +213,14 @@ def negation_statuses(s: str, spans: list[tuple[int, int]]) -> tuple[list[str], 
 
 
 def assign_segments(s: str, anchors: list[Anchor], sizes: list[Size], lobes: list[Lobe]) -> None:
-    """Cut sentence ``s`` into one segment per anchor (set in place as ``Anchor.seg``)."""
+    """Cut sentence ``s`` into one segment per anchor (set in place as ``Anchor.seg``).
+
+    ``sizes`` and ``lobes`` are in text order (as :func:`find_sizes` and :func:`find_lobes` give them):
+    the ones between two anchors are found by bisection, so a sentence costs its length, not anchors
+    times sizes.
+    """
+    size_starts = [z.start for z in sizes]
+    lobe_starts = [lb[0] for lb in lobes]
     bounds = [0]
     for left, right in zip(anchors, anchors[1:], strict=False):
         region = s[left.end : right.start]
@@ -188,8 +228,9 @@ def assign_segments(s: str, anchors: list[Anchor], sizes: list[Size], lobes: lis
         if breaks:
             bounds.append(left.end + breaks[-1].start())
             continue
-        inside = [z.start for z in sizes if left.end <= z.start < right.start]
-        lobe_before = [lb[0] for lb in lobes if left.end <= lb[0] and lb[1] >= right.start - 2 and lb[1] <= right.start]
+        inside = size_starts[bisect.bisect_left(size_starts, left.end) : bisect.bisect_left(size_starts, right.start)]
+        between = lobes[bisect.bisect_left(lobe_starts, left.end) : bisect.bisect_right(lobe_starts, right.start)]
+        lobe_before = [lb[0] for lb in between if lb[1] >= right.start - 2 and lb[1] <= right.start]
         if inside:
             bounds.append(inside[-1])
         elif lobe_before:

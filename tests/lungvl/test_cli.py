@@ -70,6 +70,37 @@ def test_report_label_jsonl(tmp_path: Path) -> None:
     assert "line 2" in res.stderr
 
 
+def test_report_label_names_empty_and_oversized_reports(tmp_path: Path) -> None:
+    f = tmp_path / "in.jsonl"
+    rows = [
+        {"id": "a", "text": "No pulmonary nodules."},
+        {"id": "e", "text": "  "},
+        {"id": "big", "text": "[/x] 6 mm nodule. " * 60_000},  # 1,080,000 characters; markup-like text
+        {"id": "b", "text": "8 mm nodule in the left upper lobe."},
+    ]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = runner.invoke(app, ["report", "label", "--jsonl", str(f)])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit)  # no traceback
+    assert [json.loads(line)["id"] for line in res.stdout.strip().splitlines()] == ["a", "b"]
+    errors = res.stderr.strip().splitlines()
+    assert len(errors) == 2
+    assert "line 2: id 'e': empty report text" in errors[0]
+    assert "line 3: id 'big': report text of 1,080,000 characters is over the labeler's limit of 1,000,000" in errors[1]
+
+
+def test_data_synth_refuses_a_folder_it_did_not_write(tmp_path: Path) -> None:
+    out = tmp_path / "site"
+    (out / "my_notes").mkdir(parents=True)
+    (out / "readme.txt").write_text("mine")
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    res = runner.invoke(app, ["data", "synth", "--cohort", "screening", "--studies", "1", "--out", str(out)])
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit)
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert "2 entries this generator did not write: my_notes, readme.txt" in res.stderr
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    assert (out / "readme.txt").read_text() == "mine"
+
+
 def test_train_refuses_a_bad_seg_crop(tmp_path: Path) -> None:
     res = runner.invoke(
         app, ["train", str(tmp_path), "--stage", "seg", "--out", str(tmp_path / "o"), "--seg-crop", "32", "20", "32"]

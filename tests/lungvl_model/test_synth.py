@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +34,7 @@ from lungvl_model.data.synth import (
     sample_patients,
 )
 from lungvl_model.data.synth.anatomy import make_grid, sample_anatomy
+from lungvl_model.data.synth.generator import GENERATOR, MARKER
 from lungvl_model.data.synth.nodules import place_nodule, render_nodule
 from lungvl_model.data.synth.phantom import TISSUES, EmphysemaSpec, render_anatomy
 from lungvl_model.data.synth.render import label_from_occupancy
@@ -380,6 +382,58 @@ def test_foreign_dicom_folder_is_refused(tmp_path: Path) -> None:
     (tmp_path / "dicom" / "x.dcm").write_bytes(b"hospital data")
     with pytest.raises(FileExistsError, match="did not write"):
         generate_site(SynthConfig(cohort="screening", n_studies=1, out_dir=tmp_path, **SMALL))
+
+
+TINY = {"cohort": "screening", "n_studies": 1, "matrix": 32, "z_extent_mm": 60.0, "prior_fraction": 0.0}
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+def test_marker_lists_what_the_generator_wrote(site) -> None:
+    out, _, _ = site
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["generator"] == GENERATOR and marker["config"]["seed"] == 11
+    written = [p for p in _listing(out) if not p.endswith(".dcm")]  # slices are written whole per series
+    assert marker["entries"] == written
+
+
+def test_synth_refuses_a_folder_with_user_files(tmp_path: Path) -> None:
+    for i in range(7):
+        (tmp_path / f"scan_{i}").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    before = _listing(tmp_path)
+    with pytest.raises(FileExistsError) as e:
+        generate_site(SynthConfig(out_dir=tmp_path, **TINY))
+    assert "8 entries this generator did not write: notes.txt, scan_0, scan_1, scan_2, scan_3 (+3 more)" in str(e.value)
+    assert _listing(tmp_path) == before
+    with pytest.raises(FileExistsError, match="is not a folder"):
+        generate_site(SynthConfig(out_dir=tmp_path / "notes.txt", **TINY))
+
+
+def test_regenerating_its_own_site_removes_only_what_it_wrote(tmp_path: Path) -> None:
+    out = tmp_path / "site"
+    generate_site(SynthConfig(out_dir=out, **TINY))
+    first = (out / "labels.csv").read_text()
+    (out / ".cache").mkdir()  # the dataset's crop cache of the generated studies goes with them
+    (out / ".cache" / "crop.npz").write_bytes(b"")
+    generate_site(SynthConfig(out_dir=out, **{**TINY, "seed": 1}))
+    assert not (out / ".cache").exists() and (out / "labels.csv").read_text() != first
+    # an entry the user added, at the top or inside dicom/, is never removed: the run is refused
+    (out / "my_results").mkdir()
+    (out / "my_results" / "a.csv").write_text("x")
+    (out / "dicom" / "1.2.3").mkdir()
+    before = {p: (out / p).stat().st_mtime_ns for p in _listing(out)}
+    with pytest.raises(FileExistsError, match=r"synthetic site but also holds 2 entries .*: dicom/1\.2\.3, my_results"):
+        generate_site(SynthConfig(out_dir=out, **TINY))
+    assert {p: (out / p).stat().st_mtime_ns for p in _listing(out)} == before
+    # a site written before the marker existed is known by its site.toml
+    shutil.rmtree(out / "my_results")
+    (out / "dicom" / "1.2.3").rmdir()
+    (out / MARKER).unlink()
+    generate_site(SynthConfig(out_dir=out, **TINY))
+    assert (out / "labels.csv").read_text() == first and (out / MARKER).is_file()
 
 
 # --------------------------------------------------------------------------------------------- config

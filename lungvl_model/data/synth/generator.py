@@ -9,6 +9,12 @@
     <out_dir>/annotations/<series>_lobes.nii.gz
     <out_dir>/reports.jsonl                  one report per study (priors included)
     <out_dir>/labels.csv                     study rows and nodule rows (true features)
+    <out_dir>/.lungvl_synth.json              marker: generator, config and every entry above it writes
+
+The generator writes only into a missing or empty folder or into one it wrote itself (its marker, or for
+a site written before the marker existed, its ``[site] generator`` and ``[synth]`` table in site.toml).
+Regenerating there removes only what the previous run wrote (and the site's ``.cache`` of it); a folder
+holding anything else is refused with the unexpected entries named, before any file changes.
 
 Patient ``i`` depends only on ``(seed, i)``; a prior study re-uses the patient's anatomy seed and
 nodule positions with an earlier size, a separate StudyInstanceUID and a StudyDate 12 months earlier.
@@ -17,6 +23,7 @@ UIDs are derived from the site name, seed and patient index, so the same config 
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import tomllib
@@ -157,22 +164,118 @@ def _uid(config: SynthConfig, *parts: object) -> str:
     return generate_uid(entropy_srcs=[GENERATOR, config.name, str(config.seed), config.cohort, *map(str, parts)])
 
 
-def _prepare_dir(config: SynthConfig) -> dict[str, Path]:
-    """Create the site folder; clear a previous synthetic site there, refuse anything else."""
+#: Marker file of a generated site: ``{"generator", "config", "entries"}`` (entries: relative paths written).
+MARKER = ".lungvl_synth.json"
+#: What a site written before the marker existed holds (its folders are taken as written whole).
+_LEGACY_ENTRIES = ("site.toml", "dicom", "annotations", "reports.jsonl", "labels.csv")
+#: Derived from the generated studies (the dataset's crop cache): stale once they are regenerated.
+_DERIVED = ".cache"
+
+
+def _planned_entries(config: SynthConfig, cases: list[PatientCase]) -> list[str]:
+    """Every path (relative to ``out_dir``) that :func:`generate_site` writes for ``cases``.
+
+    Folders are listed with their children, down to the series folders (whose slice files are written
+    whole); this is what a later run may remove.
+    """
+    out = [*_LEGACY_ENTRIES, MARKER]
+    for case in cases:
+        for tag in ("prior", "current") if case.has_prior else ("current",):
+            study, series = _uid(config, case.index, tag, "study"), _uid(config, case.index, tag, "series")
+            out += [f"dicom/{study}", f"dicom/{study}/{series}"]
+            out += [
+                path.relative_to(config.out_dir).as_posix()
+                for path in (mask_path(config.out_dir, series), lobe_map_path(config.out_dir, series))
+            ]
+    return sorted(set(out))
+
+
+def _previous_entries(root: Path) -> set[str] | None:
+    """What an earlier run of this generator wrote into ``root`` (None: it is not such a site)."""
+    try:
+        marker = json.loads((root / MARKER).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        marker = None
+    except (OSError, ValueError):
+        return None
+    if marker is not None:
+        ok = (
+            isinstance(marker, dict)
+            and str(marker.get("generator", "")).startswith("lungvl.synth")
+            and isinstance(marker.get("entries"), list)
+            and all(isinstance(e, str) for e in marker["entries"])
+        )
+        return {*marker["entries"], MARKER} if ok else None
+    try:
+        doc = tomllib.loads((root / "site.toml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    site = doc.get("site")
+    legacy = isinstance(site, dict) and str(site.get("generator", "")).startswith("lungvl.synth")
+    return set(_LEGACY_ENTRIES) if legacy and isinstance(doc.get("synth"), dict) else None
+
+
+def _unexpected_entries(root: Path, own: set[str]) -> list[str]:
+    """Entries under ``root``, a site this generator wrote, that are not in ``own`` (relative paths).
+
+    A folder in ``own`` with children in ``own`` has its children checked in turn; any other folder in
+    ``own`` is taken as written whole. Links never count as own; the site's ``.cache`` does.
+    """
+    parents = {e.rsplit("/", 1)[0] if "/" in e else "" for e in own}
+    unexpected: list[str] = []
+    todo = [(root, "")]
+    while todo:
+        folder, rel = todo.pop()
+        for child in sorted(folder.iterdir()):
+            name = f"{rel}/{child.name}" if rel else child.name
+            if rel == "" and child.name == _DERIVED and child.is_dir() and not child.is_symlink():
+                continue
+            if name not in own or child.is_symlink():
+                unexpected.append(name)
+            elif name in parents and child.is_dir():
+                todo.append((child, name))
+    return sorted(unexpected)
+
+
+def check_out_dir(out_dir: str | Path) -> None:
+    """Refuse an ``out_dir`` that :func:`generate_site` must not write into; changes nothing.
+
+    Accepted: a missing or empty folder, or a synthetic site this generator wrote that holds nothing else.
+
+    Raises:
+        FileExistsError: ``out_dir`` is not a folder, or holds entries this generator did not write
+            (named: the first five and the count).
+    """
+    root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"{root} exists and is not a folder; choose an empty or new out_dir")
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    own = _previous_entries(root)
+    unexpected = _unexpected_entries(root, own) if own is not None else sorted(c.name for c in root.iterdir())
+    if unexpected:
+        first = ", ".join(unexpected[:5]) + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else "")
+        what = "a synthetic site but also holds" if own else "not empty, not a site this generator wrote, and holds"
+        raise FileExistsError(
+            f"{root} is {what} {len(unexpected)} entr{'y' if len(unexpected) == 1 else 'ies'} this generator "
+            f"did not write: {first}; move them away or choose an empty or new out_dir"
+        )
+
+
+def _prepare_dir(config: SynthConfig, planned: list[str]) -> dict[str, Path]:
+    """Make ``out_dir`` ready (:func:`check_out_dir`, then the previous run's entries removed); write the marker."""
     paths = site_paths(config.out_dir)
-    dicom = paths["dicom"]
-    if dicom.exists() and any(dicom.iterdir()):
-        previous = ""
-        try:
-            previous = tomllib.loads(paths["toml"].read_text(encoding="utf-8")).get("site", {}).get("generator", "")
-        except (OSError, tomllib.TOMLDecodeError):
-            pass
-        if not str(previous).startswith("lungvl.synth"):
-            raise FileExistsError(
-                f"{config.out_dir} already holds DICOM data that this generator did not write; choose an empty out_dir"
-            )
-        for key in ("dicom", "annotations", "cache"):
-            shutil.rmtree(paths[key], ignore_errors=True)
+    root = config.out_dir
+    check_out_dir(root)
+    if root.is_dir():
+        for child in list(root.iterdir()):  # all checked above: the previous run's entries (and its .cache)
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    marker = {"generator": GENERATOR, "config": config.to_dict(), "entries": planned}
+    (root / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
     for key in ("dicom", "annotations"):
         paths[key].mkdir(parents=True, exist_ok=True)
     return paths
@@ -354,12 +457,13 @@ def generate_site(config: SynthConfig, progress: Progress | None = None) -> Synt
         The summary.
 
     Raises:
-        FileExistsError: when ``out_dir`` holds DICOM data that is not a previous synthetic site.
+        FileExistsError: ``out_dir`` is not a folder, or holds entries that this generator did not write
+            (it writes only into a missing or empty folder or into a site it wrote; see the module notes).
     """
     t0 = time.perf_counter()
     profile = get_profile(config.cohort)
-    paths = _prepare_dir(config)
     cases = sample_patients(profile, config.n_studies, config.seed, config.prior_fraction)
+    paths = _prepare_dir(config, _planned_entries(config, cases))
     total = sum(2 if c.has_prior else 1 for c in cases)
     records: list[ReportRecord] = []
     rows: list[dict[str, Any]] = []
