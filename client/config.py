@@ -199,8 +199,10 @@ class ClientConfig:
             raise FileNotFoundError(f"no site.toml at {p}")
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
+        except tomllib.TOMLDecodeError as e:  # its message has the line and column, not the file
             raise ValueError(f"{p}: not valid TOML ({e})") from e
+        except UnicodeDecodeError as e:  # its args[0] is the codec name: name the file and the byte
+            raise ValueError(f"{p}: not UTF-8 text (byte offset {e.start}: {e.reason}); TOML is UTF-8") from e
         known_fields = [f.name for f in fields(cls)]
         bad = sorted(set(overrides) - set(known_fields))
         if bad:

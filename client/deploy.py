@@ -16,6 +16,10 @@ with an ECDSA key in OpenSSH format (``--auth-supernode-private-key``; the Super
 public key once the coordinator registers it, ``flwr supernode register``); the Fleet API is
 protobuf over HTTPS on the SuperLink's one port; ``--isolation process`` leaves the ClientApp to an
 outside process, which here is :mod:`client.deploy_worker` (one warm process for all rounds).
+
+Before anything starts, :func:`preflight` checks the files and the network (:mod:`client.preflight_checks`):
+Flower's SuperNode would otherwise wait silently on a bad CA file or an unreachable SuperLink. While the
+site runs, :mod:`client.log_follow` brings the SuperNode's and the worker's failures to the terminal.
 """
 
 from __future__ import annotations
@@ -37,11 +41,23 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.config import ClientConfig
 from client.ledger import LEDGER_FILENAME, AuditLedger
+from client.log_follow import LogFollower, exit_report
+from client.preflight_checks import (
+    CONNECT_TIMEOUT_S,
+    SiteNotReady,
+    check_key_pair,
+    check_root_certificates,
+    check_superlink,
+    key_permission_warning,
+    load_private_key,
+    load_public_key,
+)
 from federation.processes import stop_process
 from lungvl_model.data.site_check import check_site
 from privacy.budget import AccountantStateMismatch, SiteBudget
 
 __all__ = [
+    "CONNECT_TIMEOUT_S",
     "FEDERATION_KEYS",
     "SiteDeployConfig",
     "SiteNotReady",
@@ -59,10 +75,6 @@ PRIVATE_KEY_FILE: Final = "site_key"
 PUBLIC_KEY_FILE: Final = "site_key.pub"
 #: Keys of the ``[federation]`` table of site.toml.
 FEDERATION_KEYS: Final = ("superlink", "root_certificates", "private_key", "runtime_port", "state_dir", "model_dir")
-
-
-class SiteNotReady(RuntimeError):
-    """The site must not join: no usable study, budget spent, a missing file, an accountant behind its ledger."""
 
 
 def generate_site_keys(out_dir: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
@@ -83,7 +95,7 @@ def generate_site_keys(out_dir: str | Path, *, overwrite: bool = False) -> tuple
     out.mkdir(parents=True, exist_ok=True)
     private, public = out / PRIVATE_KEY_FILE, out / PUBLIC_KEY_FILE
     if private.exists() and not overwrite:
-        raise FileExistsError(f"{private} already exists (a site keeps its key; pass overwrite to replace it)")
+        raise FileExistsError(f"{private} already exists (a site keeps its key; pass --overwrite to replace it)")
     key = ec.generate_private_key(ec.SECP384R1())
     data = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
@@ -95,53 +107,6 @@ def generate_site_keys(out_dir: str | Path, *, overwrite: bool = False) -> tuple
         key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
     )
     return private, public
-
-
-def _check_ec(key: Any, path: Path, what: str) -> None:
-    if not isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
-        raise ValueError(f"{what} {path}: expected an ECDSA key (SECP384R1), got {type(key).__name__}")
-    if not isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1 | ec.SECP521R1):
-        raise ValueError(f"{what} {path}: curve {key.curve.name} is not a NIST curve Flower accepts")
-
-
-def load_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
-    """Read a site's public key (OpenSSH ``ecdsa-sha2-nistp384 ...`` line) and check its format.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not an OpenSSH ECDSA public key on a NIST curve.
-    """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"public key file {p} does not exist")
-    try:
-        key = serialization.load_ssh_public_key(p.read_bytes())
-    except (ValueError, TypeError) as err:
-        raise ValueError(
-            f"public key {p}: not an OpenSSH public key ({err}); create keys with `lungvl site keys`"
-        ) from None
-    _check_ec(key, p, "public key")
-    assert isinstance(key, ec.EllipticCurvePublicKey)
-    return key
-
-
-def load_private_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
-    """Read a site's private key (OpenSSH format, unencrypted) and check its format.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not an unencrypted OpenSSH ECDSA private key on a NIST curve.
-    """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"private key file {p} does not exist")
-    try:
-        key = serialization.load_ssh_private_key(p.read_bytes(), password=None)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"private key {p}: not an unencrypted OpenSSH private key ({err})") from None
-    _check_ec(key, p, "private key")
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return key
 
 
 @dataclass(frozen=True)
@@ -227,33 +192,49 @@ class SiteDeployConfig:
         }
 
 
-def preflight(cfg: SiteDeployConfig, *, check_data: bool = True) -> dict[str, Any]:
-    """Refuse to join unless the site can train: files present, a usable study, budget left.
+def preflight(
+    cfg: SiteDeployConfig,
+    *,
+    check_data: bool = True,
+    check_connect: bool = True,
+    connect_timeout: float = CONNECT_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Refuse to join unless the site can train: files sound, a usable study, budget left, the SuperLink reachable.
+
+    In this order, so that a file problem is reported before the network is tried: the CA file, the node
+    key (and its ``.pub`` beside it), the model package, the data, the ε budget, then the SuperLink.
 
     Args:
         cfg: the site's deployment settings.
         check_data: run :func:`~lungvl_model.data.site_check.check_site` (reads every study).
+        check_connect: resolve the SuperLink, connect and complete a TLS handshake with the CA file
+            (:func:`~client.preflight_checks.check_superlink`); off for a site started before its server.
+        connect_timeout: seconds to wait for the SuperLink's TCP connection, and for the handshake.
 
     Returns:
-        ``{"usable", "studies", "phi_findings", "epsilon_spent", "epsilon_budget", "policy"}``
-        (``policy``: the site's policy, :meth:`~privacy.site_policy.SitePolicy.to_dict`).
+        ``{"usable", "studies", "phi_findings", "epsilon_spent", "epsilon_budget", "policy", "warnings"}``
+        (``policy``: the site's policy, :meth:`~privacy.site_policy.SitePolicy.to_dict`; ``warnings``:
+        lines to show that do not stop the site, e.g. a private key readable by others).
 
     Raises:
-        SiteNotReady: a missing CA certificate, key or model package; a malformed key; no usable
+        SiteNotReady: a missing or wrong CA file (not PEM certificates, not a CA, expired), a missing or
+            malformed key or one whose ``.pub`` is of another pair, a missing model package; no usable
             study; an accountant state that is missing or holds less ε than the audit ledger records
             as spent (:meth:`~privacy.budget.SiteBudget.reconcile`); or the site's patient-level ε
             budget already spent.
+        PeerUnreachable: the SuperLink does not resolve, answer or complete the TLS handshake
+            (:class:`lungvl_model.errors.PeerUnreachable`).
     """
-    if not cfg.root_certificates.is_file():
-        raise SiteNotReady(f"[federation] root_certificates: CA certificate {cfg.root_certificates} does not exist")
+    check_root_certificates(cfg.root_certificates)
     try:
-        load_private_key(cfg.private_key)
+        key = load_private_key(cfg.private_key)
     except (FileNotFoundError, ValueError) as err:
         raise SiteNotReady(f"[federation] private_key: {err}") from None
+    warnings = [w for w in (check_key_pair(cfg.private_key, key), key_permission_warning(cfg.private_key)) if w]
     model_dir = cfg.client.model_dir
     if model_dir is None or not (model_dir / "model.pt").is_file():
         raise SiteNotReady(f"model_dir: no initial model package (model.pt) at {model_dir}")
-    out: dict[str, Any] = {"usable": None, "studies": None, "phi_findings": None}
+    out: dict[str, Any] = {"usable": None, "studies": None, "phi_findings": None, "warnings": warnings}
     if check_data:
         report = check_site(cfg.client.site_dir)
         out.update(usable=report.summary["usable"], studies=report.summary["studies"])
@@ -279,6 +260,8 @@ def preflight(cfg: SiteDeployConfig, *, check_data: bool = True) -> dict[str, An
             f"site {cfg.client.name}: privacy budget spent (ε {budget.spent:.3f} of {budget.epsilon_budget} at "
             f"δ={budget.delta:g}, state in {budget.path})"
         )
+    if check_connect:
+        check_superlink(cfg.superlink, cfg.root_certificates, timeout=connect_timeout)
     return out
 
 
@@ -345,8 +328,9 @@ def describe(cmd: list[str]) -> str:
     return shlex.join(cmd)
 
 
-#: ``flower-supernode`` exit code when the SuperLink cannot be reached or refuses to activate the node
-#: (e.g. a node that died uncleanly still counts as online for up to 2 heartbeats, 60 s).
+#: Flower's exit code when the SuperNode cannot connect to the SuperLink or it refuses to activate the node
+#: (e.g. a node that died uncleanly still counts as online for up to 2 heartbeats, 60 s). Flower writes it to
+#: the log (``Exit Code: 305``); the process itself exits with 1.
 SUPERNODE_CONNECT_EXIT = 305
 RESTART_DELAY_S = 10.0
 
@@ -360,8 +344,11 @@ def run_site(
 ) -> int:
     """Run the site's SuperNode and ClientApp worker until stopped (blocking; what ``lungvl site join`` does).
 
-    Logs go to ``<state_dir>/logs/{supernode,worker}.log``. A SuperNode that exits because it could not
-    connect or activate (exit code 305) is restarted after :data:`RESTART_DELAY_S`; a worker that dies is
+    Logs go to ``<state_dir>/logs/{supernode,worker}.log``; their ERROR/CRITICAL lines and Flower's
+    connection failures are also passed to ``log`` as they are written (:class:`~client.log_follow.LogFollower`),
+    and a process that exits is reported with its exit code, Flower's exit code and meaning, and its last
+    log lines. A SuperNode that could not connect or activate (Flower exit code 305) is restarted after
+    :data:`RESTART_DELAY_S`, unless the cause was TLS (that does not mend itself); a worker that dies is
     restarted; any other SuperNode exit ends the site with that code.
 
     Args:
@@ -379,9 +366,12 @@ def run_site(
     for key in ("FLWR_HOME", "MPLCONFIGDIR", "HF_HOME"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    followers: dict[str, LogFollower] = {}
 
     def start(name: str, cmd: list[str]) -> None:
-        with (logs / f"{name}.log").open("ab") as fh:
+        path = logs / f"{name}.log"
+        followers[name] = LogFollower(path, name=name, emit=log)  # from the current end: this process's lines
+        with path.open("ab") as fh:
             procs[name] = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log(f"{name} started (pid {procs[name].pid}): {describe(cmd)}")
 
@@ -398,21 +388,33 @@ def run_site(
         start("worker", worker_command(cfg, procs["supernode"].pid))
         while not stopping and not (stop is not None and stop.is_set()):
             time.sleep(0.5)
+            for follower in followers.values():
+                follower.poll()
             rc = procs["supernode"].poll()
             if rc is not None:
-                if rc != SUPERNODE_CONNECT_EXIT or restarts >= max_restarts:
-                    log(f"supernode exited with code {rc}; see {logs / 'supernode.log'}")
+                sn = followers["supernode"]
+                sn.poll()  # what it wrote just before it exited
+                retry = SUPERNODE_CONNECT_EXIT in (rc, sn.flower_exit_code) and not sn.tls_error
+                if not retry or restarts >= max_restarts:
+                    for line in exit_report("supernode", rc, sn):
+                        log(line)
                     code = rc or 1
                     break
                 restarts += 1
-                log(f"supernode could not connect/activate (code {rc}); retrying in {RESTART_DELAY_S:.0f} s")
+                log(
+                    f"supernode could not connect/activate (Flower exit code {SUPERNODE_CONNECT_EXIT}); "
+                    f"retrying in {RESTART_DELAY_S:.0f} s ({restarts}/{max_restarts})"
+                )
                 time.sleep(RESTART_DELAY_S)
                 stop_process(procs.pop("worker"))
                 start("supernode", supernode_command(cfg))
                 start("worker", worker_command(cfg, procs["supernode"].pid))
             elif procs["worker"].poll() is not None and restarts < max_restarts:
                 restarts += 1
-                log(f"worker exited with code {procs['worker'].returncode}; restarting")
+                followers["worker"].poll()
+                for line in exit_report("worker", procs["worker"].returncode, followers["worker"]):
+                    log(line)
+                log(f"restarting the worker ({restarts}/{max_restarts})")
                 start("worker", worker_command(cfg, procs["supernode"].pid))
     finally:
         for name in ("worker", "supernode"):

@@ -35,6 +35,8 @@ from typing import Any, Final
 from sqlalchemy import JSON, DateTime, Engine, String, create_engine, event, func, make_url, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from federation.sql_state import check_schema, sqlite_read_only_pragmas
+
 logger = logging.getLogger(__name__)
 
 LEDGER_FILENAME: Final = "outbound_ledger.db"
@@ -170,21 +172,31 @@ class AuditLedger:
     Args:
         path_or_url: a SQLAlchemy URL, a SQLite file path (parent folders are created), or an existing
             directory (the site's state dir), in which ``outbound_ledger.db`` is used.
+        read_only: open for reading only (``lungvl site audit``): nothing is created or written.
+
+    Raises:
+        CorruptStateError: the database is unreadable or not an audit ledger.
     """
 
-    def __init__(self, path_or_url: str | Path) -> None:
+    def __init__(self, path_or_url: str | Path, *, read_only: bool = False) -> None:
         text = str(path_or_url)
         if "://" not in text:
             path = Path(text).expanduser()
             if path.is_dir():
                 path = path / LEDGER_FILENAME
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if read_only and not path.is_file():
+                raise FileNotFoundError(f"no audit ledger at {path}")
+            if not read_only:
+                path.parent.mkdir(parents=True, exist_ok=True)
             text = f"sqlite:///{path}"
         url = make_url(text)
         self.engine: Engine = create_engine(url)
         if url.get_backend_name() == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        _Base.metadata.create_all(self.engine)
+            event.listen(self.engine, "connect", sqlite_read_only_pragmas if read_only else _sqlite_pragmas)
+        what = f"audit ledger {self.engine.url.render_as_string(hide_password=True)}"
+        check_schema(self.engine, _Base.metadata, what=what, read_only=read_only)
+        if not read_only:
+            _Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import typer
 
@@ -19,7 +20,9 @@ from lungvl import (
     cmd_site,
     cmd_study,
     cmd_train,
+    errors,
 )
+from lungvl.console import print_error
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -42,5 +45,20 @@ app.command("evaluate")(cmd_evaluate.evaluate)
 app.command("simulate")(cmd_simulate.simulate)
 
 
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``) and return its exit code (never raises).
+
+    Expected failures print one line and get their exit code (:mod:`lungvl.errors`); a bug prints one
+    line naming the crash file that holds its traceback.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    return errors.run_guarded(lambda: app(args=args, prog_name="lungvl"), args, print_error)
+
+
+def main() -> None:
+    """The ``lungvl`` console script."""
+    errors.exit_with(run())
+
+
 if __name__ == "__main__":
-    app()
+    main()

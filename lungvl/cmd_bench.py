@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from lungvl.console import err, out
+from lungvl.console import err, out, print_error
 
 app = typer.Typer(help="Benchmarks reported as ratios against a peer measured in the same run.", no_args_is_help=True)
 
@@ -77,10 +77,10 @@ def train(
             log=lambda m: err.print(m, highlight=False, markup=False),
         )
     except (ValueError, KeyError) as e:
-        err.print(f"[red]{escape(str(e))}")
+        print_error(e)
         raise typer.Exit(2) from e
     except RuntimeError as e:
-        err.print(f"[red]{escape(str(e))}")
+        print_error(e)
         raise typer.Exit(1) from e
     m = result.meta
     size = "x".join(str(s) for s in m["input_size"])
@@ -111,7 +111,7 @@ def train(
     out.print(t)
     for r in result.rows:
         if r.error:
-            err.print(f"[red]{escape(r.name)}: {escape(r.error)}", highlight=False)
+            print_error(f"{r.name}: {r.error}")
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "bench_train.json").write_text(json.dumps(_finite(result.to_dict()), indent=2) + "\n")
@@ -146,7 +146,7 @@ def _bench_dp(
             log=lambda m: err.print(m, highlight=False, markup=False),
         )
     except (ValueError, KeyError) as e:
-        err.print(escape(str(e)), style="red")
+        print_error(e)
         raise typer.Exit(2) from e
     m = result.meta
     t = Table(
@@ -242,7 +242,7 @@ def aggregate(
             server_momentum=server_momentum, clip_norm=clip_norm, noise_multiplier=noise_multiplier, seed=seed,
         )  # fmt: skip
     except (typer.BadParameter, ValueError) as e:
-        err.print(f"[red]{escape(str(e))}")
+        print_error(e)
         raise typer.Exit(2) from e
     rows = bench_aggregate(cfg, log=lambda m: err.print(m, highlight=False, markup=False))
     meta = machine_info()

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from lungvl.console import err, out, print_error, progress_callback
+from lungvl.errors import naming
 
 app = typer.Typer(help="Create site datasets: synthetic cohorts and LIDC-IDRI imports.", no_args_is_help=True)
 
@@ -41,11 +42,11 @@ def synth(
             site_name=name,
         )
     except (ValueError, KeyError) as e:
-        err.print(f"[red]{e}")
+        print_error(e)
         raise typer.Exit(2) from e
     try:
         check_out_dir(out_dir)  # before the progress bar; generate_site checks again
-        with progress_callback(f"synth {cohort}") as cb:
+        with naming(out_dir), progress_callback(f"synth {cohort}") as cb:
             summary = generate_site(cfg, progress=cb)
     except (FileExistsError, NotADirectoryError) as e:  # --out holds what the generator did not write
         print_error(e)

@@ -20,5 +20,5 @@ def demo(
 
     cfg = DemoConfig(out_dir=out_dir, studies_per_site=studies, matrix=matrix, seed=seed)
     with progress_callback("studies") as cb:
-        run_demo(cfg, log=lambda m: err.print(m, highlight=False), progress=cb)
-    err.print((out_dir / "summary.md").read_text(), highlight=False)
+        run_demo(cfg, log=lambda m: err.print(m, highlight=False, markup=False), progress=cb)
+    err.print((out_dir / "summary.md").read_text(), highlight=False, markup=False)

@@ -41,16 +41,12 @@ def explain(
     from lungvl_model.inference.render import write_explanation
     from lungvl_model.training.checkpoint import load_checkpoint
 
-    try:
-        model, _ = load_checkpoint(model_dir)
-        volume = _load_study(site, study, dicom)
-        prior_vol = None
-        if prior is not None:
-            p = Path(prior)
-            prior_vol = _load_study(None, None, p) if p.is_dir() else _load_study(site, prior, None)
-    except (ValueError, OSError) as e:
-        err.print(f"[red]{e}")
-        raise typer.Exit(2) from e
+    model, _ = load_checkpoint(model_dir)  # a damaged checkpoint: exit 6; a bad study: exit 2 (lungvl.errors)
+    volume = _load_study(site, study, dicom)
+    prior_vol = None
+    if prior is not None:
+        p = Path(prior)
+        prior_vol = _load_study(None, None, p) if p.is_dir() else _load_study(site, prior, None)
     thr = threshold if threshold is not None else load_threshold(model_dir)
     exp = explain_study(model, volume, prior=prior_vol, ask=ask, threshold=thr)
     paths = write_explanation(exp, volume, out_dir)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 
-from lungvl.console import err
+from lungvl.console import print_row_errors
+from lungvl.errors import naming
+from lungvl_model.text_file import read_text_lines
 
 app = typer.Typer(help="Radiology report tools.", no_args_is_help=True)
 
@@ -20,17 +22,14 @@ def label(
     """Print one JSON line of structured findings per input line (errors go to stderr)."""
     from lungvl_model.text.labeler import label_reports_jsonl
 
-    try:
-        lines = jsonl.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        err.print(f"[red]cannot read {jsonl}: {e}")
-        raise typer.Exit(2) from e
-    n_err = 0
-    for result, problem in label_reports_jsonl(lines):
-        if problem is not None:
-            n_err += 1
-            err.print(f"[red]error[/red] {escape(jsonl.name)}: {escape(problem)}", highlight=False)
-        elif result is not None:
-            print(json.dumps(result, ensure_ascii=False))
-    if n_err:
+    lines = read_text_lines(jsonl)
+    problems: list[str] = []
+    with naming("standard output"):
+        for result, problem in label_reports_jsonl(lines):
+            if problem is not None:
+                problems.append(f"error {jsonl.name}: {problem}")
+            elif result is not None:
+                print(json.dumps(result, ensure_ascii=False))
+        sys.stdout.flush()
+    if print_row_errors(problems):
         raise typer.Exit(1)

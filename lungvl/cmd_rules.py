@@ -8,7 +8,8 @@ from pathlib import Path
 
 import typer
 
-from lungvl.console import err
+from lungvl.console import err, print_row_errors
+from lungvl.errors import naming
 from lungvl_model.clinical import (
     BROCK_COLUMN,
     LUNG_RADS_COLUMN,
@@ -22,22 +23,23 @@ app = typer.Typer(help="Clinical rules: Lung-RADS v2022 and the Brock model on C
 
 
 def _run(csv_path: Path, out: Path | None, fn: Callable, column: str) -> None:
-    try:
-        header, rows = read_csv_rows(csv_path)
-    except OSError as e:
-        err.print(f"[red]cannot read {csv_path}: {e}")
-        raise typer.Exit(2) from e
+    """Answer every row; exit 1 when a row had an error (the others are answered), 2 for an unusable file."""
+    if out is not None and out.exists() and out.resolve() == csv_path.resolve():
+        raise ValueError(f"--out {out} is the input file: write the answers to another file")
+    header, rows = read_csv_rows(csv_path)  # a missing / non-UTF-8 / empty file: ValueError naming it
     answered, errors = fn(rows)
     header = [*header, column] if column not in header else header
     if out is None:
-        write_csv_rows(sys.stdout, header, answered)
+        with naming("standard output"):
+            write_csv_rows(sys.stdout, header, answered)
+            sys.stdout.flush()
     else:
-        with out.open("w", encoding="utf-8", newline="") as fh:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with naming(out), out.open("w", encoding="utf-8", newline="") as fh:
             write_csv_rows(fh, header, answered)
-    for e in errors:
-        err.print(f"[red]error[/red] {csv_path.name}: {e}", highlight=False)
-    if errors:
-        err.print(f"{len(errors)} error(s); the other rows were answered.")
+    n = print_row_errors(f"error {csv_path.name}: {e}" for e in errors)
+    if n:
+        err.print(f"{n:,} error(s); the other rows were answered.")
         raise typer.Exit(1)
 
 

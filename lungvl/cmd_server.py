@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lungvl.console import err, out, print_error
+from lungvl.console import out, print_error
 
 app = typer.Typer(help="Consortium server commands.", no_args_is_help=True)
 
@@ -18,7 +18,7 @@ def _load(config: Path):  # type: ignore[no-untyped-def]
     try:
         return ServerDeployConfig.from_toml(config)
     except (FileNotFoundError, KeyError, ValueError) as e:
-        err.print(f"[red]{e.args[0] if e.args else e}", highlight=False)
+        print_error(e.args[0] if e.args else e)
         raise typer.Exit(2) from e
 
 
@@ -45,8 +45,8 @@ def start(
     except ResumeRefused as e:
         print_error(e)
         raise typer.Exit(2) from e
-    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
-        err.print(f"[red]{e}", highlight=False)
+    except (RuntimeError, TimeoutError) as e:  # the run itself failed (bad files and values: exit 2, lungvl.errors)
+        print_error(e)
         raise typer.Exit(1) from e
     raise typer.Exit(0 if result["status"] in ("finished", "stopped_budget") else 1)
 
@@ -63,8 +63,8 @@ def admit(
     cfg = _load(config)
     try:
         entry = admit_site(cfg, public_key, name=name)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        err.print(f"[red]{e}", highlight=False)
+    except RuntimeError as e:  # the SuperLink refused or is not running (a bad key file: exit 2)
+        print_error(e)
         raise typer.Exit(1) from e
     out.print(f"admitted {entry['name']}: key {entry['fingerprint']}, node {entry['node_id']}", highlight=False)
 
@@ -87,9 +87,9 @@ def status(
         db = cfg.registry_url
         admitted = admitted_sites(cfg.run_dir)
     if "://" not in db and not Path(db).exists():
-        err.print(f"[red]no registry at {db} (give --db PATH or URL, or --config server.toml)")
+        print_error(f"no registry at {db} (give --db PATH or URL, or --config server.toml)")
         raise typer.Exit(2)
-    with Registry(db) as reg:
+    with Registry(db, read_only=True) as reg:
         out.print(*render_status(reg, run_id))
     if config is not None:
         t = Table(title=f"Admitted sites ({len(admitted)})")

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from lungvl.console import err, print_error
+from lungvl.errors import naming
 
 
 def simulate(
@@ -36,34 +37,36 @@ def simulate(
     try:
         spec = Scenario.from_toml(scenario)
     except (KeyError, ValueError) as e:
-        err.print(f"[red]{e.args[0] if e.args else e}")
+        print_error(e.args[0] if e.args else e)
         raise typer.Exit(2) from e
     if local_only:
         if reproducible_noise:
-            err.print("[red]--reproducible-noise applies to federated runs; --local-only adds no server noise")
+            print_error("--reproducible-noise applies to federated runs; --local-only adds no server noise")
             raise typer.Exit(2)
         if resume:
-            err.print("[red]--local-only runs cannot be resumed; start it again in a new --out directory")
+            print_error("--local-only runs cannot be resumed; start it again in a new --out directory")
             raise typer.Exit(2)
         from simulations.local_only import run_local_only
 
-        run_local_only(spec, out_dir, db_url=db, progress=lambda line: print(line, flush=True))
+        with naming(out_dir):
+            run_local_only(spec, out_dir, db_url=db, progress=lambda line: print(line, flush=True))
         return
     try:
-        result = run_simulation(
-            spec,
-            out_dir,
-            db_url=db,
-            resume=resume,
-            progress=lambda line: print(line, flush=True),
-            reproducible_noise=reproducible_noise,
-        )
+        with naming(out_dir):  # a full disk names the run directory (lungvl.errors: exit 4)
+            result = run_simulation(
+                spec,
+                out_dir,
+                db_url=db,
+                resume=resume,
+                progress=lambda line: print(line, flush=True),
+                reproducible_noise=reproducible_noise,
+            )
     except RunDirBusy as e:
         print_error(e)
         raise typer.Exit(3) from e
     except (FileExistsError, FileNotFoundError, ResumeRefused) as e:  # CheckpointMismatch too: names the file
         print_error(e)
         raise typer.Exit(2) from e
-    err.print((Path(result["out_dir"]) / "summary.md").read_text(), highlight=False)
+    err.print((Path(result["out_dir"]) / "summary.md").read_text(), highlight=False, markup=False)
     if result["status"] not in ("finished", "stopped_budget"):
         raise typer.Exit(1)

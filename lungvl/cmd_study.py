@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lungvl.console import err, print_error
+from lungvl.console import print_error
 
 app = typer.Typer(
     help="Studies: a grid of simulation runs (strategy × DP × seed) and its report.", no_args_is_help=True
@@ -38,7 +38,7 @@ def run(
     try:
         spec = StudyConfig.from_toml(study)
     except (KeyError, ValueError) as e:
-        err.print(f"[red]{e.args[0] if e.args else e}")
+        print_error(e.args[0] if e.args else e)
         raise typer.Exit(2) from e
     if dry_run:
         for cell in spec.cells():
@@ -58,7 +58,7 @@ def run(
         print_error(e)
         raise typer.Exit(3) from e
     for cell_id, reason in summary["failed"].items():
-        err.print(f"[red]{cell_id}: {reason}", highlight=False)
+        print_error(f"{cell_id}: {reason}")
     if summary["failed"]:
         raise typer.Exit(1)
 
@@ -75,6 +75,6 @@ def report(
     try:
         path = write_report(run_dir, study=study, n_boot=bootstrap)
     except (FileNotFoundError, ValueError) as e:
-        err.print(f"[red]{e}")
+        print_error(e)
         raise typer.Exit(2) from e
     print(path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lungvl.console import err, progress_callback
+from lungvl.console import err, print_error, progress_callback
 
 
 def train(
@@ -38,7 +38,7 @@ def train(
         )  # fmt: skip
         model_cfg = None if init else get_preset(preset)
     except (ValueError, KeyError) as e:
-        err.print(f"[red]{e}")
+        print_error(e)
         raise typer.Exit(2) from e
     with progress_callback(f"train {stage}") as cb:
 
@@ -49,7 +49,7 @@ def train(
             from lungvl_model.training.peer import train_dynunet
 
             if peer != "dynunet" or stage != "seg":
-                err.print(f"[red]--peer supports only 'dynunet' with --stage seg, got {peer!r} / {stage!r}")
+                print_error(f"--peer supports only 'dynunet' with --stage seg, got {peer!r} / {stage!r}")
                 raise typer.Exit(2)
             res = train_dynunet(site_dirs, out_dir, model_cfg or get_preset(preset), cfg, on_step=on_step)
             err.print({k: round(v, 4) for k, v in res.summary().items()}, highlight=False)
@@ -61,7 +61,7 @@ def train(
             config=model_cfg,
             init=init,
             on_step=on_step,
-            log=lambda m: err.print(m, highlight=False),
+            log=lambda m: err.print(m, highlight=False, markup=False),
         )
     s = run.metrics["summary"]
     err.print({k: round(v, 4) for k, v in s.items() if isinstance(v, float)}, highlight=False)

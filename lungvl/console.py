@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -13,9 +13,29 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)  # errors name paths and values: never wrap them mid-word
 
 
+#: per-row errors printed before the rest are counted (a missing column on 100k rows is 21 lines, not 100k)
+MAX_ROW_ERRORS = 20
+
+
 def print_error(message: object) -> None:
     """``message`` as one red line on stderr, as it is (rich markup in its paths and values escaped)."""
     err.print(f"[red]{escape(str(message).replace(chr(10), ' '))}", highlight=False)
+
+
+def print_row_errors(messages: Iterable[str], *, limit: int = MAX_ROW_ERRORS) -> int:
+    """Print the first ``limit`` per-row errors, then one line counting the rest; returns how many there were."""
+    n = 0
+    for n, message in enumerate(messages, start=1):
+        if n <= limit:
+            print_error(message)
+    if n > limit:
+        print_error(f"... and {n - limit:,} more error(s) like these ({n:,} in all)")
+    return n
+
+
+def log_line(message: object) -> None:
+    """A progress or log line on stderr, printed as it is (no markup: bracketed names stay)."""
+    err.print(message, highlight=False, markup=False)
 
 
 @contextmanager

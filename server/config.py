@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Final
 import numpy as np
 
 from federation.protocol import RoundConfig
+from lungvl_model.config_file import read_toml
 
 __all__ = ["SITE_SAMPLINGS", "STRATEGIES", "TABLES", "TABLE_KEYS", "ServerConfig", "round_seed"]
 
@@ -294,8 +294,12 @@ class ServerConfig:
                         if not home:
                             raise _unknown_key_error(k, sorted(own), f"[{key}]")
                         raise KeyError(f"[{key}] does not take {k!r}{where}")
-            elif isinstance(value, Mapping):
-                raise _unknown_key_error(key, [*TABLES, *ignore], "server TOML table")
+            elif isinstance(value, Mapping) or (
+                isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value)
+            ):
+                brackets = f"[{key}]" if isinstance(value, Mapping) else f"[[{key}]]"
+                hint = difflib.get_close_matches(key, [*TABLES, *ignore], n=1)
+                raise KeyError(f"unknown table {brackets}" + (f"; did you mean [{hint[0]}]?" if hint else ""))
             else:
                 items = [(key, value)]
             for k, v in items:
@@ -308,8 +312,7 @@ class ServerConfig:
     def from_toml(cls, path: str | Path) -> ServerConfig:
         """Read a server TOML file (see the module docstring for its layout)."""
         p = Path(path)
-        with p.open("rb") as fh:
-            doc = tomllib.load(fh)
+        doc = read_toml(p, what="server config")
         try:
             return cls.from_mapping(doc, ignore=("deployment",))  # [deployment]: server/deploy.py
         except (KeyError, ValueError) as err:

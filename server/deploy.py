@@ -36,7 +36,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,7 +46,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from federation.processes import stop_process
+from lungvl_model.config_file import read_toml
 from lungvl_model.data.site_layout import toml_dumps
+from lungvl_model.errors import CorruptStateError
 from server.app import RUN_FILE, check_resume
 from server.config import ServerConfig
 from server.registry import Registry
@@ -133,9 +134,7 @@ class ServerDeployConfig:
             ValueError: a bad value, naming the key and the value.
         """
         p = Path(path).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"server config {p} does not exist")
-        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+        doc = read_toml(p, what="server config")
         try:
             server = ServerConfig.from_mapping(doc, ignore=("deployment",))
         except (KeyError, ValueError) as err:
@@ -299,6 +298,13 @@ def _public_key_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise FileNotFoundError(f"site public key {path} does not exist")
     data = path.read_bytes()
+    if b"PRIVATE KEY" in data[:200]:
+        raise ValueError(
+            f"site public key {path}: this is a PRIVATE key; it must never leave the site. "
+            "Give the .pub file `lungvl site keys` wrote next to it"
+        )
+    if b"BEGIN CERTIFICATE" in data[:200]:
+        raise ValueError(f"site public key {path}: this is an X.509 certificate, not a site's OpenSSH public key")
     try:
         key = serialization.load_ssh_public_key(data)
     except (ValueError, TypeError) as err:
@@ -313,7 +319,13 @@ def admitted_sites(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / ADMITTED_FILE
     if not path.exists():
         return []
-    return list(json.loads(path.read_text()).values())
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptStateError(f"{path}: not the admitted-sites JSON lungvl writes ({err})") from None
+    if not isinstance(known, dict) or not all(isinstance(v, dict) for v in known.values()):
+        raise CorruptStateError(f"{path}: expected an object of admitted sites, got {type(known).__name__}")
+    return list(known.values())
 
 
 def admit_site(cfg: ServerDeployConfig, public_key: str | Path, *, name: str = "") -> dict[str, Any]:

@@ -31,6 +31,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, delete, event, func, make_url, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from federation.sql_state import check_schema, sqlite_read_only_pragmas
 from server.registry_report import export_metrics_csv, summarize_run
 from server.registry_schema import (
     PARTICIPATION_STATUSES,
@@ -56,7 +57,7 @@ from server.registry_schema import (
 __all__ = ["Registry", "RegistryError", "sqlalchemy_url"]
 
 
-class RegistryError(Exception):
+class RegistryError(ValueError):
     """A registry call that does not fit the recorded state (unknown run, duplicate round, ...)."""
 
 
@@ -80,16 +81,28 @@ class Registry:
     Args:
         url_or_path: a SQLAlchemy URL or a plain path of a SQLite file (parent folders are created).
         echo: log SQL statements (debugging).
+        read_only: open for reading only (``server status``, reports): nothing is created or written,
+            a missing SQLite file is a ``FileNotFoundError``.
+
+    Raises:
+        CorruptStateError: the database is unreadable or not a lungvl registry
+            (:func:`federation.sql_state.check_schema`).
     """
 
-    def __init__(self, url_or_path: str | Path, *, echo: bool = False) -> None:
+    def __init__(self, url_or_path: str | Path, *, echo: bool = False, read_only: bool = False) -> None:
         url = make_url(sqlalchemy_url(url_or_path))
-        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(url, echo=echo, pool_pre_ping=url.get_backend_name() != "sqlite")
-        if url.get_backend_name() == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        sqlite = url.get_backend_name() == "sqlite"
+        if sqlite and url.database not in (None, "", ":memory:"):
+            if read_only and not Path(url.database).is_file():
+                raise FileNotFoundError(f"no registry at {url.database}")
+            if not read_only:
+                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(url, echo=echo, pool_pre_ping=not sqlite)
+        if sqlite:
+            event.listen(self.engine, "connect", sqlite_read_only_pragmas if read_only else _sqlite_pragmas)
+        check_schema(self.engine, Base.metadata, what=f"registry {self.url}", read_only=read_only)
+        if not read_only:
+            Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property

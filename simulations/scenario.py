@@ -41,12 +41,12 @@ with a "did you mean" hint.
 from __future__ import annotations
 
 import difflib
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lungvl_model.config_file import read_toml as read_toml_file
 from lungvl_model.data.split import check_holdout_fraction
 from lungvl_model.data.synth import PROFILES
 from lungvl_model.models.config import LungVLConfig, get_preset
@@ -142,8 +142,7 @@ def read_toml(path: str | Path, build: Callable[..., T]) -> T:
         KeyError, ValueError: from ``build``, prefixed with the file's path.
     """
     p = Path(path).expanduser().resolve()
-    with p.open("rb") as fh:
-        doc = tomllib.load(fh)
+    doc = read_toml_file(p, what="config")
     try:
         return build(doc, base_dir=p.parent, source=p)
     except (KeyError, ValueError) as err:
@@ -251,6 +250,8 @@ class Scenario:
         _check_keys("[run]", run, list(_RUN_KEYS))
         if "name" not in run:
             raise KeyError("scenario needs [run] name")
+        if not isinstance(doc.get("sites"), list) or not doc["sites"]:
+            raise KeyError("scenario needs at least one [[sites]] table (a generated or an existing site)")
         server_doc = {k: v for k, v in doc.items() if k not in ("run", "sites", "model")}
         server = ServerConfig.from_mapping({**server_doc, **{k: run[k] for k in ("rounds", "seed") if k in run}})
         sites = tuple(SiteSpec.from_dict(s, base_dir) for s in doc.get("sites", []))

@@ -283,7 +283,7 @@ def write_report(run_dir: str | Path, *, study: str | None = None, n_boot: int |
     db = out / "registry.db"
     if not db.exists():
         raise FileNotFoundError(f"no registry.db in {out} (run `lungvl study run` first)")
-    with Registry(db) as reg:
+    with Registry(db, read_only=True) as reg:
         name, runs = load_study(reg, study)
     if not runs:
         raise ValueError(f"study {name!r} has no finished run in {db}")

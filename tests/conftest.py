@@ -56,6 +56,26 @@ def write_mini_site(root: Path, n_studies: int = 3, *, shape=(10, 24, 24)) -> di
     return series_dirs
 
 
+def micro_checkpoint(directory: Path, *, spacing_mm: float = 4.0, stage: str = "init") -> Path:
+    """A micro LungVL model package (~100k parameters) saved to ``directory``."""
+    from lungvl_model.data.preprocess import PreprocessConfig
+    from lungvl_model.models.config import HeadsConfig, LungVLConfig, TextConfig, VisionConfig
+    from lungvl_model.models.lungvl import LungVLModel
+    from lungvl_model.text.tokenizer import train_tokenizer
+    from lungvl_model.training.checkpoint import save_checkpoint
+
+    cfg = LungVLConfig(
+        preset="test",
+        vision=VisionConfig(channels=(4, 8, 8, 16, 16), aggregation_channels=8, attention_scales=(3, 4)),
+        text=TextConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64, visual_scales=(2, 3), dropout=0.0),
+        heads=HeadsConfig(hidden=16),
+        input=PreprocessConfig(spacing_mm=(spacing_mm,) * 3, size=(32, 32, 32)),
+    )
+    texts = ["A 9 mm solid nodule in the right upper lobe. Lung-RADS 4A.", "No pulmonary nodules. Lung-RADS 1."] * 8
+    model = LungVLModel(cfg, train_tokenizer(texts, vocab_size=300))
+    return save_checkpoint(directory, model, {"stage": stage})
+
+
 @pytest.fixture
 def mini_site(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     site = tmp_path / "site"

@@ -9,11 +9,13 @@ bad column; it never stops the other rows.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..text_file import read_user_text
 from .brock import BrockInputs, brock_probability
 from .lung_rads import InvalidFieldError, NoduleFinding, categorize_nodule
 
@@ -207,13 +209,17 @@ def read_csv_rows(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
         The header and the data rows.
 
     Raises:
-        ValueError: if the file has no header line.
+        ValueError: if the file has no header line or is not UTF-8 text (naming the file, line and byte).
         OSError: if the file cannot be read.
     """
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        records = [r for r in csv.reader(fh) if r]
+    text = read_user_text(path, expected="a CSV header line")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        records = [r for r in reader if r]
+    except csv.Error as e:
+        raise ValueError(f"{path}: line {reader.line_num}: not valid CSV ({e})") from None
     if not records:
-        raise ValueError(f"path: no header line in {str(path)!r}")
+        raise ValueError(f"{path}: empty file (no header line)")
     header = [h.strip() for h in records[0]]
     rows: list[dict[str, str]] = []
     for record in records[1:]:

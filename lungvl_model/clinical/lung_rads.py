@@ -93,23 +93,35 @@ class UncoveredFindingError(InvalidFieldError):
     """A finding whose category the implemented sources do not specify (see :data:`LEFT_OUT`)."""
 
 
-def check_positive_size(field: str, value: Any) -> float:
-    """Check that a size is a finite number > 0.
+#: Largest size accepted, mm: a lesion cannot be wider than a chest (~300 mm); a bigger value is a units
+#: or typing error (e.g. 1e6, or micrometres), never a nodule, and Lung-RADS would silently call it 4B.
+MAX_LESION_MM = 300.0
+#: Longest interval between two exams accepted, months (20 years).
+MAX_INTERVAL_MONTHS = 240.0
+
+
+def check_positive_size(field: str, value: Any, *, maximum: float = MAX_LESION_MM) -> float:
+    """Check that a size is a finite number in (0, maximum].
 
     Args:
         field: field name used in the error.
         value: the value to check.
+        maximum: the largest plausible value (default :data:`MAX_LESION_MM`).
 
     Returns:
         The value as a float.
 
     Raises:
-        InvalidFieldError: if the value is not a finite real number > 0.
+        InvalidFieldError: if the value is not a finite real number in (0, maximum].
     """
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidFieldError(field, value, "must be a number")
     if not math.isfinite(value) or value <= 0:
         raise InvalidFieldError(field, value, "must be a finite number > 0")
+    if value > maximum:
+        raise InvalidFieldError(
+            field, value, f"must be at most {maximum:g} (larger is not a lung lesion: check the units)"
+        )
     return float(value)
 
 
@@ -345,7 +357,7 @@ def is_growing(prior_mean_mm: float, current_mean_mm: float, interval_months: fl
     """
     prior = check_positive_size("prior_mean_mm", prior_mean_mm)
     current = check_positive_size("current_mean_mm", current_mean_mm)
-    interval = check_positive_size("interval_months", interval_months)
+    interval = check_positive_size("interval_months", interval_months, maximum=MAX_INTERVAL_MONTHS)
     return interval <= GROWTH_INTERVAL_MONTHS and current - prior > GROWTH_THRESHOLD_MM
 
 

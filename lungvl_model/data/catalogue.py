@@ -1,7 +1,9 @@
 """What a site directory holds: usable studies, what was skipped and why, labels, PHI.
 
 The catalogue is what training reads and what ``lungvl site check`` prints. One bad study (or file,
-or report line) never stops the rest: it is recorded with its reason.
+or report line, or labels.csv row) never stops the rest: it is recorded with its reason. labels.csv is
+validated against :mod:`lungvl_model.data.labels_schema` here, so training and the site check use the
+same rows.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from lungvl_model.data.dicom_io import (
     read_series,
     scan_dicom_tree,
 )
-from lungvl_model.data.phi import PHIFinding, phi_in_files
+from lungvl_model.data.labels_schema import ProblemLog
+from lungvl_model.data.phi import PHIFinding
 from lungvl_model.data.site_layout import (
     ReportRecord,
     SiteDataError,
@@ -46,7 +49,7 @@ class StudyEntry:
         mask: nodule label map path when it exists.
         lobes: lobe map path when it exists.
         notes: non-fatal remarks (extra series ignored, no report...).
-        phi: identifying attributes found in its headers.
+        phi: identifying attributes found in the headers of all its DICOM files.
     """
 
     study_uid: str
@@ -79,13 +82,27 @@ class StudyEntry:
 
 @dataclass
 class SiteCatalogue:
-    """Everything found in a site directory."""
+    """Everything found in a site directory.
+
+    Attributes:
+        site_dir: the site directory.
+        manifest: its ``[site]`` table, None when site.toml is missing or unreadable (see ``problems``).
+        studies: every study found, usable or not, by StudyInstanceUID.
+        skipped_files: files that are not part of a usable series, with their reasons.
+        problems: site.toml, reports.jsonl and labels.csv problems (a training run skips those lines).
+        phi_unassigned: identifying attributes in DICOM files without a StudyInstanceUID.
+        phi_files: DICOM headers scanned for identifying attributes (0 when not asked).
+        phi_failures: ``"file: why"`` for headers the PHI scan could not read through.
+    """
 
     site_dir: Path
     manifest: SiteManifest | None
     studies: dict[str, StudyEntry]
     skipped_files: list[SkippedFile]
     problems: list[str]
+    phi_unassigned: list[PHIFinding] = field(default_factory=list)
+    phi_files: int = 0
+    phi_failures: list[str] = field(default_factory=list)
 
     @property
     def usable(self) -> list[StudyEntry]:
@@ -118,9 +135,11 @@ def build_catalogue(
         site_dir: the site directory.
         verify: read every chosen series' pixels and geometry; a study whose series fails
             (missing slices, uneven spacing, tilt, unreadable pixels) is marked skipped with the reason.
-        phi: look for identifying DICOM attributes in each chosen series.
+        phi: look for identifying attributes (:mod:`lungvl_model.data.phi`) in every DICOM header of the
+            site, while the headers are scanned.
         progress: called as ``progress(done, total, study_uid)`` while verifying.
-        scan: a scan of ``site_dir/dicom`` already made (skips re-reading headers).
+        scan: a scan of ``site_dir/dicom`` already made (skips re-reading headers, unless ``phi`` is
+            asked and the scan has no PHI results).
 
     Returns:
         The catalogue.
@@ -143,7 +162,8 @@ def build_catalogue(
             problems.append(str(e))
     else:
         problems.append(f"{paths['toml'].name}: missing")
-    scan = scan or scan_dicom_tree(paths["dicom"])
+    if scan is None or (phi and scan.phi is None):
+        scan = scan_dicom_tree(paths["dicom"], phi=phi)
     reports, report_problems = read_reports(paths["reports"])
     problems += report_problems
     label_rows, label_problems = read_labels(paths["labels"])
@@ -167,26 +187,44 @@ def build_catalogue(
         studies[study_uid] = StudyEntry(
             study_uid, status="skipped", reason=f"no axial CT image series ({len(files)} file(s): {reasons[:200]})"
         )
+    unmatched = ProblemLog()  # one line per study, the repeats summarised
     for uid, rec in reports.items():
         if uid in studies:
             studies[uid].report = rec
         else:
-            problems.append(f"reports.jsonl: study {uid} has no CT series in dicom/")
+            unmatched.add(
+                ("", "reports.jsonl: study without CT"), f"reports.jsonl: study {uid} has no CT series in dicom/"
+            )
+    orphans: dict[str, int] = {}
     for row in label_rows:
-        entry = studies.get(row["study_uid"])
-        if entry is None:
-            problems.append(f"labels.csv: study {row['study_uid']} has no CT series in dicom/")
+        labelled = studies.get(row["study_uid"])
+        if labelled is None:
+            orphans[row["study_uid"]] = orphans.get(row["study_uid"], 0) + 1
             continue
-        if row.get("level", "nodule") == "study":
-            entry.study_labels = row
+        if row["level"] == "study":  # the schema requires level: "study" or "nodule"
+            labelled.study_labels = row
         else:
-            entry.nodule_labels.append(row)
+            labelled.nodule_labels.append(row)
+    for uid, n in orphans.items():
+        unmatched.add(
+            ("", "labels.csv: study without CT"),
+            f"labels.csv: study {uid} has no CT series in dicom/ ({n} row(s) unused)",
+        )
+    problems += unmatched.lines()
     for entry in studies.values():
         if entry.usable and entry.report is None:
             entry.notes.append("no report in reports.jsonl (image-only stages only)")
         if entry.prior_study_uid and entry.prior_study_uid not in studies:
             entry.notes.append(f"prior study {entry.prior_study_uid} not found")
 
+    cat = SiteCatalogue(root, manifest, studies, scan.skipped, problems)
+    if phi and scan.phi is not None:
+        for study_uid, found in scan.phi.by_study().items():
+            if study_uid in studies:
+                studies[study_uid].phi = found
+            else:
+                cat.phi_unassigned += found
+        cat.phi_files, cat.phi_failures = scan.phi.files, list(scan.phi.failures)
     todo = [e for e in studies.values() if e.series is not None]
     for i, entry in enumerate(sorted(todo, key=lambda e: e.study_uid)):
         assert entry.series is not None
@@ -196,11 +234,6 @@ def build_catalogue(
                 entry.notes += vol.issues
             except SeriesError as e:
                 entry.status, entry.reason = "skipped", str(e)
-        if phi:
-            try:
-                entry.phi = phi_in_files(entry.series.files)
-            except Exception as e:  # noqa: BLE001 - a PHI read failure must not hide the study
-                entry.notes.append(f"PHI check failed ({e})")
         if progress:
             progress(i + 1, len(todo), entry.study_uid)
-    return SiteCatalogue(root, manifest, studies, scan.skipped, problems)
+    return cat

@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydicom
@@ -27,6 +27,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from lungvl_model.data.volume import CTVolume
+
+if TYPE_CHECKING:
+    from lungvl_model.data.phi import PHIScan
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -75,6 +78,8 @@ class ScanResult:
 
     series: dict[tuple[str, str], SeriesInfo] = field(default_factory=dict)
     skipped: list[SkippedFile] = field(default_factory=list)
+    #: identifying attributes of every DICOM header read (kept and skipped files); None when not asked
+    phi: PHIScan | None = None
 
     def by_study(self) -> dict[str, list[SeriesInfo]]:
         """Series grouped by StudyInstanceUID."""
@@ -158,16 +163,22 @@ def iter_files(root: str | Path) -> Iterable[Path]:
                 yield Path(dirpath) / name
 
 
-def scan_dicom_tree(root: str | Path) -> ScanResult:
+def scan_dicom_tree(root: str | Path, *, phi: bool = False) -> ScanResult:
     """Find the axial CT series below ``root`` from headers only.
 
     Args:
         root: a folder (any nesting) or a single file.
+        phi: also look for identifying attributes (:mod:`lungvl_model.data.phi`) in every header read,
+            the skipped DICOM files' included, while it is in memory (each file is read once).
 
     Returns:
-        The series found and the files skipped, each with its reason.
+        The series found and the files skipped, each with its reason (and ``phi`` when asked).
     """
     result = ScanResult()
+    if phi:
+        from lungvl_model.data.phi import PHIScan
+
+        result.phi = PHIScan()
     for path in iter_files(root):
         if path.suffix.lower() in (".xml", ".json", ".jsonl", ".csv", ".txt", ".toml", ".gz", ".nii"):
             continue  # annotation and metadata files that live beside DICOM in exports
@@ -179,6 +190,8 @@ def scan_dicom_tree(root: str | Path) -> ScanResult:
         except Exception as e:  # noqa: BLE001 - any parser failure makes the file unusable
             result.skipped.append(SkippedFile(path, f"unreadable DICOM ({type(e).__name__}: {e})"))
             continue
+        if result.phi is not None:
+            result.phi.add(ds, path)
         try:
             reason = classify_slice(ds)
         except Exception as e:  # noqa: BLE001 - malformed geometry values

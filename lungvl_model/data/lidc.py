@@ -12,6 +12,7 @@ report. The public names of the parsing and consensus modules are re-exported he
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -330,6 +331,37 @@ def _parse_age(text: Any) -> int | None:
     return int(s[:-1]) if len(s) > 1 and s[-1] == "Y" and s[:-1].isdigit() else None
 
 
+#: Written into a site directory made by :func:`import_lidc`; only such a folder (or an empty one) is written to.
+IMPORT_MARKER = ".lungvl_lidc.json"
+_IMPORT_ENTRIES = frozenset(
+    {IMPORT_MARKER, "dicom", "annotations", "labels.csv", "reports.jsonl", "site.toml", ".cache"}
+)
+
+
+def check_import_out_dir(out: Path) -> None:
+    """Refuse an ``out`` the importer must not write into; changes nothing.
+
+    Its labels.csv, reports.jsonl and site.toml would replace a user's files.
+
+    Raises:
+        FileExistsError: ``out`` is a file, or a non-empty folder that is not an earlier import, or an
+            earlier import holding other entries (named).
+    """
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a folder; choose a new or empty folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    names = sorted(c.name for c in out.iterdir())
+    if IMPORT_MARKER not in names:
+        raise FileExistsError(
+            f"--out {out} is not empty and not an earlier LIDC import ({len(names)} entries: {', '.join(names[:5])}); "
+            "choose a new or empty folder"
+        )
+    other = [n for n in names if n not in _IMPORT_ENTRIES]
+    if other:
+        raise FileExistsError(f"--out {out} is an earlier LIDC import but also holds {other[:5]}; move them away")
+
+
 def import_lidc(
     src: str | Path, out: str | Path, *, progress: Callable[[int, int, str], None] | None = None
 ) -> LidcImportSummary:
@@ -349,12 +381,23 @@ def import_lidc(
 
     Returns:
         The summary.
+
+    Raises:
+        FileNotFoundError: ``src`` does not exist.
+        FileExistsError: ``out`` holds something an earlier import did not write (nothing is changed).
+        ValueError: no LIDC XML under ``src``.
     """
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = LidcImportSummary(out=out)
+    if not src.exists():
+        raise FileNotFoundError(f"LIDC source {src} does not exist")
+    check_import_out_dir(out)
     xmls = find_lidc_xml(src)
+    if not xmls:
+        raise ValueError(f"{src}: no LIDC-IDRI XML annotation file found (give a case folder with its XML and DICOM)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / IMPORT_MARKER).write_text(json.dumps({"importer": "lungvl import-lidc", "source": str(src)}) + "\n")
+    summary = LidcImportSummary(out=out)
     base = src if src.is_dir() else src.parent
     mode = "symlink"
     seen: dict[str, str] = {}

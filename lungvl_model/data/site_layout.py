@@ -52,7 +52,7 @@ LABEL_COLUMNS: tuple[str, ...] = (
     "calcification",  # 0/1 benign calcification pattern
     "juxtapleural",  # 0/1
     "lobe",  # RUL | RML | RLL | LUL | LLL
-    "context",  # baseline | new | growing | stable
+    "context",  # baseline | new | growing | stable | slow_growing
     "growth_mm",  # mean-diameter change since the prior study (12 months)
     "n_readers",  # LIDC: readers who marked it
     "malignancy_score",  # LIDC mean rating 1-5
@@ -117,42 +117,65 @@ def read_reports(path: str | Path) -> tuple[dict[str, ReportRecord], list[str]]:
     """Read ``reports.jsonl``.
 
     Returns:
-        ``(records by study_uid, problems)``; a malformed line (or an empty report text, or one over the
-        labeler's :data:`~lungvl_model.text.labeler.MAX_REPORT_CHARS`) is reported in ``problems`` (with
-        its line number and what was wrong) and skipped, the others are kept.
+        ``(records by study_uid, problems)``; a malformed line (not UTF-8, not JSON, no ``study_uid``, an
+        empty report text, one over the labeler's :data:`~lungvl_model.text.labeler.MAX_REPORT_CHARS`, a
+        second line for a study) is reported in ``problems`` (with its line number, byte offset or value)
+        and skipped, the others are kept. An empty file is a problem; a UTF-8 byte order mark is accepted.
+        Repeats of one problem are summarised (:class:`~lungvl_model.data.labels_schema.ProblemLog`).
     """
+    from lungvl_model.data.labels_schema import ProblemLog, decode_utf8
     from lungvl_model.text.labeler import report_size_problem  # the labeler's patterns compile on import
 
     out: dict[str, ReportRecord] = {}
-    problems: list[str] = []
+    first_line: dict[str, int] = {}
     p = Path(path)
     if not p.exists():
         return out, [f"{p}: missing"]
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        return out, [f"{p}: cannot read ({e.strerror or e})"]
+    if not data.strip():
+        return out, [f"{p.name}: empty file ({len(data)} bytes): no reports"]
+    log = ProblemLog()
+    offset = 0
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        start, offset = offset, offset + len(raw) + 1
+        line, bad = decode_utf8(raw, f"{p.name}:{lineno}", base_offset=start)
+        if line is None or bad is not None:
+            log.add(("", "not UTF-8 text"), f"{bad}; line skipped")
+            continue
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            problems.append(f"{p.name}:{lineno}: not valid JSON ({e.msg})")
+            log.add(("", "not valid JSON"), f"{p.name}:{lineno}: not valid JSON ({e.msg})")
             continue
         if not isinstance(obj, dict):
-            problems.append(f"{p.name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            log.add(("", "not a JSON object"), f"{p.name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             continue
         uid, text = obj.get("study_uid"), obj.get("text")
         if not isinstance(uid, str) or not uid:
-            problems.append(f"{p.name}:{lineno}: 'study_uid' missing or not a string ({uid!r})")
+            log.add(("study_uid", "missing"), f"{p.name}:{lineno}: 'study_uid' missing or not a string ({uid!r})")
             continue
         if not isinstance(text, str) or not text.strip():
-            problems.append(f"{p.name}:{lineno}: study {uid}: 'text' missing or empty ({text!r})")
+            log.add(("text", "missing"), f"{p.name}:{lineno}: study {uid}: 'text' missing or empty ({text!r})")
             continue
         too_long = report_size_problem(text)  # the weak labels could not be read from it
         if too_long is not None:
-            problems.append(f"{p.name}:{lineno}: study {uid}: {too_long}")
+            log.add(("text", "too long"), f"{p.name}:{lineno}: study {uid}: {too_long}")
+            continue
+        if uid in out:
+            log.add(
+                ("study_uid", "has a second report line"),
+                f"{p.name}:{lineno}: study {uid} already has a report (line {first_line[uid]}); line skipped",
+            )
             continue
         prior = obj.get("prior_study_uid")
         out[uid] = ReportRecord(uid, text, str(obj.get("study_date", "")), prior if prior else None)
-    return out, problems
+        first_line[uid] = lineno
+    return out, log.lines()
 
 
 def write_reports(path: str | Path, records: Iterable[ReportRecord]) -> None:
@@ -187,19 +210,16 @@ def write_labels(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
 
 
 def read_labels(path: str | Path) -> tuple[list[dict[str, str]], list[str]]:
-    """Read ``labels.csv`` as string dicts; rows without ``study_uid`` are reported and skipped."""
-    p = Path(path)
-    if not p.exists():
-        return [], []
-    rows: list[dict[str, str]] = []
-    problems: list[str] = []
-    with p.open(encoding="utf-8", newline="") as fh:
-        for i, row in enumerate(csv.DictReader(fh), start=2):
-            if not (row.get("study_uid") or "").strip():
-                problems.append(f"{p.name}:{i}: empty study_uid")
-                continue
-            rows.append({k: (v or "").strip() for k, v in row.items() if k is not None})
-    return rows, problems
+    """Read and validate ``labels.csv`` (:func:`~lungvl_model.data.labels_schema.read_labels_csv`).
+
+    Returns:
+        ``(rows, problems)``: valid rows (every :data:`LABEL_COLUMNS` key, "" = unknown); a row breaking
+        the schema is reported in ``problems`` with its line, column and value, and skipped. A missing file
+        gives no rows and no problems (labels.csv is optional).
+    """
+    from lungvl_model.data.labels_schema import read_labels_csv  # it imports this module's constants
+
+    return read_labels_csv(path)
 
 
 @dataclass(frozen=True)
@@ -224,7 +244,7 @@ class SiteManifest:
         p = Path(path)
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as e:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise SiteDataError(f"{p}: cannot read site.toml ({e})") from e
         site = data.get("site")
         if not isinstance(site, dict) or "name" not in site:

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lungvl_model.errors import CorruptStateError
+
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -19,8 +21,16 @@ def save_threshold(checkpoint_dir: str | Path, threshold: float, details: dict[s
 
 
 def load_threshold(checkpoint_dir: str | Path) -> float | None:
-    """The calibrated threshold, or None when the checkpoint has not been calibrated."""
+    """The calibrated threshold, or None when the checkpoint has not been calibrated.
+
+    Raises:
+        CorruptStateError: the calibration file is damaged (named).
+    """
     p = Path(checkpoint_dir) / CALIBRATION_FILE
     if not p.exists():
         return None
-    return float(json.loads(p.read_text())["sentence_entropy_threshold"])
+    try:
+        value = json.loads(p.read_text(encoding="utf-8"))["sentence_entropy_threshold"]
+        return float(value)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CorruptStateError(f"{p}: damaged calibration file ({type(e).__name__}: {e})") from None

@@ -209,8 +209,6 @@ def match_prior(
         shift_lps: translation (mm) that maps prior LPS positions onto the current study.
         min_radius_mm: smallest matching radius.
     """
-    from lungvl_model.clinical.lung_rads import context_from_prior
-
     used: set[int] = set()
     for f in current:
         best, best_d = None, np.inf
@@ -221,11 +219,21 @@ def match_prior(
             if d < best_d and d <= max(min_radius_mm, f.mean_diameter_mm):
                 best, best_d = j, d
         if best is None:
-            f.context = context_from_prior(None, f.mean_diameter_mm, True)
             f.notes.append("not seen on the prior study")
+            _set_context(f, None)
             continue
         used.add(best)
         p = prior[best]
         f.prior_mean_diameter_mm = p.mean_diameter_mm
         f.growth_mm = round(f.mean_diameter_mm - p.mean_diameter_mm, 2)
-        f.context = context_from_prior(p.mean_diameter_mm, f.mean_diameter_mm, True)
+        _set_context(f, p.mean_diameter_mm)
+
+
+def _set_context(f: Finding, prior_mean_mm: float | None) -> None:
+    """Lung-RADS context from the prior; a measurement the rules refuse (e.g. > 300 mm) is noted, not fatal."""
+    from lungvl_model.clinical.lung_rads import InvalidFieldError, context_from_prior
+
+    try:
+        f.context = context_from_prior(prior_mean_mm, f.mean_diameter_mm, True)
+    except InvalidFieldError as e:
+        f.notes.append(f"no comparison context: {e}")

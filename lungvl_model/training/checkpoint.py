@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lungvl_model.errors import CorruptStateError
 from lungvl_model.models.config import LungVLConfig
 from lungvl_model.models.lungvl import LungVLModel
 from lungvl_model.text.tokenizer import load_tokenizer, save_tokenizer
@@ -26,8 +27,21 @@ from lungvl_model.text.tokenizer import load_tokenizer, save_tokenizer
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing a file or does not match the model; the message says which."""
+class CheckpointError(CorruptStateError):
+    """A checkpoint directory is missing a file, holds a damaged one, or does not fit the model.
+
+    The message names the file.
+    """
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: damaged ({e})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    return doc
 
 
 def sha256_file(path: Path) -> str:
@@ -83,19 +97,36 @@ def load_checkpoint(
             not fit the architecture.
     """
     d = Path(directory)
+    if not d.exists():
+        raise FileNotFoundError(f"checkpoint directory {d} does not exist")
     for name in ("model.pt", "config.json", "tokenizer", "meta.json"):
         if not (d / name).exists():
             raise CheckpointError(f"{d}: not a lungvl checkpoint ({name} missing)")
-    meta = json.loads((d / "meta.json").read_text())
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: not a checkpoint directory")
+    meta = _read_json(d / "meta.json")
     digest = sha256_file(d / "model.pt")
     if meta.get("model_sha256") and meta["model_sha256"] != digest:
         raise CheckpointError(
             f"{d}/model.pt: sha256 {digest[:12]}… differs from meta.json {meta['model_sha256'][:12]}…"
         )
-    cfg = config or LungVLConfig.from_dict(json.loads((d / "config.json").read_text()))
-    tok = load_tokenizer(d / "tokenizer")
+    try:
+        cfg = config or LungVLConfig.from_dict(_read_json(d / "config.json"))
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{d}/config.json: not a model config this lungvl can build ({e})") from None
+    try:
+        tok = load_tokenizer(d / "tokenizer")
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own exception types
+        raise CheckpointError(f"{d}/tokenizer: cannot be loaded ({type(e).__name__}: {str(e)[:200]})") from None
     model = LungVLModel(cfg, tok)
-    state = torch.load(d / "model.pt", map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(d / "model.pt", map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError...
+        raise CheckpointError(f"{d}/model.pt: damaged ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{d}/model.pt: holds a {type(state).__name__}, not a state dict")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -253,12 +253,12 @@ def test_forgotten_accountant_state_is_refused_at_start_up(package, tmp_path: Pa
 
 def test_site_join_preflight_refuses_a_forgotten_accountant_state(tmp_path: Path) -> None:
     cfg = SiteDeployConfig.from_toml(write_site(tmp_path))
-    assert preflight(cfg, check_data=False)["policy"] == SitePolicy().to_dict()
+    assert preflight(cfg, check_data=False, check_connect=False)["policy"] == SitePolicy().to_dict()
     ledger = AuditLedger(cfg.state_dir / LEDGER_FILENAME)
     ledger.record(round=1, kind="train_reply", payload=b"x", metrics={}, dp={}, epsilon=0.75, delta=1e-5)
     ledger.close()
     with pytest.raises(SiteNotReady, match=r"records ε = 0\.75 spent .* accountant state .* does not exist") as err:
-        preflight(cfg, check_data=False)
+        preflight(cfg, check_data=False, check_connect=False)
     assert str(cfg.state_dir / LEDGER_FILENAME) in str(err.value)
     assert str(cfg.state_dir / ACCOUNTANT_STATE_FILE) in str(err.value)
 

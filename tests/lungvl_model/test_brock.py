@@ -88,7 +88,13 @@ def test_directions_of_predictors() -> None:
 def test_extreme_sizes_stay_finite() -> None:
     tiny = brock_probability(replace(BASE, longest_diameter_mm=1e-300))
     assert tiny == 0.0 or 0.0 < tiny < 1e-100
-    assert brock_probability(replace(BASE, longest_diameter_mm=1e300)) < 1.0
+    assert brock_probability(replace(BASE, longest_diameter_mm=300.0)) < 1.0
+
+
+@pytest.mark.parametrize("size", [300.01, 1e6, 1e300])
+def test_implausible_sizes_refused(size: float) -> None:
+    with pytest.raises(InvalidFieldError, match="at most 300"):
+        brock_probability(replace(BASE, longest_diameter_mm=size))
 
 
 def test_upper_lobes() -> None:

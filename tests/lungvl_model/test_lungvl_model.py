@@ -185,5 +185,5 @@ def test_checkpoint_round_trip_and_tamper(tok, tmp_path: Path) -> None:
     (tmp_path / "ck" / "model.pt").write_bytes((tmp_path / "ck" / "model.pt").read_bytes()[:-10] + b"0" * 10)
     with pytest.raises(CheckpointError, match="sha256"):
         load_checkpoint(tmp_path / "ck")
-    with pytest.raises(CheckpointError, match="missing"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "nowhere")

@@ -22,19 +22,6 @@ def task_identity() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def init_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A micro LungVL model package (~100k parameters): what the ServerApp loads and checkpoints."""
-    from lungvl_model.data.preprocess import PreprocessConfig
-    from lungvl_model.models.config import HeadsConfig, LungVLConfig, TextConfig, VisionConfig
-    from lungvl_model.models.lungvl import LungVLModel
-    from lungvl_model.text.tokenizer import train_tokenizer
-    from lungvl_model.training.checkpoint import save_checkpoint
+    from tests.conftest import micro_checkpoint
 
-    cfg = LungVLConfig(
-        preset="test",
-        vision=VisionConfig(channels=(4, 8, 8, 16, 16), aggregation_channels=8, attention_scales=(3, 4)),
-        text=TextConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64, visual_scales=(2, 3), dropout=0.0),
-        heads=HeadsConfig(hidden=16),
-        input=PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0), size=(32, 32, 32)),
-    )
-    texts = ["A 9 mm solid nodule in the right upper lobe. Lung-RADS 4A.", "No pulmonary nodules. Lung-RADS 1."] * 8
-    model = LungVLModel(cfg, train_tokenizer(texts, vocab_size=300))
-    return save_checkpoint(tmp_path_factory.mktemp("init") / "model", model, {"stage": "init"})
+    return micro_checkpoint(tmp_path_factory.mktemp("init") / "model")

@@ -60,7 +60,7 @@ TWO = [{"name": n, "cohort": "screening", "studies": 1} for n in ("a", "b")]
         ({"sites": [*TWO, {"name": "c", "cohort": "screen", "studies": 1}]}, "cohort"),
         ({"sites": TWO[:1]}, "min_sites"),
         ({"sites": [*TWO, TWO[0]]}, "duplicate site names"),
-        ({"sites": []}, "no \\[\\[sites\\]\\]"),
+        ({"sites": []}, "at least one \\[\\[sites\\]\\]"),
         ({"run": {"name": "x", "holdout_fraction": 1.0}}, "holdout_fraction"),
     ],
 )
