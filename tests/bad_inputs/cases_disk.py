@@ -43,12 +43,14 @@ def small_disk(folder: Path, size_kb: int, args: list[str]) -> list[str]:
             [*lungvl_cmd(), *args]
         )
         return ["unshare", "-rm", "sh", "-c", inner]
-    return [sys.executable, str(SHIM), str(folder), str(size_kb * 1024), *args]
+    return [sys.executable, str(SHIM), str(folder), str(size_kb * 1024), "ENOSPC", *args]
 
 
 def read_only(folder: Path, args: list[str]) -> list[str]:
-    """A command running ``lungvl args`` with ``folder`` bind-mounted read-only (EROFS; else EACCES via /sys)."""
+    """A command running ``lungvl args`` with ``folder`` bind-mounted read-only (else EROFS from the shim)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if not can_mount():
+        return [sys.executable, str(SHIM), str(folder), "0", "EROFS", *args]
     q = shlex.quote(str(folder))
     inner = f"mount --bind {q} {q} && mount -o remount,ro,bind {q} && exec " + shlex.join([*lungvl_cmd(), *args])
     return ["unshare", "-rm", "sh", "-c", inner]

@@ -2,7 +2,7 @@
 
 For machines where no small file system can be mounted.
 
-Usage: python enospc_shim.py FOLDER BUDGET_BYTES lungvl-args...
+Usage: python enospc_shim.py FOLDER BUDGET_BYTES ERRNO_NAME lungvl-args...  (ERRNO_NAME: ENOSPC or EROFS)
 
 Only the fallback of the disk-full cases: where ``unshare -rm`` can mount a small tmpfs, the corpus uses
 the real thing.
@@ -19,6 +19,7 @@ from typing import Any
 
 FOLDER = os.path.realpath(sys.argv[1])
 BUDGET = [int(sys.argv[2])]
+ERRNO = getattr(errno, sys.argv[3])
 _open = io.open
 
 
@@ -29,7 +30,7 @@ class _Limited:
     def write(self, data: Any) -> int:
         n = len(data.encode() if isinstance(data, str) else data)
         if n > BUDGET[0]:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._path)
+            raise OSError(ERRNO, os.strerror(ERRNO), self._path)
         BUDGET[0] -= n
         return int(self._fh.write(data))
 
@@ -48,6 +49,10 @@ def _limited_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
     if isinstance(file, str | os.PathLike) and any(m in mode for m in "wax+"):
         path = os.path.realpath(os.fspath(file))
         if path.startswith(FOLDER + os.sep):
+            if ERRNO != errno.ENOSPC:  # a read-only file system refuses the open itself
+                fh.close()
+                os.unlink(path)
+                raise OSError(ERRNO, os.strerror(ERRNO), path)
             return _Limited(fh, path)
     return fh
 
@@ -57,4 +62,4 @@ io.open = _limited_open
 
 from lungvl.cli import run  # noqa: E402 - after the patch
 
-sys.exit(run(sys.argv[3:]))
+sys.exit(run(sys.argv[4:]))
