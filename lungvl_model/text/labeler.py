@@ -10,7 +10,10 @@ Modules: sections and sentences in :mod:`lungvl_model.text.report_sentences`, th
 :mod:`lungvl_model.text.sentence_spans`, its findings in :mod:`lungvl_model.text.sentence_findings`,
 the labels and the concept metric in :mod:`lungvl_model.text.report_labels` (re-exported here); this
 module merges the sentences into report labels and labels JSON lines. Patterns live in
-:mod:`lungvl_model.text.labeler_patterns`.
+:mod:`lungvl_model.text.labeler_patterns`; what makes a nodule-like mention no pulmonary nodule (another
+organ or a lymph node, an opacity or consolidation, a nodular pattern) in
+:mod:`lungvl_model.text.labeler_context`. ``tests/lungvl_model/data/real_phrasing.jsonl`` holds the real-report
+phrasings (US/UK/telegraphic/structured/translated) it is checked on.
 """
 
 from __future__ import annotations
@@ -274,7 +277,9 @@ def label_report(text: str) -> ReportLabels:
     Returns:
         :class:`ReportLabels`; ``nodule_present`` is True when a current pulmonary nodule is affirmed,
         False when nodules are negated (or the lungs are called clear) and none is affirmed, None when the
-        report does not say (e.g. only "no new or enlarging nodules"). Empty text gives all None.
+        report does not say (e.g. only "no new or enlarging nodules", which says known nodules are stable
+        but asserts none; or only a thyroid nodule, a ground-glass opacity or a nodular pattern). Tiny
+        ("millimetric") nodules and micronodules are nodules without a size. Empty text gives all None.
 
     Raises:
         ValueError: ``text`` is longer than :data:`MAX_REPORT_CHARS` (the message names both sizes).

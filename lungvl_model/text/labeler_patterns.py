@@ -54,11 +54,13 @@ SKIP_SECTIONS: frozenset[str] = frozenset({"history", "technique", "comparison"}
 SUBHEADER_RE = re.compile(r"^\s*(?P<name>[A-Za-z][A-Za-z ,/&-]{0,40}?)\s*:\s*")
 #: Sub-headers whose content is outside the lungs.
 EXTRAPULMONARY_SUBHEADER_RE = re.compile(
-    r"(?:(?:lower|base\s+of(?:\s+the)?)\s+)?neck|thyroid(?:\s+gland)?|(?:visuali[sz]ed\s+|limited\s+|upper\s+)?abdomen"
+    r"(?:(?:right|left|bilateral|both)\s+)?(?:"
+    r"(?:(?:lower|base\s+of(?:\s+the)?)\s+)?neck|thyroid(?:\s+gland)?|hepatic(?:\s+dome)?|renal|peritoneum"
+    r"|(?:visuali[sz]ed\s+|limited\s+|upper\s+)?abdomen"
     r"|liver|hepatobiliary|adrenals?(?:\s+glands?)?|kidneys?|spleen|pancreas|bones?|osseous(?:\s+structures)?"
     r"|skeleton|skeletal|musculoskeletal|msk|soft\s+tissues?|chest\s+wall|breasts?|axillae?|mediastinum"
     r"|(?:mediastinal\s+)?lymph\s+nodes?|nodes|heart|heart\s+and\s+(?:great\s+)?vessels|cardiovascular|vessels"
-    r"|vasculature|esophagus|oesophagus|thoracic\s+inlet",
+    r"|vasculature|esophagus|oesophagus|thoracic\s+inlet)",
     _I,
 )
 
@@ -82,55 +84,29 @@ CONTINUATION_END_RE = re.compile(
 # Nodule anchors and context
 # --------------------------------------------------------------------------------------------------
 
-#: Head nouns of a nodule mention. ``opacity``/``density`` need a nodule qualifier or a size.
+#: Head nouns of a nodule mention. ``opacity``/``density`` and ``GGO`` need a nodule qualifier or a focal size
+#: (:func:`lungvl_model.text.labeler_context.opacity_is_nodule`); ``GGN`` is a ground-glass nodule. Translated
+#: reports name a nodule a "nodular image"/"nodular formation"/"image of nodular aspect" (Spanish/Portuguese
+#: "imagen/formación nodular", "imagen de aspecto nodular") or a "round focus" (German "Rundherd").
 ANCHOR_RE = re.compile(
     r"\b(?P<nod>(?:micro)?nodules?)\b"
-    r"|\b(?P<nodop>nodular\s+(?:ground[\s-]*glass\s+)?(?:opacit(?:y|ies)|densit(?:y|ies)|foc(?:us|i)|lesions?|areas?))\b"
+    r"|\b(?P<nodop>nodular\s+(?:ground[\s-]*glass\s+)?(?:opacit(?:y|ies)|densit(?:y|ies)|foc(?:us|i)|lesions?|areas?"
+    r"|images?|formations?)|round(?:ed)?\s+foc(?:us|i)|images?\s+of\s+nodular\s+(?:aspect|appearance|morphology))\b"
     r"|\b(?P<mass>mass(?:es)?)\b(?![\s-]+(?:effect|index|like))"
     r"|\b(?P<lesion>lesions?)\b"
     r"|\b(?P<tumor>tumou?rs?)\b"
-    r"|\b(?P<ggx>gg[on]s?)\b"
+    r"|\b(?P<ggx>ggns?)\b"
+    r"|\b(?P<ggo>ggos?)\b"
     r"|\b(?P<gran>granulomas?|granulomata)\b"
     r"|\b(?P<opac>opacit(?:y|ies)|densit(?:y|ies))\b",
     _I,
 )
-#: Qualifiers that make an opacity/density a nodule mention.
-OPACITY_QUALIFIER_RE = re.compile(
-    r"ground[\s-]*glass|\bgg\b|nodular|\bround(?:ed)?\b|spicul|part[\s-]*solid|sub[\s-]*solid|semi[\s-]*solid"
-    r"|non[\s-]*solid|\bsolid\b|mass[\s-]*like|\bfocal\b|soft[\s-]+tissue",
-    _I,
-)
-#: Words that make an opacity a non-nodular finding (atelectasis, infection, fibrosis...).
-OPACITY_EXCLUDE_RE = re.compile(
-    r"diffuse|widespread|mosaic|patchy|linear|band[\s-]*like|reticul|streaky|atelecta|scar|fibro|consolidat"
-    r"|pneumon|infect|inflammat|airspace|air[\s-]+space|tree[\s-]*in[\s-]*bud|dependent|edema|oedema"
-    r"|h(?:a)?emorrhag|crazy|bibasilar|bibasal|subsegmental|plate[\s-]*like|geographic",
-    _I,
-)
-#: Organs outside the lungs: a nodule/lesion there is not a pulmonary nodule.
-EXTRAPULMONARY_RE = re.compile(
-    r"\b(?:thyroid\w*|adrenals?|liver|hepatic|kidneys?|renal|spleen|splenic|pancrea(?:s|tic)|breasts?|mammary"
-    r"|axill(?:a|ae|ary)|skin|cutaneous|subcutaneous|dermal|chest[\s-]+wall|osseous|bones?|bony|vertebra[el]?"
-    r"|vertebral|ribs?|sternal|sternum|spine|spinal|scapular?|clavic\w*|humer\w*|sclerotic|lytic|blastic"
-    r"|mediastin(?:um|al)|o?esophag\w*|gastric|stomach|bowel|colonic|colon|gallbladder|biliary|lymph|nodal"
-    r"|thym(?:us|ic)|parotid|neck|cervical|pericardi\w*|cardiac|heart|myocardi\w*|muscles?|intramuscular"
-    r"|paraspinal|pectoral\w*|body|hiatal|uterine|ovarian|prostat\w*)\b",
-    _I,
-)
-#: Extra cues that a lesion/mass is extrapulmonary (liver/kidney style descriptions).
-EXTRA_LESION_CUE_RE = re.compile(
-    r"hypodens|hypoattenuat|low[\s-]+(?:attenuation|density)|hyperdens|too\s+small\s+to\s+characteri[sz]e"
-    r"|sclerotic|lytic|blastic|cortical|enhancing",
-    _I,
-)
-#: A preposition that attaches a mention to the organ following it ("nodule in the left adrenal").
-ORGAN_ATTACH_RE = re.compile(
-    r"^\W*(?:[\w.-]+\s+){0,4}?(?:in|within|of|from|involving|arising\s+(?:in|from))\s+(?:[\w-]+\s+){0,5}?"
-    + EXTRAPULMONARY_RE.pattern,
-    _I,
-)
-#: Words that stop the organ-attachment look-ahead (the mention is in the lung).
-LUNG_WORD_RE = re.compile(r"\b(?:lungs?|pulmonary|lingula\w*|fissur\w*|apex|apices|bases?|parenchym\w*)\b", _I)
+#: An opacity anchor that says what the nodule before it looks like ("nodule of ground glass density", "nodular
+#: image in LSD of 5 mm, of soft tissue density"): the text before it ends with "of" and a few words...
+ATTRIBUTE_OF_END_RE = re.compile(r"\bof\s+(?:[\w-]+\s+){0,3}$", _I)
+#: ...and the text between the two anchors (at most :data:`ATTRIBUTE_OF_MAX_CHARS`) has no clause break.
+ATTRIBUTE_OF_BLOCK_RE = re.compile(r"[;:.]\s|\b(?:and|n?or|while|whereas|plus|also|another|other|with)\b", _I)
+ATTRIBUTE_OF_MAX_CHARS = 80
 #: Generic guideline text ("Fleischner guidelines for incidental nodules").
 GENERIC_CONTEXT_RE = re.compile(r"fleischner|guideline|society|criteria|management\s+of|recommendations?\s+for", _I)
 #: Anchors that were removed/resected, or only in the history.
@@ -167,13 +143,13 @@ CLEAR_EXCEPTION_RE = re.compile(r"\b(?:except|apart\s+from|aside\s+from|other\s+
 
 _SEEN = (
     r"(?:seen|visuali[sz]ed|identified|appreciated|demonstrated|evident|apparent|present|detected|visible|noted"
-    r"|found)"
+    r"|found|observed|evidenced|depicted|shown|individuali[sz]ed|recogni[sz]ed)"
 )
 _PRIOR = r"(?:prior|previous|preceding|earlier|last|comparison|baseline|old|\d{4}|\d{1,2}/\d{1,2}/\d{2,4})"
 
 #: "no new or enlarging nodules": negates only new/growing ones, so nodule presence stays unknown.
 PARTIAL_NEG_RE = re.compile(
-    r"\bno\s+(?:(?:definite|significant|suspicious|discrete|pulmonary|focal|worrisome|concerning)\s+)*"
+    r"\b(?:no|without)\s+(?:(?:definite|significant|suspicious|discrete|pulmonary|focal|worrisome|concerning)\s+)*"
     r"(?:new|newly|enlarging|enlarged|growing|increasing|additional|other|further|more|non[\s-]?calcified"
     r"|interval(?:\s+development\s+of)?)\b"
     r"(?:\s*(?:,|or|and/or|and|/)\s*(?:new|enlarging|enlarged|growing|increasing|suspicious|additional"
@@ -215,15 +191,16 @@ PRE_NEG_RE = re.compile(
 #: Negation triggers after the finding.
 POST_NEG_RE = re.compile(
     rf"\bnot\s+(?:\w+\s+)?{_SEEN}\b|\bno\s+longer\s+(?:\w+\s+)?{_SEEN}\b|\bno\s+longer\b"
-    r"|\b(?:has|have)\s+(?:\w+\s+)?(?:resolved|disappeared|cleared)\b|\bresolved\b|\b(?:is|are)\s+(?:now\s+)?(?:absent|gone)\b"
+    r"|\b(?:has|have)\s+(?:\w+\s+)?(?:resolved|disappeared|cleared)\b|\bresolved\b"
+    r"|\b(?:is|are|was|were)\s+(?:now\s+)?(?:absent|gone)\b"
     rf"|\bcan\s*not\s+be\s+(?:\w+\s+)?{_SEEN}\b|\bruled\s+out\b",
     _I,
 )
-#: Listed-as-absent form: "Nodules: none.", "Emphysema: absent." (possessive ``\s*+``: one way to match a
-#: run of spaces, so a long run costs its length, not its cube)
+#: Listed-as-absent form: "Nodules: none.", "Emphysema: absent.", "Nodules - none." (possessive ``\s*+``: one
+#: way to match a run of spaces, so a long run costs its length, not its cube)
 NONE_LIST_RE = re.compile(
-    r":\s*+(?:none|nil|negative|absent|no|not\s++(?:seen|present|identified))\s*+(?:(?:seen|identified)\s*+)?"
-    r"(?:[.;]\s*+)?$",
+    r"(?::|\s-)\s*+(?:none|nil|negative|absent|no|0|zero|not\s++(?:seen|present|identified))\s*+"
+    r"(?:(?:seen|identified)\s*+)?(?:[.;]\s*+)?$",
     _I,
 )
 #: Hard scope terminators.
@@ -241,7 +218,9 @@ SOFT_BREAK_RE = re.compile(
     _I,
 )
 #: Boundaries between two nodule mentions of one sentence.
-SEGMENT_BREAK_RE = re.compile(r"[;,:]|\band\b|\bor\b|\bas\s+well\s+as\b|\bwhile\b|\bwhereas\b|\bplus\b|\balso\b", _I)
+SEGMENT_BREAK_RE = re.compile(
+    r"[;:]|(?<!\d),|,(?!\d)|\band\b|\bor\b|\bas\s+well\s+as\b|\bwhile\b|\bwhereas\b|\bplus\b|\balso\b", _I
+)
 #: Text between two anchors that makes them one mention ("nodules or masses", "nodule/mass").
 ANCHOR_JOIN_RE = re.compile(
     r"^[\s-]*$|^\s*(?:/|or|and/or|and)\s*(?:(?:pulmonary|suspicious|solid|focal|lung)\s+)?$", _I
@@ -251,7 +230,9 @@ ANCHOR_JOIN_RE = re.compile(
 # Sizes
 # --------------------------------------------------------------------------------------------------
 
-NUM = r"(?:\d+(?:\.\d+)?|\.\d+)"
+#: A number; "1,2" is a decimal comma (European reports and their translations), never a list: a list has a
+#: space after its comma, and a thousands separator has three digits after it.
+NUM = r"(?:\d+(?:\.\d+|,\d{1,2}(?!\d))?|\.\d+)"
 UNIT = r"(?:mm|millimet(?:er|re)s?|cm|centimet(?:er|re)s?)"
 # Whitespace runs are matched possessively (``\s*+``): what follows them never starts with a space, so the
 # matches are the same, but a long run of spaces after a number costs its length instead of its square.
@@ -289,7 +270,8 @@ COMPONENT_BEFORE_RE = re.compile(
 NON_SIZE_AFTER_RE = re.compile(
     r"^\s*(?:slices?|sections?|images?|collimation|thick\b|thickness|intervals?|recon\w*|increments?|kernel|axial"
     r"|coronal|sagittal|mip|from\b|away\b|deep\s+to|(?:anterior|posterior|superior|inferior|lateral|medial|cephalad"
-    r"|caudal|distal|proximal)\s+(?:to|from)\b|of\s+the\b|beneath|below|above)",
+    r"|caudal|distal|proximal)\s+(?:to|from)\b|beneath|below|above"
+    r"|of\s+the\b(?!\s+(?:right|left|upper|lower|middle|superior|inferior|lingula\w*|apical|apex)\b))",
     _I,
 )
 NON_SIZE_BEFORE_RE = re.compile(
@@ -302,14 +284,24 @@ NON_SIZE_BEFORE_RE = re.compile(
 # Lobes
 # --------------------------------------------------------------------------------------------------
 
-_POS = r"(?:upper|middle|mid|lower)"
+_POS = r"(?:upper|middle|mid|lower|superior|inferior)"
 LOBE_SIDE_RE = re.compile(
     rf"\b(?P<side>right|rt|r|left|lt|l)\.?[\s-]+(?P<pos>{_POS}(?:\s*(?:,|and|or|/|&)\s*{_POS})*)[\s-]+lob(?:e|es|ar)\b",
     _I,
 )
+#: "upper right lobe", "left inferior lobe" word orders of translated reports ("lóbulo superior derecho").
+LOBE_POS_SIDE_RE = re.compile(rf"\b(?P<pos>{_POS})[\s-]+(?P<side>right|left)[\s-]+lob(?:e|es)\b", _I)
 LOBE_OF_LUNG_RE = re.compile(rf"\b(?P<pos>{_POS})\s+lobe\s+of\s+the\s+(?P<side>right|left)\s+lung\b", _I)
 LOBE_BOTH_RE = re.compile(r"\b(?:bilateral|both)\s+(?P<pos>upper|lower)\s+lobes?\b", _I)
 LOBE_ABBR_RE = re.compile(r"\b(?P<abbr>RUL|RML|RLL|LUL|LLL)\b", _I)
+#: Spanish/Portuguese/Italian/French lobe abbreviations kept by translations ("LSD" lóbulo superior derecho,
+#: "LSE" lobo superior esquerdo, "LSG" lobe supérieur gauche...). Upper case only: "lid"/"lie" are words.
+#: "LM" (middle lobe) is left out: in English it is the left main coronary artery.
+ROMANCE_LOBE_RE = re.compile(r"\b(?P<abbr>LSD|LID|LSI|LII|LSE|LIE|LSG|LIG|LSS|LIS)\b")
+ROMANCE_LOBE_CODE: dict[str, str] = {
+    "LSD": "RUL", "LID": "RLL", "LSI": "LUL", "LSE": "LUL", "LSG": "LUL", "LSS": "LUL",
+    "LII": "LLL", "LIE": "LLL", "LIG": "LLL", "LIS": "LLL",
+}  # fmt: skip
 LOBE_MIDDLE_RE = re.compile(r"\bmiddle[\s-]+lobe\b", _I)
 LINGULA_RE = re.compile(r"\blingula(?:r)?\b", _I)
 LOBE_CODE: dict[tuple[str, str], str] = {
@@ -319,6 +311,10 @@ LOBE_CODE: dict[tuple[str, str], str] = {
     ("R", "lower"): "RLL",
     ("L", "upper"): "LUL",
     ("L", "lower"): "LLL",
+    ("R", "superior"): "RUL",
+    ("R", "inferior"): "RLL",
+    ("L", "superior"): "LUL",
+    ("L", "inferior"): "LLL",
 }
 POS_SPLIT_RE = re.compile(_POS, _I)
 

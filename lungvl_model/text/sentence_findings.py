@@ -1,7 +1,8 @@
 """Findings of one report sentence: nodule mentions with their attributes, negation, emphysema.
 
 :func:`label_sentence` takes the spans of :mod:`lungvl_model.text.sentence_spans`, drops mentions that
-are not a current pulmonary nodule (extrapulmonary, historical, generic), attaches the attributes of
+are not a current pulmonary nodule (extrapulmonary, an opacity or pattern that is no nodule -- see
+:mod:`lungvl_model.text.labeler_context` -- historical, generic), attaches the attributes of
 each mention's segment (size, lobe, type, margin, calcification, comparison) and returns a
 :class:`SentenceResult`; :mod:`lungvl_model.text.labeler` merges the sentences into report labels.
 Patterns live in :mod:`lungvl_model.text.labeler_patterns`.
@@ -13,6 +14,7 @@ import bisect
 import re
 from dataclasses import dataclass, field
 
+from lungvl_model.text import labeler_context as C
 from lungvl_model.text import labeler_patterns as P
 from lungvl_model.text.report_labels import LabeledNodule
 from lungvl_model.text.report_sentences import Sentence
@@ -141,32 +143,33 @@ def _closest(anchor: Anchor, positions: list[tuple[int, int]]) -> int | None:
 def _classify(sent: Sentence, s: str, a: Anchor, seg_sizes: list[Size], seg_lobes: list[Lobe], generic: bool) -> str:
     """Returns "excluded" when the mention is not a current pulmonary nodule, else ``a.status``.
 
-    ``generic``: whether sentence ``s`` reads as guideline text (found once per sentence, not per mention).
+    Excluded: a nodule of another organ or a lymph node, an opacity that is no nodule, a nodular pattern
+    (:mod:`lungvl_model.text.labeler_context`), and guideline text (``generic``: whether sentence ``s`` reads
+    as guideline text, found once per sentence, not per mention).
     """
     seg = s[a.seg[0] : a.seg[1]]
     pre = s[a.seg[0] : a.start]
     pre_words = _last_words(pre, 5)
     post = s[a.end : a.seg[1]]
     lobe_cut = min([lb[0] - a.end for lb in seg_lobes if lb[0] >= a.end] + [len(post)])
-    lung = P.LUNG_WORD_RE.search(post)
+    lung = C.LUNG_WORD_RE.search(post)
     post_cut = post[: min(lobe_cut, lung.start() if lung else len(post), 80)]
-    in_lung = bool(seg_lobes) or bool(P.LUNG_WORD_RE.search(seg))
-    has_current = any(z.role == "current" for z in seg_sizes)
-    if P.EXTRAPULMONARY_RE.search(pre_words) or P.ORGAN_ATTACH_RE.search(post_cut):
+    in_lung = bool(seg_lobes) or bool(C.LUNG_WORD_RE.search(seg))
+    current_mm = [max(z.dims) for z in seg_sizes if z.role == "current"]
+    if C.organ_before(pre_words) or C.ORGAN_ATTACH_RE.search(post_cut) or C.pleural_nodule(pre):
         return "excluded"
-    if sent.extrapulmonary and not in_lung:
+    if not in_lung and (
+        sent.extrapulmonary
+        or C.organ_leads(s, a.start)
+        or C.non_lung_reading(post)
+        or (a.kind in ("lesion", "mass") and C.EXTRA_LESION_CUE_RE.search(seg))
+    ):
         return "excluded"
-    if a.kind in ("lesion", "mass") and not in_lung and P.EXTRA_LESION_CUE_RE.search(seg):
+    if a.kind in ("opac", "ggo") and not C.opacity_is_nodule(pre_words, seg, current_mm):
         return "excluded"
-    if a.kind == "opac":
-        qualified = P.OPACITY_QUALIFIER_RE.search(pre_words) or has_current
-        if (
-            not qualified
-            or P.OPACITY_EXCLUDE_RE.search(pre_words)
-            or re.search(r"atelecta|scar|fibro|consolidat", seg, re.I)
-        ):
-            return "excluded"
-    if generic and not seg_lobes and not has_current:
+    if (a.kind == "nodop" and C.nodular_pattern(pre_words, post)) or C.tree_in_bud_before(pre):
+        return "excluded"
+    if generic and not seg_lobes and not current_mm:
         return "excluded"
     if P.HISTORICAL_PRE_RE.search(pre) or P.HISTORICAL_POST_RE.match(post):
         return "historical"

@@ -37,7 +37,7 @@ class Anchor:
 
     start: int
     end: int
-    kind: str  # nod | nodop | mass | lesion | tumor | ggx | gran | opac
+    kind: str  # nod | nodop | mass | lesion | tumor | ggx (GGN) | ggo (GGO) | gran | opac
     plural: bool
     status: str = "affirmed"  # affirmed | negated | partial | uncertain | historical | excluded
     seg: tuple[int, int] = (0, 0)
@@ -62,7 +62,7 @@ def mask(text: str, spans: Iterable[tuple[int, int]]) -> str:
 
 
 def _to_mm(num: str, unit: str) -> float:
-    v = float(num) * (10.0 if unit.lower().startswith("c") else 1.0)
+    v = float(num.replace(",", ".")) * (10.0 if unit.lower().startswith("c") else 1.0)
     return round(v, 2)
 
 
@@ -114,7 +114,7 @@ def find_lobes(s: str) -> list[Lobe]:
     """Lobe mentions in sentence ``s``, in text order."""
     out: list[Lobe] = []
     used: list[tuple[int, int]] = []
-    for rx in (P.LOBE_SIDE_RE, P.LOBE_OF_LUNG_RE):
+    for rx in (P.LOBE_SIDE_RE, P.LOBE_POS_SIDE_RE, P.LOBE_OF_LUNG_RE):
         for m in rx.finditer(mask(s, used)):
             side = "R" if m.group("side").lower().startswith("r") else "L"
             codes = [P.LOBE_CODE.get((side, p.lower())) for p in P.POS_SPLIT_RE.findall(m.group("pos"))]
@@ -130,11 +130,18 @@ def find_lobes(s: str) -> list[Lobe]:
     for rx, code in ((P.LOBE_ABBR_RE, None), (P.LOBE_MIDDLE_RE, "RML"), (P.LINGULA_RE, "LUL")):
         for m in rx.finditer(masked):
             out.append((m.start(), m.end(), [code or m.group("abbr").upper()]))
+    for m in P.ROMANCE_LOBE_RE.finditer(masked):
+        out.append((m.start(), m.end(), [P.ROMANCE_LOBE_CODE[m.group("abbr")]]))
     return sorted(out)
 
 
 def find_anchors(s: str) -> list[Anchor]:
-    """Nodule-like mentions in sentence ``s`` ("nodule and mass" joined into one)."""
+    """Nodule-like mentions in sentence ``s``.
+
+    "nodule and mass" is joined into one, and so is "nodule of ground glass density" (a nodule anchor, then
+    within one clause "of" and a few words, then an opacity anchor: the opacity says what the nodule looks
+    like).
+    """
     found: list[Anchor] = []
     for m in P.ANCHOR_RE.finditer(s):
         kind = m.lastgroup or "nod"
@@ -144,11 +151,27 @@ def find_anchors(s: str) -> list[Anchor]:
         if found and P.ANCHOR_JOIN_RE.match(s[found[-1].end : a.start]):
             prev = found[-1]
             prev.end, prev.plural = a.end, prev.plural or a.plural
-            if prev.kind == "opac":
+            if prev.kind in _OPACITY_KINDS:
                 prev.kind = a.kind
+            continue
+        if found and kind in _OPACITY_KINDS and _describes(s, found[-1], a):
+            found[-1].end = a.end
             continue
         found.append(a)
     return found
+
+
+#: Anchor kinds that are a nodule only with a qualifier or a focal size.
+_OPACITY_KINDS = ("opac", "ggo")
+
+
+def _describes(s: str, prev: Anchor, a: Anchor) -> bool:
+    """Whether opacity anchor ``a`` describes the nodule anchor ``prev`` ("nodule of ground glass density")."""
+    if prev.kind in _OPACITY_KINDS or a.start - prev.end > P.ATTRIBUTE_OF_MAX_CHARS:
+        return False
+    return bool(P.ATTRIBUTE_OF_END_RE.search(s, prev.end, a.start)) and not P.ATTRIBUTE_OF_BLOCK_RE.search(
+        s, prev.end, a.start
+    )
 
 
 def _scope_cuts(masked: str) -> list[int]:
