@@ -102,6 +102,8 @@ HEADER_KEYS = (
     "KVP",
     "XRayTubeCurrent",
     "SliceThickness",
+    "ContrastBolusAgent",
+    "CTDIvol",
     "Rows",
     "Columns",
 )
