@@ -1,13 +1,16 @@
 """From a low-resolution nodule probability map to measured findings on the native CT.
 
 Adaptive resolution: the model segments the whole chest on its coarse input grid (the triage pass);
-each candidate is then analysed at the CT's native resolution: the region of the native CT around the
-candidate (``HU > -750``, within a margin of the upsampled candidate) is measured with the
-Lung-RADS/Brock conventions of :mod:`lungvl_model.data.measure`.
+each candidate is then analysed at the CT's native resolution: :func:`refine_candidate` segments the
+nodule around the upsampled candidate (adaptive threshold, kept inside the lung and off attached
+vessels: :mod:`lungvl_model.inference.refine`), :func:`measure_finding` measures it with the
+Lung-RADS/Brock conventions of :mod:`lungvl_model.data.measure`, and :func:`suppress_duplicates`
+removes findings that two triage components refined onto the same nodule.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,9 +19,8 @@ from scipy import ndimage
 
 from lungvl_model.data.measure import connected_nodules, measure_nodule, solid_component_mm
 from lungvl_model.data.volume import CTVolume
+from lungvl_model.inference.refine import RefineConfig, closing_radius_mm, lung_envelope, refine_mask
 
-#: HU above which native voxels near a candidate belong to the nodule (includes ground glass).
-NODULE_HU = -750.0
 #: HU above which a voxel counts as calcified.
 CALCIUM_HU = 200.0
 
@@ -115,6 +117,91 @@ def candidates(prob: np.ndarray, threshold: float = 0.5, max_candidates: int = 1
     return [(c, float(prob[c].max())) for c in comps]
 
 
+def candidate_points(
+    volume: CTVolume, prob: np.ndarray, grid: GridMap, threshold: float, max_candidates: int = 100
+) -> list[tuple[tuple[float, float, float], float]]:
+    """Every triage candidate as ``(centroid LPS mm, max probability)``, for FROC sweeps.
+
+    Args:
+        volume: the source CT (geometry).
+        prob: ``(D, H, W)`` nodule probability on the model grid.
+        grid: index mapping.
+        threshold: probability above which voxels form candidates (26-connected components).
+        max_candidates: keep at most this many (largest first).
+
+    Returns:
+        One ``((x, y, z) LPS, score)`` per component; the centroid is probability-weighted.
+    """
+    out: list[tuple[tuple[float, float, float], float]] = []
+    for comp, score in candidates(prob, threshold, max_candidates):
+        idx = np.argwhere(comp).astype(float)
+        w = prob[comp].astype(float)
+        g = (idx * w[:, None]).sum(0) / max(float(w.sum()), 1e-12)
+        lps = volume.voxel_to_lps(grid.model_to_src(g))
+        out.append(((float(lps[0]), float(lps[1]), float(lps[2])), score))
+    return out
+
+
+def _centroid_in(f: Finding, other: Finding) -> bool:
+    """True when ``f``'s centroid lies inside ``other``'s extent (its mask, or its longest-diameter sphere)."""
+    if other.mask is None or f.mask is None:
+        d = float(np.linalg.norm(np.asarray(f.centroid_lps) - np.asarray(other.centroid_lps)))
+        return d <= other.longest_diameter_mm / 2
+    v = np.rint(np.asarray(f.centroid_zyx) - np.asarray(other.offset)).astype(int)
+    if np.any(v < 0) or np.any(v >= other.mask.shape):
+        return False
+    return bool(other.mask[v[0], v[1], v[2]])
+
+
+def _mask_overlap(a: Finding, b: Finding) -> float:
+    """``|A ∩ B| / min(|A|, |B|)`` of two findings' mask crops on the source grid (0 without masks)."""
+    if a.mask is None or b.mask is None or not a.mask.any() or not b.mask.any():
+        return 0.0
+    lo = np.maximum(a.offset, b.offset)
+    hi = np.minimum(np.add(a.offset, a.mask.shape), np.add(b.offset, b.mask.shape))
+    if np.any(hi <= lo):
+        return 0.0
+    sa = tuple(slice(int(p - o), int(q - o)) for p, q, o in zip(lo, hi, a.offset, strict=True))
+    sb = tuple(slice(int(p - o), int(q - o)) for p, q, o in zip(lo, hi, b.offset, strict=True))
+    inter = int((a.mask[sa] & b.mask[sb]).sum())
+    return inter / min(int(a.mask.sum()), int(b.mask.sum()))
+
+
+def suppress_duplicates(
+    findings: Sequence[Finding], scores: Sequence[float] | None = None, max_overlap: float = 0.5
+) -> list[Finding]:
+    """3-D non-maximum suppression of measured findings.
+
+    Findings are visited by decreasing score (ties: input order); one is dropped when its centroid lies
+    inside a kept (higher-scored) finding's extent (its mask; without masks, the sphere of its longest
+    diameter), or when the two masks overlap by more than ``max_overlap`` of the smaller one (which also
+    drops a low-scored finding that swallows a kept one).
+
+    Args:
+        findings: measured findings (masks and offsets on the same source grid).
+        scores: one score per finding (default: ``model_probability``).
+        max_overlap: overlap fraction (of the smaller mask) above which two findings are duplicates.
+
+    Returns:
+        The kept findings, by decreasing score.
+
+    Raises:
+        ValueError: when ``scores`` and ``findings`` differ in length or ``max_overlap`` is not in [0, 1].
+    """
+    if not 0.0 <= max_overlap <= 1.0:
+        raise ValueError(f"suppress_duplicates: max_overlap must be in [0, 1], got {max_overlap!r}")
+    sc = [f.model_probability for f in findings] if scores is None else [float(s) for s in scores]
+    if len(sc) != len(findings):
+        raise ValueError(f"suppress_duplicates: {len(sc)} scores for {len(findings)} findings")
+    kept: list[Finding] = []
+    for i in sorted(range(len(findings)), key=lambda k: -sc[k]):
+        f = findings[i]
+        if any(_centroid_in(f, k) or _mask_overlap(f, k) > max_overlap for k in kept):
+            continue
+        kept.append(f)
+    return kept
+
+
 def classify_attenuation(mean_mm: float, solid_mm: float) -> str:
     """Nodule type from its solid-component size (≥ 80 % solid, < 20 % or < 1.5 mm non-solid)."""
     if solid_mm >= 0.8 * mean_mm:
@@ -125,9 +212,15 @@ def classify_attenuation(mean_mm: float, solid_mm: float) -> str:
 
 
 def refine_candidate(
-    volume: CTVolume, cand: np.ndarray, grid: GridMap, margin_mm: float | None = None
+    volume: CTVolume,
+    cand: np.ndarray,
+    grid: GridMap,
+    margin_mm: float | None = None,
+    *,
+    lungs: np.ndarray | None = None,
+    config: RefineConfig | None = None,
 ) -> tuple[np.ndarray, tuple[int, int, int]] | None:
-    """Native-resolution nodule mask for one model-grid candidate.
+    """Native-resolution nodule mask for one model-grid candidate (see :mod:`lungvl_model.inference.refine`).
 
     Args:
         volume: the source CT.
@@ -135,15 +228,28 @@ def refine_candidate(
         grid: index mapping.
         margin_mm: how far (mm) beyond the upsampled candidate the nodule may extend (default: one
             model voxel).
+        lungs: ``(Z, Y, X)`` lung mask of the whole CT (:func:`~lungvl_model.inference.anatomy.lung_mask`);
+            None: aerated voxels (< -400 HU, holes filled per slice) around the candidate.
+        config: refinement parameters.
 
     Returns:
-        ``(mask crop, crop offset (z, y, x))`` or None when nothing of the candidate is inside the CT.
+        ``(mask crop, crop offset (z, y, x))`` or None when nothing of the candidate is inside the CT or
+        nothing denser than the lung around it overlaps it.
+
+    Raises:
+        ValueError: when ``lungs`` does not have the CT's shape.
     """
+    cfg = config or RefineConfig()
+    if lungs is not None and lungs.shape != volume.shape:
+        raise ValueError(f"refine_candidate: lungs has shape {lungs.shape}, the CT has {volume.shape}")
+    spacing = volume.spacing
     margin = float(max(grid.dst_spacing)) if margin_mm is None else margin_mm
     idx = np.argwhere(cand)
+    if len(idx) == 0:
+        return None
     lo = np.floor(grid.model_to_src(idx.min(0) - 1)).astype(int)
     hi = np.ceil(grid.model_to_src(idx.max(0) + 2)).astype(int)
-    pad = np.ceil(margin / np.asarray(volume.spacing)).astype(int) + 1
+    pad = np.ceil(margin / np.asarray(spacing)).astype(int) + 1
     lo = np.maximum(lo - pad, 0)
     hi = np.minimum(hi + pad, volume.shape)
     if np.any(hi <= lo):
@@ -156,19 +262,21 @@ def refine_candidate(
     up[inside] = cand[gi[:, 0], gi[:, 1], gi[:, 2]]
     if not up.any():
         return None
-    hu = volume.hu[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-    allowed = ndimage.distance_transform_edt(~up, sampling=volume.spacing) <= margin
-    region = (hu > NODULE_HU) & allowed
-    lab, n = ndimage.label(region)
-    overlap = np.unique(lab[up & region])
-    overlap = overlap[overlap > 0]
-    if len(overlap) == 0:
-        mask = up & (hu > -950)
-        if not mask.any():
-            mask = up
+    radius = closing_radius_mm(int(up.sum()), spacing, cfg)
+    ctx = np.ceil(2 * radius / np.asarray(spacing)).astype(int) + 1  # the closing sees 2 radii around
+    clo, chi = np.maximum(lo - ctx, 0), np.minimum(hi + ctx, volume.shape)
+    outer = tuple(slice(int(a), int(b)) for a, b in zip(clo, chi, strict=True))
+    inner = tuple(slice(int(a - c), int(b - c)) for a, b, c in zip(lo, hi, clo, strict=True))
+    if lungs is None:
+        lung = np.stack([ndimage.binary_fill_holes(s) for s in volume.hu[outer] < -400])
     else:
-        sizes = ndimage.sum_labels(region, lab, index=overlap)
-        mask = lab == overlap[int(np.argmax(sizes))]
+        lung = lungs[outer]
+    envelope = lung_envelope(lung, radius, spacing)[inner]
+    allowed = ndimage.distance_transform_edt(~up, sampling=spacing) <= margin
+    hu = volume.hu[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    mask = refine_mask(hu, up, envelope, allowed, spacing, cfg)
+    if mask is None:
+        return None
     return mask, (int(lo[0]), int(lo[1]), int(lo[2]))
 
 
