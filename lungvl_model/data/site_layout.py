@@ -8,6 +8,8 @@
       reports.jsonl       {"study_uid", "text", "study_date", "prior_study_uid"?} one line per study
       annotations/        <SeriesInstanceUID>.nii.gz nodule label maps (0 = background, k = nodule_id k)
                           <SeriesInstanceUID>_lobes.nii.gz optional lobe map (values in LOBE_LABELS)
+                          <SeriesInstanceUID>_hard_negatives.json optional, written by the synthetic
+                          generator: LPS points on non-nodule anatomy (readers ignore it)
       labels.csv          rows with level = "nodule" (one per nodule) or "study" (one per study)
       .cache/             preprocessed tensors (created by lungvl)
 """

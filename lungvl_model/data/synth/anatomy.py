@@ -13,7 +13,9 @@ Shapes: coordinate arguments broadcast against each other; on a grid they are ``
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -251,11 +253,193 @@ def mediastinum_halfwidth(a: AnatomyParams, z: np.ndarray, y: np.ndarray) -> np.
     return a.med_hw * (0.5 + 0.5 * np.clip((yn + 0.7) / 0.8, 0.0, 1.0))
 
 
-def _mediastinum(a: AnatomyParams, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+def diaphragm_z(a: AnatomyParams, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Height (mm) of the diaphragm surface (the lung base) above the point ``(y, x)``.
+
+    Two domes, one under each lung, peaking ``a.dome`` above ``a.base`` half-way out; the right one is
+    ``a.right_dome`` higher (liver). ``z`` only sets the cavity size (taper) used to normalise.
+    """
+    g = taper(a, z)
+    cx, cy = a.cav_ax * g, a.cav_ay * g
+    yn = (y - np.float32(a.cav_yc)) / cy
+    rs2 = ((np.abs(x) - 0.5 * cx) / (0.5 * cx)) ** 2 + yn**2
+    return a.base + a.dome * np.maximum(0.0, 1.0 - rs2) + np.where(x < 0, a.right_dome, 0.0)
+
+
+def _is_grid(z: np.ndarray, y: np.ndarray, x: np.ndarray) -> bool:
+    """Whether ``(z, y, x)`` are grid axes shaped ``(Z, 1, 1)``, ``(1, Y, 1)``, ``(1, 1, X)``."""
+    if not z.ndim == y.ndim == x.ndim == 3:
+        return False
+    return z.shape[1:] == (1, 1) and (y.shape[0], y.shape[2]) == (1, 1) and x.shape[:2] == (1, 1)
+
+
+def _in_box(
+    z: np.ndarray, y: np.ndarray, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, fn: Callable[..., np.ndarray]
+) -> np.ndarray:
+    """Evaluate the boolean predicate ``fn(z, y, x)`` inside the ``(z, y, x)`` box ``[lo, hi]`` only.
+
+    Outside the box the result is False. On grid axes ``(Z,1,1), (1,Y,1), (1,1,X)`` the box is cropped first (fast);
+    on points the predicate runs everywhere and is masked.
+    """
+    shape = np.broadcast_shapes(z.shape, y.shape, x.shape)
+    if not _is_grid(z, y, x):
+        inb = (z >= lo[0]) & (z <= hi[0]) & (y >= lo[1]) & (y <= hi[1]) & (x >= lo[2]) & (x <= hi[2])
+        return np.broadcast_to(inb, shape) & np.broadcast_to(fn(z, y, x), shape)
+    out = np.zeros(shape, bool)
+    sl = []
+    for ax, c in enumerate((z.ravel(), y.ravel(), x.ravel())):
+        idx = np.flatnonzero((c >= lo[ax]) & (c <= hi[ax]))
+        if not len(idx):
+            return out
+        sl.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    out[sl[0], sl[1], sl[2]] = fn(z[sl[0]], y[:, sl[1]], x[:, :, sl[2]])
+    return out
+
+
+def heart_rho(a: AnatomyParams, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Normalised radius of the heart (pericardial surface at 1).
+
+    The ellipsoid ``a.heart`` with a border that changes with z (two angular harmonics whose phase turns along z, so
+    the outline against the lung is lobulated differently on each slice, like atria and ventricles).
+    """
     hx, hy, hz, hax, hay, haz = a.heart
-    heart = ((x - hx) / hax) ** 2 + ((y - hy) / hay) ** 2 + ((z - hz) / haz) ** 2 < 1.0
+    dx, dy, dz = x - np.float32(hx), y - np.float32(hy), z - np.float32(hz)
+    rho = np.sqrt((dx / hax) ** 2 + (dy / hay) ** 2 + (dz / haz) ** 2)
+    th = np.arctan2(dy, dx)
+    m = 1.0 + 0.06 * np.cos(2.0 * th + 0.035 * dz + 0.5) + 0.04 * np.cos(3.0 * th - 0.05 * dz)
+    return rho / m
+
+
+def heart_box(a: AnatomyParams) -> tuple[np.ndarray, np.ndarray]:
+    """``(z, y, x)`` corners of a box holding the heart (modulation included)."""
+    hx, hy, hz, hax, hay, haz = a.heart
+    c, r = np.array([hz, hy, hx]), 1.12 * np.array([haz, hay, hax])
+    return c - r, c + r
+
+
+def hilum_points(a: AnatomyParams) -> dict[str, np.ndarray]:
+    """Patient-frame ``(z, y, x)`` roots (mm) of the intrapulmonary trees, 4 mm lateral to the mediastinum.
+
+    ``artery_r`` / ``artery_l``: where the right / left pulmonary artery enters the lung (the left one is
+    higher: it arches over the left main bronchus); ``vein_r`` / ``vein_l``: the inferior pulmonary
+    veins, about 3 cm lower and more posterior, which drain into the left atrium.
+    """
+    s = a.cav_ax / 118.0
+    hz = a.carina_z - 0.06 * a.height
+    yh = a.cav_yc + 0.1 * a.cav_ay
+    xh = a.med_hw + 4.0
+    return {
+        "artery_r": np.array([hz, yh, -xh]),
+        "artery_l": np.array([hz + 8.0 * s, yh + 8.0 * s, xh]),
+        "vein_r": np.array([hz - 28.0 * s, yh + 18.0 * s, -(xh + 2.0)]),
+        "vein_l": np.array([hz - 28.0 * s, yh + 18.0 * s, xh + 2.0]),
+    }
+
+
+def _seg(p0: np.ndarray | list[float], p1: np.ndarray | list[float], r0: float, r1: float) -> list[float]:
+    return [*map(float, p0), *map(float, p1), float(r0), float(r1)]
+
+
+@functools.lru_cache(maxsize=64)
+def great_vessels(a: AnatomyParams) -> dict[str, np.ndarray]:
+    """Mediastinal tubes of a patient: ``name -> (K, 8)`` capsule segments (``vessels.SEGMENT_COLUMNS``).
+
+    Geometry (mm, scaled with the cavity width ``s = cav_ax / 118``; adult CT reference diameters):
+    ``aorta`` ascending (diameter 30 s, from the aortic root in the heart, anterior), arch (26 s, peaking
+    about 24 s above the carina, passing left of the trachea) and descending (24 s, left-anterior of the
+    spine down through the hiatus); ``pulmonary_artery`` trunk (26 s, from the right-ventricular outflow
+    up-back-left to a bifurcation 12 s below the carina) and right/left pulmonary arteries (20 s) that end
+    at :func:`hilum_points`; ``pulmonary_vein`` inferior veins (14 s) from the venous hila into the left
+    atrium; ``svc`` superior vena cava (18 s) right of the trachea into the right atrium; ``esophagus``
+    (14 s) behind the trachea.
+    """
+    s = a.cav_ax / 118.0
+    hx, hy, hz, hax, hay, haz = a.heart
+    cz, yt = a.carina_z, a.cav_yc + 0.42 * a.cav_ay
+    vy, vr = a.vert_y, a.vert_r
+    hil = hilum_points(a)
+    root = [hz + 0.55 * haz, hy + 0.05 * hay, hx - 0.35 * hax]
+    a1 = [cz + 10 * s, yt - 52 * s, -12 * s]
+    a2 = [cz + 24 * s, yt - 28 * s, 2 * s]
+    a3 = [cz + 22 * s, yt - 6 * s, 20 * s]
+    a4 = [cz + 8 * s, yt + 16 * s, 21 * s]
+    d0 = [cz - 10 * s, vy - 0.95 * vr - 3.0, 0.85 * vr + 8.0]
+    d1 = [a.base - 10.0, vy - 1.1 * vr - 3.0, 0.6 * vr + 6.0]
+    aorta = [
+        _seg(root, a1, 15 * s, 15 * s),
+        _seg(a1, a2, 15 * s, 13 * s),
+        _seg(a2, a3, 13 * s, 12.5 * s),
+        _seg(a3, a4, 12.5 * s, 12 * s),
+        _seg(a4, d0, 12 * s, 12 * s),
+        _seg(d0, d1, 12 * s, 11 * s),
+    ]
+    p0 = [hz + 0.75 * haz, hy - 0.35 * hay, hx - 0.1 * hax]
+    p1 = [cz - 12 * s, yt - 28 * s, 10 * s]
+    pa = [
+        _seg(p0, p1, 13 * s, 12 * s),
+        _seg(p1, hil["artery_r"], 10 * s, 7 * s),
+        _seg(p1, hil["artery_l"], 10 * s, 7 * s),
+    ]
+    la = [hz + 0.35 * haz, hy + 0.8 * hay, hx - 0.25 * hax]
+    pv = [_seg(la, hil["vein_r"], 7 * s, 6.5 * s), _seg(la, hil["vein_l"], 7 * s, 6.5 * s)]
+    ra = [hz + 0.6 * haz, hy + 0.2 * hay, hx - 0.75 * hax]
+    svc = [_seg([a.z_extent + 10.0, yt - 20 * s, -20 * s], ra, 9 * s, 9 * s)]
+    eso = [_seg([a.z_extent + 10.0, yt + 16 * s, 3 * s], [a.base - 10.0, vy - vr - 6 * s, 8 * s], 7 * s, 7 * s)]
+    out = {"aorta": aorta, "pulmonary_artery": pa, "pulmonary_vein": pv, "svc": svc, "esophagus": eso}
+    return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def mediastinal_nodes(a: AnatomyParams) -> np.ndarray:
+    """Normal-sized mediastinal lymph nodes ``(K, 4)`` ``(z, y, x, radius)`` mm in the mediastinal fat.
+
+    Right paratracheal (4R, 10 s), aortopulmonary window (5, 8 s) and subcarinal (7, 10 s) stations (short axis < 10
+    mm).
+    """
+    s = a.cav_ax / 118.0
+    cz, yt = a.carina_z, a.cav_yc + 0.42 * a.cav_ay
+    return np.array(
+        [
+            [cz + 15 * s, yt - 4 * s, -17 * s, 5 * s],
+            [cz + 6 * s, yt - 18 * s, 16 * s, 4 * s],
+            [cz - 18 * s, yt + 2 * s, 3 * s, 5 * s],
+        ]
+    )
+
+
+def capsules_mask(z: np.ndarray, y: np.ndarray, x: np.ndarray, segs: np.ndarray, pad: float = 0.0) -> np.ndarray:
+    """True within ``radius + pad`` of any capsule of ``segs`` ``(K, 8)``; broadcast shape of the inputs."""
+    out = np.zeros(np.broadcast_shapes(z.shape, y.shape, x.shape), bool)
+    for sg in segs:
+        p0, p1 = sg[0:3], sg[3:6]
+        r = max(sg[6], sg[7]) + pad
+        d = (p1 - p0).astype(np.float32)
+        l2 = float(d @ d) or 1e-9
+
+        def inside(zz: np.ndarray, yy: np.ndarray, xx: np.ndarray, p0=p0, d=d, l2=l2, sg=sg) -> np.ndarray:
+            dz, dy, dx = zz - np.float32(p0[0]), yy - np.float32(p0[1]), xx - np.float32(p0[2])
+            t = np.clip((dz * d[0] + dy * d[1] + dx * d[2]) / l2, 0.0, 1.0)
+            rr = sg[6] + (sg[7] - sg[6]) * t + pad
+            return (dz - t * d[0]) ** 2 + (dy - t * d[1]) ** 2 + (dx - t * d[2]) ** 2 < rr * rr
+
+        out |= _in_box(z, y, x, np.minimum(p0, p1) - r, np.maximum(p0, p1) + r, inside)
+    return out
+
+
+def mediastinal_structures(a: AnatomyParams, z: np.ndarray, y: np.ndarray, x: np.ndarray, pad: float) -> np.ndarray:
+    """Heart, great vessels, oesophagus and mediastinal nodes, each grown by ``pad`` mm (lung exclusion)."""
+    lo, hi = heart_box(a)
+    out = _in_box(z, y, x, lo - pad, hi + pad, lambda zz, yy, xx: heart_rho(a, zz, yy, xx) < 1.0 + pad / 40.0)
+    for segs in great_vessels(a).values():
+        out |= capsules_mask(z, y, x, segs, pad)
+    nodes = mediastinal_nodes(a)
+    out |= capsules_mask(z, y, x, np.concatenate([nodes, nodes], axis=1)[:, [0, 1, 2, 0, 1, 2, 3, 3]], pad)
+    return out
+
+
+def _mediastinum(a: AnatomyParams, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
     spine = (x / (1.15 * a.vert_r + 5.0)) ** 2 + ((y - a.vert_y) / (a.vert_r + 5.0)) ** 2 < 1.0
-    return (np.abs(x) < mediastinum_halfwidth(a, z, y)) | heart | spine
+    return (np.abs(x) < mediastinum_halfwidth(a, z, y)) | spine | mediastinal_structures(a, z, y, x, 1.0)
 
 
 def lung_lobes(a: AnatomyParams, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -282,7 +466,7 @@ def lung_lobes(a: AnatomyParams, z: np.ndarray, y: np.ndarray, x: np.ndarray) ->
     yn = (y - np.float32(a.cav_yc)) / cy
     rs2 = ((ax_ - 0.5 * cx) / (0.5 * cx)) ** 2 + yn**2
     right = x < 0
-    dome = a.base + a.dome * np.maximum(0.0, 1.0 - rs2) + np.where(right, a.right_dome, 0.0)
+    dome = diaphragm_z(a, z, y, x)
     inside &= (z > dome) & (z < a.apex - a.apex_drop * np.minimum(1.0, rs2))
     h = a.height
     xn2 = (ax_ / cx) ** 2

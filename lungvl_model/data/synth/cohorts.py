@@ -29,6 +29,7 @@ margin smooth/lob/spic    .74/.20/.06             .45/.30/.25              .60/.
 malignancy logit offset   +0.4                    +1.2                     +1.0
 prevalence (4000 pts)     4.2 % of studies        43.5 %                   15.1 %
 studies with a prior      0.40                    0.15                     0.10
+IV contrast (per study)   0 (low-dose, none)      0.40                     0.25
 ========================  ======================  =======================  ========================
 
 The emphysema rate is scaled by pack-years (``rate * (0.5 + 0.5 * pack_years / mean)``), hence the
@@ -108,6 +109,10 @@ class CohortProfile:
         new_benign_fraction: share of benign nodules absent on the prior (new inflammatory nodules).
         vdt_days: range of the volume-doubling time of malignant nodules (days).
         indications: clinical indications for the report header.
+        contrast_fraction: share of studies acquired with intravenous contrast (drawn per study; LDCT
+            screening is non-contrast, diagnostic referral CT often contrast-enhanced).
+        study_description_contrast: StudyDescription of a contrast-enhanced study ("" = the same as
+            ``study_description``).
     """
 
     name: str
@@ -144,8 +149,12 @@ class CohortProfile:
     new_benign_fraction: float = 0.12
     vdt_days: tuple[float, float] = (100.0, 400.0)
     indications: tuple[str, ...] = ()
+    contrast_fraction: float = 0.0
+    study_description_contrast: str = ""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.contrast_fraction <= 1.0:
+            raise ValueError(f"CohortProfile.contrast_fraction must be in [0, 1], got {self.contrast_fraction!r}")
         if self.kernel not in ("sharp", "soft"):
             raise ValueError(f"CohortProfile.kernel must be 'sharp' or 'soft', got {self.kernel!r}")
         for name in ("type_probs", "margin_probs"):
@@ -154,6 +163,10 @@ class CohortProfile:
                 raise ValueError(f"CohortProfile.{name} must be probabilities summing to 1, got {probs}")
         if not 0.0 <= self.prior_fraction <= 1.0:
             raise ValueError(f"CohortProfile.prior_fraction must be in [0, 1], got {self.prior_fraction}")
+
+    def description_for(self, contrast: bool) -> str:
+        """DICOM StudyDescription of a study with or without intravenous contrast."""
+        return (self.study_description_contrast or self.study_description) if contrast else self.study_description
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples become lists via the caller's serializer)."""
@@ -205,6 +218,8 @@ REFERRAL = CohortProfile(
     description="Synthetic tertiary referral centre: standard-dose diagnostic CT, 2.5-5 mm slices, soft "
     "kernel, larger nodules, high malignancy prevalence, few priors.",
     study_description="CT CHEST WITHOUT CONTRAST",
+    study_description_contrast="CT CHEST WITH CONTRAST",
+    contrast_fraction=0.40,
     noise_sigma_hu=(10.0, 20.0),
     kernel="soft",
     kernel_names=("STANDARD", "B30", "FC13"),
@@ -246,6 +261,7 @@ LOW_RESOURCE = CohortProfile(
     description="Synthetic low-resource hospital: older 16-slice scanner, thick 5 mm slices, soft kernel, "
     "high noise, more calcified granulomas, intermediate prevalence (fairness subgroup).",
     study_description="CT THORAX",
+    contrast_fraction=0.25,
     noise_sigma_hu=(40.0, 70.0),
     kernel="soft",
     kernel_names=("SOFT", "B31"),

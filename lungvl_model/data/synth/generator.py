@@ -7,6 +7,7 @@
     <out_dir>/dicom/<study>/<series>/*.dcm   CT Image Storage, one file per slice
     <out_dir>/annotations/<series>.nii.gz    nodule label map (k = nodule_id k)
     <out_dir>/annotations/<series>_lobes.nii.gz
+    <out_dir>/annotations/<series>_hard_negatives.json   hard-negative points (format below)
     <out_dir>/reports.jsonl                  one report per study (priors included)
     <out_dir>/labels.csv                     study rows and nodule rows (true features)
     <out_dir>/.lungvl_synth.json              marker: generator, config and every entry above it writes
@@ -19,6 +20,26 @@ holding anything else is refused with the unexpected entries named, before any f
 Patient ``i`` depends only on ``(seed, i)``; a prior study re-uses the patient's anatomy seed and
 nodule positions with an earlier size, a separate StudyInstanceUID and a StudyDate 12 months earlier.
 UIDs are derived from the site name, seed and patient index, so the same config writes the same site.
+
+Contrast: each study's :class:`~.scanner.ScanParams` carries ``contrast`` (share per cohort,
+``CohortProfile.contrast_fraction``: screening 0, referral 0.4, low_resource 0.25); a contrast study has
+``ContrastBolusAgent = "IV"`` in its header, enhanced blood in the image (:class:`~.phantom.BloodHU`), a
+"WITH CONTRAST" StudyDescription where the cohort has one, and "with intravenous contrast" in its report.
+
+Hard negatives (``annotations/<series>_hard_negatives.json``, one per series, UTF-8 JSON)::
+
+    {"format": "lungvl.hard_negatives 1", "study_uid": ..., "series_uid": ...,
+     "frame": "LPS mm (DICOM patient coordinates of this series)", "contrast": true|false,
+     "structures": [every structure name the generator exports],
+     "points": [{"structure": "aorta", "lps": [x, y, z]}, ...]}
+
+Each point lies inside the rendered structure it names (up to 6 per structure and series):
+``heart_border`` (heart within 5 mm of lung), ``hilar_vessel`` (intrapulmonary vessel within 35 mm of
+a hilum), ``aorta``, ``pulmonary_artery``, ``pulmonary_vein``, ``sternum``, ``costal_cartilage``,
+``rib`` / ``chest_wall`` / ``vertebra`` (within 6 / 4 / 12 mm of the lung), ``diaphragm`` (diaphragm, liver or spleen
+under the lung base), ``bronchial_wall``, ``mediastinal_soft_tissue`` (paratracheal / subcarinal nodes,
+oesophagus, SVC). No point is within 3 mm of a nodule's bounding sphere. Coordinates are in the same
+world frame as labels.csv centroids, so ``CTVolume`` world-to-voxel maps them onto the series.
 """
 
 from __future__ import annotations
@@ -52,6 +73,7 @@ from lungvl_model.data.volume import CTVolume
 
 from .anatomy import AnatomyParams, make_grid, sample_anatomy
 from .cohorts import CohortProfile, get_profile
+from .hard_negatives import hard_negative_doc, hard_negative_path
 from .nodules import place_nodule
 from .patients import NoduleState, PatientCase, exam_category, nodule_states, sample_patients
 from .render import render_study
@@ -185,7 +207,11 @@ def _planned_entries(config: SynthConfig, cases: list[PatientCase]) -> list[str]
             out += [f"dicom/{study}", f"dicom/{study}/{series}"]
             out += [
                 path.relative_to(config.out_dir).as_posix()
-                for path in (mask_path(config.out_dir, series), lobe_map_path(config.out_dir, series))
+                for path in (
+                    mask_path(config.out_dir, series),
+                    lobe_map_path(config.out_dir, series),
+                    hard_negative_path(config.out_dir, series),
+                )
             ]
     return sorted(set(out))
 
@@ -281,14 +307,34 @@ def _prepare_dir(config: SynthConfig, planned: list[str]) -> dict[str, Path]:
     return paths
 
 
-def place_case_nodules(case: PatientCase, anatomy: AnatomyParams) -> tuple[dict[int, np.ndarray], int]:
+def vessel_keep_out(trees: Trees, min_radius_mm: float = 2.5) -> list[tuple[np.ndarray, float]]:
+    """Points ``(centre, radius)`` along the intrapulmonary vessels thicker than ``min_radius_mm``.
+
+    These are the hilar vessels, sampled spaced by their radius, that nodule placement keeps clear of.
+    """
+    out: list[tuple[np.ndarray, float]] = []
+    for sg in trees.vessels[trees.vessels[:, 6] >= min_radius_mm]:
+        p0, p1, r = sg[0:3], sg[3:6], float(sg[6])
+        n = max(2, int(np.ceil(np.linalg.norm(p1 - p0) / r)) + 1)
+        out += [(p0 + t * (p1 - p0), r) for t in np.linspace(0.0, 1.0, n)]
+    return out
+
+
+def place_case_nodules(
+    case: PatientCase, anatomy: AnatomyParams, trees: Trees | None = None
+) -> tuple[dict[int, np.ndarray], int]:
     """Patient-frame centres of a patient's nodules (shared by its prior and current studies).
+
+    Nodules lie in their lobe of the lung mask, which excludes the heart, great vessels, mediastinum
+    and structures below the diaphragm (:func:`~.anatomy.lung_lobes`), with 2.5 mm of lung around an
+    interior nodule; with ``trees`` they also keep 3 mm clear of the hilar vessels
+    (:func:`vessel_keep_out`), so no nodule overlaps a rendered hard-negative structure.
 
     Returns:
         ``(centres by nodule id, number of nodules whose constraints could not all be met)``.
     """
     centres: dict[int, np.ndarray] = {}
-    taken: list[tuple[np.ndarray, float]] = []
+    taken: list[tuple[np.ndarray, float]] = [] if trees is None else vessel_keep_out(trees)
     misses = 0
     for spec in case.nodules:
         radius = spec.shape.bounding_radius()
@@ -363,11 +409,11 @@ def _write_case(
     # vessel detail follows the pixel size: vessels far below a pixel are invisible anyway
     pixel = config.fov_mm / config.matrix
     trees: Trees = grow_trees(anatomy, n_points=int(np.clip(4000 * (1.67 / pixel) ** 2, 500, 4000)))
-    centres, misses = place_case_nodules(case, anatomy)
+    centres, misses = place_case_nodules(case, anatomy, trees)
     records: list[ReportRecord] = []
     rows: list[dict[str, Any]] = []
     prior_uid: str | None = None
-    info: dict[str, Any] = {"placement_misses": misses, "sigma": [], "thickness": []}
+    info: dict[str, Any] = {"placement_misses": misses, "sigma": [], "thickness": [], "contrast": [], "hard": []}
     for prior in (True, False) if case.has_prior else (False,):
         tag = "prior" if prior else "current"
         study_uid, series_uid = (
@@ -404,7 +450,7 @@ def _write_case(
             "PatientSex": case.sex,
             "StudyDate": study_date.strftime("%Y%m%d"),
             "SeriesDate": study_date.strftime("%Y%m%d"),
-            "StudyDescription": profile.study_description,
+            "StudyDescription": profile.description_for(scan.contrast),
             "SeriesDescription": f"AXIAL {scan.slice_thickness_mm:g}MM {scan.kernel.upper()}",
             "BodyPartExamined": "CHEST",
             "PatientIdentityRemoved": "YES",
@@ -413,12 +459,16 @@ def _write_case(
         write_ct_series(volume, paths["dicom"] / study_uid / series_uid, tags=tags)
         write_label_nifti(out.labels, volume, mask_path(config.out_dir, series_uid))
         write_label_nifti(out.lobes, volume, lobe_map_path(config.out_dir, series_uid))
+        doc = hard_negative_doc(out.hard_negatives, out.shift_lps, study_uid, series_uid, scan.contrast)
+        hard_negative_path(config.out_dir, series_uid).write_text(json.dumps(doc) + "\n", encoding="utf-8")
         text = write_report(case, states, profile, np.random.default_rng([stream, 7]), prior=prior, images=out.images)
         records.append(ReportRecord(study_uid, text, study_date.strftime("%Y%m%d"), None if prior else prior_uid))
         rows.append(_study_row(case, study_uid, series_uid, states, prior))
         rows += [_nodule_row(study_uid, series_uid, s, out.centroids_lps[s.spec.nodule_id]) for s in states]
         info["sigma"].append(scan.noise_sigma_hu)
         info["thickness"].append(scan.slice_thickness_mm)
+        info["contrast"].append(scan.contrast)
+        info["hard"].append(len(doc["points"]))
         if prior:
             prior_uid = study_uid
     return records, rows, info
@@ -439,6 +489,8 @@ def _cohort_stats(cases: list[PatientCase], infos: list[dict[str, Any]]) -> dict
         "mean_slice_thickness_mm": float(np.mean([t for i in infos for t in i["thickness"]])),
         "mean_noise_sigma_hu": float(np.mean([s for i in infos for s in i["sigma"]])),
         "placement_misses": int(sum(i["placement_misses"] for i in infos)),
+        "contrast_fraction": float(np.mean([c for i in infos for c in i["contrast"]])),
+        "hard_negatives_per_study": float(np.mean([h for i in infos for h in i["hard"]])),
     }
 
 

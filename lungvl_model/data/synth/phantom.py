@@ -1,12 +1,25 @@
 """Render the thorax phantom of a patient to Hounsfield units on a grid.
 
-Tissues (HU before scanner noise): air -1000; skin and chest-wall muscle +45; subcutaneous fat -100;
-mediastinal fat -90; heart, aorta and liver +40..+58; ribs (cortex +750, marrow +280, costal
-cartilage +120) periodic along z and sloping down anteriorly; sternum; vertebral bodies (cortex +650,
-cancellous +320, discs +85) with spinal canal and posterior arch; lung parenchyma about -860 with a
-dependent (posterior) density gradient and texture; vessels +40 and airways (lumen -1000, wall +45)
-from :mod:`.vessels`; optional emphysema (-985) as centrilobular (upper-lobe predominant) or
-paraseptal (subpleural) low-attenuation clusters.
+Tissues (HU before scanner noise; adult chest-CT reference values, e.g. Hofer, *CT Teaching Manual*,
+and Bae, Radiology 2010;256:32-61 for contrast enhancement):
+
+* air -1000; skin and chest-wall muscle +45; subcutaneous fat -100; mediastinal fat -90;
+* heart (:func:`.anatomy.heart_rho`, border against the lung changing with z): myocardium +40 without
+  contrast, about +100 with; blood pool of the right / left chambers = pulmonary artery / aorta blood;
+* blood (:class:`BloodHU`): +35..+50 without contrast; with intravenous contrast aorta and left heart
+  +180..+280, pulmonary arteries and right heart +150..+300, superior vena cava +250..+450 (inflow);
+* great vessels (:func:`.anatomy.great_vessels`): aorta (ascending, arch, descending), pulmonary trunk
+  and right/left pulmonary arteries to the hila, inferior pulmonary veins, superior vena cava;
+  oesophagus +40 with a thin air lumen; mediastinal lymph nodes (4R, 5, 7) +40 (+70 enhanced);
+* ribs (cortex +750, marrow +280), costal cartilage +120 with calcified foci +250..+450; sternum
+  (cortex +800, marrow +200; manubrium wider than the body); vertebral bodies (cortex +650, cancellous
+  +320, discs +85) with spinal canal and posterior arch;
+* below the diaphragm domes (muscle band 4 mm, +45): liver +58 (+90 enhanced), spleen +45 (+110
+  enhanced), stomach +30 with a fundal air bubble;
+* lung parenchyma about -860 with a dependent (posterior) density gradient and texture; intrapulmonary
+  arteries and veins (:mod:`.vessels`) at the blood HU of the study; airways (lumen -1000, wall +45);
+  optional emphysema (-985) as centrilobular (upper-lobe predominant) or paraseptal (subpleural)
+  low-attenuation clusters.
 """
 
 from __future__ import annotations
@@ -21,9 +34,15 @@ from .anatomy import (
     AnatomyParams,
     Grid,
     cavity,
+    diaphragm_z,
+    great_vessels,
+    heart_box,
+    heart_rho,
     lobes_at,
     lung_bbox,
     lung_lobes,
+    mediastinal_nodes,
+    mediastinal_structures,
     mediastinum_halfwidth,
     taper,
 )
@@ -38,7 +57,6 @@ HU_MEDIASTINAL_FAT = -90.0
 HU_MUSCLE = 45.0
 HU_SOFT = 40.0
 HU_LIVER = 58.0
-HU_VESSEL = 40.0
 HU_CORTEX = 750.0
 HU_MARROW = 280.0
 HU_CARTILAGE = 120.0
@@ -47,12 +65,73 @@ HU_VERT_CANCELLOUS = 320.0
 HU_DISC = 85.0
 HU_CSF = 20.0
 HU_EMPHYSEMA = -985.0
+HU_STERNUM_CORTEX = 800.0
+HU_STERNUM_MARROW = 200.0
+HU_CARTILAGE_CALCIFIED = 350.0
+HU_SPLEEN = 45.0
+HU_STOMACH = 30.0
+#: Thickness (mm) of the diaphragm muscle between the lung base and the liver / spleen.
+DIAPHRAGM_MM = 4.0
 
 EMPHYSEMA_KINDS: tuple[str, ...] = ("none", "centrilobular", "paraseptal")
 #: Codes of the optional tissue map of :func:`render_anatomy` (index = code).
 TISSUES: tuple[str, ...] = (
     "air", "muscle", "fat", "soft_tissue", "mediastinal_fat", "bone", "lung", "emphysema", "vessel", "airway",
+    "heart", "aorta", "pulmonary_artery", "pulmonary_vein", "svc", "esophagus", "lymph_node", "sternum",
+    "cartilage", "vertebra", "liver", "spleen", "stomach", "diaphragm", "airway_wall",
 )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BloodHU:
+    """Attenuation of blood and enhancing organs in one study (HU before noise).
+
+    Attributes:
+        contrast: the study is contrast-enhanced.
+        aorta: aorta, left heart and pulmonary veins.
+        pulmonary_artery: pulmonary trunk and arteries, right heart, intrapulmonary vessels.
+        svc: superior vena cava.
+        myocardium: heart muscle.
+        liver: liver parenchyma.
+        spleen: spleen parenchyma.
+        node: mediastinal lymph nodes.
+    """
+
+    contrast: bool = False
+    aorta: float = 42.0
+    pulmonary_artery: float = 42.0
+    svc: float = 42.0
+    myocardium: float = 40.0
+    liver: float = HU_LIVER
+    spleen: float = HU_SPLEEN
+    node: float = HU_SOFT
+
+    def __post_init__(self) -> None:
+        for name in ("aorta", "pulmonary_artery", "svc", "myocardium", "liver", "spleen", "node"):
+            v = getattr(self, name)
+            if not -100.0 <= v <= 1500.0:
+                raise ValueError(f"BloodHU.{name} must be within -100..1500 HU, got {v!r}")
+
+
+def sample_blood(contrast: bool, rng: np.random.Generator) -> BloodHU:
+    """Blood and organ HU of one study.
+
+    Unenhanced blood 35-50 HU; with IV contrast (routine chest timing, about 35-60 s after injection) aorta 180-280,
+    pulmonary artery 150-300, SVC 250-450, myocardium ~100, liver ~90, spleen ~110, nodes ~70 (Bae 2010).
+    """
+    base = float(rng.uniform(35.0, 50.0))
+    if not contrast:
+        return BloodHU(False, base, base, base, HU_SOFT, HU_LIVER, HU_SPLEEN, HU_SOFT)
+    return BloodHU(
+        True,
+        aorta=float(rng.uniform(180.0, 280.0)),
+        pulmonary_artery=float(rng.uniform(150.0, 300.0)),
+        svc=float(rng.uniform(250.0, 450.0)),
+        myocardium=float(rng.uniform(90.0, 115.0)),
+        liver=float(rng.uniform(80.0, 100.0)),
+        spleen=float(rng.uniform(100.0, 125.0)),
+        node=float(rng.uniform(60.0, 80.0)),
+    )
 
 
 @dataclass(frozen=True)
@@ -106,8 +185,26 @@ def texture(grid: Grid, rng: np.random.Generator, corr_mm: float = 1.8) -> np.nd
     return field
 
 
+def _subgrid(grid: Grid, box: tuple[slice, slice, slice]) -> Grid:
+    """The part of ``grid`` under the index ``box``."""
+    first = tuple(f + sp * sl.start for f, sp, sl in zip(grid.first, grid.spacing, box, strict=True))
+    shape = tuple(sl.stop - sl.start for sl in box)
+    return Grid(shape=shape, spacing=grid.spacing, first=first)  # type: ignore[arg-type]
+
+
+def _code(tissues: np.ndarray | None, where: np.ndarray, name: str, box: tuple[slice, ...] | None = None) -> None:
+    if tissues is not None:
+        (tissues if box is None else tissues[box])[where] = TISSUES.index(name)
+
+
 def _bones(
-    a: AnatomyParams, grid: Grid, hu: np.ndarray, depth_c: np.ndarray, body: np.ndarray, tex: np.ndarray
+    a: AnatomyParams,
+    grid: Grid,
+    hu: np.ndarray,
+    depth_c: np.ndarray,
+    body: np.ndarray,
+    tex: np.ndarray,
+    tissues: np.ndarray | None = None,
 ) -> None:
     z, y, x = grid.axes()
     g = taper(a, z)
@@ -130,15 +227,27 @@ def _bones(
     cortex = rib & ~cart & (q2 > 0.45)
     marrow = rib & ~cart & ~cortex
     t1 = tex[iz, iy, ix]
-    for sel, base, amp in ((cart, HU_CARTILAGE, 15.0), (cortex, HU_CORTEX, 90.0), (marrow, HU_MARROW, 30.0)):
+    calc = cart & (t1 > 1.4)  # calcified foci of the costal cartilage (common after 40)
+    for sel, base, amp in (
+        (cart, HU_CARTILAGE, 15.0),
+        (calc, HU_CARTILAGE_CALCIFIED, 60.0),
+        (cortex, HU_CORTEX, 90.0),
+        (marrow, HU_MARROW, 30.0),
+    ):
         hu[iz[sel], iy[sel], ix[sel]] = base + amp * t1[sel]
+    if tissues is not None:
+        tissues[iz[cart], iy[cart], ix[cart]] = TISSUES.index("cartilage")
+        bone = cortex | marrow
+        tissues[iz[bone], iy[bone], ix[bone]] = TISSUES.index("bone")
     yn = (y - a.cav_yc) / cy
-    # sternum
-    st = body & (np.abs(x) < 14.0) & (out > 1.0) & (out < 11.0) & (yn < 0) & (z > a.base + 0.25 * a.height)
+    # sternum: manubrium (half-width 22 mm) above the carina, body (13 mm) below, down to the xiphoid
+    st_hw = np.where(z > a.carina_z + 5.0, 22.0, 13.0).astype(np.float32)
+    st = body & (np.abs(x) < st_hw) & (out > 1.0) & (out < 11.0) & (yn < 0) & (z > a.base + 0.25 * a.height)
     st &= z < a.apex
-    st_cortex = st & ((np.abs(x) > 11.5) | (out < 2.5) | (out > 9.5))
-    hu[st] = HU_MARROW + 30.0 * tex[st]
-    hu[st_cortex] = HU_CORTEX
+    st_cortex = st & ((np.abs(x) > st_hw - 2.0) | (out < 2.5) | (out > 9.5))
+    hu[st] = HU_STERNUM_MARROW + 30.0 * tex[st]
+    hu[st_cortex] = HU_STERNUM_CORTEX + 60.0 * tex[st_cortex]
+    _code(tissues, st, "sternum")
     # spine, in a box around it
     vr, vy = a.vert_r, a.vert_y
     canal_y = vy + vr + 8.0
@@ -165,6 +274,90 @@ def _bones(
     sub[post] = HU_VERT_CORTEX + 60.0 * tx[post]
     canal = inb & (rc < 7.5)
     sub[canal] = HU_CSF + 8.0 * tx[canal]
+    _code(tissues, vbody | post, "vertebra", box)
+
+
+def _tubes(
+    hu: np.ndarray,
+    grid: Grid,
+    segs: np.ndarray,
+    value: float,
+    tex: np.ndarray,
+    tissues: np.ndarray | None,
+    name: str,
+    pad: float = 0.0,
+) -> None:
+    """Composite capsules ``segs`` ``(K, 8)`` at ``value`` HU (partial volume), working in their bounding box."""
+    lo = np.minimum(segs[:, 0:3], segs[:, 3:6]).min(axis=0) - segs[:, 6:8].max() - pad - 2.0
+    hi = np.maximum(segs[:, 0:3], segs[:, 3:6]).max(axis=0) + segs[:, 6:8].max() + pad + 2.0
+    box = _box(grid, lo, hi)
+    if any(sl.stop <= sl.start for sl in box):
+        return
+    occ = np.zeros(tuple(sl.stop - sl.start for sl in box), np.float32)
+    render_tubes(occ, _subgrid(grid, box), segs, pad=pad)
+    view = hu[box]
+    view += occ * (value + 6.0 * tex[box] - view)
+    _code(tissues, occ > 0.5, name, box)
+
+
+def _abdomen(
+    a: AnatomyParams, grid: Grid, hu: np.ndarray, cav: np.ndarray, blood: BloodHU, tissues: np.ndarray | None
+) -> None:
+    """Diaphragm muscle, liver (right, crossing the midline anteriorly), spleen and stomach under the domes."""
+    z, y, x = grid.axes()
+    top = a.base + a.dome + a.right_dome + 1.0
+    k = int(np.searchsorted(z.ravel(), top))
+    if k == 0:
+        return
+    box = (slice(0, k), slice(None), slice(None))
+    zs = z[:k]
+    dz = diaphragm_z(a, zs, y, x)
+    c = cav[box]
+    below = c & (zs < dz)
+    abd = below & (zs < dz - DIAPHRAGM_MM)
+    yn = (y - np.float32(a.cav_yc)) / (a.cav_ay * taper(a, zs))
+    liver = abd & (x < 18.0 - 40.0 * yn)
+    left = abd & ~liver
+    spleen = left & (yn > 0.05)
+    stomach = left & ~spleen
+    gas = stomach & (zs > dz - DIAPHRAGM_MM - 14.0) & (yn < -0.2)
+    sub = hu[box]
+    sub[below] = HU_MUSCLE
+    sub[liver] = blood.liver
+    sub[spleen] = blood.spleen
+    sub[stomach] = HU_STOMACH
+    sub[gas] = HU_AIR
+    for where, name in (
+        (below & ~abd, "diaphragm"),
+        (liver, "liver"),
+        (spleen, "spleen"),
+        (stomach & ~gas, "stomach"),
+        (gas, "air"),
+    ):
+        _code(tissues, where, name, box)
+
+
+def _heart(
+    a: AnatomyParams, grid: Grid, hu: np.ndarray, tex: np.ndarray, blood: BloodHU, tissues: np.ndarray | None
+) -> None:
+    """Heart in its box: pericardial fat rim, myocardium, septum, right / left blood pools."""
+    lo, hi = heart_box(a)
+    box = _box(grid, lo, hi)
+    if any(sl.stop <= sl.start for sl in box):
+        return
+    zs, ys, xs = _sub_axes(grid, box)
+    rho = heart_rho(a, zs, ys, xs)
+    hx, hy = a.heart[0], a.heart[1]
+    heart = (rho < 0.95) & (zs > diaphragm_z(a, zs, ys, xs) + 1.0)
+    side = 0.6 * (xs - np.float32(hx)) + 0.8 * (ys - np.float32(hy))  # > 0: left (posterior) chambers
+    pool = heart & (rho < 0.78) & (np.abs(side) > 4.0)
+    sub, t = hu[box], tex[box]
+    sub[heart] = blood.myocardium + 8.0 * t[heart]
+    right = pool & (side < 0)
+    left = pool & (side > 0)
+    sub[right] = blood.pulmonary_artery + 6.0 * t[right]
+    sub[left] = blood.aorta + 6.0 * t[left]
+    _code(tissues, heart, "heart", box)
 
 
 def render_anatomy(
@@ -174,6 +367,7 @@ def render_anatomy(
     emphysema: EmphysemaSpec,
     rng: np.random.Generator,
     tissues: np.ndarray | None = None,
+    blood: BloodHU | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render the phantom (no nodules, no scanner effects).
 
@@ -184,11 +378,13 @@ def render_anatomy(
         emphysema: emphysema of the patient.
         rng: stream for the tissue texture (study-specific).
         tissues: optional ``(Z, Y, X)`` uint8 array filled with :data:`TISSUES` codes (the dominant
-            tissue of each voxel), for checks and statistics.
+            tissue of each voxel), for checks, statistics and hard-negative points.
+        blood: blood and organ HU of the study (None: unenhanced, 42 HU blood).
 
     Returns:
         ``(hu, lobes)``: ``(Z, Y, X)`` float32 HU and uint8 lobe codes on ``grid``.
     """
+    blood = blood or BloodHU()
     z, y, x = grid.axes()
     tex = texture(grid, rng)
     _, depth_c = cavity(a, z, y, x)
@@ -206,27 +402,42 @@ def render_anatomy(
     body = np.broadcast_to(body2, grid.shape)
     cav = depth_c > 0
     hu[cav] = HU_SOFT
-    liver = cav & (x < 10.0) & (z < a.base + a.dome + a.right_dome)
-    hu[liver] = HU_LIVER
     med = cav & (np.abs(x) < mediastinum_halfwidth(a, z, y) + 6.0) & (z > a.base + 0.5 * a.dome)
     hu[med] = HU_MEDIASTINAL_FAT + 10.0 * tex[med]
-    hx, hy, hz, hax, hay, haz = a.heart
-    heart = ((x - hx) / hax) ** 2 + ((y - hy) / hay) ** 2 + ((z - hz) / haz) ** 2 < 0.92
-    hu[heart] = HU_SOFT
-    ay_, ax_ = a.vert_y - a.vert_r - 11.0, a.med_hw * 0.55 + 6.0
-    aorta = ((x - ax_) ** 2 + (y - ay_) ** 2 < 11.0**2) & (z > a.base) & (z < a.carina_z + 0.08 * a.height)
-    hu[aorta] = HU_SOFT + 5.0
     if tissues is not None:
         tissues[:] = np.where(body2, TISSUES.index("muscle"), TISSUES.index("air"))
         tissues[fat] = TISSUES.index("fat")
         tissues[cav] = TISSUES.index("soft_tissue")
-        tissues[med & ~heart & ~aorta] = TISSUES.index("mediastinal_fat")
-    _bones(a, grid, hu, depth_c, body, tex)
+        tissues[med] = TISSUES.index("mediastinal_fat")
+    _abdomen(a, grid, hu, cav, blood, tissues)
+    _heart(a, grid, hu, tex, blood, tissues)
+    vessels = great_vessels(a)
+    for name, value in (
+        ("svc", blood.svc),
+        ("pulmonary_vein", blood.aorta),
+        ("pulmonary_artery", blood.pulmonary_artery),
+        ("aorta", blood.aorta),
+        ("esophagus", HU_SOFT),
+    ):
+        _tubes(hu, grid, vessels[name], value, tex, tissues, name)
+    eso = vessels["esophagus"].copy()
+    eso[:, 6:8] = 1.5
+    _tubes(hu, grid, eso, HU_AIR, tex, None, "esophagus")
+    nodes = mediastinal_nodes(a)
+    _tubes(
+        hu,
+        grid,
+        np.concatenate([nodes, nodes], axis=1)[:, [0, 1, 2, 0, 1, 2, 3, 3]],
+        blood.node,
+        tex,
+        tissues,
+        "lymph_node",
+    )
+    _bones(a, grid, hu, depth_c, body, tex, tissues)
     # lungs
     lobes = lobe_map(a, grid)
     lung = lobes > 0
     if tissues is not None:
-        tissues[hu >= 200.0] = TISSUES.index("bone")
         tissues[lung] = TISSUES.index("lung")
     yn = (y - a.cav_yc) / (a.cav_ay * taper(a, z))
     par = a.lung_hu + 0.5 * a.lung_gradient * yn + 16.0 * tex
@@ -237,19 +448,26 @@ def render_anatomy(
         hu += frac * (HU_EMPHYSEMA + 8.0 * tex - hu)
         if tissues is not None:
             tissues[frac > 0.5] = TISSUES.index("emphysema")
+    # intrapulmonary trees and bronchi never run through the heart, great vessels or oesophagus
+    solid = mediastinal_structures(a, z, y, x, 0.0)
     occ = np.zeros(grid.shape, np.float32)
     thin = trees.vessels[:, 6] < THIN_VESSEL_MM
     render_tubes(occ, grid, trees.vessels[~thin])
     splat_tubes(occ, grid, trees.vessels[thin])
     occ *= cav
-    hu += occ * (HU_VESSEL - hu)
+    occ[solid] = 0.0
+    hu += occ * (blood.pulmonary_artery - hu)
     if tissues is not None:
         tissues[occ > 0.5] = TISSUES.index("vessel")
     occ[:] = 0.0
     render_tubes(occ, grid, trees.airways, pad=trees.airway_wall)
+    occ[solid] = 0.0
     hu += occ * (HU_MUSCLE - hu)
+    if tissues is not None:
+        tissues[occ > 0.5] = TISSUES.index("airway_wall")
     occ[:] = 0.0
     render_tubes(occ, grid, trees.airways)
+    occ[solid] = 0.0
     hu += occ * (HU_AIR - hu)
     if tissues is not None:
         tissues[occ > 0.5] = TISSUES.index("airway")

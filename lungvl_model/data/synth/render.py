@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .anatomy import AnatomyParams, make_grid
+from .hard_negatives import sample_hard_negatives
 from .nodules import render_nodule
 from .patients import NoduleState, PatientCase
-from .phantom import lobe_map, render_anatomy
+from .phantom import BloodHU, lobe_map, render_anatomy, sample_blood
 from .scanner import ScanParams, apply_scanner
 from .vessels import Trees
 
@@ -30,6 +31,10 @@ class StudyImage:
         origin_lps: LPS ``(x, y, z)`` of voxel ``(0, 0, 0)``.
         centroids_lps: true LPS ``(x, y, z)`` centroid of each nodule, by nodule id.
         images: instance number (1-based slice) of each nodule's centroid, by nodule id.
+        blood: blood and organ HU of the study (contrast or not).
+        hard_negatives: ``(structure, patient-frame (z, y, x) mm)`` points inside false-positive-prone
+            structures (:func:`~.hard_negatives.sample_hard_negatives`).
+        shift_lps: ``(dx, dy, dz)`` from the patient frame to this series' LPS frame.
     """
 
     hu: np.ndarray
@@ -38,6 +43,9 @@ class StudyImage:
     origin_lps: tuple[float, float, float]
     centroids_lps: dict[int, np.ndarray]
     images: dict[int, int]
+    blood: BloodHU
+    hard_negatives: list[tuple[str, np.ndarray]]
+    shift_lps: tuple[float, float, float]
 
 
 def label_from_occupancy(occ_fine: np.ndarray, z0: int, sub: int) -> tuple[int, np.ndarray]:
@@ -100,7 +108,11 @@ def render_study(
     out_grid = make_grid(matrix, fov_mm, z_extent_mm, scan.slice_thickness_mm, 1)
     dx, dy = rng.uniform(-6.0, 6.0, 2)
     dz = -z_extent_mm - float(rng.uniform(60.0, 140.0))
-    hu, _ = render_anatomy(anatomy, fine, trees, case.emphysema, rng)
+    blood = sample_blood(scan.contrast, np.random.default_rng([stream, 13]))
+    tissues = np.zeros(fine.shape, np.uint8)
+    hu, fine_lobes = render_anatomy(anatomy, fine, trees, case.emphysema, rng, tissues, blood)
+    hard = sample_hard_negatives(tissues, fine_lobes, fine, anatomy, np.random.default_rng([stream, 17]))
+    del tissues, fine_lobes
     labels = np.zeros(out_grid.shape, np.uint8)
     centroids: dict[int, np.ndarray] = {}
     images: dict[int, int] = {}
@@ -124,7 +136,13 @@ def render_study(
         centroids[spec.nodule_id] = np.array([cx + dx, cy + dy, cz + dz])
         k = int(round((cz - out_grid.first[0]) / out_grid.spacing[0]))
         images[spec.nodule_id] = int(np.clip(k, 0, out_grid.shape[0] - 1)) + 1
+    # a hard negative is never within 3 mm of a nodule of this study
+    for s in states:
+        c, r = centres[s.spec.nodule_id], max(s.shape.bounding_radius(), s.shape.spicule_reach()) + 3.0
+        hard = [(name, p) for name, p in hard if float(np.linalg.norm(p - c)) > r]
     img = apply_scanner(hu, scan, rng)
     lobes = lobe_map(anatomy, out_grid)
     origin = (out_grid.first[2] + dx, out_grid.first[1] + dy, out_grid.first[0] + dz)
-    return StudyImage(img, labels, lobes, (float(origin[0]), float(origin[1]), float(origin[2])), centroids, images)
+    origin_lps = (float(origin[0]), float(origin[1]), float(origin[2]))
+    shift = (float(dx), float(dy), float(dz))
+    return StudyImage(img, labels, lobes, origin_lps, centroids, images, blood, hard, shift)

@@ -255,12 +255,13 @@ def write_report(
     scan = case.prior_scan if prior else case.scan
     age = case.age - (1 if prior else 0)
     sex = "female" if case.sex == "F" else "male"
-    lines = [f"EXAMINATION: {profile.study_description.title().replace('Ct ', 'CT ')}."]
+    lines = [f"EXAMINATION: {profile.description_for(scan.contrast).title().replace('Ct ', 'CT ')}."]
     indication = _pick(rng, profile.indications) if profile.indications else "Chest CT."
     smoke = f" {case.pack_years:g} pack-year smoking history." if case.pack_years > 0 else " Never smoker."
     lines.append(f"CLINICAL INDICATION: {age}-year-old {sex}. {indication}{smoke if rng.random() < 0.7 else ''}")
     lines.append(
-        f"TECHNIQUE: Axial CT images of the chest without intravenous contrast, reconstructed at "
+        f"TECHNIQUE: Axial CT images of the chest {'with' if scan.contrast else 'without'} intravenous contrast, "
+        f"reconstructed at "
         f"{scan.slice_thickness_mm:g} mm with a {scan.kernel} kernel. CTDIvol {scan.ctdi_vol:.1f} mGy."
     )
     prior_date = case.prior_date.isoformat()

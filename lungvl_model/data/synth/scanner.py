@@ -43,6 +43,8 @@ class ScanParams:
         noise_sigma_hu: noise standard deviation in a uniform region (HU).
         psf_sigma_px: in-plane blur (pixels).
         noise_corr_px: in-plane noise correlation (pixels).
+        contrast: acquired with intravenous contrast (blood pool enhanced; the header carries
+            ``ContrastBolusAgent = "IV"``).
     """
 
     manufacturer: str
@@ -56,6 +58,7 @@ class ScanParams:
     noise_sigma_hu: float
     psf_sigma_px: float
     noise_corr_px: float
+    contrast: bool = False
 
     @property
     def sub_slices(self) -> int:
@@ -63,8 +66,8 @@ class ScanParams:
         return max(1, int(round(self.slice_thickness_mm / FINE_Z_MM)))
 
     def dicom_tags(self) -> dict[str, Any]:
-        """Header keywords of the series (no identifying attributes)."""
-        return {
+        """Header keywords of the series (no identifying attributes); ``ContrastBolusAgent`` only with contrast."""
+        tags: dict[str, Any] = {
             "Manufacturer": self.manufacturer,
             "ManufacturerModelName": self.model,
             "ConvolutionKernel": self.kernel_name,
@@ -73,6 +76,10 @@ class ScanParams:
             "CTDIvol": round(self.ctdi_vol, 2),
             "SliceThickness": f"{self.slice_thickness_mm:g}",
         }
+        if self.contrast:
+            tags["ContrastBolusAgent"] = "IV"
+            tags["ContrastBolusRoute"] = "IV"
+        return tags
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict."""
@@ -83,13 +90,16 @@ def sample_scan(profile: CohortProfile, rng: np.random.Generator) -> ScanParams:
     """Draw the scanner settings of one series from a cohort profile.
 
     The noise sigma is drawn first; tube current falls and CTDIvol (``dose_constant / sigma²``)
-    rises as the noise gets lower, so header and image agree.
+    rises as the noise gets lower, so header and image agree. Intravenous contrast is drawn with
+    probability ``profile.contrast_fraction`` from a child stream (``rng.spawn``), which leaves ``rng``'s
+    own sequence untouched: the rest of the patient (dates, nodules) is the same with or without it.
     """
     scanner = profile.scanners[int(rng.integers(len(profile.scanners)))]
     lo, hi = profile.noise_sigma_hu
     sigma = float(rng.uniform(lo, hi))
     quiet = (hi - sigma) / max(hi - lo, 1e-6)
     ma_lo, ma_hi = profile.tube_current_ma
+    contrast = profile.contrast_fraction > 0 and bool(rng.spawn(1)[0].random() < profile.contrast_fraction)
     return ScanParams(
         manufacturer=scanner.manufacturer,
         model=scanner.model,
@@ -102,6 +112,7 @@ def sample_scan(profile: CohortProfile, rng: np.random.Generator) -> ScanParams:
         noise_sigma_hu=sigma,
         psf_sigma_px=profile.psf_sigma_px,
         noise_corr_px=profile.noise_corr_px,
+        contrast=contrast,
     )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .anatomy import AnatomyParams, Grid, lobes_at, lung_bbox
+from .anatomy import AnatomyParams, Grid, hilum_points, lobes_at, lung_bbox
 
 #: Columns of a segment array: start (z, y, x), end (z, y, x), radius at start, radius at end.
 SEGMENT_COLUMNS = ("z0", "y0", "x0", "z1", "y1", "x1", "r0", "r1")
@@ -36,22 +36,29 @@ class Trees:
 
 
 def _grow_side(
-    pts: np.ndarray, hilum: np.ndarray, r0: float, rng: np.random.Generator
+    pts: np.ndarray,
+    hilum: np.ndarray,
+    r0: float,
+    rng: np.random.Generator,
+    with_airways: bool = True,
+    airway_offset: np.ndarray | None = None,
 ) -> tuple[list[list[float]], list[list[float]], list[float]]:
     """Space-filling tree over the territory ``pts`` ``(N, 3)`` rooted at ``hilum``.
 
     A branch runs from its start part of the way toward the centroid of its territory, then the
     territory is cut by a plane across its principal axis at a random quantile and each part gets a
     child. Radii follow ``r0 * (n / N) ** 0.37`` (n = points served), so a leaf serving one point is
-    about ``r0 / 15``. Bronchi follow branches thicker than 1.6 mm, displaced sideways by a per-node
-    offset so that consecutive airway segments stay connected.
+    about ``r0 / 15``. Bronchi follow branches thicker than 1.6 mm (when ``with_airways``), displaced sideways
+    by a per-node offset so that consecutive airway segments stay connected; ``airway_offset`` places
+    the root bronchus beside (not inside) the root artery.
     """
     n_total = len(pts)
     vessels: list[list[float]] = []
     airways: list[list[float]] = []
     walls: list[float] = []
     zero = np.zeros(3)
-    stack: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [(hilum, np.arange(n_total), zero)]
+    off_root = zero if airway_offset is None else np.asarray(airway_offset, np.float64)
+    stack: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [(hilum, np.arange(n_total), off_root)]
     while stack:
         start, idx, off0 = stack.pop()
         p = pts[idx]
@@ -61,7 +68,7 @@ def _grow_side(
         frac = 1.0 if n <= 2 else rng.uniform(0.35, 0.6)
         end = start + frac * (c - start)
         vessels.append([*start, *end, r, 0.93 * r])
-        if r >= 1.6:
+        if with_airways and r >= 1.6:
             d = end - start
             side = np.cross(d, rng.normal(size=3))
             off1 = side / max(np.linalg.norm(side), 1e-9) * (1.9 * r + 1.0)
@@ -90,6 +97,13 @@ def _grow_side(
 def grow_trees(a: AnatomyParams, n_points: int = 4000, r_hilum: float = 6.5) -> Trees:
     """Grow the vessel and airway trees of a patient (deterministic in ``a.tree_seed``).
 
+    Each lung gets a pulmonary-artery tree rooted where the right/left pulmonary artery of
+    :func:`~.anatomy.great_vessels` enters the lung and a pulmonary-vein tree rooted at the inferior
+    pulmonary vein (:func:`~.anatomy.hilum_points`), each filling the whole lung with half of the
+    territory points, so the largest intrapulmonary vessels at the hilum are ``2 * r_hilum * s`` mm
+    (about 11-14 mm; ``s = cav_ax / 118``) and taper to sub-millimetre branches at the periphery. The
+    bronchi follow the arteries (bronchovascular bundles); the trachea and main bronchi join them.
+
     Args:
         a: anatomy.
         n_points: territory points per lung (about ``2 * n_points`` vessel segments per lung).
@@ -103,7 +117,7 @@ def grow_trees(a: AnatomyParams, n_points: int = 4000, r_hilum: float = 6.5) -> 
     lo, hi = lung_bbox(a)
     cand = rng.uniform(lo, hi, size=(12 * n_points, 3))
     lob = lobes_at(a, cand)
-    hz = a.carina_z - 0.06 * a.height
+    hila = hilum_points(a)
     ves: list[list[float]] = []
     air: list[list[float]] = []
     wall: list[float] = []
@@ -111,11 +125,13 @@ def grow_trees(a: AnatomyParams, n_points: int = 4000, r_hilum: float = 6.5) -> 
     tr = 8.0 * scale
     air.append([a.z_extent + 5.0, yt, 0.0, a.carina_z, yt, 0.0, tr, tr])
     wall.append(1.8)
-    for side, codes, rb in ((-1.0, (1, 2, 3), 5.6), (1.0, (4, 5), 5.0)):
-        pts = cand[np.isin(lob, codes)][:n_points]
-        hilum = np.array([hz, a.cav_yc + 0.1 * a.cav_ay, side * (a.med_hw + 4.0)])
-        v, aw, w = _grow_side(pts, hilum, r_hilum * scale, rng)
-        ves += v
+    half = max(2, n_points // 2)
+    for side, codes, rb, key in ((-1.0, (1, 2, 3), 5.6, "r"), (1.0, (4, 5), 5.0, "l")):
+        pts = cand[np.isin(lob, codes)][: 2 * half]
+        bronchus = np.array([-12.0, 9.0, 0.0]) * scale  # main bronchus below and behind the pulmonary artery
+        v, aw, w = _grow_side(pts[0::2], hila["artery_" + key], r_hilum * scale, rng, airway_offset=bronchus)
+        vv, _, _ = _grow_side(pts[1::2], hila["vein_" + key], r_hilum * scale, rng, with_airways=False)
+        ves += v + vv
         air.append([a.carina_z, yt, side * tr * 0.5, *aw[0][:3], rb * scale, aw[0][6]])
         wall.append(1.5)
         air += aw
