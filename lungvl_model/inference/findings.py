@@ -59,7 +59,9 @@ class Finding:
     """One measured nodule.
 
     Attributes mirror the labels.csv nodule columns; ``mask``/``offset`` hold the native-resolution
-    mask crop (not serialised).
+    mask crop (not serialised). ``model_probability`` is the triage's maximum probability over the
+    candidate; ``nodule_probability`` the candidate filter's score
+    (:mod:`lungvl_model.inference.candidate_filter`), None when no filter ran.
     """
 
     centroid_zyx: tuple[float, float, float]
@@ -74,6 +76,7 @@ class Finding:
     juxtapleural: bool = False
     lobe: str = ""
     model_probability: float = 0.0
+    nodule_probability: float | None = None
     index: int = 0
     brock_probability: float | None = None
     lung_rads: str = ""
