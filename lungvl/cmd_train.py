@@ -11,7 +11,11 @@ from lungvl.console import err, print_error, progress_callback
 
 def train(
     site_dirs: list[Path] = typer.Argument(..., help="site directories to train on"),
-    stage: str = typer.Option(..., "--stage", help="text | ssl | seg | vl"),
+    stage: str = typer.Option(
+        ...,
+        "--stage",
+        help="text | ssl | seg | vl | risk (nodule risk head, needs --init) | candidates (candidate filter)",
+    ),
     preset: str = typer.Option("tiny", "--preset", help="tiny | base (ignored with --init)"),
     out_dir: Path = typer.Option(..., "--out", help="output directory"),
     init: Path | None = typer.Option(None, "--init", help="checkpoint directory of the previous stage"),
@@ -31,6 +35,12 @@ def train(
     from lungvl_model.training.config import TrainConfig
     from lungvl_model.training.stages import run_stage
 
+    if stage == "risk":
+        _train_risk(site_dirs, out_dir, init, seed)
+        return
+    if stage == "candidates":
+        _train_candidates(site_dirs, out_dir, seed)
+        return
     try:
         cfg = TrainConfig(
             stage=stage, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
@@ -65,3 +75,46 @@ def train(
         )
     s = run.metrics["summary"]
     err.print({k: round(v, 4) for k, v in s.items() if isinstance(v, float)}, highlight=False)
+
+
+def _train_risk(site_dirs: list[Path], out_dir: Path, init: Path | None, seed: int) -> None:
+    """``--stage risk``: the nodule risk head on a frozen checkpoint (copied to ``--out``/checkpoint)."""
+    from lungvl_model.training.nodule_risk import RiskTrainConfig, run_risk_stage
+
+    if init is None:
+        print_error("--stage risk needs --init: the checkpoint whose encoder the nodule risk head uses")
+        raise typer.Exit(2)
+    with progress_callback("train risk") as cb:
+        metrics = run_risk_stage(
+            site_dirs,
+            out_dir,
+            init=init,
+            train=RiskTrainConfig(seed=seed),
+            on_step=lambda step, total, m: cb(step, total, f"loss {m.get('loss', float('nan')):.3f}"),
+            log=lambda m: err.print(m, highlight=False, markup=False),
+        )
+    err.print({k: round(v, 4) for k, v in metrics["summary"].items()}, highlight=False)
+
+
+def _train_candidates(site_dirs: list[Path], out_dir: Path, seed: int) -> None:
+    """``--stage candidates``: the nodule-candidate filter, written to ``--out``/candidate_filter.json.
+
+    Point ``--out`` at the checkpoint directory the filter belongs beside. Site directories with LIDC
+    XML give hard negatives only (never their nodules); the others are synthetic sites with masks.
+    """
+    from lungvl_model.data.lidc import find_lidc_xml
+    from lungvl_model.training.candidate_filter import train_candidate_filter
+
+    lidc = [d for d in site_dirs if find_lidc_xml(d)]
+    sites = [d for d in site_dirs if d not in lidc]
+    if not sites:
+        print_error("--stage candidates needs at least one synthetic site directory (nodule masks) for positives")
+        raise typer.Exit(2)
+    try:
+        flt = train_candidate_filter(
+            sites, out_dir, lidc_dirs=lidc, seed=seed, log=lambda m: err.print(m, highlight=False, markup=False)
+        )
+    except ValueError as e:  # e.g. too few studies for a fold with both classes
+        print_error(e)
+        raise typer.Exit(2) from e
+    err.print({k: v for k, v in flt.metrics.items() if k in ("kind", "oof_auc", "oof_sensitivity")}, highlight=False)
