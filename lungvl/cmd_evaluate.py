@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import typer
 
-from lungvl.console import err, out, progress_callback
+from lungvl.console import err, out, print_error, progress_callback
 
 
 def _fmt(v: Any) -> str:
@@ -25,7 +26,10 @@ def _fmt(v: Any) -> str:
 ROWS = (
     ("Dice (native resolution)", "dice"),
     ("HD95 mm", "hd95_mm"),
-    ("malignancy AUC: lungvl", "auc_model_malignancy"),
+    ("malignancy AUC: lungvl study head", "auc_model_malignancy"),
+    ("malignancy AUC: nodule-level head, noisy-OR per study", "auc_nodule_malignancy"),
+    ("malignancy AUC per nodule: nodule-level head (found nodules)", "auc_nodule_level_head"),
+    ("malignancy AUC per nodule: Brock, measured features (found nodules)", "auc_nodule_level_brock_measured"),
     ("malignancy AUC: Brock, true features", "auc_brock_true"),
     ("malignancy AUC: Brock, measured features", "auc_brock_measured"),
     ("malignancy ECE", "ece_model_malignancy"),
@@ -62,6 +66,25 @@ def results_markdown(res: dict[str, Any], peer: dict[str, Any] | None) -> str:
             f"| detection sensitivity / FP per scan ({name}) | {d.get('sensitivity', math.nan):.3f} / "
             f"{d.get('fp_per_scan', math.nan):.2f} |" + (" |" if peer else "")
         )
+    fr = o.get("froc")
+    if fr:
+        sens = " / ".join(f"{v:.3f}" for v in fr["sensitivity"])
+        lines.append(
+            f"| FROC sensitivity at 1/8, 1/4, 1/2, 1, 2, 4, 8 FP per scan (LUNA16) | {sens} (CPM {fr['cpm']:.3f}; "
+            f"{fr['n_nodules']} nodules, {fr['n_scans']} scans) |" + (" |" if peer else "")
+        )
+    facts = o.get("facts")
+    if facts and facts.get("n_reports"):
+        lines.append(
+            f"| unsupported facts / contradictions per report | {facts['unsupported_per_report']:.3f} / "
+            f"{facts['contradictions_per_report']:.3f} ({int(facts['n_reports'])} reports) |" + (" |" if peer else "")
+        )
+    rc = o.get("risk_coverage")
+    if rc:
+        lines.append(
+            f"| risk-coverage: AURC; error kept / all at {rc['deferral_rate']:.2f} deferral | {rc['aurc']:.3f}; "
+            f"{rc['error_kept']:.3f} / {rc['error_all']:.3f} (ratio {_fmt(rc['ratio'])}) |" + (" |" if peer else "")
+        )
     dfr = o.get("deferral", {})
     if dfr:
         lines.append(
@@ -87,33 +110,72 @@ def results_markdown(res: dict[str, Any], peer: dict[str, Any] | None) -> str:
 
 
 def evaluate(
-    site_dirs: list[Path] = typer.Argument(..., help="held-out site directories"),
+    site_dirs: list[Path] = typer.Argument(..., help="held-out (test) site directories"),
     model_dir: Path = typer.Option(..., "--model", help="checkpoint directory"),
     out_dir: Path = typer.Option(..., "--out", help="output directory"),
-    calibrate: bool = typer.Option(False, "--calibrate", help="store the deferral threshold in the checkpoint"),
+    validation: list[Path] = typer.Option(
+        [],
+        "--validation",
+        help="validation site (repeatable; neither training nor test): fit the heads' temperatures and the "
+        "deferral policy on it first, then evaluate with them",
+    ),
+    calibrate: bool = typer.Option(
+        False, "--calibrate", help="store the calibration fitted on --validation in the checkpoint (calibration.json)"
+    ),
     seg_peer: Path | None = typer.Option(None, "--seg-peer", help="DynUNet anchor directory (lungvl train --peer)"),
 ) -> None:
-    """Score a checkpoint; writes metrics.json, results.md and lung_rads_confusion.png."""
+    """Score a checkpoint; writes metrics.json, results.md, lung_rads_confusion.png and risk_coverage.png."""
     from lungvl_model.evaluation.evaluate import evaluate as run
     from lungvl_model.evaluation.plots import plot_confusion
-    from lungvl_model.inference.calibration import load_threshold, save_threshold
+    from lungvl_model.evaluation.risk_coverage import RiskCoverage, plot_risk_coverage
+    from lungvl_model.inference.calibration import load_state, save_state
+    from lungvl_model.inference.candidate_filter import load_from_checkpoint
+    from lungvl_model.models.nodule_risk import load_nodule_risk
     from lungvl_model.training.checkpoint import load_checkpoint
     from lungvl_model.training.peer import dynunet_seg_fn, load_dynunet
 
+    if calibrate and not validation:
+        print_error(
+            "--calibrate needs --validation SITE: a calibration fitted on the test studies would grade the "
+            "deferral on the data it was fitted to"
+        )
+        raise typer.Exit(2)
+    overlap = sorted({p.resolve() for p in validation} & {p.resolve() for p in site_dirs})
+    if overlap:
+        print_error(f"--validation site(s) {', '.join(map(str, overlap))} are also test sites; keep them apart")
+        raise typer.Exit(2)
     model, _ = load_checkpoint(model_dir)
+    state = load_state(model_dir)
+    risk = load_nodule_risk(model_dir)
+    kwargs = {
+        "candidate_filter": load_from_checkpoint(model_dir),
+        "nodule_risk": risk[0] if risk is not None else None,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     with progress_callback("evaluate") as cb:
-        res = run(model, site_dirs, threshold=load_threshold(model_dir), calibrate=calibrate, progress=cb)
+        res = run(model, site_dirs, validation_dirs=validation, calibration=state, progress=cb, **kwargs)
+    fitted = res.pop("calibration_state", None)
     peer = None
     if seg_peer is not None:
         net, _ = load_dynunet(seg_peer)
         with progress_callback("evaluate DynUNet anchor") as cb:
-            peer = run(model, site_dirs, threshold=load_threshold(model_dir), progress=cb, seg_fn=dynunet_seg_fn(net))
-    if calibrate and "calibrated_threshold" in res:
-        save_threshold(model_dir, res["calibrated_threshold"], res["calibration"])
-        err.print(f"calibrated deferral threshold {res['calibrated_threshold']:.3f} nats -> {model_dir}")
+            peer = run(model, site_dirs, calibration=fitted or state, progress=cb, seg_fn=dynunet_seg_fn(net), **kwargs)
+    if calibrate and fitted is not None:
+        path = save_state(model_dir, fitted)
+        err.print(f"calibration fitted on {len(validation)} validation site(s) -> {path}", highlight=False)
     (out_dir / "metrics.json").write_text(json.dumps({"lungvl": res, "dynunet_anchor": peer}, indent=2, default=float))
     md = results_markdown(res, peer)
     (out_dir / "results.md").write_text(md)
     plot_confusion(res["overall"]["lung_rads_confusion"], out_dir / "lung_rads_confusion.png")
+    rc = res["overall"].get("risk_coverage")
+    if rc:
+        c = rc["curve"]
+        curve = RiskCoverage(
+            coverage=np.asarray(c["coverage"], float),
+            risk=np.asarray(c["risk"], float),
+            threshold=np.asarray([math.inf if t is None else t for t in c["threshold"]], float),
+            n=int(c["n"]),
+            error_all=float(c["error_all"]),
+        )
+        plot_risk_coverage(curve, out_dir / "risk_coverage.png")
     out.print(md)

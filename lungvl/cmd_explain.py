@@ -36,9 +36,11 @@ def explain(
     threshold: float | None = typer.Option(None, "--threshold", help="override the deferral entropy threshold"),
 ) -> None:
     """Write report.json, report.md and nodule_<k>.png overlays for one study."""
-    from lungvl_model.inference.calibration import load_threshold
+    from lungvl_model.inference.calibration import load_state
+    from lungvl_model.inference.candidate_filter import load_from_checkpoint
     from lungvl_model.inference.explain import explain_study
     from lungvl_model.inference.render import write_explanation
+    from lungvl_model.models.nodule_risk import load_nodule_risk
     from lungvl_model.training.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(model_dir)  # a damaged checkpoint: exit 6; a bad study: exit 2 (lungvl.errors)
@@ -47,8 +49,17 @@ def explain(
     if prior is not None:
         p = Path(prior)
         prior_vol = _load_study(None, None, p) if p.is_dir() else _load_study(site, prior, None)
-    thr = threshold if threshold is not None else load_threshold(model_dir)
-    exp = explain_study(model, volume, prior=prior_vol, ask=ask, threshold=thr)
+    risk = load_nodule_risk(model_dir)
+    exp = explain_study(
+        model,
+        volume,
+        prior=prior_vol,
+        ask=ask,
+        threshold=threshold,
+        calibration=load_state(model_dir),
+        candidate_filter=load_from_checkpoint(model_dir),
+        nodule_risk=risk[0] if risk is not None else None,
+    )
     paths = write_explanation(exp, volume, out_dir)
     out.print(
         json.dumps({k: exp.to_dict()[k] for k in ("model", "lung_rads_rule_engine", "defer_to_radiologist")}, indent=1)

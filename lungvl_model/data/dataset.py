@@ -8,6 +8,10 @@ Each item is a dict::
     lobes       (1, D, H, W) int64 lobe map (LOBE_LABELS; zeros when unknown)
     has_mask    bool tensor, has_lobes bool tensor
     targets     dict of float32 scalars / int64 class indices (see StudyTargets; NaN / -1 = unknown)
+    nodule_attrs  (K, A) float32 per-nodule attributes (K = MAX_SLOTS, columns NODULE_ATTRIBUTES, largest
+                nodule first, NaN unknown / padding), from labels.csv nodule rows
+    nodule_ids  (K,) int64 label-map value of each slot (0 = padding, -1 = no id)
+    nodule_valid  (K,) bool, True for the study's nodules
     text        report text ("" when the study has none)
     study_uid, prior_study_uid, site   str
 """
@@ -34,7 +38,13 @@ from lungvl_model.data.preprocess import (
     save_cached,
 )
 from lungvl_model.data.site_layout import site_paths
-from lungvl_model.data.targets import StudyTargets, targets_from_labels, targets_from_report
+from lungvl_model.data.targets import (
+    MAX_SLOTS,
+    StudyTargets,
+    nodule_attributes,
+    targets_from_labels,
+    targets_from_report,
+)
 
 
 def load_study(entry: StudyEntry, config: PreprocessConfig, cache_dir: Path | None) -> Preprocessed:
@@ -76,6 +86,13 @@ def study_targets(entry: StudyEntry) -> StudyTargets:
     if entry.report is not None:
         return targets_from_report(entry.report.text)
     return StudyTargets()
+
+
+def nodule_tensors(entry: StudyEntry, max_slots: int = MAX_SLOTS) -> dict[str, torch.Tensor]:
+    """Per-nodule attribute tensors of a study (see the module docstring), from its labels.csv rows."""
+    rows, ids = nodule_attributes(list(entry.nodule_labels or []), max_slots)
+    id_t = torch.tensor(ids, dtype=torch.int64)
+    return {"nodule_attrs": torch.tensor(rows, dtype=torch.float32), "nodule_ids": id_t, "nodule_valid": id_t != 0}
 
 
 def targets_to_tensors(t: StudyTargets) -> dict[str, torch.Tensor]:
@@ -149,6 +166,7 @@ class SiteDataset(Dataset[dict[str, Any]]):
             "has_mask": torch.tensor(nod is not None),
             "has_lobes": torch.tensor(lob is not None),
             "targets": targets_to_tensors(study_targets(entry)),
+            **nodule_tensors(entry),
             "text": entry.report.text if entry.report else "",
             "study_uid": entry.study_uid,
             "prior_study_uid": entry.prior_study_uid or "",
@@ -168,4 +186,4 @@ def known(x: torch.Tensor) -> torch.Tensor:
     return x >= 0
 
 
-__all__ = ["SiteDataset", "collate", "known", "load_study", "study_targets", "targets_to_tensors"]
+__all__ = ["SiteDataset", "collate", "known", "load_study", "nodule_tensors", "study_targets", "targets_to_tensors"]

@@ -149,3 +149,103 @@ def targets_from_report(text: str) -> StudyTargets:
         n_nodules=len(lab.nodules),
         source="report",
     )
+
+
+#: Most nodules of a study that become decoder slots (the largest ones; labels keep the rest).
+MAX_SLOTS = 8
+#: Columns of a nodule attribute row (:func:`nodule_attributes`); NaN = unknown. Categorical columns
+#: hold the index into their vocabulary: ``type`` into ``NODULE_TYPES``, ``lobe`` into ``LOBES``,
+#: ``margin`` into ``MARGINS``, ``lung_rads`` into :data:`LUNG_RADS_CLASSES`.
+NODULE_ATTRIBUTES: tuple[str, ...] = (
+    "log_diameter",  # log1p(mean diameter mm)
+    "log_volume",  # log1p(volume mm3)
+    "type",
+    "lobe",
+    "calcified",  # 0/1
+    "margin",
+    "lung_rads",
+    "brock",  # Brock probability in [0, 1]
+)
+
+
+def _index(value: str, vocabulary: tuple[str, ...]) -> float:
+    return float(vocabulary.index(value)) if value in vocabulary else math.nan
+
+
+def nodule_attribute_row(
+    *,
+    mean_diameter_mm: float,
+    volume_mm3: float,
+    type: str,
+    lobe: str,
+    calcified: float,
+    margin: str,
+    lung_rads: str,
+    brock: float,
+) -> list[float]:
+    """One row of :data:`NODULE_ATTRIBUTES` from measured or labelled values (NaN / ``""`` unknown)."""
+    from lungvl_model.data.site_layout import LOBES, MARGINS
+
+    cat = lung_rads_index(lung_rads)
+    return [
+        math.log1p(mean_diameter_mm) if mean_diameter_mm >= 0 else math.nan,
+        math.log1p(volume_mm3) if volume_mm3 >= 0 else math.nan,
+        _index(type, NODULE_TYPES),
+        _index(lobe, LOBES),
+        calcified,
+        _index(margin, MARGINS),
+        float(cat) if cat >= 0 else math.nan,
+        brock,
+    ]
+
+
+def nodule_attributes(
+    nodule_rows: list[dict[str, str]], max_slots: int = MAX_SLOTS
+) -> tuple[list[list[float]], list[int]]:
+    """Per-nodule attribute rows of one study from its labels.csv nodule rows, largest first.
+
+    Nodules are ordered by mean diameter, largest first (unknown sizes last; ties by ``nodule_id``), the
+    order the synthetic report generator describes them in, and cut to ``max_slots``.
+
+    Args:
+        nodule_rows: the study's labels.csv rows with ``level = "nodule"``.
+        max_slots: most nodules kept.
+
+    Returns:
+        ``(rows, ids)``: ``max_slots`` rows of ``len(NODULE_ATTRIBUTES)`` floats (NaN unknown; all-NaN
+        padding after the study's nodules) and ``max_slots`` nodule ids (the label-map values; 0 =
+        padding, −1 = a nodule row without an id).
+    """
+    if max_slots < 1:
+        raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+
+    def size(r: dict[str, str]) -> float:
+        d = _f(r, "mean_diameter_mm")
+        return -1.0 if math.isnan(d) else d
+
+    def nid(r: dict[str, str]) -> int:
+        v = _f(r, "nodule_id")
+        return int(v) if not math.isnan(v) else -1
+
+    ordered = sorted(nodule_rows, key=lambda r: (-size(r), nid(r)))[:max_slots]
+    rows: list[list[float]] = []
+    ids: list[int] = []
+    for r in ordered:
+        calc = _f(r, "calcification")
+        rows.append(
+            nodule_attribute_row(
+                mean_diameter_mm=_f(r, "mean_diameter_mm") if not math.isnan(_f(r, "mean_diameter_mm")) else -1.0,
+                volume_mm3=_f(r, "volume_mm3") if not math.isnan(_f(r, "volume_mm3")) else -1.0,
+                type=r.get("type", ""),
+                lobe=r.get("lobe", ""),
+                calcified=calc,
+                margin=r.get("margin", ""),
+                lung_rads=r.get("lung_rads", ""),
+                brock=_f(r, "brock_probability"),
+            )
+        )
+        ids.append(nid(r))
+    pad = max_slots - len(rows)
+    rows += [[math.nan] * len(NODULE_ATTRIBUTES) for _ in range(pad)]
+    ids += [0] * pad
+    return rows, ids

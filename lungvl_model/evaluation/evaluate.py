@@ -10,6 +10,7 @@ reference report) and stores it beside the checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,11 +33,23 @@ from lungvl_model.evaluation.classification_metrics import (
     expected_calibration_error,
     roc_auc,
 )
+from lungvl_model.evaluation.froc import froc_from_studies
+from lungvl_model.evaluation.risk_coverage import aurc, risk_coverage_curve, selective_error
 from lungvl_model.evaluation.segmentation_metrics import detection_summary, dice, hd95, match_detections
 from lungvl_model.evaluation.text_metrics import bleu4, rouge_l_corpus
+from lungvl_model.inference.calibration import (
+    CalibrationRecord,
+    CalibrationState,
+    fit_calibration,
+)
+from lungvl_model.inference.candidate_filter import CandidateFilter
+from lungvl_model.inference.deferral import DeferralSignals
 from lungvl_model.inference.explain import Explanation, explain_study
+from lungvl_model.inference.fact_check import fact_count_metrics
+from lungvl_model.models.nodule_risk import NoduleRiskHead
 from lungvl_model.text.labeler import label_report
 from lungvl_model.text.report_labels import concept_f1
+from lungvl_model.text.report_sections import decoder_target
 
 Progress = Callable[[int, int, str], None]
 
@@ -59,16 +72,29 @@ def _float(row: dict[str, str], key: str) -> float:
         return math.nan
 
 
+def _num(x: float | None) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _located_rows(entry: StudyEntry) -> list[dict[str, str]]:
+    """labels.csv nodule rows with a finite LPS centroid (the reference nodules, in order)."""
+    keys = ("centroid_x_mm", "centroid_y_mm", "centroid_z_mm")
+    return [r for r in entry.nodule_labels if all(math.isfinite(_float(r, k)) for k in keys)]
+
+
 def reference_nodules(entry: StudyEntry) -> tuple[np.ndarray, np.ndarray]:
     """Reference centroids (LPS mm, ``(R, 3)``) and mean diameters ``(R,)`` from labels.csv."""
     pts, diam = [], []
-    for r in entry.nodule_labels:
-        c = [_float(r, k) for k in ("centroid_x_mm", "centroid_y_mm", "centroid_z_mm")]
-        if all(math.isfinite(v) for v in c):
-            pts.append(c)
-            d = _float(r, "mean_diameter_mm")
-            diam.append(d if math.isfinite(d) else 0.0)
+    for r in _located_rows(entry):
+        pts.append([_float(r, k) for k in ("centroid_x_mm", "centroid_y_mm", "centroid_z_mm")])
+        d = _float(r, "mean_diameter_mm")
+        diam.append(d if math.isfinite(d) else 0.0)
     return np.asarray(pts, float).reshape(-1, 3), np.asarray(diam, float)
+
+
+def report_wrong(report_lung_rads: int, lung_rads_true: int) -> bool:
+    """A report is wrong when the Lung-RADS category it states differs from the reference (or is missing)."""
+    return report_lung_rads != lung_rads_true
 
 
 def score_study(exp: Explanation, entry: StudyEntry, volume: Any) -> dict[str, Any]:
@@ -85,7 +111,24 @@ def score_study(exp: Explanation, entry: StudyEntry, volume: Any) -> dict[str, A
     ref_pts, ref_diam = reference_nodules(entry)
     det = match_detections([f.centroid_lps for f in exp.findings], ref_pts, ref_diam)
     v["detection"] = (det.tp, det.fp, det.fn)
+    v["froc"] = {
+        "candidates": [[[float(c) for c in pt], float(score)] for pt, score in exp.candidates],
+        "ref_points": ref_pts.tolist(),
+        "ref_diameters": ref_diam.tolist(),
+    }
     v["model_malignancy"] = exp.model["malignancy_probability"]
+    v["malignancy_logit"] = exp.model.get("malignancy_logit", math.nan)
+    v["lung_rads_logits"] = exp.model.get("lung_rads_logits")
+    v["nodule_malignancy"] = exp.model.get("nodule_malignancy_probability", math.nan)
+    rows = _located_rows(entry)
+    v["nodule_pairs"] = [
+        [
+            _num(exp.findings[i].malignancy_probability),
+            _num(exp.findings[i].brock_probability),
+            _float(rows[j], "malignant"),
+        ]
+        for i, j in det.pairs
+    ]
     true_brock = [_float(r, "brock_probability") for r in entry.nodule_labels]
     true_brock = [b for b in true_brock if math.isfinite(b)]
     v["brock_true"] = max(true_brock) if true_brock else (0.0 if t.n_nodules == 0 else math.nan)
@@ -95,11 +138,18 @@ def score_study(exp: Explanation, entry: StudyEntry, volume: Any) -> dict[str, A
     v["lung_rads_rule"] = lung_rads_index(exp.rule_lung_rads)
     v["growth_model"] = exp.model["growth_mm_12_months"]
     ref_text = entry.report.text if entry.report else ""
-    v["generated"], v["reference"] = exp.text, ref_text
+    # the decoder writes FINDINGS and IMPRESSION only (the exam sentences come from the header): score those
+    v["generated"], v["reference"] = decoder_target(exp.text), decoder_target(ref_text) if ref_text else ""
     gen_lab, ref_lab = label_report(exp.text), label_report(ref_text)
     v["concept_f1"] = concept_f1(gen_lab, ref_lab) if ref_text else math.nan
     v["report_lung_rads"] = lung_rads_index(gen_lab.lung_rads)
     v["deferred"] = exp.defer
+    v["wrong"] = report_wrong(v["report_lung_rads"], v["lung_rads_true"]) if v["lung_rads_true"] >= 0 else None
+    fc = exp.fact_check
+    v["fact_unsupported"] = fc.n_unsupported if fc is not None else math.nan
+    v["fact_contradictions"] = fc.n_contradictions if fc is not None else math.nan
+    v["signals"] = exp.signals.to_dict() if exp.signals is not None else None
+    v["deferral_score"] = exp.deferral_score
     v["sentences"] = [
         {"entropy": s.mean_entropy, "correct": concept_f1(label_report(s.text), ref_lab) >= 0.999}
         for s in exp.sentences
@@ -130,9 +180,22 @@ def aggregate(results: Sequence[StudyResult]) -> dict[str, Any]:
     out["dice"] = float(np.nanmean(col("dice"))) if np.isfinite(col("dice")).any() else math.nan
     out["hd95_mm"] = float(np.nanmean(col("hd95"))) if np.isfinite(col("hd95")).any() else math.nan
     out["detection"] = detection_summary([v["detection"] for v in vals])
+    fr = [v["froc"] for v in vals if "froc" in v]
+    if fr:
+        out["froc"] = froc_from_studies(
+            [f["candidates"] for f in fr],
+            [np.asarray(f["ref_points"], float).reshape(-1, 3) for f in fr],
+            [np.asarray(f["ref_diameters"], float) for f in fr],
+            n_boot=500,
+            seed=0,
+        ).to_dict()
     y = col("malignant")
-    for name in ("model_malignancy", "brock_true", "brock_measured"):
+    for name in ("model_malignancy", "nodule_malignancy", "brock_true", "brock_measured"):
         out[f"auc_{name}"] = _auc_ci(y, col(name))
+    pairs = np.asarray([p for v in vals for p in v.get("nodule_pairs", [])], float).reshape(-1, 3)
+    out["auc_nodule_level_head"] = _auc_ci(pairs[:, 2], pairs[:, 0])
+    out["auc_nodule_level_brock_measured"] = _auc_ci(pairs[:, 2], pairs[:, 1])
+    out["facts"] = fact_count_metrics(col("fact_unsupported").tolist(), col("fact_contradictions").tolist())
     ok = np.isfinite(y)
     p = np.clip(col("model_malignancy")[ok], 0, 1)
     out["ece_model_malignancy"] = expected_calibration_error(y[ok].astype(int), p) if ok.any() else math.nan
@@ -154,34 +217,22 @@ def aggregate(results: Sequence[StudyResult]) -> dict[str, Any]:
     deferred = np.asarray([bool(v["deferred"]) for v in vals])
     correct = col("report_lung_rads") == col("lung_rads_true")
     out["deferral"] = deferral_summary(deferred[known], correct[known]) if known.any() else {}
+    scored = [v for v in vals if v.get("wrong") is not None and v.get("deferral_score") is not None]
+    if scored:
+        wrong = np.asarray([bool(v["wrong"]) for v in scored])
+        score = np.asarray([float(v["deferral_score"]) for v in scored])
+        curve = risk_coverage_curve(wrong, score)
+        out["risk_coverage"] = {"aurc": aurc(curve), **selective_error(wrong, score, 0.3), "curve": curve.to_dict()}
     return out
 
 
-def evaluate(
+def _run_studies(
     model: Any,
     site_dirs: Sequence[str | Path],
-    *,
-    threshold: float | None = None,
-    calibrate: bool = False,
-    target_error: float = 0.1,
-    progress: Progress | None = None,
-    seg_fn: Callable[..., Any] | None = None,
-) -> dict[str, Any]:
-    """Evaluate a model on the labelled, usable studies of ``site_dirs``.
-
-    Args:
-        model: a LungVLModel.
-        site_dirs: held-out site directories.
-        threshold: sentence-entropy deferral threshold (default: config).
-        calibrate: also compute the threshold that keeps the error rate of accepted key sentences
-            at ``target_error`` (returned under ``calibrated_threshold``).
-        target_error: see ``calibrate``.
-        progress: ``progress(done, total, study_uid)``.
-        seg_fn: optional replacement segmenter (for the DynUNet anchor), see ``explain_study``.
-
-    Returns:
-        ``{"overall": metrics, "by_cohort": {...}, "by_slice": {...}, "studies": [...]}``.
-    """
+    explain_kwargs: dict[str, Any],
+    progress: Progress | None,
+) -> list[StudyResult]:
+    """Explain and score every labelled, usable study of ``site_dirs`` (a study that cannot be read is an error row)."""
     entries = []
     for d in site_dirs:
         cat = build_catalogue(d)
@@ -199,30 +250,135 @@ def evaluate(
         prior = None
         if e.prior_study_uid and e.prior_study_uid in cat.studies and cat.studies[e.prior_study_uid].series:
             prior = read_series(cat.studies[e.prior_study_uid].series.files)  # type: ignore[union-attr]
-        exp = explain_study(model, vol, prior=prior, threshold=threshold, seg_fn=seg_fn, with_text=seg_fn is None)
+        exp = explain_study(model, vol, prior=prior, **explain_kwargs)
         results.append(StudyResult(e.study_uid, name, cohort, vol.spacing[0], score_study(exp, e, vol)))
         if progress:
             progress(i + 1, len(entries), e.study_uid)
+    return results
+
+
+def calibration_records(results: Sequence[StudyResult]) -> list[CalibrationRecord]:
+    """One :class:`CalibrationRecord` per scored study with head logits, deferral signals and a reference category."""
+    records = []
+    for r in results:
+        v = r.values
+        if "error" in v or v.get("signals") is None or v.get("lung_rads_logits") is None or v.get("wrong") is None:
+            continue
+        logit = float(v["malignancy_logit"])
+        if not math.isfinite(logit):
+            continue
+        y = v["malignant"]
+        records.append(
+            CalibrationRecord(
+                study_uid=r.study_uid,
+                malignancy_logit=logit,
+                malignancy_label=None if y is None or not math.isfinite(float(y)) else int(y),
+                lung_rads_logits=tuple(v["lung_rads_logits"]),
+                lung_rads_label=int(v["lung_rads_true"]),
+                signals=DeferralSignals.from_dict(v["signals"]),
+                wrong=bool(v["wrong"]),
+            )
+        )
+    return records
+
+
+def fit_on_validation(
+    results: Sequence[StudyResult], *, max_deferral_rate: float = 0.3, target_error: float = 0.1
+) -> CalibrationState:
+    """Temperatures, the deferral policy and the sentence-entropy threshold from validation studies.
+
+    Args:
+        results: scored validation studies (never training or test studies).
+        max_deferral_rate: the deferral budget on validation.
+        target_error: error rate of kept key sentences the entropy threshold aims at.
+
+    Raises:
+        ValueError: no validation study has logits, signals and a reference Lung-RADS category.
+    """
+    records = calibration_records(results)
+    if not records:
+        raise ValueError(
+            f"none of the {len(results)} validation studies has a reference Lung-RADS category and a generated report"
+        )
+    sent = [x for r in results for x in r.values.get("sentences", [])]
+    thr = None
+    if sent:
+        thr = calibrate_entropy_threshold(
+            np.asarray([x["entropy"] for x in sent]),
+            np.asarray([x["correct"] for x in sent]),
+            target_error=target_error,
+        )
+    state = fit_calibration(records, max_deferral_rate=max_deferral_rate, sentence_entropy_threshold=thr)
+    sites = sorted({r.site for r in results})
+    fitted_on = {"validation_sites": sites, "validation_studies": len(records), "key_sentences": len(sent)}
+    return dataclasses.replace(state, metrics={**state.metrics, "fitted_on": fitted_on})
+
+
+def evaluate(
+    model: Any,
+    site_dirs: Sequence[str | Path],
+    *,
+    threshold: float | None = None,
+    validation_dirs: Sequence[str | Path] = (),
+    calibration: CalibrationState | None = None,
+    candidate_filter: CandidateFilter | None = None,
+    nodule_risk: NoduleRiskHead | None = None,
+    max_deferral_rate: float = 0.3,
+    progress: Progress | None = None,
+    seg_fn: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a model on the labelled, usable studies of ``site_dirs``.
+
+    Args:
+        model: a LungVLModel.
+        site_dirs: held-out (test) site directories.
+        threshold: sentence-entropy deferral threshold (default: the calibration's, else the config's).
+        validation_dirs: validation sites, neither training nor test: when given, the heads' temperatures, the
+            deferral policy and the sentence-entropy threshold are fitted on them first (returned under
+            ``calibration_state``, a :class:`CalibrationState`) and the test sites are explained with them.
+        calibration: a stored calibration to explain with (ignored when ``validation_dirs`` is given).
+        candidate_filter: the checkpoint's nodule-candidate filter (None: every refined candidate is kept).
+        nodule_risk: the checkpoint's nodule-level risk head (None: no nodule-level malignancy).
+        max_deferral_rate: deferral budget when fitting on ``validation_dirs``.
+        progress: ``progress(done, total, study_uid)``.
+        seg_fn: optional replacement segmenter (for the DynUNet anchor), see ``explain_study``.
+
+    Returns:
+        ``{"overall": metrics, "by_cohort": {...}, "by_slice": {...}, "studies": [...]}`` (+ ``calibration``,
+        ``calibration_state`` when fitted).
+    """
+    base = {
+        "threshold": threshold,
+        "seg_fn": seg_fn,
+        "with_text": seg_fn is None,
+        "candidate_filter": candidate_filter,
+        "nodule_risk": nodule_risk,
+    }
+    out: dict[str, Any] = {}
+    if validation_dirs:
+        val = [
+            r
+            for r in _run_studies(model, validation_dirs, {**base, "calibration": None}, progress)
+            if "error" not in r.values
+        ]
+        calibration = fit_on_validation(val, max_deferral_rate=max_deferral_rate)
+        out["calibration_state"] = calibration
+        out["calibration"] = {"validation_studies": len(val), **calibration.to_dict()}
+    results = _run_studies(model, site_dirs, {**base, "calibration": calibration}, progress)
     ok = [r for r in results if "error" not in r.values]
-    out: dict[str, Any] = {"overall": aggregate(ok)}
+    out["overall"] = aggregate(ok)
     out["by_cohort"] = {c: aggregate([r for r in ok if r.cohort == c]) for c in sorted({r.cohort for r in ok})}
     out["by_slice"] = {
         b: aggregate([r for r in ok if (r.slice_mm >= 2.5) == (b == "thick (>=2.5 mm)")])
         for b in ("thin (<2.5 mm)", "thick (>=2.5 mm)")
     }
-    sent = [s for r in ok for s in r.values.get("sentences", [])]
-    if calibrate and sent:
-        ent = np.asarray([s["entropy"] for s in sent])
-        cor = np.asarray([s["correct"] for s in sent])
-        out["calibrated_threshold"] = calibrate_entropy_threshold(ent, cor, target_error=target_error)
-        out["calibration"] = {"key_sentences": len(sent), "correct": int(cor.sum()), "target_error": target_error}
     out["studies"] = [
         {
             "study_uid": r.study_uid,
             "site": r.site,
             "cohort": r.cohort,
             "slice_mm": r.slice_mm,
-            **{k: v for k, v in r.values.items() if k not in ("sentences",)},
+            **{k: v for k, v in r.values.items() if k not in ("sentences", "froc")},
         }
         for r in results
     ]

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from lungvl_model.clinical.brock import BrockInputs, brock_probability
-from lungvl_model.clinical.lung_rads import InvalidFieldError, NoduleFinding, categorize_exam, categorize_nodule
 from lungvl_model.data.preprocess import body_center, preprocess
 from lungvl_model.data.targets import LUNG_RADS_CLASSES
 from lungvl_model.data.volume import CTVolume
@@ -31,9 +29,34 @@ from lungvl_model.inference.anatomy import (
     lobe_from_position,
     lung_mask,
 )
-from lungvl_model.inference.findings import Finding, GridMap, candidates, match_prior, measure_finding, refine_candidate
-from lungvl_model.inference.narrative import Sentence, build_sentences, generate_for_study
+from lungvl_model.inference.calibration import CalibrationState
+from lungvl_model.inference.candidate_filter import CandidateFilter
+from lungvl_model.inference.candidate_filter import score_findings as score_candidates
+from lungvl_model.inference.deferral import DeferralSignals
+from lungvl_model.inference.exam_facts import ExamFacts, exam_sentences
+from lungvl_model.inference.fact_check import FactCheck
+from lungvl_model.inference.finding_risk import clinical_rules, nodule_risk_scores
+from lungvl_model.inference.findings import (
+    Finding,
+    GridMap,
+    candidate_points,
+    candidates,
+    match_prior,
+    measure_finding,
+    refine_candidate,
+    suppress_duplicates,
+)
+from lungvl_model.inference.narrative import (
+    Sentence,
+    build_sentences,
+    compose_report,
+    generate_for_study,
+    write_findings_report,
+)
+from lungvl_model.inference.report_review import policy_for, review_report
 from lungvl_model.models.fusion import TokenLayout
+from lungvl_model.models.nodule_risk import NoduleRiskHead
+from lungvl_model.text.report_sections import decoder_target
 from lungvl_model.text.tokenizer import encode_reports
 
 SegFn = Callable[[torch.Tensor], np.ndarray]
@@ -41,7 +64,12 @@ SegFn = Callable[[torch.Tensor], np.ndarray]
 
 @dataclass
 class Explanation:
-    """Everything ``lungvl explain`` reports for one study (``to_dict`` is report.json)."""
+    """Everything ``lungvl explain`` reports for one study (``to_dict`` is report.json).
+
+    ``text`` is the report: the exam/patient sentences from the DICOM header (``exam_sentences``, never
+    generated), then FINDINGS one finding at a time in ranked order, then IMPRESSION; ``sentences`` are
+    the generated ones (``section`` says which).
+    """
 
     study_uid: str
     series_uid: str
@@ -61,6 +89,12 @@ class Explanation:
     grid: GridMap | None = None
     layout: TokenLayout | None = None
     prob: np.ndarray | None = field(default=None, repr=False)
+    exam_sentences: list[str] = field(default_factory=list)
+    candidates: list[tuple[tuple[float, float, float], float]] = field(default_factory=list)
+    fact_check: FactCheck | None = None
+    removed_sentences: list[Sentence] = field(default_factory=list)
+    signals: DeferralSignals | None = None
+    deferral_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (report.json)."""
@@ -80,6 +114,11 @@ class Explanation:
             "flags": self.flags,
             "deferral_entropy_threshold": self.threshold,
             "answer": self.answer,
+            "exam_sentences": self.exam_sentences,
+            "fact_check": self.fact_check.to_dict() if self.fact_check is not None else None,
+            "removed_sentences": [s.to_dict() for s in self.removed_sentences],
+            "deferral_signals": self.signals.to_dict() if self.signals is not None else None,
+            "deferral_score": self.deferral_score,
         }
 
 
@@ -97,7 +136,11 @@ def patient_info(volume: CTVolume) -> dict[str, Any]:
 
 
 def analyse_candidates(
-    model: Any, volume: CTVolume, prob_threshold: float, seg_fn: SegFn | None = None
+    model: Any,
+    volume: CTVolume,
+    prob_threshold: float,
+    seg_fn: SegFn | None = None,
+    candidate_filter: CandidateFilter | None = None,
 ) -> tuple[list[Finding], dict[str, Any]]:
     """Triage + native-resolution analysis of one CT (no generation); returns findings and model state.
 
@@ -107,6 +150,12 @@ def analyse_candidates(
         prob_threshold: triage threshold.
         seg_fn: another segmenter ``(1, 1, D, H, W) → (D, H, W)`` probabilities on the same grid (the
             DynUNet anchor); the model's own segmentation head when None.
+        candidate_filter: a :class:`~lungvl_model.inference.candidate_filter.CandidateFilter`. When given,
+            every refined candidate gets its ``nodule_probability``, duplicates are suppressed by that
+            score, candidates below the filter's operating threshold are dropped, and the state's
+            ``"candidates"`` holds every refined candidate (kept or not) as ``(LPS centroid, nodule
+            probability)`` for FROC. None: every refined candidate is kept (suppression by triage
+            probability) and ``"candidates"`` holds the triage components.
     """
     cfg = model.config
     pre = preprocess(volume, cfg.input)
@@ -119,68 +168,25 @@ def analyse_candidates(
         if seg_fn is not None:
             prob = np.asarray(seg_fn(image), dtype=np.float32)
     lungs = lung_mask(volume.hu)
-    findings: list[Finding] = []
-    taken = np.zeros(volume.shape, bool)
+    measured: list[Finding] = []
     for cand, p in candidates(prob, prob_threshold):
-        refined = refine_candidate(volume, cand, grid)
-        if refined is None:
-            continue
-        mask, offset = refined
-        f = measure_finding(volume, mask, offset, p)
-        full = f.full_mask(volume.shape)
-        if (full & taken).sum() > 0.5 * full.sum():
-            continue  # two triage components refined onto the same nodule
-        taken |= full
-        f.lobe = lobe_from_position(volume, np.asarray(f.centroid_zyx), lungs)
-        f.juxtapleural = is_juxtapleural(full, lungs, volume.spacing)
-        findings.append(f)
-    return findings, {"vis": vis, "prob": prob, "grid": grid, "lungs": lungs, "shape": pre.image.shape}
-
-
-def _clinical(findings: list[Finding], patient: dict[str, Any], emphysema: bool, spiculated: bool) -> str:
-    dominant = max(findings, key=lambda f: f.mean_diameter_mm) if findings else None
-    rule_inputs = []
+        refined = refine_candidate(volume, cand, grid, lungs=lungs)
+        if refined is not None:
+            measured.append(measure_finding(volume, *refined, p))
+    if candidate_filter is None:
+        findings = suppress_duplicates(measured)  # two triage components refined onto the same nodule
+        # every triage component (also below the keep threshold) as (LPS centroid, max probability), for FROC
+        points = candidate_points(volume, prob, grid, min(prob_threshold, 0.1))
+    else:
+        score_candidates(measured, volume, lungs, candidate_filter)  # sets nodule_probability
+        scored = suppress_duplicates(measured, [f.nodule_probability or 0.0 for f in measured])
+        points = [(f.centroid_lps, float(f.nodule_probability or 0.0)) for f in scored]
+        findings = [f for f in scored if (f.nodule_probability or 0.0) >= candidate_filter.threshold]
     for f in findings:
-        spic = spiculated and f is dominant
-        try:
-            f.brock_probability = round(
-                brock_probability(
-                    BrockInputs(
-                        age=patient["age"],
-                        female=patient["sex"] == "F",
-                        family_history=False,
-                        emphysema=emphysema,
-                        longest_diameter_mm=max(f.longest_diameter_mm, 0.5),
-                        type=f.type,
-                        upper_lobe=f.lobe in ("RUL", "LUL"),
-                        nodule_count=len(findings),
-                        spiculation=spic,
-                    )
-                ),
-                5,
-            )
-        except ValueError as e:
-            f.notes.append(f"Brock not computed: {e}")
-        solid_c = f.solid_component_mm if f.type == "part_solid" else None
-        try:
-            nf = NoduleFinding(
-                type=f.type,
-                mean_diameter_mm=max(f.mean_diameter_mm, 0.1),
-                solid_component_mm=solid_c,
-                context=f.context,
-                juxtapleural=f.juxtapleural and f.type == "solid",
-                benign_pattern=f.calcified,
-                suspicious_features=spic,
-            )
-            f.lung_rads = categorize_nodule(nf)
-            rule_inputs.append(nf)
-        except (InvalidFieldError, ValueError) as e:
-            f.notes.append(f"Lung-RADS not computed: {e}")
-        f.risk_score = round((f.brock_probability or 0.0) * f.volume_mm3 ** (1 / 3), 5)
-    findings.sort(key=lambda f: -f.risk_score)
-    for i, f in enumerate(findings, start=1):
-        f.index = i
-    return categorize_exam(rule_inputs)
+        f.lobe = lobe_from_position(volume, np.asarray(f.centroid_zyx), lungs)
+        f.juxtapleural = is_juxtapleural(f.full_mask(volume.shape), lungs, volume.spacing)
+    state = {"vis": vis, "prob": prob, "grid": grid, "lungs": lungs, "shape": pre.image.shape, "candidates": points}
+    return findings, state
 
 
 def _link_sentences(sentences: list[Sentence], findings: list[Finding]) -> None:
@@ -208,8 +214,19 @@ def explain_study(
     max_new_tokens: int | None = None,
     seg_fn: SegFn | None = None,
     with_text: bool = True,
+    calibration: CalibrationState | None = None,
+    candidate_filter: CandidateFilter | None = None,
+    nodule_risk: NoduleRiskHead | None = None,
+    site: Mapping[str, Any] | None = None,
 ) -> Explanation:
     """Run the whole explanation pipeline on one study.
+
+    The report: exam/patient sentences from the header (:func:`~.exam_facts.exam_sentences`), then
+    FINDINGS one sentence per kept finding in ranked order (each decoded from its finding slot and
+    grounded on its mask; the negative sentence only when no finding is kept), then IMPRESSION from all
+    slots (:func:`~.narrative.write_findings_report`). The rule engine (Brock, Lung-RADS, ranking) runs
+    first because its outputs are slot attributes; its spiculation input is the heads' reading of the
+    image with an empty explanation.
 
     Args:
         model: a trained :class:`~lungvl_model.models.lungvl.LungVLModel` (eval mode is set).
@@ -221,40 +238,77 @@ def explain_study(
         max_new_tokens: generation length (default: the decoder's context).
         seg_fn: replacement segmenter for the triage pass (see :func:`analyse_candidates`).
         with_text: generate the explanation (False: findings and heads only, e.g. for a segmentation anchor).
+        calibration: the checkpoint's calibration (temperatures, deferral policy, entropy threshold).
+        candidate_filter: the checkpoint's nodule-candidate filter (None: every refined candidate is kept).
+        nodule_risk: the checkpoint's nodule-level risk head: each finding's malignancy and the study's
+            noisy-OR, which is then the report's malignancy probability (None: the study head's).
+        site: the study's site metadata for the exam facts (age, sex, smoking, protocol; see ``ExamFacts``).
 
     Returns:
         The explanation.
     """
     model.eval()
     cfg = model.config
+    if threshold is None and calibration is not None:
+        threshold = calibration.sentence_entropy_threshold
     thr = float(cfg.heads.deferral_entropy if threshold is None else threshold)
-    findings, st = analyse_candidates(model, volume, prob_threshold, seg_fn)
+    findings, st = analyse_candidates(model, volume, prob_threshold, seg_fn, candidate_filter)
     patient = patient_info(volume)
     emph = emphysema_index(volume.hu, st["lungs"])
     flags: list[str] = []
     if prior is not None:
-        prior_findings, _ = analyse_candidates(model, prior, prob_threshold, seg_fn)
+        prior_findings, _ = analyse_candidates(model, prior, prob_threshold, seg_fn, candidate_filter)
         shift = volume.voxel_to_lps(body_center(volume.hu)) - prior.voxel_to_lps(body_center(prior.hu))
         match_prior(findings, prior_findings, shift)
     vis, grid, shape = st["vis"], st["grid"], st["shape"]
     vt, layout = model.tokens(vis)
     n_new = max_new_tokens or cfg.text.n_positions - 2
-    text, sentences = "", []
-    if with_text:
-        gen = generate_for_study(model, vt, max_new_tokens=n_new)
-        text, sentences = build_sentences(gen, model.tokenizer, layout, shape, threshold=thr, grid=grid, volume=volume)
     device = vt.device
+    # Brock and Lung-RADS are slot attributes, so the rule engine ranks the findings before generation;
+    # its spiculation input is the heads' reading of the image with an empty explanation
     with torch.no_grad():
-        enc = encode_reports(model.tokenizer, [text or " "], cfg.text.n_positions)
+        blank = encode_reports(model.tokenizer, [" "], cfg.text.n_positions)
+        blank_emb = model.embed_text(blank["input_ids"].to(device), blank["attention_mask"].to(device))
+        spic_image = float(torch.sigmoid(model.heads(vis.pooled, blank_emb).spiculated_logit)[0])
+    rule, rule_inputs = clinical_rules(findings, patient, emph > EMPHYSEMA_LAA, spic_image > 0.5)
+    nodule_p = nodule_risk_scores(nodule_risk, vis, grid, volume, findings, patient, emph)
+    site_meta = dict(site or {})
+    if prior is not None and prior.meta.get("StudyDate"):
+        site_meta.setdefault("prior_study_date", prior.meta["StudyDate"])
+    facts = ExamFacts.from_volume(volume, site_meta)
+    exam = exam_sentences(facts)  # from the header and site metadata only, never generated
+    text, sentences, found, impression = "", [], [], []
+    if with_text:
+        found, impression = write_findings_report(
+            model, vis, vt, layout, findings, grid=grid, volume=volume, grid_shape=shape, threshold=thr,
+            max_new_tokens=n_new,
+        )  # fmt: skip
+        sentences = found + impression
+        text = compose_report(exam, found, impression)
+    with torch.no_grad():
+        enc = encode_reports(model.tokenizer, [decoder_target(text) or " "], cfg.text.n_positions)
         emb = model.embed_text(enc["input_ids"].to(device), enc["attention_mask"].to(device))
         risk = model.heads(vis.pooled, emb)
     spic_p = float(torch.sigmoid(risk.spiculated_logit)[0])
-    rule = _clinical(findings, patient, emph > EMPHYSEMA_LAA, spic_p > 0.5)
-    _link_sentences(sentences, findings)
-    lr_probs = torch.softmax(risk.lung_rads_logits[0], -1).cpu().numpy()
+    _link_sentences([s for s in sentences if s.nodule is None], findings)  # finding sentences: by construction
+    mal_logit = float(risk.malignancy_logit[0])
+    lr_logits = risk.lung_rads_logits[0].float().cpu().numpy()
+    if calibration is not None:
+        head_p = calibration.malignancy_probability(mal_logit)
+        lr_probs = calibration.lung_rads_probabilities(lr_logits)
+    else:
+        head_p = float(torch.sigmoid(risk.malignancy_logit)[0])
+        lr_probs = torch.softmax(risk.lung_rads_logits[0], -1).cpu().numpy()
     model_cat = LUNG_RADS_CLASSES[int(np.argmax(lr_probs))]
+    mal_p = head_p if nodule_p is None else nodule_p
     model_out = {
-        "malignancy_probability": round(float(torch.sigmoid(risk.malignancy_logit)[0]), 4),
+        "malignancy_probability": round(mal_p, 4),
+        "malignancy_source": "study head" if nodule_p is None else "nodule-level head, noisy-OR over findings",
+        "study_head_malignancy_probability": round(head_p, 4),
+        "nodule_malignancy_probability": None if nodule_p is None else round(nodule_p, 4),
+        "malignancy_logit": round(mal_logit, 5),
+        "lung_rads_logits": [round(float(v), 5) for v in lr_logits],
+        "calibrated": calibration is not None,
         "lung_rads": model_cat,
         "lung_rads_probabilities": {c: round(float(p), 4) for c, p in zip(LUNG_RADS_CLASSES, lr_probs, strict=True)},
         "growth_mm_12_months": round(float(risk.growth_mm[0]), 3),
@@ -276,16 +330,22 @@ def explain_study(
         },
         "malignancy_residual_logit": round(float(risk.residual_logit[0]), 4),
     }
-    reasons = [
-        f"low-confidence key sentence: {s.text!r} (entropy {s.mean_entropy:.2f} > {thr:.2f})"
-        for s in sentences
-        if s.key and s.low_confidence
-    ]
+    reasons: list[str] = []
+    review = None
+    if with_text:
+        review = review_report(
+            sentences, findings, facts, rule_lung_rads=rule, rule_inputs=rule_inputs, model_lung_rads=model_cat,
+            has_prior=prior is not None, malignancy_probability=mal_p, policy=policy_for(calibration, thr),
+        )  # fmt: skip
+        reasons += review.reasons
+        flags += review.removal_notes
+        sentences = review.kept
+        text = compose_report(exam, [s for s in found if s in sentences], [s for s in impression if s in sentences])
     if with_text and not sentences:
         reasons.append("the model generated no sentence")
     elif with_text and not any(s.key for s in sentences):
         reasons.append("the explanation states no clinical fact (no nodule, size, lobe, type or Lung-RADS statement)")
-    if model_cat != rule:
+    if model_cat != rule and not with_text:
         flags.append(f"model Lung-RADS {model_cat} disagrees with the rule engine on measured findings ({rule})")
     if patient["age_assumed"] or patient["sex_assumed"]:
         flags.append("patient age/sex missing from the DICOM header: Brock uses age 62 / male")
@@ -298,7 +358,7 @@ def explain_study(
         model=model_out,
         rule_lung_rads=rule,
         emphysema_index=emph,
-        defer=bool(reasons),
+        defer=bool(reasons) or (review is not None and review.defer),
         defer_reasons=reasons,
         flags=flags,
         patient=patient,
@@ -307,6 +367,12 @@ def explain_study(
         grid=grid,
         layout=layout,
         prob=st["prob"],
+        exam_sentences=exam,
+        candidates=st["candidates"],
+        fact_check=review.fact_check if review is not None else None,
+        removed_sentences=review.removed if review is not None else [],
+        signals=review.signals if review is not None else None,
+        deferral_score=review.score if review is not None else None,
     )
     if ask:
         exp.answer = answer_question(model, exp, vt, ask, n_new, volume)

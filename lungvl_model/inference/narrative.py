@@ -3,24 +3,33 @@
 Per sentence: mean predictive entropy (nats) of its tokens; confidence = 1 − entropy / log(V).
 A sentence is *low-confidence* when its mean entropy exceeds the threshold calibrated on validation
 data (``calibration.json`` beside the checkpoint) or the config default. A *key* sentence is one from
-which the report labeler reads a clinical fact (nodule presence, size, lobe, type, Lung-RADS). Its
-grounding is the mean cross-attention heatmap of its tokens, and its box the extent of the heatmap
-above half its maximum, in LPS mm.
+which the report labeler reads a clinical fact (nodule presence, size, lobe, type, Lung-RADS).
+
+The FINDINGS paragraph is written one finding at a time (:func:`write_findings_report`): finding k's
+sentence is decoded from its slot (:mod:`lungvl_model.models.slots`: the slot as ``<bos>`` prefix and in
+the cross-attention memory, beside the global visual tokens), so
+its grounding is that finding's mask by construction (``nodule`` = the finding's index, ``heatmap`` the
+mask on the model grid, ``box_lps`` its extent); the mean cross-attention heatmap of its tokens is kept
+as a refinement (``attention_heatmap``, ``attention_box_lps``). With no finding the negative sentence
+is decoded from the "no finding" slot; the IMPRESSION from all slots. Other sentences are grounded by
+their attention heatmap alone (box: the heatmap above half its maximum, in LPS mm).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
+from lungvl_model.data.targets import MAX_SLOTS, NODULE_ATTRIBUTES, nodule_attribute_row
 from lungvl_model.data.volume import CTVolume
-from lungvl_model.inference.findings import GridMap
+from lungvl_model.inference.findings import Finding, GridMap
 from lungvl_model.models.decoder import Generation
 from lungvl_model.models.fusion import TokenLayout, attention_to_heatmap
+from lungvl_model.models.slots import SEQUENCE_KINDS, ball_mask, slot_memory
 from lungvl_model.text.labeler import label_report
 from lungvl_model.text.tokenizer import sentence_spans_from_ids
 
@@ -37,8 +46,13 @@ class Sentence:
         key: carries a clinical fact (per the labeler).
         low_confidence: entropy above the deferral threshold.
         box_lps: ``[[x0, y0, z0], [x1, y1, z1]]`` LPS mm of the grounding heatmap above half max.
-        nodule: index of the finding whose centroid lies in the box (closest), if any.
-        heatmap: ``(D, H, W)`` model-grid heatmap (max 1), not serialised.
+        nodule: index of the finding the sentence is about: by construction for a finding sentence,
+            else the finding whose centroid lies in the box (closest), if any.
+        heatmap: ``(D, H, W)`` model-grid grounding (max 1), not serialised: the finding's mask for a
+            finding sentence, else the attention heatmap.
+        section: ``"findings"`` or ``"impression"`` (``""`` for a free-text generation).
+        attention_box_lps: LPS box of the cross-attention heatmap (the refinement of a finding sentence).
+        attention_heatmap: ``(D, H, W)`` mean cross-attention heatmap of its tokens, not serialised.
     """
 
     text: str
@@ -50,10 +64,13 @@ class Sentence:
     box_lps: list[list[float]] | None = None
     nodule: int | None = None
     heatmap: np.ndarray | None = field(default=None, repr=False)
+    section: str = ""
+    attention_box_lps: list[list[float]] | None = None
+    attention_heatmap: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        return {k: v for k, v in self.__dict__.items() if k != "heatmap"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("heatmap", "attention_heatmap")}
 
 
 def is_key_sentence(text: str) -> bool:
@@ -138,3 +155,122 @@ def generate_for_study(
 ) -> Generation:
     """Greedy generation of the explanation from visual tokens ``(1, N, E)``."""
     return model.decoder.generate(visual_tokens, max_new_tokens=max_new_tokens, visual_mask=visual_mask)
+
+
+def finding_mask_on_grid(finding: Finding, grid: GridMap, shape: tuple[int, int, int]) -> np.ndarray:
+    """A finding's native mask mapped onto the model grid (nearest model voxel of each native voxel).
+
+    Falls back to a ball of the finding's mean diameter around its centroid when it has no mask or the
+    mask maps outside the grid.
+
+    Returns:
+        ``(D, H, W)`` bool, never empty for a centroid inside the grid.
+    """
+    out = np.zeros(shape, bool)
+    if finding.mask is not None and finding.mask.any():
+        idx = np.argwhere(finding.mask) + np.asarray(finding.offset)
+        g = np.rint(grid.src_to_model(idx)).astype(int)
+        inside = np.all((g >= 0) & (g < np.asarray(shape)), axis=1)
+        out[tuple(g[inside].T)] = True
+    if not out.any():
+        radius = max(finding.mean_diameter_mm, 1.0) / 2 / np.asarray(grid.dst_spacing, float)
+        out = ball_mask(shape, grid.src_to_model(np.asarray(finding.centroid_zyx)), radius)
+    return out
+
+
+def finding_attributes(finding: Finding) -> list[float]:
+    """The slot attribute row (``NODULE_ATTRIBUTES``) of a measured finding; margin is not measured."""
+    return nodule_attribute_row(
+        mean_diameter_mm=finding.mean_diameter_mm,
+        volume_mm3=finding.volume_mm3,
+        type=finding.type,
+        lobe=finding.lobe,
+        calcified=float(finding.calcified),
+        margin="",
+        lung_rads=finding.lung_rads,
+        brock=math.nan if finding.brock_probability is None else float(finding.brock_probability),
+    )
+
+
+def write_findings_report(
+    model: Any,
+    vis: Any,
+    visual_tokens: torch.Tensor,
+    layout: TokenLayout,
+    findings: list[Finding],
+    *,
+    grid: GridMap,
+    volume: CTVolume,
+    grid_shape: tuple[int, int, int],
+    threshold: float,
+    max_new_tokens: int,
+) -> tuple[list[Sentence], list[Sentence]]:
+    """FINDINGS one finding at a time (ranked order), then the IMPRESSION from all finding slots.
+
+    Args:
+        model: the LungVL model (its ``finding_slots`` and ``decoder``).
+        vis: the study's :class:`~lungvl_model.models.vision.VisionOutput` (batch of 1).
+        visual_tokens: ``(1, N, E)`` global visual tokens.
+        layout: their layout.
+        findings: the kept findings in ranked order (``index`` set); the first ``MAX_SLOTS`` become slots.
+        grid: model grid ↔ source mapping.
+        volume: the source CT.
+        grid_shape: model input ``(D, H, W)``.
+        threshold: the per-sentence entropy deferral threshold (nats).
+        max_new_tokens: most tokens per generated sequence.
+
+    Returns:
+        ``(finding sentences, impression sentences)``: one sentence per slotted finding (none for a
+        finding whose generation wrote no sentence) or the negative sentence when no finding is kept.
+    """
+    kept = findings[:MAX_SLOTS]
+    k = max(1, len(kept))
+    device = visual_tokens.device
+    masks = np.zeros((k, *grid_shape), bool)
+    attrs = np.full((k, len(NODULE_ATTRIBUTES)), np.nan, np.float32)
+    for i, f in enumerate(kept):
+        masks[i] = finding_mask_on_grid(f, grid, grid_shape)
+        attrs[i] = finding_attributes(f)
+    valid = torch.zeros(1, k, dtype=torch.bool, device=device)
+    valid[0, : len(kept)] = True
+    with torch.no_grad():
+        slots = model.finding_slots(
+            vis, torch.from_numpy(masks)[None].float().to(device), torch.from_numpy(attrs)[None].to(device), valid
+        )
+    p = slots.shape[1]
+
+    def decode(select: list[int], section: str, kind: str) -> list[Sentence]:
+        sel = torch.zeros(1, p, dtype=torch.bool, device=device)
+        sel[0, select] = True
+        memory, mem_mask = slot_memory(slots, visual_tokens, sel)
+        with torch.no_grad():
+            prefix = model.slots.prefix(slots, sel, torch.tensor([SEQUENCE_KINDS.index(kind)], device=device))
+        gen = model.decoder.generate(memory, max_new_tokens=max_new_tokens, visual_mask=mem_mask, prefix=prefix)
+        gen = replace(gen, cross_attention=gen.cross_attention[..., p:])  # attention over the visual tokens
+        _, sents = build_sentences(
+            gen, model.tokenizer, layout, grid_shape, threshold=threshold, grid=grid, volume=volume
+        )
+        for s in sents:
+            s.section = section
+        return sents
+
+    finding_sentences: list[Sentence] = []
+    if not kept:
+        finding_sentences = decode([p - 1], "findings", "negative")[:1]
+    for i, f in enumerate(kept):
+        for s in decode([i], "findings", "finding")[:1]:  # one sentence per finding
+            s.attention_heatmap, s.attention_box_lps = s.heatmap, s.box_lps
+            s.heatmap = masks[i].astype(np.float32)
+            s.box_lps = heatmap_box(s.heatmap, grid, volume)
+            s.nodule = f.index
+            finding_sentences.append(s)
+    impression = decode(list(range(len(kept))) or [p - 1], "impression", "impression")
+    return finding_sentences, impression
+
+
+def compose_report(exam: list[str], findings: list[Sentence], impression: list[Sentence]) -> str:
+    """The report text: ``EXAM:`` header sentences (if any), ``FINDINGS:``, ``IMPRESSION:`` (one per line)."""
+    parts = [f"EXAM: {' '.join(exam)}"] if exam else []
+    parts.append("FINDINGS:\n" + " ".join(s.text for s in findings))
+    parts.append("IMPRESSION:\n" + "\n".join(s.text for s in impression))
+    return "\n".join(parts)

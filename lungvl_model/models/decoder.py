@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +58,11 @@ class Generation:
             previous position, as in teacher forcing where position t predicts t + 1) to the visual
             tokens, averaged over heads and layers; rows sum to 1 (0 after ``<eos>``; N = 0 without
             visual tokens).
-        mask: (B, T) bool, True for generated tokens up to and including ``<eos>``.
+        mask: (B, T) bool, True for generated tokens up to and including ``<eos>``; a sentence that
+            repeated an earlier one of its row is masked out (and the row stopped there).
         finished: (B,) bool, True where ``<eos>`` was generated.
+        repeat_stopped: (B,) bool, True where generation stopped because a sentence repeated (None when
+            not tracked).
     """
 
     tokens: Tensor
@@ -67,6 +71,7 @@ class Generation:
     cross_attention: Tensor
     mask: Tensor
     finished: Tensor
+    repeat_stopped: Tensor | None = None
 
 
 def _lm_of(model: nn.Module) -> GPT2LMHeadModel:
@@ -172,6 +177,8 @@ class ReportDecoder(nn.Module):
         self.bos_id: int = tokenizer.bos_token_id
         self.eos_id: int = tokenizer.eos_token_id
         self.pad_id: int = tokenizer.pad_token_id
+        self.tokenizer = tokenizer
+        self.sentence_end_ids: frozenset[int] = sentence_end_ids(tokenizer)
 
     @property
     def n_embd(self) -> int:
@@ -208,6 +215,7 @@ class ReportDecoder(nn.Module):
         labels: Tensor | None = None,
         output_attentions: bool = False,
         visual_mask: Tensor | None = None,
+        prefix: Tensor | None = None,
     ) -> DecoderOutput:
         """Teacher-forced pass.
 
@@ -219,16 +227,15 @@ class ReportDecoder(nn.Module):
             labels: (B, T) targets, -100 ignored; shifted here (position t predicts label t + 1).
             output_attentions: return the cross-attention weights (needs the eager implementation).
             visual_mask: (B, N) 1 for real visual tokens, 0 for padding (default: all real).
+            prefix: (B, E) vector added to the embedding of the first token (``<bos>``): what the sequence
+                is about (a finding slot and the kind of sentence), seen by every later token.
 
         Returns:
             :class:`DecoderOutput`.
         """
         self._check(input_ids, visual_tokens)
         want = output_attentions and visual_tokens is not None
-        out = self.lm.transformer(
-            input_ids, attention_mask=attention_mask, encoder_hidden_states=visual_tokens,
-            encoder_attention_mask=visual_mask, output_attentions=want,
-        )  # fmt: skip
+        out = self._transformer(input_ids, attention_mask, visual_tokens, visual_mask, want, prefix)
         hidden = out.last_hidden_state
         logits = self.lm.lm_head(hidden)
         loss = None if labels is None else causal_lm_loss(logits, labels)
@@ -236,6 +243,34 @@ class ReportDecoder(nn.Module):
         if not cross or any(a is None for a in cross):  # sdpa yields () or Nones
             cross = None
         return DecoderOutput(logits=logits, last_hidden=hidden, loss=loss, cross_attentions=cross)
+
+    def _transformer(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        visual_tokens: Tensor | None,
+        visual_mask: Tensor | None,
+        output_attentions: bool,
+        prefix: Tensor | None,
+    ) -> Any:
+        """The GPT-2 body; with ``prefix`` (B, E) added to the first token's embedding."""
+        if prefix is None:
+            return self.lm.transformer(
+                input_ids, attention_mask=attention_mask, encoder_hidden_states=visual_tokens,
+                encoder_attention_mask=visual_mask, output_attentions=output_attentions,
+            )  # fmt: skip
+        b, t = input_ids.shape
+        if prefix.shape != (b, self.n_embd):
+            raise ValueError(f"prefix must be (B={b}, E={self.n_embd}), got {tuple(prefix.shape)}")
+        emb = self.lm.transformer.wte(input_ids)
+        emb = torch.cat([emb[:, :1] + prefix[:, None].to(emb.dtype), emb[:, 1:]], dim=1)
+        # (B, T) position ids: per-sample gradients of wpe under DP-SGD need the batch dimension
+        positions = torch.arange(t, device=input_ids.device).repeat(b, 1)
+        return self.lm.transformer(
+            inputs_embeds=emb, position_ids=positions, attention_mask=attention_mask,
+            encoder_hidden_states=visual_tokens, encoder_attention_mask=visual_mask,
+            output_attentions=output_attentions,
+        )  # fmt: skip
 
     def text_embedding(self, input_ids: Tensor, attention_mask: Tensor, pooling: str = "mean") -> Tensor:
         """Report embedding from the decoder alone (no visual tokens).
@@ -268,11 +303,18 @@ class ReportDecoder(nn.Module):
         generator: torch.Generator | None = None,
         visual_mask: Tensor | None = None,
         batch_size: int = 1,
+        no_repeat_ngram: int = 3,
+        stop_repeated_sentence: bool = True,
+        prefix: Tensor | None = None,
     ) -> Generation:
         """Write reports token by token (greedy when ``temperature == 0``, else sampling).
 
         Runs in eval mode with eager attention; both are restored afterwards. No key/value cache: reports
-        are short and every step re-reads the prefix.
+        are short and every step re-reads the prefix. Against repetition loops ("2. 2. 2. ..."): a token
+        that would repeat an n-gram already generated in its row is never chosen
+        (:func:`no_repeat_ngram_bans`; ``<eos>`` is never banned), and a row whose new sentence repeats
+        an earlier sentence of the row (same text, case and spacing ignored) stops, the repeat masked out.
+        Probabilities and entropies stay those of the model's unfiltered distribution.
 
         Args:
             visual_tokens: (B, N, E) visual tokens, or None for text-only generation of ``batch_size``.
@@ -284,10 +326,15 @@ class ReportDecoder(nn.Module):
             generator: random generator for sampling (reproducible generation).
             visual_mask: (B, N) 1 for real visual tokens.
             batch_size: B when ``visual_tokens`` is None.
+            no_repeat_ngram: n of the n-gram blocking (0 switches it off; 1 would ban every used token).
+            stop_repeated_sentence: stop a row when a sentence repeats.
+            prefix: (B, E) vector added to the ``<bos>`` embedding (see :meth:`forward`).
 
         Returns:
             :class:`Generation`.
         """
+        if no_repeat_ngram < 0:
+            raise ValueError(f"no_repeat_ngram must be >= 0, got {no_repeat_ngram}")
         if max_new_tokens < 1 or 1 + max_new_tokens > self.lm.config.n_positions:
             raise ValueError(f"max_new_tokens must be in 1..{self.lm.config.n_positions - 1}, "
                              f"got {max_new_tokens}")  # fmt: skip
@@ -300,19 +347,28 @@ class ReportDecoder(nn.Module):
         ids = torch.full((b, 1), bos, dtype=torch.long, device=device)
         self._check(ids, visual_tokens)
         done = torch.zeros(b, dtype=torch.bool, device=device)
+        repeated = torch.zeros(b, dtype=torch.bool, device=device)
+        cut = [-1] * b  # per row: first step of a masked-out repeated sentence
+        rows: list[list[int]] = [[] for _ in range(b)]  # generated ids per row
+        sentence_start = [0] * b
+        seen: list[set[str]] = [set() for _ in range(b)]
         steps: dict[str, list[Tensor]] = {"tok": [], "p": [], "h": [], "att": [], "mask": []}
         was_training = self.training
         self.eval()
         try:
             with attention_implementation(self, "eager"):
                 for _ in range(max_new_tokens):
-                    out = self.lm.transformer(
-                        ids, encoder_hidden_states=visual_tokens, encoder_attention_mask=visual_mask,
-                        output_attentions=visual_tokens is not None,
-                    )  # fmt: skip
+                    out = self._transformer(ids, None, visual_tokens, visual_mask, visual_tokens is not None, prefix)
                     logits = self.lm.lm_head(out.last_hidden_state[:, -1]).float()  # (B, V)
                     logp = F.log_softmax(logits, dim=-1)
-                    tok = _choose(logits, temperature, top_k, generator)
+                    choice = logits
+                    if no_repeat_ngram > 0:
+                        choice = logits.clone()
+                        for r in range(b):
+                            bans = [t for t in no_repeat_ngram_bans(rows[r], no_repeat_ngram) if t != eos]
+                            if bans:
+                                choice[r, bans] = float("-inf")
+                    tok = _choose(choice, temperature, top_k, generator)
                     live = ~done
                     tok = torch.where(live, tok, torch.full_like(tok, self.pad_id))
                     p = logp.gather(1, tok[:, None])[:, 0].exp()
@@ -327,16 +383,68 @@ class ReportDecoder(nn.Module):
                     steps["att"].append(att * live[:, None])
                     steps["mask"].append(live)
                     done = done | (live & (tok == eos))
+                    for r in range(b):
+                        if not bool(live[r]):
+                            continue
+                        t = int(tok[r])
+                        rows[r].append(t)
+                        if not stop_repeated_sentence or t not in self.sentence_end_ids:
+                            continue
+                        sentence = " ".join(str(self.tokenizer.decode(rows[r][sentence_start[r] :])).lower().split())
+                        if sentence in seen[r]:
+                            cut[r], repeated[r], done[r] = sentence_start[r], True, True  # row index == step
+                        seen[r].add(sentence)
+                        sentence_start[r] = len(rows[r])
                     ids = torch.cat([ids, tok[:, None]], dim=1)
                     if bool(done.all()):
                         break
         finally:
             self.train(was_training)
-        return Generation(
+        gen = Generation(
             tokens=torch.stack(steps["tok"], 1), token_probs=torch.stack(steps["p"], 1),
             entropy=torch.stack(steps["h"], 1), cross_attention=torch.stack(steps["att"], 1),
-            mask=torch.stack(steps["mask"], 1), finished=done,
+            mask=torch.stack(steps["mask"], 1), finished=done & ~repeated, repeat_stopped=repeated,
         )  # fmt: skip
+        for r, start in enumerate(cut):
+            if start >= 0:  # mask out the repeated sentence
+                gen.tokens[r, start:] = self.pad_id
+                gen.token_probs[r, start:] = 1.0
+                gen.entropy[r, start:] = 0.0
+                gen.cross_attention[r, start:] = 0.0
+                gen.mask[r, start:] = False
+        return gen
+
+
+def no_repeat_ngram_bans(ids: list[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already present in ``ids`` (the last ``n - 1`` ids + token).
+
+    Args:
+        ids: the ids generated so far in one row.
+        n: n-gram length (>= 1; ``n = 1`` bans every id already used).
+
+    Returns:
+        The banned ids, sorted, without duplicates (empty when ``len(ids) < n - 1``).
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if len(ids) < n - 1:
+        return []
+    prefix = tuple(ids[len(ids) - (n - 1) :]) if n > 1 else ()
+    bans = {ids[i + n - 1] for i in range(len(ids) - n + 1) if tuple(ids[i : i + n - 1]) == prefix}
+    return sorted(bans)
+
+
+def sentence_end_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Ids of the tokens whose text ends a sentence (ends with ``.``, ``!`` or ``?`` once stripped)."""
+    special = set(tokenizer.all_special_ids)
+    ends = set()
+    for token, i in tokenizer.get_vocab().items():
+        if i in special:
+            continue
+        text = tokenizer.convert_tokens_to_string([token]).strip()
+        if text.endswith((".", "!", "?")):
+            ends.add(i)
+    return frozenset(ends)
 
 
 def _choose(logits: Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> Tensor:

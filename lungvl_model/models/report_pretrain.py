@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lungvl_model.models.decoder import ReportDecoder, causal_lm_loss, pool_hidden
+from lungvl_model.text.report_sections import decoder_target
 from lungvl_model.text.tokenizer import encode_reports, sentence_offsets
 
 POOLINGS: tuple[str, ...] = ("last", "mean", "both")
@@ -167,7 +168,8 @@ def pretrain_reports(
     """Warm the decoder up on reports: causal LM + report coherence (deterministic given ``seed``).
 
     Args:
-        texts: the report corpus (at least 2 non-empty reports).
+        texts: the report corpus (at least 2 non-empty reports); each is cut to its FINDINGS and IMPRESSION
+            sections (:func:`~lungvl_model.text.report_sections.decoder_target`).
         tokenizer: the report tokenizer.
         decoder: the decoder to train (in place; its train/eval mode is restored afterwards).
         steps: optimisation steps.
@@ -188,7 +190,8 @@ def pretrain_reports(
     Raises:
         ValueError: on fewer than 2 reports or invalid arguments.
     """
-    corpus = [t for t in texts if t and t.strip()]
+    # the decoder learns what it writes: FINDINGS + IMPRESSION (no exam/patient header lines)
+    corpus = [c for c in (decoder_target(t) for t in texts if t and t.strip()) if c]
     if len(corpus) < 2:
         raise ValueError(f"pretrain_reports needs at least 2 non-empty reports, got {len(corpus)}")
     if steps < 0 or batch_size < 1 or lr <= 0 or coherence_weight < 0:

@@ -13,6 +13,7 @@ from lungvl_model.models.decoder import (
     attention_implementation,
     build_decoder,
     causal_lm_loss,
+    no_repeat_ngram_bans,
     set_attention_implementation,
 )
 from lungvl_model.text.tokenizer import encode_reports, load_tokenizer, save_tokenizer, train_tokenizer
@@ -112,7 +113,8 @@ def test_text_embedding_ignores_padding(decoder, tok):
 def test_generate_greedy_consistent_with_forward(decoder, batch):
     _, vis = batch
     decoder.train()
-    gen = decoder.generate(vis, max_new_tokens=12)
+    # loop protection off: every choice is then the argmax of the model's own distribution
+    gen = decoder.generate(vis, max_new_tokens=12, no_repeat_ngram=0, stop_repeated_sentence=False)
     assert decoder.training and decoder.lm.config._attn_implementation == "sdpa"  # both restored
     b, t = gen.tokens.shape
     assert b == 2 and 1 <= t <= 12
@@ -189,3 +191,70 @@ def test_invalid_args(decoder, batch):
         decoder.generate(vis, max_new_tokens=64)
     with pytest.raises(ValueError, match="reduction"):
         causal_lm_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), "max")
+
+
+def test_no_repeat_ngram_bans():
+    # trigram blocking: the last two ids (5, 6) were followed by 7 and by 9 before
+    assert no_repeat_ngram_bans([5, 6, 7, 1, 5, 6, 9, 5, 6], 3) == [7, 9]
+    assert no_repeat_ngram_bans([5, 6, 7], 3) == []  # (6, 7) never seen before
+    assert no_repeat_ngram_bans([4], 3) == []  # too short for a trigram
+    assert no_repeat_ngram_bans([3, 1, 3], 1) == [1, 3]
+    assert no_repeat_ngram_bans([2, 2], 2) == [2]
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        no_repeat_ngram_bans([1], 0)
+
+
+def _biased(decoder, tok, text, values):
+    """Add an LM-head bias that makes the tokens of ``text`` win whatever the context."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    bias = torch.zeros(decoder.vocab_size)
+    for i, v in zip(ids, values, strict=True):
+        bias[i] = v
+    decoder.lm.lm_head.bias = torch.nn.Parameter(bias)
+    return ids
+
+
+def test_generate_breaks_token_loops(decoder, tok, batch):
+    _, vis = batch
+    ids = _biased(decoder, tok, " 2.", (40.0, 39.0, 38.0))
+    loop = decoder.generate(vis, max_new_tokens=20, no_repeat_ngram=0, stop_repeated_sentence=False)
+    assert (loop.tokens == ids[0]).all()  # unprotected greedy decoding repeats one token for ever
+    gen = decoder.generate(vis, max_new_tokens=20, stop_repeated_sentence=False)
+    for r in range(gen.tokens.shape[0]):
+        row = gen.tokens[r][gen.mask[r]].tolist()
+        grams = [tuple(row[i : i + 3]) for i in range(len(row) - 2)]
+        assert len(grams) == len(set(grams)), row  # no trigram twice
+        assert len(set(row)) > 2
+
+
+def test_generate_stops_on_repeated_sentence(decoder, tok, batch):
+    _, vis = batch
+    (dot,) = _biased(decoder, tok, ".", (40.0,))
+    loop = decoder.generate(vis, max_new_tokens=10, no_repeat_ngram=0, stop_repeated_sentence=False)
+    assert (loop.tokens == dot).all() and loop.mask.all()
+    gen = decoder.generate(vis, max_new_tokens=10)
+    # sentence "." then "." again: the repeat is masked out and the row stops there
+    assert gen.tokens.shape[1] == 2 and gen.repeat_stopped.all() and not gen.finished.any()
+    assert gen.mask[:, 0].all() and not gen.mask[:, 1].any()
+    assert (gen.tokens[:, 0] == dot).all() and (gen.tokens[:, 1] == decoder.pad_id).all()
+    assert (gen.entropy[:, 1] == 0).all() and (gen.cross_attention[:, 1] == 0).all()
+
+
+def test_prefix_conditions_the_first_token_and_generation(decoder, batch):
+    enc, vis = batch
+    ids, am = enc["input_ids"], enc["attention_mask"]
+    with torch.no_grad():
+        plain = decoder(ids, am, vis).logits
+        zero = decoder(ids, am, vis, prefix=torch.zeros(2, CFG.n_embd)).logits
+        moved = decoder(ids, am, vis, prefix=torch.randn(2, CFG.n_embd, generator=torch.Generator().manual_seed(5)))
+    torch.testing.assert_close(zero, plain)  # a zero prefix is no prefix (same positions, same embeddings)
+    assert (moved.logits - plain).abs().amax(-1).gt(1e-4).all()  # every later position sees the prefix
+    prefix = torch.randn(2, CFG.n_embd, generator=torch.Generator().manual_seed(6))
+    gen = decoder.generate(vis, max_new_tokens=8, prefix=prefix, no_repeat_ngram=0, stop_repeated_sentence=False)
+    full = torch.cat([torch.full((2, 1), decoder.bos_id), gen.tokens], 1)
+    with torch.no_grad():
+        logits = decoder(full, visual_tokens=vis, prefix=prefix).logits
+    m = gen.mask
+    assert torch.equal(logits[:, :-1].argmax(-1)[m], gen.tokens[m])  # generation used the same prefix
+    with pytest.raises(ValueError, match="prefix must be"):
+        decoder(ids, am, vis, prefix=torch.zeros(1, CFG.n_embd))

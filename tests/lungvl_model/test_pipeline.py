@@ -118,8 +118,15 @@ def test_explain_writes_every_output(trained, tmp_path: Path) -> None:
 def test_evaluate_end_to_end(trained) -> None:
     site, ckpt = trained
     model, _ = load_checkpoint(ckpt)
-    res = evaluate(model, [site], calibrate=True)
+    # the plumbing only: the same site serves as validation and test here (the CLI refuses that)
+    res = evaluate(model, [site], validation_dirs=[site])
     o = res["overall"]
+    assert res["calibration"]["validation_studies"] > 0
+    assert res["calibration_state"].deferral_policy is not None
+    for key in ("froc", "facts", "risk_coverage", "auc_nodule_malignancy"):
+        assert key in o, key
+    assert len(o["froc"]["sensitivity"]) == 7 and 0.0 <= o["froc"]["cpm"] <= 1.0
+    assert 0.0 <= o["risk_coverage"]["deferral_rate"] <= 0.3 + 1e-9
     assert o["n_studies"] == len(build_catalogue(site).usable)
     for key in (
         "dice",

@@ -86,6 +86,10 @@ def test_invalid_args(tok):
         pretrain_reports(REPORTS[:1], tok, dec, steps=1)
     with pytest.raises(ValueError, match="batch_size"):
         pretrain_reports(REPORTS, tok, dec, steps=1, batch_size=0)
+    # only FINDINGS + IMPRESSION are learned: reports with header lines alone leave nothing to train on
+    headers_only = ["TECHNIQUE: 1 mm slices.\nCOMPARISON: None.", "CLINICAL INDICATION: 62-year-old male."]
+    with pytest.raises(ValueError, match="at least 2 non-empty reports, got 0"):
+        pretrain_reports(headers_only, tok, dec, steps=1)
 
 
 def test_pretrain_lowers_loss_and_learns_coherence(tok):

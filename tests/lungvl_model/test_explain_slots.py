@@ -1,0 +1,107 @@
+"""The report written one finding at a time: each finding sentence grounded on its finding's mask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lungvl_model.data.volume import CTVolume
+from lungvl_model.inference.findings import Finding, GridMap
+from lungvl_model.inference.narrative import (
+    Sentence,
+    compose_report,
+    finding_attributes,
+    finding_mask_on_grid,
+    write_findings_report,
+)
+from lungvl_model.models.lungvl import LungVLModel
+from lungvl_model.text.tokenizer import train_tokenizer
+from tests.lungvl_model.test_lungvl_model import SMALL, TEXTS
+
+SHAPE = (32, 32, 32)
+
+
+def _finding(index: int, offset: tuple[int, int, int], mask: np.ndarray | None, diameter: float) -> Finding:
+    centre = tuple(
+        float(o + (s - 1) / 2) for o, s in zip(offset, mask.shape if mask is not None else (1, 1, 1), strict=True)
+    )
+    return Finding(
+        centroid_zyx=centre,  # type: ignore[arg-type]
+        centroid_lps=centre,  # type: ignore[arg-type]
+        longest_diameter_mm=diameter,
+        short_axis_mm=diameter,
+        mean_diameter_mm=diameter,
+        volume_mm3=diameter**3 / 2,
+        solid_component_mm=diameter,
+        type="solid",
+        calcified=False,
+        lobe="RUL",
+        index=index,
+        lung_rads="2",
+        brock_probability=0.02,
+        offset=offset,
+        mask=mask,
+    )
+
+
+def test_finding_mask_on_grid_maps_native_voxels_and_falls_back_to_a_ball() -> None:
+    grid = GridMap(src_spacing=(2.0, 2.0, 2.0), dst_spacing=(4.0, 4.0, 4.0), start=(0.0, 0.0, 0.0))
+    mask = np.zeros((2, 1, 1), bool)
+    mask[:, 0, 0] = True  # native voxels (10, 10, 10) and (11, 10, 10) -> model (5, 5, 5) and (5.5 -> 6, 5, 5)
+    on_grid = finding_mask_on_grid(_finding(1, (10, 10, 10), mask, 3.0), grid, (16, 16, 16))
+    assert {tuple(v) for v in np.argwhere(on_grid)} == {(5, 5, 5), (6, 5, 5)}
+    ball = finding_mask_on_grid(_finding(2, (12, 12, 12), None, 8.0), grid, (16, 16, 16))  # radius 4 mm = 1 voxel
+    assert ball.sum() == 7 and ball[6, 6, 6]
+
+
+def test_finding_attributes_row() -> None:
+    row = finding_attributes(_finding(1, (0, 0, 0), None, 6.0))
+    assert row[0] == pytest.approx(np.log(7.0)) and row[2:5] == [0.0, 0.0, 0.0]  # solid, RUL, not calcified
+    assert np.isnan(row[5]) and row[6] == 1.0 and row[7] == pytest.approx(0.02)  # margin unknown, 2, Brock
+
+
+@pytest.fixture(scope="module")
+def model() -> LungVLModel:
+    tok = train_tokenizer(TEXTS, vocab_size=300)
+    torch.manual_seed(0)
+    m = LungVLModel(SMALL, tok).eval()
+    dot = tok(".", add_special_tokens=False)["input_ids"]
+    bias = torch.zeros(m.decoder.vocab_size)
+    bias[dot[0]] = 40.0  # every generation writes "." and stops when it repeats: one sentence per call
+    m.decoder.lm.lm_head.bias = torch.nn.Parameter(bias)
+    return m
+
+
+def test_one_sentence_per_finding_grounded_on_its_mask(model: LungVLModel) -> None:
+    volume = CTVolume(hu=np.zeros(SHAPE, np.float32), spacing=(4.0, 4.0, 4.0))
+    grid = GridMap(src_spacing=(4.0, 4.0, 4.0), dst_spacing=(4.0, 4.0, 4.0), start=(0.0, 0.0, 0.0))
+    cube = np.ones((2, 2, 2), bool)
+    findings = [_finding(1, (20, 4, 4), cube, 8.0), _finding(2, (6, 20, 20), cube, 8.0)]
+    with torch.no_grad():
+        vis = model.encode_image(torch.rand(1, 1, *SHAPE))
+        vt, layout = model.tokens(vis)
+    kw = {"grid": grid, "volume": volume, "grid_shape": SHAPE, "threshold": 1.5, "max_new_tokens": 6}
+    found, impression = write_findings_report(model, vis, vt, layout, findings, **kw)
+    assert [s.nodule for s in found] == [1, 2] and all(s.section == "findings" for s in found)
+    for s, (z, y, x) in zip(found, ((20, 4, 4), (6, 20, 20)), strict=True):
+        expected = np.zeros(SHAPE, np.float32)
+        expected[z : z + 2, y : y + 2, x : x + 2] = 1
+        assert np.array_equal(s.heatmap, expected)  # the finding's mask, by construction
+        lo = volume.voxel_to_lps(np.array([z - 0.5, y - 0.5, x - 0.5]))
+        hi = volume.voxel_to_lps(np.array([z + 1.5, y + 1.5, x + 1.5]))
+        assert s.box_lps == [[float(v) for v in np.minimum(lo, hi)], [float(v) for v in np.maximum(lo, hi)]]
+        assert s.attention_heatmap is not None and s.attention_heatmap.shape == SHAPE  # the refinement
+        assert "heatmap" not in s.to_dict() and "attention_heatmap" not in s.to_dict()
+    assert impression and all(s.section == "impression" and s.nodule is None for s in impression)
+    negative, _ = write_findings_report(model, vis, vt, layout, [], **kw)
+    assert len(negative) == 1 and negative[0].nodule is None and negative[0].section == "findings"
+
+
+def test_compose_report() -> None:
+    def s(text: str) -> Sentence:
+        return Sentence(text, (0, 1), 0.1, 0.9, True, False)
+
+    text = compose_report(["62-year-old female."], [s("A 6 mm nodule."), s("A 4 mm nodule.")], [s("1. Lung-RADS 2.")])
+    assert text == "EXAM: 62-year-old female.\nFINDINGS:\nA 6 mm nodule. A 4 mm nodule.\nIMPRESSION:\n1. Lung-RADS 2."
+    assert compose_report([], [s("No nodules.")], []) == "FINDINGS:\nNo nodules.\nIMPRESSION:\n"
