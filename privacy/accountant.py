@@ -21,7 +21,6 @@ import difflib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,8 @@ from opacus.accountants.accountant import IAccountant  # type: ignore[import-unt
 from opacus.accountants.utils import (  # type: ignore[import-untyped]
     get_noise_multiplier as _opacus_get_noise_multiplier,
 )
+
+from lungvl_model.atomic_file import write_json_atomic
 
 __all__ = [
     "ACCOUNTANT_STATE_FILE",
@@ -148,18 +149,7 @@ def _append(history: list[HistoryEntry], entry: HistoryEntry) -> None:
 
 def _atomic_write_json(path: Path, payload: Mapping[str, Any]) -> None:
     """Write JSON to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, payload, sort_keys=True, allow_nan=True)
 
 
 # --------------------------------------------------------------------------------------------- exceptions

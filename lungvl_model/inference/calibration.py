@@ -26,8 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit, softmax
 
+from lungvl_model.atomic_file import write_json_atomic
 from lungvl_model.data.split import DEFAULT_SALT, check_split_fractions
 from lungvl_model.data.targets import LUNG_RADS_CLASSES
 from lungvl_model.errors import CorruptStateError
@@ -185,19 +184,8 @@ def _jsonable(x: Any) -> Any:
 
 
 def _atomic_write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write strict JSON via a temporary file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write strict JSON atomically (:func:`lungvl_model.atomic_file.write_json_atomic`)."""
+    write_json_atomic(path, payload)
 
 
 def save_state(checkpoint_dir: str | Path, state: CalibrationState) -> Path:

@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lungvl_model.atomic_file import write_json_atomic
 from lungvl_model.errors import CorruptStateError
 from lungvl_model.inference.candidate_features import FEATURE_NAMES, FeatureConfig, candidate_features
 
@@ -337,19 +336,7 @@ def save_candidate_filter(flt: CandidateFilter, path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir():
         p = p / FILENAME
-    p.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(flt.to_dict(), indent=1, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return write_json_atomic(p, flt.to_dict(), indent=1)
 
 
 def _need(doc: Mapping[str, Any], key: str, p: Path) -> Any:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy.special import expit, softmax
 
+from lungvl_model import atomic_file
 from lungvl_model.errors import CorruptStateError
-from lungvl_model.inference import calibration as cal
 from lungvl_model.inference.calibration import (
     CALIBRATION_FILE,
     CalibrationRecord,
@@ -74,7 +74,7 @@ def test_failed_replace_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.M
     def boom(*_: Any) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(cal.os, "replace", boom)
+    monkeypatch.setattr(atomic_file.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         save_state(tmp_path, full_state())
     monkeypatch.undo()
