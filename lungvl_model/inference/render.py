@@ -72,11 +72,22 @@ def report_markdown(exp: Explanation) -> str:
     if exp.defer:
         lines += ["**DEFER TO RADIOLOGIST**: " + "; ".join(exp.defer_reasons), ""]
     lines += [f"- flag: {f}" for f in exp.flags]
+    if exp.exam_sentences:
+        lines += ["", "## Exam (from the DICOM header and site metadata, not generated)", ""]
+        lines += [f"- {t}" for t in exp.exam_sentences]
     lines += ["", "## Generated explanation", ""]
     for s in exp.sentences:
         mark = " (low confidence)" if s.low_confidence else ""
         where = f" [nodule {s.nodule}]" if s.nodule else ""
         lines.append(f"- {s.text} — confidence {s.confidence:.2f}{mark}{where}")
+    if exp.fact_check is not None:
+        fc = exp.fact_check
+        lines += [
+            "",
+            f"Fact check: {fc.n_contradictions} contradiction(s) with the findings, {fc.n_unsupported} unsupported "
+            f"fact(s); {len(exp.removed_sentences)} sentence(s) removed.",
+        ]
+        lines += [f"- removed: {s.text}" for s in exp.removed_sentences]
     lines += [
         "",
         "## Measured findings (native resolution)",
@@ -97,7 +108,7 @@ def report_markdown(exp: Explanation) -> str:
         "",
         "## Risk",
         "",
-        f"- model malignancy probability: {m['malignancy_probability']:.3f}",
+        f"- malignancy probability: {m['malignancy_probability']:.3f} ({m.get('malignancy_source', 'study head')})",
         f"- model Lung-RADS: {m['lung_rads']}; rule engine on measured findings: {exp.rule_lung_rads}",
         f"- model 12-month growth: {m['growth_mm_12_months']:+.2f} mm",
         f"- emphysema index (LAA-950): {exp.emphysema_index:.3f}",
