@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from lungvl_model.clinical.lung_rads import CONTEXTS
 from lungvl_model.data.site_layout import NODULE_TYPES
 
 LUNG_RADS_CLASSES: tuple[str, ...] = ("1", "2", "3", "4A", "4B", "4X")
@@ -155,17 +156,25 @@ def targets_from_report(text: str) -> StudyTargets:
 MAX_SLOTS = 8
 #: Columns of a nodule attribute row (:func:`nodule_attributes`); NaN = unknown. Categorical columns
 #: hold the index into their vocabulary: ``type`` into ``NODULE_TYPES``, ``lobe`` into ``LOBES``,
-#: ``margin`` into ``MARGINS``, ``lung_rads`` into :data:`LUNG_RADS_CLASSES`.
+#: ``margin`` into ``MARGINS``, ``lung_rads`` into :data:`LUNG_RADS_CLASSES`, ``context`` into
+#: :data:`NODULE_CONTEXTS`. The comparison columns (``context``, ``growth_mm``, ``log_prior_diameter``)
+#: are appended last so the first eight keep their places; a checkpoint trained on the 8-column layout
+#: does not fit the slot encoder and is refused by ``load_checkpoint`` (``CheckpointError``).
 NODULE_ATTRIBUTES: tuple[str, ...] = (
-    "log_diameter",  # log1p(mean diameter mm)
-    "log_volume",  # log1p(volume mm3)
-    "type",
-    "lobe",
-    "calcified",  # 0/1
-    "margin",
-    "lung_rads",
-    "brock",  # Brock probability in [0, 1]
+    "log_diameter",  # 0: log1p(mean diameter mm)
+    "log_volume",  # 1: log1p(volume mm3)
+    "type",  # 2
+    "lobe",  # 3
+    "calcified",  # 4: 0/1
+    "margin",  # 5
+    "lung_rads",  # 6
+    "brock",  # 7: Brock probability in [0, 1]
+    "context",  # 8: comparison with the prior; "baseline" = no prior study
+    "growth_mm",  # 9: mean-diameter change since the prior (mm, signed); NaN without a matched prior
+    "log_prior_diameter",  # 10: log1p(prior mean diameter mm); NaN without a matched prior
 )
+#: Vocabulary of the ``context`` column (Lung-RADS comparison contexts; ``"baseline"`` = no prior).
+NODULE_CONTEXTS: tuple[str, ...] = CONTEXTS
 
 
 def _index(value: str, vocabulary: tuple[str, ...]) -> float:
@@ -182,11 +191,32 @@ def nodule_attribute_row(
     margin: str,
     lung_rads: str,
     brock: float,
+    context: str,
+    growth_mm: float,
+    prior_mean_diameter_mm: float,
 ) -> list[float]:
-    """One row of :data:`NODULE_ATTRIBUTES` from measured or labelled values (NaN / ``""`` unknown)."""
+    """One row of :data:`NODULE_ATTRIBUTES` from measured or labelled values (NaN / ``""`` unknown).
+
+    Args:
+        mean_diameter_mm: mean diameter (negative = unknown).
+        volume_mm3: volume (negative = unknown).
+        type: nodule type code (``""`` unknown).
+        lobe: lobe code (``""`` unknown).
+        calcified: 0/1 benign calcification (NaN unknown).
+        margin: margin (``""`` unknown).
+        lung_rads: Lung-RADS category (``""`` unknown).
+        brock: Brock probability (NaN unknown).
+        context: comparison context, one of :data:`NODULE_CONTEXTS` (``""`` unknown).
+        growth_mm: mean-diameter change since the prior (NaN unknown / no prior).
+        prior_mean_diameter_mm: the matched prior nodule's mean diameter (NaN or negative: unknown / none).
+
+    Returns:
+        ``len(NODULE_ATTRIBUTES)`` floats.
+    """
     from lungvl_model.data.site_layout import LOBES, MARGINS
 
     cat = lung_rads_index(lung_rads)
+    prior = prior_mean_diameter_mm
     return [
         math.log1p(mean_diameter_mm) if mean_diameter_mm >= 0 else math.nan,
         math.log1p(volume_mm3) if volume_mm3 >= 0 else math.nan,
@@ -196,6 +226,9 @@ def nodule_attribute_row(
         _index(margin, MARGINS),
         float(cat) if cat >= 0 else math.nan,
         brock,
+        _index(context, NODULE_CONTEXTS),
+        growth_mm if math.isfinite(growth_mm) else math.nan,
+        math.log1p(prior) if math.isfinite(prior) and prior >= 0 else math.nan,
     ]
 
 
@@ -205,7 +238,9 @@ def nodule_attributes(
     """Per-nodule attribute rows of one study from its labels.csv nodule rows, largest first.
 
     Nodules are ordered by mean diameter, largest first (unknown sizes last; ties by ``nodule_id``), the
-    order the synthetic report generator describes them in, and cut to ``max_slots``.
+    order the synthetic report generator describes them in, and cut to ``max_slots``. The comparison
+    columns come from ``context`` and ``growth_mm``; the prior mean diameter is ``mean_diameter_mm −
+    growth_mm`` (labels.csv has no prior-diameter column), unknown when either is.
 
     Args:
         nodule_rows: the study's labels.csv rows with ``level = "nodule"``.
@@ -232,6 +267,7 @@ def nodule_attributes(
     ids: list[int] = []
     for r in ordered:
         calc = _f(r, "calcification")
+        mean, growth = _f(r, "mean_diameter_mm"), _f(r, "growth_mm")
         rows.append(
             nodule_attribute_row(
                 mean_diameter_mm=_f(r, "mean_diameter_mm") if not math.isnan(_f(r, "mean_diameter_mm")) else -1.0,
@@ -242,6 +278,9 @@ def nodule_attributes(
                 margin=r.get("margin", ""),
                 lung_rads=r.get("lung_rads", ""),
                 brock=_f(r, "brock_probability"),
+                context=r.get("context", "").strip(),
+                growth_mm=growth,
+                prior_mean_diameter_mm=mean - growth,  # NaN when either is unknown
             )
         )
         ids.append(nid(r))

@@ -179,7 +179,12 @@ def finding_mask_on_grid(finding: Finding, grid: GridMap, shape: tuple[int, int,
 
 
 def finding_attributes(finding: Finding) -> list[float]:
-    """The slot attribute row (``NODULE_ATTRIBUTES``) of a measured finding; margin is not measured."""
+    """The slot attribute row (``NODULE_ATTRIBUTES``) of a measured finding; margin is not measured.
+
+    The comparison columns come from :func:`~lungvl_model.inference.findings.match_prior`: ``context``
+    (``"baseline"`` without a prior study), ``growth_mm`` and ``prior_mean_diameter_mm`` (None, i.e.
+    unknown, for a baseline or new finding).
+    """
     return nodule_attribute_row(
         mean_diameter_mm=finding.mean_diameter_mm,
         volume_mm3=finding.volume_mm3,
@@ -189,6 +194,11 @@ def finding_attributes(finding: Finding) -> list[float]:
         margin="",
         lung_rads=finding.lung_rads,
         brock=math.nan if finding.brock_probability is None else float(finding.brock_probability),
+        context=finding.context,
+        growth_mm=math.nan if finding.growth_mm is None else float(finding.growth_mm),
+        prior_mean_diameter_mm=math.nan
+        if finding.prior_mean_diameter_mm is None
+        else float(finding.prior_mean_diameter_mm),
     )
 
 

@@ -2,9 +2,11 @@
 
 A slot is the masked average of the finest aggregated feature map over the nodule's mask (model grid)
 plus embeddings of its measured attributes (:data:`~lungvl_model.data.targets.NODULE_ATTRIBUTES`:
-log diameter, log volume, type, lobe, calcified, margin, Lung-RADS, Brock probability; an unknown value
-takes a learned "unknown" embedding) plus a learned "finding k of n" embedding, layer-normalised to the
-decoder width. A learned "no finding" slot stands for a study without any kept finding.
+log diameter, log volume, type, lobe, calcified, margin, Lung-RADS, Brock probability, and the
+comparison with the prior: context (``"baseline"`` = no prior study), growth in mm and log prior
+diameter; an unknown value takes a learned "unknown" embedding) plus a learned "finding k of n"
+embedding, layer-normalised to the decoder width. A learned "no finding" slot stands for a study
+without any kept finding.
 
 The decoder's cross-attention memory is ``[slot positions (K + 1), visual tokens (N)]``
 (:func:`slot_memory`); which slot positions a sequence sees is a ``(B, K + 1)`` selection: slot ``k``
@@ -22,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lungvl_model.data.site_layout import LOBES, MARGINS, NODULE_TYPES
-from lungvl_model.data.targets import LUNG_RADS_CLASSES, MAX_SLOTS, NODULE_ATTRIBUTES
+from lungvl_model.data.targets import LUNG_RADS_CLASSES, MAX_SLOTS, NODULE_ATTRIBUTES, NODULE_CONTEXTS
 
 #: Continuous attribute columns (projected linearly) and categorical ones (embedded; index n = unknown).
-CONTINUOUS: tuple[str, ...] = ("log_diameter", "log_volume", "brock")
+CONTINUOUS: tuple[str, ...] = ("log_diameter", "log_volume", "brock", "growth_mm", "log_prior_diameter")
 #: Kinds of decoder sequence; the prefix of a sequence (:meth:`SlotEncoder.prefix`) embeds its kind.
 SEQUENCE_KINDS: tuple[str, ...] = ("report", "finding", "negative", "impression")
 CATEGORICAL: dict[str, int] = {
@@ -34,6 +36,7 @@ CATEGORICAL: dict[str, int] = {
     "calcified": 2,
     "margin": len(MARGINS),
     "lung_rads": len(LUNG_RADS_CLASSES),
+    "context": len(NODULE_CONTEXTS),
 }
 _COL = {name: i for i, name in enumerate(NODULE_ATTRIBUTES)}
 
@@ -137,7 +140,7 @@ class SlotEncoder(nn.Module):
         pooled, has_mask = masked_average(features, masks)
         zeros = torch.zeros(b, k, dtype=torch.long, device=attrs.device)
         x = self.feature_proj(pooled.to(features.dtype)) + self.no_mask(zeros) * (~has_mask)[..., None].to(pooled.dtype)
-        cont = attrs[..., [_COL[c] for c in CONTINUOUS]]  # (B, K, 3)
+        cont = attrs[..., [_COL[c] for c in CONTINUOUS]]  # (B, K, len(CONTINUOUS))
         unknown = torch.isnan(cont)
         x = x + self.continuous(cont.nan_to_num(0.0))
         idx = torch.arange(len(CONTINUOUS), device=attrs.device).expand(b, k, -1)

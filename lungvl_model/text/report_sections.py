@@ -9,7 +9,10 @@ For the finding-slot decoder, :func:`finding_targets` splits FINDINGS into sente
 nodule sentence to the nodule it describes (matched by the labeler's size and lobe against the nodule's
 labelled mean diameter and lobe, falling back to order), and keeps the negative sentence ("No pulmonary
 nodules.") and the IMPRESSION text. Image-number references ("(image 72)") are removed from nodule
-sentences: no slot carries them. All functions are pure.
+sentences: no slot carries them. The prior study's date is no image fact either (the exam sentences
+state it, from the header): comparison clauses lose it (:func:`strip_comparison_dates`, "stable since
+2022-01-13" -> "stable compared with the prior"), so the slot's comparison attributes (context, growth,
+prior diameter) are all a target sentence needs. All functions are pure.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ __all__ = [
     "finding_targets",
     "section_blocks",
     "section_text",
+    "strip_comparison_dates",
     "strip_image_refs",
 ]
 
@@ -102,6 +106,55 @@ def strip_image_refs(sentence: str) -> str:
     return _IMAGE_REF_RE.sub("", sentence)
 
 
+_MONTH = (
+    r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?"
+    r"|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?"
+)
+#: A calendar date: ISO ``2022-01-13`` / ``2022/01/13``, ``01/13/2022``, ``13.01.2022``, ``January 13, 2022``,
+#: ``13 Jan 2022``, ``Jan 2022``.
+_DATE = (
+    r"(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}"
+    rf"|{_MONTH}\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}}|\d{{1,2}}(?:st|nd|rd|th)?\s+{_MONTH},?\s+\d{{4}}"
+    rf"|{_MONTH},?\s+\d{{4}})"
+)
+#: How a report names the prior study around its date ("the prior CT chest", "study", "LDCT").
+_STUDY = (
+    r"(?:(?:low[- ]dose\s+)?(?:chest\s+CT|CT\s+(?:of\s+the\s+)?chest|CT\s+scan|LDCT|CT|study|exam(?:ination)?"
+    r"|scan|imaging)(?:\s+chest)?)"
+)
+_BEFORE_DATE = rf"(?:the\s+)?(?:(?:prior|previous|last)\s+)?(?:{_STUDY}\s+)?(?:(?:dated|of|from|on)\s+)?"
+_AFTER_DATE = rf"(?:\s+{_STUDY})?"
+_STABLE_SINCE_RE = re.compile(rf"\b(stable|unchanged)\s+since\s+{_BEFORE_DATE}{_DATE}{_AFTER_DATE}", re.I)
+_PREP_DATE_RE = re.compile(
+    rf"\b(since|from|compared\s+(?:with|to)|relative\s+to|versus|vs\.?|on)\s+{_BEFORE_DATE}{_DATE}{_AFTER_DATE}",
+    re.I,
+)
+_PAREN_DATE_RE = re.compile(rf"\s*\(\s*(?:(?:dated|on)\s+)?{_DATE}\s*\)", re.I)
+_DATED_RE = re.compile(rf",?\s+dated\s+{_DATE}", re.I)
+_BARE_DATE_RE = re.compile(rf"\b{_BEFORE_DATE}{_DATE}{_AFTER_DATE}", re.I)
+
+
+def strip_comparison_dates(sentence: str) -> str:
+    """``sentence`` with the prior study's date taken out of its comparison clauses.
+
+    ``stable/unchanged since <date>`` becomes ``… compared with the prior``; ``<preposition> [the prior CT
+    chest] [dated] <date> [CT]`` becomes ``<preposition> the prior`` ("new since 2022-01-13" -> "new since
+    the prior", "unchanged from CT chest 2021-05-02" -> "unchanged from the prior"); a parenthesised or
+    "dated" date is dropped and any other date becomes "the prior", so the result holds no date.
+
+    Args:
+        sentence: one report sentence.
+
+    Returns:
+        The sentence without dates (unchanged when it has none).
+    """
+    out = _STABLE_SINCE_RE.sub(lambda m: f"{m.group(1)} compared with the prior", sentence)
+    out = _PREP_DATE_RE.sub(lambda m: f"{m.group(1)} the prior", out)
+    out = _PAREN_DATE_RE.sub("", out)
+    out = _DATED_RE.sub("", out)
+    return _BARE_DATE_RE.sub("the prior", out)
+
+
 def section_text(text: str, section: str) -> str:
     """The bodies of the report's ``section`` blocks joined by a space (``""`` when it has none)."""
     return " ".join(body for sec, _, body in section_blocks(text) if sec == section and body)
@@ -138,7 +191,8 @@ def finding_targets(text: str, diameters_mm: Sequence[float], lobes: Sequence[st
     still-unassigned nodule whose lobe agrees and whose mean diameter is within :data:`SIZE_TOLERANCE`
     of the sentence's size; when nothing matches but the numbers of nodule sentences and nodules are
     equal, the sentence takes the nodule of the same rank (the synthetic generator writes them largest
-    first, the order :func:`~lungvl_model.data.targets.nodule_attributes` uses).
+    first, the order :func:`~lungvl_model.data.targets.nodule_attributes` uses). Every kept text has its
+    dates removed (:func:`strip_comparison_dates`) and nodule sentences their image references.
 
     Args:
         text: the report.
@@ -161,9 +215,9 @@ def finding_targets(text: str, diameters_mm: Sequence[float], lobes: Sequence[st
         described = [n for n in lab.nodules if n.size_mm is not None or n.lobe is not None]
         if described:
             n = described[0]
-            nodule_sents.append((strip_image_refs(s), n.size_mm, n.lobe))
+            nodule_sents.append((strip_comparison_dates(strip_image_refs(s)), n.size_mm, n.lobe))
         elif lab.nodule_present is False:
-            negatives.append(s)
+            negatives.append(strip_comparison_dates(s))
     assigned: list[str | None] = [None] * len(diameters_mm)
     same_count = len(nodule_sents) == len(diameters_mm)
     for rank, (s, size, lobe) in enumerate(nodule_sents):
@@ -174,4 +228,4 @@ def finding_targets(text: str, diameters_mm: Sequence[float], lobes: Sequence[st
         if hit is not None:
             assigned[hit] = s
     negative = next((s for s in negatives if "nodul" in s.lower()), negatives[0] if negatives else None)
-    return FindingTargets(tuple(assigned), negative, section_text(text, "impression"))
+    return FindingTargets(tuple(assigned), negative, strip_comparison_dates(section_text(text, "impression")))

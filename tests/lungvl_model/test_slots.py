@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from lungvl_model.data.targets import MAX_SLOTS, NODULE_ATTRIBUTES, nodule_attributes
+from lungvl_model.data.targets import (
+    MAX_SLOTS,
+    NODULE_ATTRIBUTES,
+    NODULE_CONTEXTS,
+    nodule_attribute_row,
+    nodule_attributes,
+)
+from lungvl_model.inference.findings import Finding
+from lungvl_model.inference.narrative import finding_attributes
 from lungvl_model.models.lungvl import LungVLModel, SlotSequence, slot_sequences
 from lungvl_model.models.slots import SlotEncoder, ball_mask, masked_average, slot_memory
 from lungvl_model.text.tokenizer import train_tokenizer
+from lungvl_model.training.checkpoint import CheckpointError, load_checkpoint, sha256_file
 from privacy.dp_sgd import dp_sgd_ready, per_sample_parameters
+from tests.conftest import micro_checkpoint
 from tests.lungvl_model.test_lungvl_model import SMALL, TEXTS, make_batch
 
 E = 16
@@ -55,6 +68,8 @@ def test_nodule_attributes_rows_largest_first() -> None:
     second = dict(zip(NODULE_ATTRIBUTES, attrs[1], strict=True))
     assert second["log_volume"] == pytest.approx(math.log(31.0)) and second["lobe"] == 4.0
     assert all(math.isnan(v) for v in attrs[2])
+    # rows without context / growth_mm: the comparison is unknown
+    assert all(math.isnan(first[c]) for c in ("context", "growth_mm", "log_prior_diameter"))
     empty, empty_ids = nodule_attributes([], 2)
     assert empty_ids == [0, 0] and all(math.isnan(v) for row in empty for v in row)
 
@@ -63,7 +78,8 @@ def _inputs(b: int, k: int, seed: int) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(b, 8, 4, 4, 4, generator=g)
     masks = (torch.rand(b, k, 8, 8, 8, generator=g) > 0.7).float()
-    attrs = torch.tensor([[math.log1p(6.0), math.log1p(100.0), 0, 2, 0, 1, 2, 0.05]] * k).expand(b, k, -1).clone()
+    row = [math.log1p(6.0), math.log1p(100.0), 0, 2, 0, 1, 2, 0.05, 3, 0.2, math.log1p(5.8)]
+    attrs = torch.tensor([row] * k).expand(b, k, -1).clone()
     valid = torch.ones(b, k, dtype=torch.bool)
     return feats, masks, attrs, valid
 
@@ -163,3 +179,115 @@ def test_prefix_is_kind_plus_mean_selected_slot() -> None:
     got = enc.prefix(slots, select, kind)
     torch.testing.assert_close(got[0], enc.kind.weight[3] + (slots[0, 0] + slots[0, 2]) / 2)
     torch.testing.assert_close(got[1], enc.kind.weight[0])  # nothing selected: the kind alone
+
+
+def _row(context: str, growth_mm: float = math.nan, prior_mm: float = math.nan) -> list[float]:
+    return nodule_attribute_row(
+        mean_diameter_mm=8.0, volume_mm3=200.0, type="solid", lobe="RUL", calcified=0.0, margin="smooth",
+        lung_rads="3", brock=0.05, context=context, growth_mm=growth_mm, prior_mean_diameter_mm=prior_mm,
+    )  # fmt: skip
+
+
+def test_attribute_layout_keeps_the_first_eight_columns() -> None:
+    assert NODULE_ATTRIBUTES[:8] == (
+        "log_diameter", "log_volume", "type", "lobe", "calcified", "margin", "lung_rads", "brock"
+    )  # fmt: skip
+    assert NODULE_ATTRIBUTES[8:] == ("context", "growth_mm", "log_prior_diameter")
+
+
+@pytest.mark.parametrize(
+    ("context", "index"), [("baseline", 0.0), ("new", 1.0), ("growing", 2.0), ("stable", 3.0), ("slow_growing", 4.0)]
+)
+def test_each_context_value_is_encoded(context: str, index: float) -> None:
+    assert NODULE_CONTEXTS[int(index)] == context
+    row = dict(zip(NODULE_ATTRIBUTES, _row(context), strict=True))
+    assert row["context"] == index
+    assert math.isnan(row["growth_mm"]) and math.isnan(row["log_prior_diameter"])  # unknown growth: NaN
+
+
+def test_unknown_context_and_growth_are_nan_and_growth_is_kept() -> None:
+    for bad in ("", "shrinking", "Growing"):
+        assert math.isnan(_row(bad)[NODULE_ATTRIBUTES.index("context")])
+    row = dict(zip(NODULE_ATTRIBUTES, _row("growing", 2.1, 5.9), strict=True))
+    assert row["growth_mm"] == pytest.approx(2.1) and row["log_prior_diameter"] == pytest.approx(math.log(6.9))
+    assert math.isnan(_row("stable", math.inf, -1.0)[9]) and math.isnan(_row("stable", math.inf, -1.0)[10])
+
+
+def test_nodule_attributes_read_context_and_growth_from_labels_csv_rows() -> None:
+    rows = [
+        {"nodule_id": "1", "mean_diameter_mm": "8", "lobe": "RUL", "context": "growing", "growth_mm": "2.1"},
+        {"nodule_id": "2", "mean_diameter_mm": "5", "lobe": "LLL", "context": "new", "growth_mm": ""},
+        {"nodule_id": "3", "mean_diameter_mm": "4", "lobe": "RLL", "context": "baseline", "growth_mm": ""},
+        {"nodule_id": "4", "mean_diameter_mm": "3", "lobe": "LUL", "context": "stable", "growth_mm": "-0.2"},
+    ]
+    attrs, ids = nodule_attributes(rows, max_slots=4)
+    assert ids == [1, 2, 3, 4]
+    c, g, p = (NODULE_ATTRIBUTES.index(n) for n in ("context", "growth_mm", "log_prior_diameter"))
+    assert [a[c] for a in attrs] == [2.0, 1.0, 0.0, 3.0]
+    assert attrs[0][g] == pytest.approx(2.1) and attrs[0][p] == pytest.approx(math.log1p(5.9))
+    assert attrs[3][g] == pytest.approx(-0.2) and attrs[3][p] == pytest.approx(math.log1p(3.2))
+    assert all(math.isnan(attrs[i][g]) and math.isnan(attrs[i][p]) for i in (1, 2))
+
+
+def _bare_encoder() -> SlotEncoder:
+    """An eval-mode encoder without the final LayerNorm, so a slot is the plain sum of its embeddings."""
+    torch.manual_seed(0)
+    enc = SlotEncoder(8, E, max_slots=2).eval()
+    enc.norm = nn.Identity()  # type: ignore[assignment]
+    return enc
+
+
+def _slot(enc: SlotEncoder, row: list[float]) -> torch.Tensor:
+    feats, masks, _, valid = _inputs(1, 1, 0)
+    return enc(feats, masks, torch.tensor([[row]], dtype=torch.float32), valid)[0, 0]
+
+
+def test_slot_embeds_context_and_unknown_growth() -> None:
+    enc = _bare_encoder()
+    ctx = enc.categorical["context_embed"].weight
+    w, unk = enc.continuous.weight, enc.continuous_unknown.weight  # (E, 5), (5, E)
+    base = _slot(enc, _row("baseline"))
+    for i, name in enumerate(NODULE_CONTEXTS):
+        torch.testing.assert_close(_slot(enc, _row(name)) - base, ctx[i] - ctx[0])
+    torch.testing.assert_close(_slot(enc, _row("")) - base, ctx[len(NODULE_CONTEXTS)] - ctx[0])  # unknown
+    # growth 2.1 mm and prior 5.9 mm instead of unknown: the linear terms replace the unknown embeddings
+    grown = _slot(enc, _row("baseline", 2.1, 5.9))
+    expected = 2.1 * w[:, 3] + math.log1p(5.9) * w[:, 4] - unk[3] - unk[4]
+    torch.testing.assert_close(grown - base, expected)
+
+
+def _measured(**kw: object) -> Finding:
+    return Finding(
+        centroid_zyx=(10.0, 10.0, 10.0), centroid_lps=(10.0, 10.0, 10.0), longest_diameter_mm=8.0,
+        short_axis_mm=8.0, mean_diameter_mm=8.0, volume_mm3=200.0, solid_component_mm=8.0, type="solid",
+        calcified=False, lobe="RUL", index=1, lung_rads="3", brock_probability=0.05, **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_slot_from_a_growing_finding_carries_its_comparison() -> None:
+    growing = finding_attributes(_measured(context="growing", prior_mean_diameter_mm=5.9, growth_mm=2.1))
+    named = dict(zip(NODULE_ATTRIBUTES, growing, strict=True))
+    assert named["context"] == 2.0 and named["growth_mm"] == pytest.approx(2.1)
+    assert named["log_prior_diameter"] == pytest.approx(math.log1p(5.9))
+    assert math.isnan(named["margin"])  # margin is not measured
+    baseline = finding_attributes(_measured())  # no prior: context "baseline", growth unknown
+    assert baseline[NODULE_ATTRIBUTES.index("context")] == 0.0 and math.isnan(baseline[9]) and math.isnan(baseline[10])
+    enc = _bare_encoder()
+    ctx, w, unk = enc.categorical["context_embed"].weight, enc.continuous.weight, enc.continuous_unknown.weight
+    diff = _slot(enc, growing) - _slot(enc, baseline)
+    expected = ctx[2] - ctx[0] + 2.1 * w[:, 3] + math.log1p(5.9) * w[:, 4] - unk[3] - unk[4]
+    torch.testing.assert_close(diff, expected)
+
+
+def test_a_checkpoint_of_the_eight_column_layout_is_refused(tmp_path: Path) -> None:
+    d = micro_checkpoint(tmp_path / "ck")
+    state = torch.load(d / "model.pt", weights_only=True)
+    state["slots.continuous.weight"] = state["slots.continuous.weight"][:, :3].clone()  # old: 3 continuous
+    state["slots.continuous_unknown.weight"] = state["slots.continuous_unknown.weight"][:3].clone()
+    del state["slots.categorical.context_embed.weight"]  # old: no context embedding
+    torch.save(state, d / "model.pt")
+    meta = json.loads((d / "meta.json").read_text())
+    meta["model_sha256"] = sha256_file(d / "model.pt")
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="do not fit the configured architecture"):
+        load_checkpoint(d)
