@@ -25,6 +25,12 @@ native CT around it into a nodule mask:
    ``reach_factor * r`` of the core (cuts vessels as thick as a small nodule), then opened with a ball
    of ``min(opening_fraction * r, opening_max_mm)`` (cuts thinner vessels), and the opening's rounded-off
    boundary given back within that radius.
+4. **No partial-volume blow-up on thick slices.** A nodule no wider than two slices whose peak is blurred
+   below solid density (a 4 mm nodule on 5 mm slices peaks near -450 HU, so the halfway threshold drops
+   to ~-650 HU and takes its blur, the parenchyma and vessel stubs next to it: 2-8x its volume) keeps only
+   its densest voxels, 1.5 times the voxel count that its HU integral implies (:func:`partial_volume_cap`;
+   the blur conserves the integral, and no threshold separates the nodule's partially filled voxels from
+   its blur).
 
 Measured (candidate = the reference mask downsampled to the 5 mm grid, as the triage would give it):
 
@@ -35,6 +41,11 @@ Measured (candidate = the reference mask downsampled to the 5 mm grid, as the tr
   juxtapleural solid 0.07 / 28.7 -> 0.80 / 1.25, non-solid 0.43 / 2.6 -> 0.87 / 1.10, part-solid
   (2) 0.20 / 9.0 -> 0.47 / 1.85; with the candidate dilated by one model voxel (a sloppier triage),
   all types 0.02 / 24.6 -> 0.80 / 1.32.
+* Step 4, synthetic screening + referral + low-resource sites (150 nodules; candidate = the labelled mask
+  on the 5 mm grid), median volume ratio / Dice, 5 mm slices: 6-10 mm 1.67 / 0.71 -> 1.17 / 0.75 (ratio
+  > 2: 6 -> 3 of 21), > 10 mm 1.12 / 0.87 unchanged, < 6 mm 2.9 -> 1.5 (the 8 of 14 found before and
+  after; ratio > 2: 6 -> 3; one voxel is 20 mm3, 25-50 % of these nodules). 1-3 mm slices, ground glass,
+  part-solid and LIDC-IDRI-0001 (5,614 mm3 with and without the cap) are unchanged.
 """
 
 from __future__ import annotations
@@ -71,6 +82,15 @@ class RefineConfig:
             vessels as thick as a small nodule, which the opening cannot.
         regrow_fraction: after the opening, voxels of the thresholded object within this fraction of the
             opening radius of the opened object are given back (boundary detail; vessels are cut there).
+        pv_tissue_hu: attenuation of solid nodule tissue, the full-occupancy level of the partial-volume
+            cap (:func:`partial_volume_cap`); the object's own peak when denser (calcium).
+        pv_cap_factor: a small object on thick slices keeps at most this many times its partial-volume
+            voxel count (its densest voxels); 0 disables the cap.
+        pv_min_slice_mm: the cap applies on slices at least this thick.
+        pv_max_diameter_slices: ... and to objects whose equivalent diameter is at most this many slice
+            thicknesses (larger nodules have a plateau at their true density; ground glass stays whole).
+        pv_min_peak_hu: ... whose smoothed peak is at least this dense: ground glass (-750..-550 HU) is
+            not capped (a small one at -564 HU on 5 mm slices was cut to a third at -600 HU).
     """
 
     contrast_fraction: float = 0.5
@@ -87,6 +107,11 @@ class RefineConfig:
     regrow_fraction: float = 1.0
     reach_factor: float = 2.0
     core_fraction: float = 0.5
+    pv_tissue_hu: float = 0.0
+    pv_cap_factor: float = 1.5
+    pv_min_slice_mm: float = 2.5
+    pv_max_diameter_slices: float = 2.0
+    pv_min_peak_hu: float = -550.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.contrast_fraction < 1.0:
@@ -115,6 +140,12 @@ class RefineConfig:
             raise ValueError(f"RefineConfig.reach_factor must be >= 0, got {self.reach_factor!r}")
         if self.regrow_fraction < 0:
             raise ValueError(f"RefineConfig.regrow_fraction must be >= 0, got {self.regrow_fraction!r}")
+        if self.pv_cap_factor != 0 and self.pv_cap_factor < 1.0:
+            raise ValueError(f"RefineConfig.pv_cap_factor must be 0 (off) or >= 1, got {self.pv_cap_factor!r}")
+        if self.pv_min_slice_mm < 0:
+            raise ValueError(f"RefineConfig.pv_min_slice_mm must be >= 0, got {self.pv_min_slice_mm!r}")
+        if self.pv_max_diameter_slices <= 0:
+            raise ValueError(f"RefineConfig.pv_max_diameter_slices must be > 0, got {self.pv_max_diameter_slices!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict."""
@@ -305,4 +336,52 @@ def refine_mask(
         if opened is not None:  # give back the boundary the opening rounded off; vessels stay cut
             obj = obj & dilate_mm(opened, cfg.regrow_fraction * r_open, spacing)
             obj = _best_overlap(obj, opened) if cfg.regrow_fraction > 0 else opened
-    return obj
+    return None if obj is None else partial_volume_cap(obj, smooth, background, spacing, cfg)
+
+
+def partial_volume_cap(
+    obj: np.ndarray,
+    smooth: np.ndarray,
+    background_hu: float,
+    spacing: tuple[float, float, float],
+    config: RefineConfig,
+) -> np.ndarray:
+    """Shrink a small nodule on thick slices to (a multiple of) its partial-volume size.
+
+    A nodule about as small as the slice is thick is blurred over its slice and its neighbours: a 4 mm
+    solid nodule on 5 mm slices peaks near -450 HU, so the halfway threshold (-650 HU) takes its whole
+    blur and the denser parenchyma next to it, ~3x its volume, and no threshold separates the two (the
+    blur is as dense as the nodule's own partially filled voxels). The blur conserves the HU integral,
+    so ``sum(min((HU - background) / (tissue - background), 1))`` over the object is its occupied voxel
+    count (an underestimate: the fainter tail of the blur is outside); the object keeps its densest
+    ``pv_cap_factor`` times that many voxels (connected to its peak).
+
+    Args:
+        obj: ``(Z, Y, X)`` bool thresholded nodule.
+        smooth: ``(Z, Y, X)`` smoothed HU.
+        background_hu: lung background around the nodule.
+        spacing: voxel size ``(sz, sy, sx)`` mm.
+        config: ``pv_*`` parameters.
+
+    Returns:
+        ``(Z, Y, X)`` bool, a subset of ``obj`` (``obj`` itself when the cap does not apply).
+    """
+    cfg = config
+    if cfg.pv_cap_factor == 0 or spacing[0] < cfg.pv_min_slice_mm or not obj.any():
+        return obj
+    if 2.0 * equivalent_radius_mm(int(obj.sum()), spacing) > cfg.pv_max_diameter_slices * spacing[0]:
+        return obj
+    vals = smooth[obj]
+    peak = float(vals.max())
+    if peak < cfg.pv_min_peak_hu:
+        return obj
+    tissue = max(cfg.pv_tissue_hu, peak)
+    if tissue <= background_hu:
+        return obj
+    occupied = float(np.minimum((vals - background_hu) / (tissue - background_hu), 1.0).sum())
+    n_keep = max(int(round(cfg.pv_cap_factor * occupied)), 1)
+    if vals.size <= n_keep:
+        return obj
+    level = float(np.sort(vals)[::-1][n_keep - 1])
+    kept = _best_overlap(obj & (smooth >= level), obj & (smooth >= peak))
+    return obj if kept is None else kept

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from lungvl_model.data.volume import CTVolume
 from lungvl_model.inference.findings import (
@@ -17,7 +18,14 @@ from lungvl_model.inference.findings import (
     refine_candidate,
     suppress_duplicates,
 )
-from lungvl_model.inference.refine import RefineConfig, adaptive_threshold, close_mm, open_mm, refine_mask
+from lungvl_model.inference.refine import (
+    RefineConfig,
+    adaptive_threshold,
+    close_mm,
+    open_mm,
+    partial_volume_cap,
+    refine_mask,
+)
 
 LUNG, TISSUE = -870.0, 40.0
 SHAPE = (48, 64, 64)  # 1 mm voxels
@@ -107,6 +115,65 @@ def test_thick_slices_juxtapleural() -> None:
     assert full.sum() == pytest.approx(ball.sum(), rel=0.15)
 
 
+def _thick_slice_nodule(radius: float, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """A solid sphere and a 2 mm vessel 5 mm beside it, rendered on 5 x 1 x 1 mm voxels.
+
+    Each voxel's HU is its occupancy (sampled on a 0.5 x 0.25 x 0.25 mm sub-grid, so a 5 mm slice averages
+    the sphere over its whole thickness) between -870 HU lung and 40 HU tissue, blurred in-plane
+    (sigma 0.8 mm), plus Gaussian noise. Returns ``(hu, nodule occupancy)``, both ``(8, 48, 48)``.
+    """
+    shape, spacing, sub = (8, 48, 48), (5.0, 1.0, 1.0), (10, 4, 4)
+    fine = [(np.arange(n * k) + 0.5) / k * s for n, k, s in zip(shape, sub, spacing, strict=True)]
+    zz, yy, xx = np.meshgrid(*fine, indexing="ij")
+    cz, cy, cx = 19.0, 24.3, 24.1  # 1 mm below the centre of slice 4: split over slices 3 and 4
+    ball = (zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+    vessel = (zz - cz) ** 2 + (yy - cy - 5.0) ** 2 <= 1.0  # along x, 5 mm from the nodule's centre
+
+    def occupancy(m: np.ndarray) -> np.ndarray:
+        return m.reshape(shape[0], sub[0], shape[1], sub[1], shape[2], sub[2]).mean(axis=(1, 3, 5))
+
+    hu = LUNG + occupancy(ball | vessel) * (TISSUE - LUNG)
+    hu = ndimage.gaussian_filter(hu, (0.0, 0.8, 0.8)) + np.random.default_rng(0).normal(0.0, noise, shape)
+    return hu, occupancy(ball)
+
+
+@pytest.mark.parametrize("noise", [0.0, 20.0])
+def test_small_solid_nodule_on_5mm_slices_is_not_overgrown(noise: float) -> None:
+    # a 4.5 mm nodule peaks near -380 HU on 5 mm slices, so the halfway threshold fell to ~-640 HU and took
+    # the blur and the vessel: 2.0x (no noise) and 7.1x (20 HU noise) the true volume before the cap
+    radius = 2.25
+    hu, occ = _thick_slice_nodule(radius, noise)
+    assert hu.max() < -300, "the rendering must show the partial-volume loss"
+    spacing = (5.0, 1.0, 1.0)
+    grid = GridMap(spacing, (5.0, 5.0, 5.0), (0.0, 0.0, 0.0))
+    cand = np.zeros((8, 10, 10), bool)
+    g = np.rint(grid.src_to_model(np.argwhere(occ > 0.2))).astype(int)
+    cand[g[:, 0], g[:, 1], g[:, 2]] = True
+    out = refine_candidate(CTVolume(hu.astype(np.float32), spacing), cand, grid)
+    assert out is not None
+    volume = float(out[0].sum()) * 5.0
+    true_volume = 4.0 / 3.0 * math.pi * radius**3  # 47.7 mm3
+    assert volume == pytest.approx(true_volume, rel=0.5)
+
+
+def test_partial_volume_cap_keeps_the_densest_voxels() -> None:
+    # one row of voxels on 5 mm slices: occupancies 0.5 (peak), 0.3, 0.25, 0.22, 0.2 x 6 relative to 0 HU
+    # tissue in -870 HU lung -> 2.47 occupied voxels, 1.5 x 2.47 = 3.7 -> the 4 densest are kept
+    occ = np.array([0.2, 0.2, 0.2, 0.22, 0.3, 0.5, 0.25, 0.2, 0.2, 0.2])
+    smooth = np.full((3, 3, 12), LUNG)
+    smooth[1, 1, 1:11] = LUNG + occ * 870.0
+    obj = smooth > -800.0
+    spacing = (5.0, 1.0, 1.0)
+    kept = partial_volume_cap(obj, smooth, LUNG, spacing, RefineConfig())
+    assert np.flatnonzero(kept[1, 1]).tolist() == [4, 5, 6, 7]
+    assert kept.sum() == 4
+    # 1 mm slices, a wide object, a faint peak, or the cap off: unchanged
+    assert partial_volume_cap(obj, smooth, LUNG, (1.0, 1.0, 1.0), RefineConfig()) is obj
+    assert partial_volume_cap(obj, smooth, LUNG, spacing, RefineConfig(pv_max_diameter_slices=0.1)) is obj
+    assert partial_volume_cap(obj, smooth, LUNG, spacing, RefineConfig(pv_min_peak_hu=-300.0)) is obj
+    assert partial_volume_cap(obj, smooth, LUNG, spacing, RefineConfig(pv_cap_factor=0.0)) is obj
+
+
 def test_candidate_on_plain_lung_gives_none() -> None:
     hu = np.full(SHAPE, LUNG)
     cand = np.zeros((10, 13, 13), bool)
@@ -155,6 +222,9 @@ def test_refine_mask_shape_mismatch() -> None:
         ({"min_contrast_hu": -1.0}, "min_contrast_hu"),
         ({"core_fraction": 0.0}, "core_fraction"),
         ({"reach_factor": -1.0}, "reach_factor"),
+        ({"pv_cap_factor": 0.5}, "pv_cap_factor"),
+        ({"pv_min_slice_mm": -1.0}, "pv_min_slice_mm"),
+        ({"pv_max_diameter_slices": 0.0}, "pv_max_diameter_slices"),
     ],
 )
 def test_invalid_config(kwargs: dict, match: str) -> None:
