@@ -135,7 +135,9 @@ CLEAR_LUNGS_RE = re.compile(
     r"(?:otherwise\s+)?(?:clear|unremarkable|normal)\b|\b(?:clear|normal)\s+lungs\b",
     _I,
 )
-CLEAR_EXCEPTION_RE = re.compile(r"\b(?:except|apart\s+from|aside\s+from|other\s+than|but|save\s+for)\b", _I)
+CLEAR_EXCEPTION_RE = re.compile(
+    r"\b(?:except|apart\s+from|aside\s+from|other\s+than|but|save\s+for|otherwise|elsewhere)\b", _I
+)
 
 # --------------------------------------------------------------------------------------------------
 # Negation (NegEx-style)
@@ -375,7 +377,9 @@ COMP_STABLE_RE = re.compile(
     r"|\bnot\s+(?:significantly\s+|appreciably\s+|substantially\s+|markedly\s+|meaningfully\s+)?(?:changed|increased"
     r"|enlarged|enlarging|grown|growing|progressed)\b"
     r"|\bsimilar\s+(?:in\s+(?:size|appearance)|size|appearance|to\s+(?:the\s+)?(?:prior|previous))\b"
-    r"|\bwithout\s+(?:significant\s+|interval\s+|appreciable\s+)*(?:change|growth|enlargement)\b",
+    r"|\bwithout\s+(?:significant\s+|interval\s+|appreciable\s+)*(?:change|growth|enlargement)\b"
+    r"|\b(?:not|without)\s+meeting\s+(?:the\s+)?(?:[\w-]+\s+){0,2}growth\s+criteri(?:a|on)\b"
+    r"|\bdoes\s+not\s+meet\s+(?:the\s+)?(?:[\w-]+\s+){0,2}growth\s+criteri(?:a|on)\b",
     _I,
 )
 COMP_GROWING_RE = re.compile(

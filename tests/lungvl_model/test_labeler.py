@@ -541,3 +541,24 @@ def test_never_raises_and_keeps_schema(text: str) -> None:
         assert n["size_mm"] is None or n["size_mm"] > 0 or n["size_mm"] == 0
     if d["nodules"]:
         assert d["nodule_present"] is True
+
+
+@pytest.mark.parametrize(
+    ("text", "present", "comparison"),
+    [
+        ("The 6 mm right lower lobe nodule is not meeting growth criteria.", True, "stable"),
+        ("The 6 mm RLL nodule does not meet Lung-RADS growth criteria.", True, "stable"),
+        ("The 6 mm RLL nodule has grown.", True, "growing"),
+        ("Small left lower lobe nodule. The lungs are otherwise clear.", True, None),
+    ],
+)
+def test_growth_criteria_and_otherwise_clear(text: str, present: bool, comparison: str | None) -> None:
+    labels = label_report(text)
+    assert labels.nodule_present is present
+    assert [n.comparison for n in labels.nodules] == [comparison]
+
+
+def test_otherwise_clear_alone_is_no_negation() -> None:
+    # "otherwise" points at a finding stated elsewhere: this sentence alone does not say there is no nodule
+    assert label_report("The lungs are otherwise clear.").nodule_present is None
+    assert label_report("The lungs are clear.").nodule_present is False
