@@ -43,6 +43,10 @@ MARGINS: tuple[str, ...] = ("smooth", "lobulated", "spiculated")
 LOBE_WEIGHTS: tuple[float, ...] = (0.26, 0.09, 0.22, 0.24, 0.19)
 INTERVAL_DAYS = 365
 MIN_VISIBLE_MM = 3.0
+#: Slices up to this thickness (mm) keep a central calcification visible; thicker ones only a complete one.
+THIN_SLICE_MM = 1.5
+#: Largest calcified granuloma (mm).
+CALCIFIED_MAX_MM = 9.0
 _ID_PREFIX = {"screening": "SCR", "referral": "REF", "low_resource": "LRS"}
 
 
@@ -168,14 +172,42 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def _draw_nodule(profile: CohortProfile, rng: np.random.Generator, has_prior: bool) -> dict[str, object]:
+def calcified_min_diameter_mm(thickest_mm: float, calcification: str) -> float:
+    """Smallest calcified nodule whose calcium stays visible on the thickest slice of the patient.
+
+    The rendered calcium (at most ``render.CALCIUM_HU_CAP`` before the blur) must keep a blurred
+    peak above 300 HU after partial volume over the slice and the kernel blur of the synthetic
+    scanners (about 2 mm pixels, PSF sigma 0.35-1 pixel). Measured worst cases (random sub-voxel
+    positions): ``complete`` needs >= 3 mm on 1-1.25 mm slices, >= 6 mm on 2.5-3 mm slices and
+    >= 7.5 mm on 5 mm slices; ``central`` (a core of half the diameter) needs >= 4.5 mm on thin slices
+    and is not drawn on thicker ones (see :func:`_draw_nodule`).
+
+    Args:
+        thickest_mm: the thicker of the current and prior slice thickness (mm).
+        calcification: ``complete`` or ``central``.
+
+    Returns:
+        The lower bound of the calcified nodule's mean diameter (mm).
+    """
+    if calcification not in ("complete", "central"):
+        raise ValueError(f"calcification must be complete or central, got {calcification!r}")
+    if thickest_mm <= THIN_SLICE_MM:
+        return 4.5 if calcification == "central" else 3.0
+    return 6.0 if thickest_mm <= 3.0 else 7.5
+
+
+def _draw_nodule(
+    profile: CohortProfile, rng: np.random.Generator, has_prior: bool, thickest_mm: float
+) -> dict[str, object]:
     kind = KINDS[int(rng.choice(4, p=profile.type_probs))]
     d = float(np.exp(rng.normal(math.log(profile.diameter_median_mm), profile.diameter_log_sd)))
     calcification = ""
     if kind == "calcified":
-        d = float(rng.uniform(3.0, 9.0))
+        size_u = float(rng.random())  # same draws, in the same order, as before the thickness rule
         margin = "smooth"
-        calcification = "complete" if rng.random() < 0.6 else "central"
+        calcification = "complete" if rng.random() < 0.6 or thickest_mm > THIN_SLICE_MM else "central"
+        lo = calcified_min_diameter_mm(thickest_mm, calcification)
+        d = lo + (CALCIFIED_MAX_MM - lo) * size_u
     else:
         margin = MARGINS[int(rng.choice(3, p=profile.margin_probs))]
     if kind == "non_solid":
@@ -191,7 +223,7 @@ def _draw_nodule(profile: CohortProfile, rng: np.random.Generator, has_prior: bo
         "solid": rng.uniform(15.0, 55.0),
         "part_solid": rng.uniform(-600.0, -350.0),
         "non_solid": rng.uniform(-700.0, -450.0),
-        "calcified": rng.uniform(400.0, 1000.0) if calcification == "complete" else rng.uniform(20.0, 50.0),
+        "calcified": rng.uniform(600.0, 1200.0) if calcification == "complete" else rng.uniform(20.0, 50.0),
     }[kind]
     core_hu = rng.uniform(0.0, 45.0) if kind == "part_solid" else rng.uniform(600.0, 1100.0)
     return {
@@ -242,7 +274,9 @@ def sample_patient(profile: CohortProfile, seed: int, index: int, prior_fraction
     study_date = date(2023, 1, 1) + timedelta(days=int(rng.integers(0, 730)))
     streams = tuple(int(s) for s in rng.integers(2**31 - 1, size=4))
     count = 0 if rng.random() < p.no_nodule_fraction else min(1 + int(rng.poisson(p.extra_nodules_mean)), p.max_nodules)
-    drawn = sorted((_draw_nodule(p, rng, has_prior) for _ in range(count)), key=lambda n: -n["shape"].mean_diameter())  # type: ignore[attr-defined]
+    thickest = max(scan.slice_thickness_mm, prior_scan.slice_thickness_mm)
+    drawn = [_draw_nodule(p, rng, has_prior, thickest) for _ in range(count)]
+    drawn.sort(key=lambda n: -n["shape"].mean_diameter())  # type: ignore[attr-defined]
     nodules = []
     for i, nd in enumerate(drawn, start=1):
         shape: NoduleShape = nd["shape"]  # type: ignore[assignment]
