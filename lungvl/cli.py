@@ -31,6 +31,25 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from lungvl_model.version import software_version
+
+        print(f"lungvl {software_version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the lungvl version and exit"
+    ),
+) -> None:
+    """lungvl: federated, differentially private, explainable lung-cancer risk from chest CT."""
+
+
 app.add_typer(cmd_data.app, name="data")
 app.add_typer(cmd_rules.app, name="rules")
 app.add_typer(cmd_report.app, name="report")

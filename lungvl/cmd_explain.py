@@ -43,23 +43,34 @@ def explain(
     from lungvl_model.models.nodule_risk import load_nodule_risk
     from lungvl_model.training.checkpoint import load_checkpoint
 
-    model, _ = load_checkpoint(model_dir)  # a damaged checkpoint: exit 6; a bad study: exit 2 (lungvl.errors)
+    model, meta = load_checkpoint(model_dir)  # a damaged checkpoint: exit 6; a bad study: exit 2 (lungvl.errors)
     volume = _load_study(site, study, dicom)
     prior_vol = None
     if prior is not None:
         p = Path(prior)
         prior_vol = _load_study(None, None, p) if p.is_dir() else _load_study(site, prior, None)
     risk = load_nodule_risk(model_dir)
+    calibration = load_state(model_dir)
+    flt = load_from_checkpoint(model_dir)
     exp = explain_study(
         model,
         volume,
         prior=prior_vol,
         ask=ask,
         threshold=threshold,
-        calibration=load_state(model_dir),
-        candidate_filter=load_from_checkpoint(model_dir),
+        calibration=calibration,
+        candidate_filter=flt,
         nodule_risk=risk[0] if risk is not None else None,
     )
+    exp.provenance = {
+        "checkpoint": str(model_dir),
+        "model_sha256": meta.get("model_sha256"),
+        "stage": meta.get("stage"),
+        "preset": model.config.preset,
+        "calibration": calibration is not None,
+        "candidate_filter": flt is not None,
+        "nodule_risk": risk is not None,
+    }
     paths = write_explanation(exp, volume, out_dir)
     out.print(
         json.dumps({k: exp.to_dict()[k] for k in ("model", "lung_rads_rule_engine", "defer_to_radiologist")}, indent=1)

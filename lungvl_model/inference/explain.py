@@ -58,8 +58,11 @@ from lungvl_model.models.fusion import TokenLayout
 from lungvl_model.models.nodule_risk import NoduleRiskHead
 from lungvl_model.text.report_sections import decoder_target
 from lungvl_model.text.tokenizer import encode_reports
+from lungvl_model.version import software_version
 
 SegFn = Callable[[torch.Tensor], np.ndarray]
+#: Version of the report.json layout (1: first versioned layout, with provenance and the fact check).
+REPORT_SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -95,10 +98,14 @@ class Explanation:
     removed_sentences: list[Sentence] = field(default_factory=list)
     signals: DeferralSignals | None = None
     deferral_score: float | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (report.json)."""
         return {
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "software_version": software_version(),
+            "provenance": self.provenance,
             "study_uid": self.study_uid,
             "series_uid": self.series_uid,
             "prior_study_uid": self.prior_study_uid,

@@ -23,6 +23,7 @@ from lungvl_model.errors import CorruptStateError
 from lungvl_model.models.config import LungVLConfig
 from lungvl_model.models.lungvl import LungVLModel
 from lungvl_model.text.tokenizer import load_tokenizer, save_tokenizer
+from lungvl_model.version import software_version
 
 FORMAT_VERSION = 1
 
@@ -72,7 +73,12 @@ def save_checkpoint(directory: str | Path, model: LungVLModel, meta: dict[str, A
     tmp.replace(d / "model.pt")
     (d / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
     save_tokenizer(model.tokenizer, d / "tokenizer")
-    full = {"format": FORMAT_VERSION, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {})}
+    full = {
+        "format": FORMAT_VERSION,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "lungvl_version": software_version(),
+        **(meta or {}),
+    }
     full["model_sha256"] = sha256_file(d / "model.pt")
     full["parameters"] = model.num_parameters()
     (d / "meta.json").write_text(json.dumps(full, indent=2, default=str))

@@ -106,3 +106,11 @@ def test_train_refuses_a_bad_seg_crop(tmp_path: Path) -> None:
         app, ["train", str(tmp_path), "--stage", "seg", "--out", str(tmp_path / "o"), "--seg-crop", "32", "20", "32"]
     )
     assert res.exit_code == 2 and "multiples of 16" in res.stderr and "(32, 20, 32)" in res.stderr
+
+
+def test_version() -> None:
+    from lungvl_model.version import software_version
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"lungvl {software_version()}"
+    assert software_version() != "unknown"  # the test environment installs the package
