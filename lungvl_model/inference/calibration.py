@@ -364,7 +364,9 @@ def fit_calibration(
         max_deferral_rate: deferral budget on validation, in (0, 1].
         l2: L2 penalty of the learned score.
         base_policy: hard rules (default :class:`DeferralPolicy`).
-        sentence_entropy_threshold: kept in the state for ``explain``'s per-sentence flag.
+        sentence_entropy_threshold: kept in the state for ``explain``'s per-sentence flag; ``+inf`` (nothing to
+            defer, as :func:`calibrate_entropy_threshold` returns when every sentence meets the target) is stored
+            as the same large finite value :func:`save_threshold` writes.
 
     Returns:
         The :class:`CalibrationState`; ``metrics`` holds ``malignancy`` and ``lung_rads`` (NLL/ECE before and
@@ -410,7 +412,11 @@ def fit_calibration(
         "entropy_only": {"aurc": aurc(risk_coverage_curve(wrong, entropy)), **selective_error(wrong, entropy, rate)},
     }
     return CalibrationState(
-        sentence_entropy_threshold=sentence_entropy_threshold,
+        sentence_entropy_threshold=(
+            sentence_entropy_threshold
+            if sentence_entropy_threshold is None or math.isfinite(sentence_entropy_threshold)
+            else _LEGACY_INF
+        ),
         malignancy_temperature=t_mal,
         lung_rads_temperature=t_lr,
         deferral_policy=policy,

@@ -259,3 +259,11 @@ def test_invalid_records(kw: dict[str, Any], match: str) -> None:
     CalibrationRecord(**ok)
     with pytest.raises(ValueError, match=match):
         CalibrationRecord(**{**ok, **kw})
+
+
+def test_fit_calibration_stores_an_infinite_sentence_threshold(tmp_path: Path) -> None:
+    # calibrate_entropy_threshold returns +inf when every validation sentence meets the target
+    st = fit_calibration(_records(200, 2.0), sentence_entropy_threshold=math.inf)
+    assert st.sentence_entropy_threshold is not None and st.sentence_entropy_threshold >= 1e9
+    save_state(tmp_path, st)
+    assert load_state(tmp_path).sentence_entropy_threshold == st.sentence_entropy_threshold
