@@ -347,7 +347,8 @@ def explain_study(
         reasons += review.reasons
         flags += review.removal_notes
         sentences = review.kept
-        text = compose_report(exam, [s for s in found if s in sentences], [s for s in impression if s in sentences])
+        kept = {id(s) for s in sentences}  # by identity: Sentence equality would compare heatmap arrays
+        text = compose_report(exam, [s for s in found if id(s) in kept], [s for s in impression if id(s) in kept])
     if with_text and not sentences:
         reasons.append("the model generated no sentence")
     elif with_text and not any(s.key for s in sentences):
