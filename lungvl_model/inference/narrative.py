@@ -34,7 +34,7 @@ from lungvl_model.text.labeler import label_report
 from lungvl_model.text.tokenizer import sentence_spans_from_ids
 
 
-@dataclass
+@dataclass(eq=False)  # identity: equality would compare heatmap arrays
 class Sentence:
     """One generated sentence.
 
