@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,49 @@ from lungvl_model.data.site_layout import ReportRecord, toml_dumps, write_report
 from lungvl_model.data.volume import CTVolume
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def require_service(name: str, available: bool, how: str) -> None:
+    """Skip the calling test when a system service is missing, except in CI where it must be there.
+
+    ``.ci/run`` installs PostgreSQL, Chromium and dicom3tools and sets ``LUNGVL_REQUIRE_SERVICES=1``: there a
+    missing service fails the test instead of skipping it (nothing skips silently in CI).
+
+    Args:
+        name: what is missing, for the message (e.g. "PostgreSQL").
+        available: whether it is usable here.
+        how: how to get it (e.g. "`. .ci/services.sh` sets LUNGVL_TEST_POSTGRES_URL").
+    """
+    if available:
+        return
+    msg = f"{name} not available ({how})"
+    if os.environ.get("LUNGVL_REQUIRE_SERVICES") == "1":
+        pytest.fail(msg + "; LUNGVL_REQUIRE_SERVICES=1 says it must be", pytrace=False)
+    pytest.skip(msg)
+
+
+def postgres_url() -> str:
+    """The scratch PostgreSQL database's SQLAlchemy URL (skips, or fails in CI, when there is none)."""
+    url = os.environ.get("LUNGVL_TEST_POSTGRES_URL", "")
+    require_service("PostgreSQL", bool(url), "`. .ci/services.sh` starts one and sets LUNGVL_TEST_POSTGRES_URL")
+    return url
+
+
+def chromium_paths() -> tuple[str, str]:
+    """``(chromium, chromedriver)`` binaries from Debian's packages (skips, or fails in CI, when absent)."""
+    chrome = shutil.which("chromium") or ""
+    driver = shutil.which("chromedriver") or ""
+    require_service("Chromium + ChromeDriver", bool(chrome and driver), "apt-get install chromium chromium-driver")
+    return chrome, driver
+
+
+def dciodvfy_path() -> str:
+    """Debian dicom3tools' ``dciodvfy`` (skips, or fails in CI, when absent)."""
+    exe = shutil.which("dciodvfy") or ""
+    require_service("dciodvfy", bool(exe), "apt-get install dicom3tools")
+    return exe
+
+
 LIDC_DIR = SHARED / "data" / "lidc"
 
 
