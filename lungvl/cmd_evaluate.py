@@ -123,6 +123,12 @@ def evaluate(
         False, "--calibrate", help="store the calibration fitted on --validation in the checkpoint (calibration.json)"
     ),
     seg_peer: Path | None = typer.Option(None, "--seg-peer", help="DynUNet anchor directory (lungvl train --peer)"),
+    export_dicom: Path | None = typer.Option(
+        None,
+        "--export-dicom",
+        help="also write each test study's DICOM SEG + Comprehensive 3D SR (and report.json) under "
+        "DIR/<site>/<study_uid>/, with DIR/index.json; the studies are explained again for it",
+    ),
 ) -> None:
     """Score a checkpoint; writes metrics.json, results.md, lung_rads_confusion.png and risk_coverage.png."""
     from lungvl_model.evaluation.evaluate import evaluate as run
@@ -144,7 +150,7 @@ def evaluate(
     if overlap:
         print_error(f"--validation site(s) {', '.join(map(str, overlap))} are also test sites; keep them apart")
         raise typer.Exit(2)
-    model, _ = load_checkpoint(model_dir)
+    model, meta = load_checkpoint(model_dir)
     state = load_state(model_dir)
     risk = load_nodule_risk(model_dir)
     kwargs = {
@@ -163,6 +169,21 @@ def evaluate(
     if calibrate and fitted is not None:
         path = save_state(model_dir, fitted)
         err.print(f"calibration fitted on {len(validation)} validation site(s) -> {path}", highlight=False)
+    if export_dicom is not None:
+        from lungvl_model.export.batch import export_sites
+        from lungvl_model.export.provenance import model_identity
+
+        with progress_callback("export DICOM SEG + SR") as cb:
+            rows = export_sites(
+                model, site_dirs, export_dicom, provenance=model_identity(model_dir, meta, model.config),
+                progress=cb, calibration=fitted or state, **kwargs,
+            )  # fmt: skip
+        n_seg = sum(1 for r in rows if r.export is not None and r.export.seg is not None)
+        n_err = sum(1 for r in rows if r.export is None)
+        err.print(
+            f"DICOM export: {len(rows) - n_err} SR(s), {n_seg} SEG(s), {n_err} unreadable -> {export_dicom}",
+            highlight=False,
+        )
     (out_dir / "metrics.json").write_text(json.dumps({"lungvl": res, "dynunet_anchor": peer}, indent=2, default=float))
     md = results_markdown(res, peer)
     (out_dir / "results.md").write_text(md)

@@ -11,18 +11,23 @@ from lungvl.console import err, out
 
 
 def _load_study(site: Path | None, study: str | None, dicom: Path | None):  # noqa: ANN202
+    """The study's CT volume and the DICOM files it was read from: ``(CTVolume, list[Path])``."""
     from lungvl_model.data.catalogue import build_catalogue
-    from lungvl_model.data.dicom_io import read_series, read_series_dir
+    from lungvl_model.data.dicom_io import read_series, read_series_dir, scan_dicom_tree
 
     if dicom is not None:
-        return read_series_dir(dicom)
+        scan = scan_dicom_tree(dicom)
+        if len(scan.series) != 1:
+            return read_series_dir(dicom), []  # raises SeriesError naming the folder and what it found
+        files = list(next(iter(scan.series.values())).files)
+        return read_series(files), files
     if site is None or study is None:
         raise ValueError("give --dicom SERIES_DIR, or --site SITE_DIR with --study STUDY_UID")
     cat = build_catalogue(site)
     entry = cat.studies.get(study)
     if entry is None or entry.series is None:
         raise ValueError(f"study {study} not found in {site} ({len(cat.studies)} studies there)")
-    return read_series(entry.series.files)
+    return read_series(entry.series.files), list(entry.series.files)
 
 
 def explain(
@@ -35,7 +40,8 @@ def explain(
     ask: str | None = typer.Option(None, "--ask", help='e.g. "what about nodule 2?"'),
     threshold: float | None = typer.Option(None, "--threshold", help="override the deferral entropy threshold"),
 ) -> None:
-    """Write report.json, report.md and nodule_<k>.png overlays for one study."""
+    """Write report.json, report.md, nodule_<k>.png overlays, seg.dcm (DICOM SEG) and sr.dcm (TID 1500 SR)."""
+    from lungvl_model.export.provenance import model_identity
     from lungvl_model.inference.calibration import load_state
     from lungvl_model.inference.candidate_filter import load_from_checkpoint
     from lungvl_model.inference.explain import explain_study
@@ -44,11 +50,11 @@ def explain(
     from lungvl_model.training.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(model_dir)  # a damaged checkpoint: exit 6; a bad study: exit 2 (lungvl.errors)
-    volume = _load_study(site, study, dicom)
+    volume, files = _load_study(site, study, dicom)
     prior_vol = None
     if prior is not None:
         p = Path(prior)
-        prior_vol = _load_study(None, None, p) if p.is_dir() else _load_study(site, prior, None)
+        prior_vol = (_load_study(None, None, p) if p.is_dir() else _load_study(site, prior, None))[0]
     risk = load_nodule_risk(model_dir)
     calibration = load_state(model_dir)
     flt = load_from_checkpoint(model_dir)
@@ -63,15 +69,13 @@ def explain(
         nodule_risk=risk[0] if risk is not None else None,
     )
     exp.provenance = {
-        "checkpoint": str(model_dir),
-        "model_sha256": meta.get("model_sha256"),
-        "stage": meta.get("stage"),
-        "preset": model.config.preset,
+        **model_identity(model_dir, meta, model.config),
         "calibration": calibration is not None,
         "candidate_filter": flt is not None,
         "nodule_risk": risk is not None,
     }
-    paths = write_explanation(exp, volume, out_dir)
+    # seg.dcm (kept findings) and sr.dcm (TID 1500 measurement report) beside report.json
+    paths = write_explanation(exp, volume, out_dir, source_files=files)
     out.print(
         json.dumps({k: exp.to_dict()[k] for k in ("model", "lung_rads_rule_engine", "defer_to_radiologist")}, indent=1)
     )

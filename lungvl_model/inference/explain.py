@@ -61,8 +61,9 @@ from lungvl_model.text.tokenizer import encode_reports
 from lungvl_model.version import software_version
 
 SegFn = Callable[[torch.Tensor], np.ndarray]
-#: Version of the report.json layout (1: first versioned layout, with provenance and the fact check).
-REPORT_SCHEMA_VERSION = 1
+#: Version of the report.json layout (1: first versioned layout, with provenance and the fact check;
+#: 2: ``provenance`` gains ``config`` / ``config_sha256``, and ``dicom`` lists the SEG and SR written beside it).
+REPORT_SCHEMA_VERSION = 2
 
 
 @dataclass

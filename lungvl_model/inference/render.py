@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -128,10 +129,37 @@ def report_markdown(exp: Explanation) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_explanation(exp: Explanation, volume: CTVolume, out_dir: str | Path) -> list[Path]:
-    """Write report.json, report.md and the overlays; returns the paths written."""
+def write_explanation(
+    exp: Explanation, volume: CTVolume, out_dir: str | Path, *, source_files: Sequence[str | Path] | None = None
+) -> list[Path]:
+    """Write report.json, report.md and the overlays, plus seg.dcm/sr.dcm when the source files are given.
+
+    Args:
+        exp: the explanation.
+        volume: the CT it was computed on.
+        out_dir: output folder (created).
+        source_files: the CT series' DICOM files: a DICOM SEG of the kept findings (none when no finding
+            is kept) and a Comprehensive 3D SR (TID 1500) are written beside report.json
+            (:mod:`lungvl_model.export`), and report.json's ``dicom`` names them.
+
+    Returns:
+        The paths written.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(exp.to_dict(), indent=2, default=float))
-    (out / "report.md").write_text(report_markdown(exp))
-    return [out / "report.json", out / "report.md", *write_overlays(exp, volume, out)]
+    report = exp.to_dict()
+    dicom: list[Path] = []
+    if source_files is not None:
+        from lungvl_model.export.write import write_dicom
+
+        export = write_dicom(exp, volume, source_files, out, report)
+        report["dicom"] = export.to_dict(relative_to=out)
+        dicom = [p for p in (export.seg, export.sr) if p is not None]
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    md = report_markdown(exp)
+    if source_files is not None:
+        d = report["dicom"]
+        seg = f"{d['seg']} (DICOM SEG, {len(exp.findings)} segment(s)), " if d["seg"] else "no SEG (no finding), "
+        md += f"\nDICOM: {seg}{d['sr']} (Comprehensive 3D SR, TID 1500 measurement report).\n"
+    (out / "report.md").write_text(md)
+    return [out / "report.json", out / "report.md", *dicom, *write_overlays(exp, volume, out)]
