@@ -101,7 +101,7 @@ def test_explain_writes_every_output(trained, tmp_path: Path) -> None:
     rep = json.loads((tmp_path / "ex" / "report.json").read_text())
     for key in ("findings", "sentences", "model", "lung_rads_rule_engine", "defer_to_radiologist", "answer", "flags"):
         assert key in rep
-    assert rep["schema_version"] == 1 and rep["software_version"] and "provenance" in rep
+    assert rep["schema_version"] == 2 and rep["software_version"] and "provenance" in rep
     assert rep["fact_check"] is not None and rep["deferral_signals"] is not None
     assert rep["model"]["lung_rads"] in ("1", "2", "3", "4A", "4B", "4X")
     assert 0.0 <= rep["model"]["malignancy_probability"] <= 1.0
