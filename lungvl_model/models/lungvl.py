@@ -185,8 +185,9 @@ class LungVLModel(nn.Module):
         v = config.vision
         a = v.aggregation_channels
         self.vision = VisionEncoder(v)
-        self.seg_head = SegmentationHead(a, hidden=a, norm_groups=v.norm_groups, prior=0.01)
-        self.recon_head = ReconstructionHead(a, hidden=a, norm_groups=v.norm_groups)
+        sep = v.bottleneck_full_resolution
+        self.seg_head = SegmentationHead(a, hidden=a, norm_groups=v.norm_groups, prior=0.01, bottleneck=sep)
+        self.recon_head = ReconstructionHead(a, hidden=a, norm_groups=v.norm_groups, bottleneck=sep)
         self.visual_tokens = VisualTokenizer(a, config.text.n_embd, config.text.visual_scales)
         self.decoder = ReportDecoder(config.text, tokenizer)
         self.slots = SlotEncoder(a, config.text.n_embd)

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from lungvl_model.models.blocks import ConvNormAct3d
+from lungvl_model.models.blocks import smoothing_conv
 
 __all__ = ["MaskedReconstructionLoss", "ReconstructionHead", "mask_subvolumes"]
 
@@ -87,7 +87,8 @@ def mask_subvolumes(
 class ReconstructionHead(nn.Module):
     """Predict the original intensities from the finest aggregated scale.
 
-    ``ConvNormAct3d(in_channels → hidden, 3x3x3)`` → ``Conv3d(hidden → out_channels, 1x1x1)``
+    ``ConvNormAct3d(in_channels → hidden, 3x3x3)`` (a bottleneck when ``bottleneck``) →
+    ``Conv3d(hidden → out_channels, 1x1x1)``
     (linear output: the loss compares intensities directly).
 
     Args:
@@ -100,9 +101,17 @@ class ReconstructionHead(nn.Module):
         ``(B, in_channels, D, H, W)`` → ``(B, out_channels, D, H, W)``.
     """
 
-    def __init__(self, in_channels: int, hidden: int = 16, out_channels: int = 1, norm_groups: int = 4) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        hidden: int = 16,
+        out_channels: int = 1,
+        norm_groups: int = 4,
+        *,
+        bottleneck: bool = False,
+    ) -> None:
         super().__init__()
-        self.hidden = ConvNormAct3d(in_channels, hidden, 3, 1, norm_groups)
+        self.hidden = smoothing_conv(in_channels, hidden, bottleneck=bottleneck, norm_groups=norm_groups)
         self.out = nn.Conv3d(hidden, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lungvl_model.models.blocks import ConvNormAct3d, DualAttention3d, ResidualBlock3d
+from lungvl_model.models.blocks import ConvNormAct3d, DualAttention3d, ResidualBlock3d, smoothing_conv
 from lungvl_model.models.config import VisionConfig
 
 __all__ = [
@@ -113,7 +113,8 @@ class PathAggregation3d(nn.Module):
 
     * Lateral: 1x1x1 conv + GroupNorm, ``channels[i] → A`` (``A = aggregation_channels``).
     * Top-down: ``p4 = l4``; ``p_i = l_i + up(p_{i+1})`` (trilinear to ``l_i``'s size), then a 3x3x3
-      smoothing conv-norm-act on every ``p_i``.
+      smoothing conv-norm-act on every ``p_i`` (a bottleneck at full resolution when
+      ``config.bottleneck_full_resolution``).
     * Bottom-up: ``n0 = p0``; ``n_i = fuse_i(p_i + down_i(n_{i-1}))`` with a stride-2 3x3x3 conv.
 
     Args:
@@ -127,7 +128,10 @@ class PathAggregation3d(nn.Module):
         super().__init__()
         a, g = config.aggregation_channels, config.norm_groups
         self.lateral = nn.ModuleList(ConvNormAct3d(c, a, 1, 1, g, act=None) for c in config.channels)
-        self.smooth = nn.ModuleList(ConvNormAct3d(a, a, 3, 1, g) for _ in range(NUM_SCALES))
+        sep = config.bottleneck_full_resolution
+        self.smooth = nn.ModuleList(
+            smoothing_conv(a, a, bottleneck=sep and i == 0, norm_groups=g) for i in range(NUM_SCALES)
+        )
         self.down = nn.ModuleList(ConvNormAct3d(a, a, 3, 2, g) for _ in range(NUM_SCALES - 1))
         self.fuse = nn.ModuleList(ConvNormAct3d(a, a, 3, 1, g) for _ in range(NUM_SCALES - 1))
 
@@ -238,24 +242,27 @@ class VisionEncoder(nn.Module):
 class SegmentationHead(nn.Module):
     """Nodule segmentation logits from the finest aggregated scale.
 
-    ``ConvNormAct3d(in_channels → hidden, 3x3x3)`` → ``Conv3d(hidden → 1, 1x1x1)`` with bias.
-    Apply ``sigmoid`` for the nodule probability map.
+    ``ConvNormAct3d(in_channels → hidden, 3x3x3)`` (a bottleneck when ``bottleneck``) →
+    ``Conv3d(hidden → 1, 1x1x1)`` with bias. Apply ``sigmoid`` for the nodule probability map.
 
     Args:
         in_channels: channels of the finest aggregated scale (``VisionEncoder.out_channels``).
         hidden: width of the hidden layer.
         norm_groups: GroupNorm groups of the hidden layer.
         prior: initial foreground probability (bias = logit(prior)); 0.5 gives a zero bias.
+        bottleneck: a bottleneck hidden layer (``VisionConfig.bottleneck_full_resolution``).
 
     Shape:
         ``(B, in_channels, D, H, W)`` → ``(B, 1, D, H, W)`` logits.
     """
 
-    def __init__(self, in_channels: int, hidden: int = 16, norm_groups: int = 4, prior: float = 0.5) -> None:
+    def __init__(
+        self, in_channels: int, hidden: int = 16, norm_groups: int = 4, prior: float = 0.5, *, bottleneck: bool = False
+    ) -> None:
         super().__init__()
         if not 0.0 < prior < 1.0:
             raise ValueError(f"SegmentationHead prior must be in (0, 1), got {prior}")
-        self.hidden = ConvNormAct3d(in_channels, hidden, 3, 1, norm_groups)
+        self.hidden = smoothing_conv(in_channels, hidden, bottleneck=bottleneck, norm_groups=norm_groups)
         self.out = nn.Conv3d(hidden, 1, 1)
         nn.init.constant_(self.out.bias, float(torch.logit(torch.tensor(prior))))
 

@@ -67,9 +67,24 @@ def test_split_studies_keeps_every_field_batched() -> None:
     assert split_studies(PoissonCollate(batch)([])) == []
 
 
+def as_double(obj: Any) -> Any:
+    """``obj`` with every floating-point tensor in float64 (dicts and lists walked)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.double() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: as_double(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [as_double(v) for v in obj]
+    return obj
+
+
 @pytest.mark.parametrize("stage", ["seg", "vl"])
 def test_sigma_zero_equals_opacus_hooks_clipped_sum(model: LungVLModel, stage: str) -> None:
-    batch, expected = batch_of(3), 4
+    # float64: a study's forward alone and inside a batch of three differ by float32 rounding (~1e-7), and an
+    # untrained model has GroupNorm outputs within 1e-5 of a LeakyReLU's kink, where that rounding flips the
+    # slope (1 vs 0.01) of one voxel and moves a whole per-study gradient by several per cent (measured).
+    batch, expected = as_double(batch_of(3)), 4
+    model.double()
     before = {n: p.requires_grad for n, p in model.named_parameters()}
     with dp_sgd_ready(model), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -99,6 +114,7 @@ def test_sigma_zero_equals_opacus_hooks_clipped_sum(model: LungVLModel, stage: s
             micro = torch.cat([p.grad.flatten() for p in params])
         finally:
             model.zero_grad(set_to_none=True)
+            model.float()
             for n, p in model.named_parameters():
                 p.requires_grad_(before[n])
     assert math.isfinite(logged["loss"]) and float(micro.norm()) > 0
