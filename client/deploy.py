@@ -36,9 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from client.config import ClientConfig
 from client.ledger import LEDGER_FILENAME, AuditLedger
 from client.log_follow import LogFollower, exit_report
@@ -52,6 +49,7 @@ from client.preflight_checks import (
     load_private_key,
     load_public_key,
 )
+from federation.pki import NODE_PRIVATE_KEY, NODE_PUBLIC_KEY, write_node_key_pair
 from federation.processes import stop_process
 from lungvl_model.data.site_check import check_site
 from privacy.budget import AccountantStateMismatch, SiteBudget
@@ -71,10 +69,18 @@ __all__ = [
     "worker_command",
 ]
 
-PRIVATE_KEY_FILE: Final = "site_key"
-PUBLIC_KEY_FILE: Final = "site_key.pub"
+PRIVATE_KEY_FILE: Final = NODE_PRIVATE_KEY
+PUBLIC_KEY_FILE: Final = NODE_PUBLIC_KEY
 #: Keys of the ``[federation]`` table of site.toml.
-FEDERATION_KEYS: Final = ("superlink", "root_certificates", "private_key", "runtime_port", "state_dir", "model_dir")
+FEDERATION_KEYS: Final = (
+    "superlink",
+    "root_certificates",
+    "private_key",
+    "runtime_port",
+    "state_dir",
+    "model_dir",
+    "site_dir",
+)
 
 
 def generate_site_keys(out_dir: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
@@ -91,22 +97,7 @@ def generate_site_keys(out_dir: str | Path, *, overwrite: bool = False) -> tuple
     Raises:
         FileExistsError: a key already exists there and ``overwrite`` is False.
     """
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    private, public = out / PRIVATE_KEY_FILE, out / PUBLIC_KEY_FILE
-    if private.exists() and not overwrite:
-        raise FileExistsError(f"{private} already exists (a site keeps its key; pass --overwrite to replace it)")
-    key = ec.generate_private_key(ec.SECP384R1())
-    data = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
-    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    public.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
-    )
-    return private, public
+    return write_node_key_pair(Path(out_dir).expanduser(), overwrite=overwrite)
 
 
 @dataclass(frozen=True)
@@ -168,7 +159,7 @@ class SiteDeployConfig:
             return q if q.is_absolute() else base / q
 
         overrides: dict[str, Any] = {}
-        for key in ("state_dir", "model_dir"):
+        for key in ("site_dir", "state_dir", "model_dir"):  # site_dir: the data, when the kit lives elsewhere
             if fed.get(key):
                 overrides[key] = resolve(fed[key])
         client = ClientConfig.from_toml(p, **overrides)

@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lungvl.console import err, out, print_error
+from lungvl.params import BENCH_STAGES, DEVICE, PRESETS, choice
 
 app = typer.Typer(help="Benchmarks reported as ratios against a peer measured in the same run.", no_args_is_help=True)
 
@@ -38,15 +39,17 @@ def _ratio(x: float) -> str:
 
 @app.command("train")
 def train(
-    preset: str = typer.Option("tiny", "--preset", help="LungVL preset: tiny | base"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    preset: str = typer.Option("tiny", "--preset", click_type=choice(PRESETS), help="LungVL preset"),
+    device: str = typer.Option("auto", "--device", click_type=DEVICE, help="auto: CUDA when available"),
     steps: int = typer.Option(5, "--steps", min=1, help="timed steps (median reported)"),
     warmup: int = typer.Option(2, "--warmup", min=0, help="untimed steps first"),
     batch_size: int = typer.Option(1, "--batch-size", min=1),
     input_size: tuple[int, int, int] | None = typer.Option(
         None, "--input-size", help="D H W (multiples of 16); default: the preset's input size"
     ),
-    stage: str = typer.Option("vl", "--stage", help="seg: like-for-like step only | vl: also the full VL step"),
+    stage: str = typer.Option(
+        "vl", "--stage", click_type=choice(BENCH_STAGES), help="seg: like-for-like step only; vl: also the full VL step"
+    ),
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast on CUDA"),
     dp: bool = typer.Option(
         False, "--dp", help="instead: the DP-SGD step (Opacus hooks, ghost clipping) against the non-DP step"
@@ -58,6 +61,9 @@ def train(
     With --dp: LungVL's DP-SGD step (Opacus per-study gradients by hooks, and by ghost clipping) against
     its own non-DP step, same model, batch and run (a --batch-size below 2 becomes 4 there: Opacus needs
     a batch to tell per-study gradients apart).
+
+    Exit codes: 0 measured; 1 a model's step failed (e.g. out of memory: the others are still reported;
+    with --dp, when every mode failed).
     """
     if dp:
         _bench_dp(preset, device, steps, warmup, batch_size, stage, input_size, out_dir)
@@ -85,8 +91,10 @@ def train(
     m = result.meta
     size = "x".join(str(s) for s in m["input_size"])
     t = Table(
-        title=f"training step, preset {m['preset']}, {m['batch_size']} x {size} on {m['device']} ({m['device_name']})",
-        caption=(
+        title=escape(
+            f"training step, preset {m['preset']}, {m['batch_size']} x {size} on {m['device']} ({m['device_name']})"
+        ),
+        caption=escape(
             f"x = ratio to {PEER_NAME} measured in the same run; median of {m['steps']} steps after "
             f"{m['warmup']} warm-up; bf16 {m['bf16_active']}; LungVL checkpointing {m['gradient_checkpointing']}; "
             f"memory: {result.rows[0].mem_kind}"
@@ -97,10 +105,10 @@ def train(
         t.add_column(col, justify="right", no_wrap=True)
     for r in result.rows:
         if r.error:
-            t.add_row(r.name, "-", "[red]failed", "-", "-", "-", "-")
+            t.add_row(escape(r.name), "-", "[red]failed", "-", "-", "-", "-")
             continue
         t.add_row(
-            r.name,
+            escape(r.name),
             f"{r.params / 1e6:.2f}M",
             f"{r.step_s:.3f}",
             f"{r.volumes_per_s:.3f}",
@@ -116,7 +124,7 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "bench_train.json").write_text(json.dumps(_finite(result.to_dict()), indent=2) + "\n")
         (out_dir / "bench_train.md").write_text(result.to_markdown())
-        err.print(f"wrote {out_dir / 'bench_train.json'} and {out_dir / 'bench_train.md'}", highlight=False)
+        err.print(f"wrote {out_dir / 'bench_train.json'} and {out_dir / 'bench_train.md'}", markup=False)
     if m.get("failed"):
         raise typer.Exit(1)
 
@@ -150,19 +158,23 @@ def _bench_dp(
         raise typer.Exit(2) from e
     m = result.meta
     t = Table(
-        title=f"DP-SGD step vs the non-DP step, preset {m['preset']}, stage {m['stage']}, batch {m['batch_size']} "
-        f"on {m['device']} ({m['device_name']})",
-        caption=f"x = ratio to the non-DP step measured in the same run; σ {m['sigma']}, C {m['clip']}; "
-        f"median of {m['steps']} steps after {m['warmup']} warm-up; memory: {result.rows[0].mem_kind}",
+        title=escape(
+            f"DP-SGD step vs the non-DP step, preset {m['preset']}, stage {m['stage']}, batch {m['batch_size']} "
+            f"on {m['device']} ({m['device_name']})"
+        ),
+        caption=escape(
+            f"x = ratio to the non-DP step measured in the same run; σ {m['sigma']}, C {m['clip']}; "
+            f"median of {m['steps']} steps after {m['warmup']} warm-up; memory: {result.rows[0].mem_kind}"
+        ),
     )
     for col in ("mode", "step s", "peak MiB", "time x", "mem x"):
         t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
     for r in result.rows:
         if r.error:
-            t.add_row(r.mode, "failed", "-", "-", "-")
+            t.add_row(escape(r.mode), "failed", "-", "-", "-")
             continue
         t.add_row(
-            r.mode,
+            escape(r.mode),
             f"{r.step_s:.3f}",
             f"{r.peak_mem_mb:.0f}",
             _ratio(result.ratio(r.mode, "time")),
@@ -218,7 +230,9 @@ def _number_lists(args: list[str], defaults: dict[str, list[int]]) -> dict[str, 
 def aggregate(
     ctx: typer.Context,
     repeats: int = typer.Option(3, "--repeats", min=1, help="timed runs per method (median reported)"),
-    dp: bool | None = typer.Option(None, "--dp/--no-dp", help="lungvl only with / without client-level DP [both]"),
+    dp: bool | None = typer.Option(
+        None, "--dp/--no-dp", help="lungvl only with / without client-level DP (default: both)"
+    ),
     layers: int = typer.Option(20, "--layers", min=1, help="arrays the parameters are split into"),
     server_lr: float = typer.Option(1.0, "--server-lr", help="η, for lungvl and FedAvgM alike"),
     server_momentum: float = typer.Option(0.9, "--server-momentum", help="β, for lungvl and FedAvgM alike"),
@@ -247,8 +261,8 @@ def aggregate(
     rows = bench_aggregate(cfg, log=lambda m: err.print(m, highlight=False, markup=False))
     meta = machine_info()
     t = Table(
-        title=f"aggregation of one round: lungvl vs {PEER} (flwr {meta['flwr']}), same updates, same run",
-        caption=(
+        title=escape(f"aggregation of one round: lungvl vs {PEER} (flwr {meta['flwr']}), same updates, same run"),
+        caption=escape(
             f"x = lungvl / {PEER} measured in the same run. time: median of {cfg.repeats}, aggregation only "
             f"(inputs built outside). memory (tracemalloc): peak = allocated beyond the inputs; total = held + peak. "
             f"β={cfg.server_momentum}, η={cfg.server_lr}; dp: clip C={cfg.clip_norm}, σ={cfg.noise_multiplier}. "
@@ -274,4 +288,4 @@ def aggregate(
     out.print(t)
     if out_dir is not None:
         paths = write_results(out_dir, cfg, rows, meta)
-        err.print("wrote " + ", ".join(str(p) for p in paths), highlight=False)
+        err.print("wrote " + ", ".join(str(p) for p in paths), highlight=False, markup=False)

@@ -5,17 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from lungvl.console import err, out, print_error, progress_callback
 from lungvl.errors import naming
+from lungvl.params import SYNTH_COHORTS, choice
 
 app = typer.Typer(help="Create site datasets: synthetic cohorts and LIDC-IDRI imports.", no_args_is_help=True)
 
 
 @app.command("synth")
 def synth(
-    cohort: str = typer.Option(..., "--cohort", help="screening | referral | low_resource"),
+    cohort: str = typer.Option(..., "--cohort", click_type=choice(SYNTH_COHORTS), help="cohort profile"),
     studies: int = typer.Option(20, "--studies", min=1, help="number of current studies (priors come on top)"),
     out_dir: Path = typer.Option(
         ..., "--out", help="site directory: new, empty, or a synthetic site it wrote (anything else is refused)"
@@ -51,7 +53,8 @@ def synth(
     except (FileExistsError, NotADirectoryError) as e:  # --out holds what the generator did not write
         print_error(e)
         raise typer.Exit(2) from e
-    out.print(f"wrote {out_dir}: {summary.to_dict() if hasattr(summary, 'to_dict') else summary}")
+    written = summary.to_dict() if hasattr(summary, "to_dict") else summary
+    out.print(f"wrote {out_dir}: {written}", highlight=False, markup=False)
 
 
 @app.command("import-lidc")
@@ -59,13 +62,16 @@ def import_lidc_cmd(
     src: Path = typer.Argument(..., help="LIDC-IDRI case folder(s): DICOM series + LIDC XML"),
     out_dir: Path = typer.Option(..., "--out", help="site directory to create"),
 ) -> None:
-    """Turn LIDC-IDRI cases into a site dataset (consensus masks, labels.csv, derived reports)."""
+    """Turn LIDC-IDRI cases into a site dataset (consensus masks, labels.csv, derived reports).
+
+    Exit codes: 0 every case imported; 1 a case failed (the table gives its reason; the others are imported).
+    """
     from lungvl_model.data.lidc import import_lidc
     from lungvl_model.data.measure import equivalent_sphere_diameter
 
     with progress_callback("import LIDC") as cb:
         summary = import_lidc(src, out_dir, progress=cb)
-    t = Table(title=f"LIDC import -> {out_dir} ({summary.dicom_mode}, {summary.seconds:.1f} s)")
+    t = Table(title=escape(f"LIDC import -> {out_dir} ({summary.dicom_mode}, {summary.seconds:.1f} s)"))
     for col in (
         "case",
         "status",
@@ -82,12 +88,13 @@ def import_lidc_cmd(
         t.add_column(col)
     for case in summary.cases:
         if case.status != "ok" or not case.nodules:
-            t.add_row(case.case, case.status, "-", str(case.n_readers), *["" for _ in range(6)], case.reason[:60])
+            blank = ["" for _ in range(6)]
+            t.add_row(escape(case.case), case.status, "-", str(case.n_readers), *blank, escape(case.reason[:60]))
             continue
         for n in case.nodules:
             m = n.measurement
             t.add_row(
-                case.case,
+                escape(case.case),
                 case.status,
                 str(n.nodule_id),
                 str(n.n_readers),
@@ -95,7 +102,7 @@ def import_lidc_cmd(
                 f"{m.mean_diameter_mm:.1f}",
                 f"{equivalent_sphere_diameter(m.volume_mm3):.1f}",
                 f"{m.volume_mm3:.0f}",
-                n.ratings.type,
+                escape(n.ratings.type),
                 f"{n.ratings.malignancy_score:.2f}",
                 n.lung_rads,
             )

@@ -168,7 +168,7 @@ def evaluate(
             peer = run(model, site_dirs, calibration=fitted or state, progress=cb, seg_fn=dynunet_seg_fn(net), **kwargs)
     if calibrate and fitted is not None:
         path = save_state(model_dir, fitted)
-        err.print(f"calibration fitted on {len(validation)} validation site(s) -> {path}", highlight=False)
+        err.print(f"calibration fitted on {len(validation)} validation site(s) -> {path}", highlight=False, markup=False)
     if export_dicom is not None:
         from lungvl_model.export.batch import export_sites
         from lungvl_model.export.provenance import model_identity

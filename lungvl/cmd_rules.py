@@ -10,6 +10,7 @@ import typer
 
 from lungvl.console import err, print_row_errors
 from lungvl.errors import naming
+from lungvl.params import STDIN_NAME, input_file, is_stdin
 from lungvl_model.clinical import (
     BROCK_COLUMN,
     LUNG_RADS_COLUMN,
@@ -24,9 +25,13 @@ app = typer.Typer(help="Clinical rules: Lung-RADS v2022 and the Brock model on C
 
 def _run(csv_path: Path, out: Path | None, fn: Callable, column: str) -> None:
     """Answer every row; exit 1 when a row had an error (the others are answered), 2 for an unusable file."""
-    if out is not None and out.exists() and out.resolve() == csv_path.resolve():
+    if is_stdin(out):
+        out = None
+    if out is not None and not is_stdin(csv_path) and out.exists() and out.resolve() == csv_path.resolve():
         raise ValueError(f"--out {out} is the input file: write the answers to another file")
-    header, rows = read_csv_rows(csv_path)  # a missing / non-UTF-8 / empty file: ValueError naming it
+    with input_file(csv_path) as path:
+        header, rows = read_csv_rows(path)  # a missing / non-UTF-8 / empty file: ValueError naming it
+    name = STDIN_NAME if is_stdin(csv_path) else csv_path.name
     answered, errors = fn(rows)
     header = [*header, column] if column not in header else header
     if out is None:
@@ -37,7 +42,7 @@ def _run(csv_path: Path, out: Path | None, fn: Callable, column: str) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         with naming(out), out.open("w", encoding="utf-8", newline="") as fh:
             write_csv_rows(fh, header, answered)
-    n = print_row_errors(f"error {csv_path.name}: {e}" for e in errors)
+    n = print_row_errors(f"error {name}: {e}" for e in errors)
     if n:
         err.print(f"{n:,} error(s); the other rows were answered.")
         raise typer.Exit(1)
@@ -49,11 +54,15 @@ def lung_rads(
         ...,
         "--csv",
         help="columns: type, mean_diameter_mm, solid_component_mm, context, "
-        "juxtapleural, benign_pattern, suspicious_features",
+        "juxtapleural, benign_pattern, suspicious_features; - reads standard input",
     ),
-    out: Path | None = typer.Option(None, "--out", help="write here instead of stdout"),
+    out: Path | None = typer.Option(None, "--out", help="write here instead of standard output (-)"),
 ) -> None:
-    """Add a ``lung_rads`` column (ACR Lung-RADS v2022, the implemented rows)."""
+    """Add a lung_rads column (ACR Lung-RADS v2022, the implemented rows).
+
+    Exit codes: 0 every row answered; 1 a row had an error (named on stderr; the other rows are answered);
+    2 the file is missing, empty, not UTF-8 or not CSV.
+    """
     _run(csv_path, out, lung_rads_csv, LUNG_RADS_COLUMN)
 
 
@@ -63,9 +72,13 @@ def brock(
         ...,
         "--csv",
         help="columns: age, female, family_history, emphysema, "
-        "longest_diameter_mm, type, upper_lobe, nodule_count, spiculation",
+        "longest_diameter_mm, type, upper_lobe, nodule_count, spiculation; - reads standard input",
     ),
-    out: Path | None = typer.Option(None, "--out", help="write here instead of stdout"),
+    out: Path | None = typer.Option(None, "--out", help="write here instead of standard output (-)"),
 ) -> None:
-    """Add a ``brock_probability`` column (McWilliams 2013 full model with spiculation)."""
+    """Add a brock_probability column (McWilliams 2013 full model with spiculation).
+
+    Exit codes: 0 every row answered; 1 a row had an error (named on stderr; the other rows are answered);
+    2 the file is missing, empty, not UTF-8 or not CSV.
+    """
     _run(csv_path, out, brock_csv, BROCK_COLUMN)

@@ -27,7 +27,8 @@ def simulate(
 ) -> None:
     """Run a federated simulation; one line per round on stdout, outputs and summary.md in --out.
 
-    Exit status 3 when another process holds --out, 2 when the run cannot start or resume as asked.
+    Exit codes: 0 finished, or stopped at the privacy budget; 1 the run failed; 2 it cannot start or resume
+    as asked (the message says why); 3 another process holds --out.
     """
     from server.app import ResumeRefused
     from server.run_lock import RunDirBusy

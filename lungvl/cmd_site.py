@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from lungvl.console import err, out, progress_callback
+from lungvl.console import err, out, print_error, print_json, progress_callback
+from lungvl.params import is_stdin
 from lungvl_model.data.site_check import SiteCheckReport, check_site
 
 app = typer.Typer(help="Site (hospital) commands.", no_args_is_help=True)
 
 
-def render(report: SiteCheckReport) -> None:
-    """Print a site check as rich tables (every name and value escaped: ``[privacy]`` stays literal)."""
-    from rich.markup import escape
+def render(report: SiteCheckReport, console: Console = out) -> None:
+    """Print a site check as rich tables (every name and value escaped: ``[privacy]`` stays literal).
 
+    Args:
+        report: the check's result.
+        console: where to print (stderr when the JSON report goes to stdout).
+    """
     t = Table(title=escape(f"site {report.site_name} ({report.site_dir})"), show_lines=False)
     for col in ("study", "status", "slices", "report", "labels", "mask", "reason / notes"):
         t.add_column(col, overflow="fold")
@@ -31,7 +38,7 @@ def render(report: SiteCheckReport) -> None:
             "yes" if s["mask"] else "-",
             escape(s["reason"] or "; ".join(s["notes"])),
         )
-    out.print(t)
+    console.print(t)
     sm = report.summary
     uid_note = "UIDs are not counted: they are the keys of the site data contract"
     if report.phi:
@@ -45,8 +52,8 @@ def render(report: SiteCheckReport) -> None:
         for kw, found in by_attr.items():
             studies = len({g["study_uid"] for g in found})
             p.add_row(*(escape(v) for v in (kw, found[0]["tag"], found[0]["action"], str(studies), found[0]["value"])))
-        out.print(p)
-        out.print(
+        console.print(p)
+        console.print(
             escape(
                 f"PHI: {sm['phi_attributes']} attribute(s) in {sm['phi_studies']} stud(ies), {sm['phi_findings']} "
                 f"finding(s) in {sm['phi_files_scanned']} DICOM header(s) read (each finding with its file: --json; "
@@ -55,7 +62,7 @@ def render(report: SiteCheckReport) -> None:
             highlight=False,
         )
     else:
-        out.print(
+        console.print(
             escape(
                 f"PHI: none of the PS3.15 basic-profile attributes, no private tag, no burned-in annotation in "
                 f"the {sm['phi_files_scanned']} DICOM header(s) read; {uid_note}."
@@ -63,16 +70,16 @@ def render(report: SiteCheckReport) -> None:
             highlight=False,
         )
     for why in report.phi_failures[:20]:
-        out.print(f"[yellow]PHI check incomplete[/yellow] {escape(why)}", highlight=False)
+        console.print(f"[yellow]PHI check incomplete[/yellow] {escape(why)}", highlight=False)
     if len(report.phi_failures) > 20:
-        out.print(f"... and {len(report.phi_failures) - 20} more header(s) the PHI check could not read through")
+        console.print(f"... and {len(report.phi_failures) - 20} more header(s) the PHI check could not read through")
     for pr in report.problems:
-        out.print(f"[yellow]problem[/yellow] {escape(pr)}", highlight=False)
+        console.print(f"[yellow]problem[/yellow] {escape(pr)}", highlight=False)
     for f in report.skipped_files[:20]:
-        out.print(f"[yellow]skipped file[/yellow] {escape(f['path'])}: {escape(f['reason'])}", highlight=False)
+        console.print(f"[yellow]skipped file[/yellow] {escape(f['path'])}: {escape(f['reason'])}", highlight=False)
     if len(report.skipped_files) > 20:
-        out.print(f"... and {len(report.skipped_files) - 20} more skipped files (see --json)")
-    out.print(
+        console.print(f"... and {len(report.skipped_files) - 20} more skipped files (see --json)")
+    console.print(
         f"[bold]{sm['usable']} usable[/bold] / {sm['studies']} studies; {sm['skipped']} skipped; "
         f"{sm['with_report']} with report, {sm['with_labels']} with labels, {sm['with_mask']} with masks; "
         f"{sm['problems']:,} labels/reports problem(s); {sm['phi_findings']} PHI finding(s); "
@@ -85,7 +92,10 @@ def render(report: SiteCheckReport) -> None:
 def check(
     site_dir: Path = typer.Argument(..., help="site directory (DESIGN.md section 2 layout)"),
     json_out: Path | None = typer.Option(
-        None, "--json", help="also write the full report as JSON here (missing folders are created)"
+        None,
+        "--json",
+        help="also write the full report as JSON to this file (missing folders are created); "
+        "- writes it to standard output and the tables to standard error",
     ),
     fail_on_phi: bool = typer.Option(
         False, "--fail-on-phi", help="exit 1 when an identifying DICOM attribute is found (or cannot be ruled out)"
@@ -100,18 +110,15 @@ def check(
     DICOM header is searched for the attributes of the PS3.15 basic confidentiality profile, private tags
     and BurnedInAnnotation = YES (PHI). UIDs are not reported: they are the keys of the data contract.
 
-    Exit status: 0 when at least one study is usable and nothing a training run would trip on was
+    Exit codes: 0 when at least one study is usable and nothing a training run would trip on was
     found; 1 when no study is usable, or reports.jsonl / labels.csv has a problem (a training run would
     skip those lines or rows) or site.toml is missing, or PHI was found and --fail-on-phi is given; 2 when
     site.toml is invalid (the message names the file, the key and the value) or the site directory or
     its dicom/ folder is missing.
-    """  # no square brackets in this docstring: --help renders it as rich markup
+    """
     import tomllib
 
-    from rich.markup import escape
-
     from client.config import ClientConfig
-    from lungvl.console import print_error
 
     toml_path = site_dir / "site.toml"
     cfg: ClientConfig | None = None
@@ -131,12 +138,15 @@ def check(
         except ValueError as e:
             print_error(e)
             raise typer.Exit(2) from e
-    render(report)
-    if json_out is not None:
+    console = err if is_stdin(json_out) else out
+    render(report, console)
+    if is_stdin(json_out):
+        print_json(report.to_dict())
+    elif json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
     if cfg is not None:
-        out.print(
+        console.print(
             escape(
                 f"privacy: ε budget {cfg.epsilon_budget:g} at δ {cfg.delta:g}; holdout_fraction "
                 f"{cfg.holdout_fraction:g}; policy: {cfg.policy.describe()}"
@@ -175,7 +185,7 @@ def keys(
 
 @app.command("join")
 def join(
-    config: Path = typer.Option(..., "--config", "-c", help=r"the site's site.toml (with a \[federation] table)"),
+    config: Path = typer.Option(..., "--config", "-c", help="the site's site.toml (with a [federation] table)"),
     skip_data_check: bool = typer.Option(False, "--skip-data-check", help="do not read every study first"),
     skip_connect_check: bool = typer.Option(
         False,
@@ -183,7 +193,7 @@ def join(
         help="do not try the SuperLink (DNS, TCP, TLS) first: for a site started before its server",
     ),
 ) -> None:
-    r"""Connect this site to the consortium (SuperNode with TLS + node key) and train when asked.
+    """Connect this site to the consortium (SuperNode with TLS + node key) and train when asked.
 
     Before anything starts, it checks the CA file (PEM certificates of a CA, valid now), the node key
     (and that ``site_key.pub`` beside it is its pair), the model package, the data, the ε budget, and
@@ -193,15 +203,11 @@ def join(
     ``<state_dir>/logs/``.
 
     Exit codes: 0 stopped (Ctrl-C / SIGTERM); 2 refused: a config, file or data problem, named on the
-    terminal with its \[federation] key; 7 the SuperLink cannot be resolved, reached or fails TLS;
+    terminal with its [federation] key; 7 the SuperLink cannot be resolved, reached or fails TLS;
     otherwise the SuperNode process's exit code when it stops by itself (1 for a Flower error: the
     Flower exit code, its meaning and the last log lines are printed).
     """
-    # typer renders help as rich markup: "\[" above prints a literal "[" (else "[federation]" vanishes)
-    from rich.markup import escape
-
     from client.deploy import SiteDeployConfig, SiteNotReady, preflight, run_site
-    from lungvl.console import print_error
     from lungvl.errors import BAD_INPUT, UNREACHABLE
     from lungvl_model.errors import PeerUnreachable
 
@@ -228,40 +234,57 @@ def join(
 
 @app.command("audit")
 def audit(
-    config: Path = typer.Option(..., "--config", "-c", help="the site's site.toml"),
-    limit: int | None = typer.Option(None, "--limit", help="only the most recent N messages"),
+    config: Path = typer.Option(..., "--config", "-c", help="the site's site.toml (or its site directory)"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="only the most recent N messages"),
+    as_json: bool = typer.Option(
+        False, "--json", help="print the messages as one JSON document on standard output instead of a table"
+    ),
 ) -> None:
-    """Every message this site sent: time, round, bytes, sha256, metrics and ε."""
+    """Every message this site sent: time, round, bytes, sha256, metrics and ε.
+
+    With --json: {"ledger": path, "count": n, "total_bytes": b, "messages": [{"time", "run_id", "round",
+    "kind", "size_bytes", "sha256", "metrics", "dp", "epsilon", "delta"}, ...]}, oldest first, times in
+    ISO 8601 UTC; a site that has sent nothing gives "count": 0.
+
+    Exit codes: 0 listed (or nothing sent yet); 2 site.toml missing or invalid; 6 the ledger is unreadable.
+    """
     from client.ledger import LEDGER_FILENAME, AuditLedger
 
     try:
         state_dir = _state_dir(config)
     except (FileNotFoundError, KeyError, ValueError) as e:
-        err.print(f"[red]{e.args[0] if e.args else e}", highlight=False)
+        print_error(e.args[0] if e.args else e)
         raise typer.Exit(2) from e
     path = state_dir / LEDGER_FILENAME
+    rows: list[dict[str, Any]] = []
+    total = 0
+    if path.exists():
+        ledger = AuditLedger(path, read_only=True)
+        try:
+            rows = ledger.entries(limit)
+            total = ledger.total_bytes()
+        finally:
+            ledger.close()
+    else:
+        err.print(f"no outbound ledger at {path}: this site has sent nothing", style="yellow", markup=False)
+    if as_json:
+        print_json({"ledger": path, "count": len(rows), "total_bytes": total, "messages": rows})
+        return
     if not path.exists():
-        err.print(f"[yellow]no outbound ledger at {path}: this site has sent nothing", highlight=False)
-        raise typer.Exit(0)
-    ledger = AuditLedger(path, read_only=True)
-    try:
-        rows = ledger.entries(limit)
-        total = ledger.total_bytes()
-    finally:
-        ledger.close()
-    t = Table(title=f"outbound messages ({path})")
+        return
+    t = Table(title=escape(f"outbound messages ({path})"))
     for col in ("time (UTC)", "run", "round", "kind", "bytes", "sha256", "metrics", "ε"):
         t.add_column(col, overflow="fold")
     for r in rows:
         metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
         t.add_row(
             r["time"].strftime("%Y-%m-%d %H:%M:%S"),
-            r["run_id"] or "-",
+            escape(r["run_id"] or "-"),
             str(r["round"]),
-            r["kind"],
+            escape(r["kind"]),
             f"{r['size_bytes']:,}",
             r["sha256"][:16],
-            metrics or "-",
+            escape(metrics or "-"),
             "-" if r["epsilon"] is None else f"{r['epsilon']:.3f}",
         )
     out.print(t)

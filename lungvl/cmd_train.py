@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from lungvl.console import err, print_error, progress_callback
+from lungvl.params import DEVICE, PEERS, PRESETS, TRAIN_STAGES, choice
 
 
 def train(
@@ -14,17 +15,22 @@ def train(
     stage: str = typer.Option(
         ...,
         "--stage",
-        help="text | ssl | seg | vl | risk (nodule risk head, needs --init) | candidates (candidate filter)",
+        click_type=choice(TRAIN_STAGES),
+        help="training stage; risk: the nodule risk head (needs --init); candidates: the candidate filter",
     ),
-    preset: str = typer.Option("tiny", "--preset", help="tiny | base (ignored with --init)"),
+    preset: str = typer.Option("tiny", "--preset", click_type=choice(PRESETS), help="model size (ignored with --init)"),
     out_dir: Path = typer.Option(..., "--out", help="output directory"),
-    init: Path | None = typer.Option(None, "--init", help="checkpoint directory of the previous stage"),
+    init: Path | None = typer.Option(
+        None, "--init", help="checkpoint directory training starts from (the previous stage's --out/checkpoint)"
+    ),
     max_steps: int = typer.Option(50, "--max-steps", min=1),
     batch_size: int = typer.Option(2, "--batch-size", min=1),
     lr: float = typer.Option(3e-4, "--lr"),
     seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    peer: str | None = typer.Option(None, "--peer", help="dynunet: train the segmentation anchor instead"),
+    device: str = typer.Option("auto", "--device", click_type=DEVICE, help="auto: CUDA when available"),
+    peer: str | None = typer.Option(
+        None, "--peer", click_type=choice(PEERS), help="train this segmentation anchor instead (with --stage seg)"
+    ),
     seg_crop: tuple[int, int, int] | None = typer.Option(
         None, "--seg-crop", help="seg stage: foreground-biased D H W crops (multiples of 16) instead of whole volumes"
     ),
@@ -35,6 +41,9 @@ def train(
     from lungvl_model.training.config import TrainConfig
     from lungvl_model.training.stages import run_stage
 
+    if peer is not None and stage != "seg":
+        print_error(f"--peer {peer} trains a segmentation anchor: give --stage seg, not {stage!r}")
+        raise typer.Exit(2)
     if stage == "risk":
         _train_risk(site_dirs, out_dir, init, seed)
         return
@@ -58,9 +67,6 @@ def train(
         if peer is not None:
             from lungvl_model.training.peer import train_dynunet
 
-            if peer != "dynunet" or stage != "seg":
-                print_error(f"--peer supports only 'dynunet' with --stage seg, got {peer!r} / {stage!r}")
-                raise typer.Exit(2)
             res = train_dynunet(site_dirs, out_dir, model_cfg or get_preset(preset), cfg, on_step=on_step)
             err.print({k: round(v, 4) for k, v in res.summary().items()}, highlight=False)
             return

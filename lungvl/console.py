@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import math
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -33,6 +39,27 @@ def print_row_errors(messages: Iterable[str], *, limit: int = MAX_ROW_ERRORS) ->
     return n
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` made strict-JSON-ready, recursively: NaN/inf become None, datetimes ISO 8601, paths strings."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, datetime | date):
+        return obj.isoformat()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def print_json(obj: Any) -> None:
+    """Print ``obj`` as one indented, strict JSON document on stdout (the machine-readable output of ``--json``)."""
+    sys.stdout.write(json.dumps(strict_json(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
 def log_line(message: object) -> None:
     """A progress or log line on stderr, printed as it is (no markup: bracketed names stay)."""
     err.print(message, highlight=False, markup=False)
@@ -42,11 +69,11 @@ def log_line(message: object) -> None:
 def progress_callback(description: str) -> Iterator[Callable[[int, int, str], None]]:
     """A ``progress(done, total, label)`` callback drawing a rich bar on stderr."""
     with Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TextColumn("{task.fields[label]}"),
+        TextColumn("{task.fields[label]}", markup=False),  # file names and study UIDs, as they are
         console=err,
         transient=False,
     ) as bar:

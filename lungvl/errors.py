@@ -4,21 +4,7 @@ Commands raise (or let through) the domain's exceptions; :func:`classify` turns 
 code and one line naming the file, row or key and the value. Anything unexpected is a bug: its
 traceback goes to a crash file (named on the terminal), never onto the terminal itself.
 
-Exit codes (README "Exit codes"):
-
-====  ==========================================================================================
-0     success
-1     the command ran and reports a failure (a check found problems, a run failed)
-2     bad input: a file, option, row or config value is wrong (the message names it)
-3     busy: another process holds the run directory
-4     disk full (no space left on the device or quota exceeded)
-5     permission denied or read-only file system
-6     corrupt state: a registry, audit ledger, accountant state or checkpoint is unreadable or foreign
-7     unreachable: a network peer (the SuperLink) cannot be reached or failed TLS
-8     a required program or Python package is missing
-70    internal error (a bug in lungvl): the traceback is in the crash file printed
-130   interrupted (Ctrl-C)
-====  ==========================================================================================
+Exit codes: :data:`EXIT_CODES`, the one table of them (``lungvl --help`` prints it; README "Exit codes").
 """
 
 from __future__ import annotations
@@ -37,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from lungvl.import_guard import PackageShadowed
 from lungvl_model.errors import CorruptStateError, PeerUnreachable
 
 OK = 0
@@ -50,6 +37,27 @@ UNREACHABLE = 7
 MISSING_DEPENDENCY = 8
 INTERNAL = 70
 INTERRUPTED = 130
+
+#: every exit code and its meaning, in order (the module docstring's table; ``lungvl --help`` prints it)
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (OK, "success"),
+    (FAILED, "the command ran and reports a failure (a check found problems, a run failed)"),
+    (BAD_INPUT, "bad input: a file, option, row or config value is wrong (the message names it)"),
+    (BUSY, "busy: another process holds the run directory"),
+    (DISK_FULL, "disk full (no space left on the device or quota exceeded)"),
+    (NO_PERMISSION, "permission denied or read-only file system"),
+    (CORRUPT_STATE, "corrupt state: a registry, audit ledger, accountant state or checkpoint is unreadable or foreign"),
+    (UNREACHABLE, "unreachable: a network peer (the SuperLink) cannot be reached or failed TLS"),
+    (MISSING_DEPENDENCY, "a required program or Python package is missing (or shadowed by another of the same name)"),
+    (INTERNAL, "internal error (a bug in lungvl): the traceback is in the crash file printed"),
+    (INTERRUPTED, "interrupted (Ctrl-C)"),
+)
+
+
+def exit_codes_help() -> str:
+    """The exit-code table as help paragraphs (one line each in ``--help``)."""
+    return "\n\n".join(["Exit codes:", *(f"{code:<4}{meaning}" for code, meaning in EXIT_CODES)])
+
 
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
@@ -140,7 +148,11 @@ def classify(exc: BaseException) -> Verdict | None:
         return Verdict(CORRUPT_STATE, _text(exc))
     if isinstance(exc, PeerUnreachable | ssl.SSLError):
         return Verdict(UNREACHABLE, _text(exc))
+    if isinstance(exc, PackageShadowed):
+        return Verdict(MISSING_DEPENDENCY, _text(exc))
     if isinstance(exc, ModuleNotFoundError):
+        if "pip install" in _text(exc):  # the raiser named what to install (e.g. the registry's PostgreSQL driver)
+            return Verdict(MISSING_DEPENDENCY, _text(exc))
         name = exc.name or _text(exc)
         return Verdict(MISSING_DEPENDENCY, f"missing Python package {name!r}: install lungvl's dependencies")
     if isinstance(exc, OSError):

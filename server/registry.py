@@ -1,13 +1,15 @@
 """Run registry: runs, rounds, per-site participation, metrics, privacy ledger and checkpoints.
 
 One SQLAlchemy 2 ORM schema (DESIGN.md section 4; tables and column checks in
-:mod:`server.registry_schema`), stored in a SQLite file by default; any SQLAlchemy URL (e.g.
-``postgresql+psycopg://user@host/lungvl``) is accepted. Tables are created on first use.
+:mod:`server.registry_schema`), stored in a SQLite file by default or in PostgreSQL
+(``postgresql://user:password@host/lungvl``, driver from ``pip install 'lungvl[postgres]'``); both are
+tested with the same suite. Tables are created on first use. How the connection is opened (URL forms,
+the missing-driver message, read-only mode) is :mod:`server.registry_engine`.
 
 Concurrency: every public method opens its own short-lived session and commits before returning, and
 nothing is cached between calls, so a :class:`Registry` may be used from one process at a time (the
-server). Readers in other processes (``lungvl server status`` while a run is going) are fine with
-SQLite thanks to WAL mode; two *writers* in different processes are not supported.
+server). Readers in other processes (``lungvl server status`` while a run is going) are fine: SQLite
+in WAL mode, PostgreSQL by its own MVCC; two *writers* in different processes are not supported.
 
 Round-scoped rows (participation, metrics, privacy, checkpoints) reference ``runs`` only, not
 ``rounds``: a server-side evaluation before training is recorded as round 0, which has no round row.
@@ -28,10 +30,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, make_url, select
+from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from federation.sql_state import check_schema, sqlite_read_only_pragmas
+from federation.sql_state import check_schema
+from server.registry_engine import open_engine, sqlalchemy_url
 from server.registry_report import export_metrics_csv, summarize_run
 from server.registry_schema import (
     PARTICIPATION_STATUSES,
@@ -50,6 +53,8 @@ from server.registry_schema import (
     check_choice,
     check_finite,
     check_scope,
+    check_text,
+    printable_text,
     row_dict,
     utc_now,
 )
@@ -61,45 +66,25 @@ class RegistryError(ValueError):
     """A registry call that does not fit the recorded state (unknown run, duplicate round, ...)."""
 
 
-def sqlalchemy_url(url_or_path: str | Path) -> str:
-    """Turn a plain filesystem path into ``sqlite:///path``; leave SQLAlchemy URLs as they are."""
-    text = str(url_or_path)
-    return text if "://" in text else f"sqlite:///{Path(text).expanduser()}"
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.close()
-
-
 class Registry:
     """The consortium's run registry (one process at a time; see the module docstring).
 
     Args:
         url_or_path: a SQLAlchemy URL or a plain path of a SQLite file (parent folders are created).
         echo: log SQL statements (debugging).
-        read_only: open for reading only (``server status``, reports): nothing is created or written,
-            a missing SQLite file is a ``FileNotFoundError``.
+        read_only: open for reading only (``server status``, reports): nothing is created or written
+            (the database refuses writes), a missing SQLite file is a ``FileNotFoundError``.
 
     Raises:
         CorruptStateError: the database is unreadable or not a lungvl registry
             (:func:`federation.sql_state.check_schema`).
+        ModuleNotFoundError: a PostgreSQL URL without its driver (the message names the extra).
+        PeerUnreachable: a PostgreSQL server that cannot be reached.
+        ValueError: a PostgreSQL server that refuses the login or has no such database.
     """
 
     def __init__(self, url_or_path: str | Path, *, echo: bool = False, read_only: bool = False) -> None:
-        url = make_url(sqlalchemy_url(url_or_path))
-        sqlite = url.get_backend_name() == "sqlite"
-        if sqlite and url.database not in (None, "", ":memory:"):
-            if read_only and not Path(url.database).is_file():
-                raise FileNotFoundError(f"no registry at {url.database}")
-            if not read_only:
-                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(url, echo=echo, pool_pre_ping=not sqlite)
-        if sqlite:
-            event.listen(self.engine, "connect", sqlite_read_only_pragmas if read_only else _sqlite_pragmas)
+        self.engine: Engine = open_engine(url_or_path, echo=echo, read_only=read_only)
         check_schema(self.engine, Base.metadata, what=f"registry {self.url}", read_only=read_only)
         if not read_only:
             Base.metadata.create_all(self.engine)
@@ -125,16 +110,17 @@ class Registry:
         """Record a new run (status ``running``) with its resolved config; returns the run id.
 
         Raises:
-            ValueError: empty name, or a config that is not plain JSON (no NaN/inf either).
+            ValueError: empty or too long a name, or a config that is not plain JSON (no NaN/inf either).
         """
         if not name:
             raise ValueError("run name must not be empty")
+        check_text("run name", name, Run.name)
         try:
             json.dumps(config, allow_nan=False)
         except (TypeError, ValueError) as err:
             raise ValueError(f"run config must be plain JSON: {err}") from None
         with self._sessions.begin() as s:
-            run = Run(name=name, config=dict(config), seed=seed, status="running")
+            run = Run(name=name, config=dict(config), seed=None if seed is None else int(seed), status="running")
             s.add(run)
             s.flush()
             return run.id
@@ -288,9 +274,16 @@ class Registry:
     ) -> int:
         """Record one site's outcome in a round; returns the row id.
 
-        A non-finite ``update_norm`` (a rejected update) is stored as NULL and appended to ``reason``.
+        A non-finite ``update_norm`` (a rejected update) is stored as NULL and appended to ``reason``;
+        ``reason`` is stored whatever it holds (a site's error text; a NUL character is written as a backslash escape).
+
+        Raises:
+            ValueError: an unknown status, a non-finite ``seconds``, a node id or site name that is not
+                text of at most 64 / 200 characters.
         """
         check_choice("participation status", status, PARTICIPATION_STATUSES)
+        node = check_text("participation node_id", str(node_id), Participation.node_id)
+        check_text("participation site_name", site_name, Participation.site_name)
         if update_norm is not None and not math.isfinite(update_norm):
             reason = f"{reason} [update_norm={update_norm}]".strip()
             update_norm = None
@@ -300,15 +293,15 @@ class Registry:
             row = Participation(
                 run_id=run_id,
                 round=rnd,
-                node_id=str(node_id),
+                node_id=node,
                 site_name=site_name,
                 status=status,
-                reason=reason,
+                reason=printable_text(reason),
                 num_examples=int(num_examples),
                 seconds=seconds,
                 update_norm=update_norm,
                 clipped=clipped,
-                bytes_received=bytes_received,
+                bytes_received=None if bytes_received is None else int(bytes_received),
             )
             s.add(row)
             s.flush()
@@ -318,11 +311,14 @@ class Registry:
         """Record scalar metrics (a name recorded again for the same round and scope is overwritten).
 
         Raises:
-            ValueError: a bad scope, or a non-finite/non-numeric value (the message names the metric);
-                nothing is written then.
+            ValueError: a bad or too long scope or name, or a non-finite/non-numeric value (the message
+                names the metric); nothing is written then.
         """
-        check_scope(scope)
-        values = {name: check_finite(f"metric {name!r} ({scope}, round {rnd})", v) for name, v in metrics.items()}
+        check_text("metric scope", check_scope(scope), Metric.scope)
+        values = {
+            check_text("metric name", name, Metric.name): check_finite(f"metric {name!r} ({scope}, round {rnd})", v)
+            for name, v in metrics.items()
+        }
         if not values:
             return
         with self._sessions.begin() as s:
@@ -362,6 +358,9 @@ class Registry:
             raise ValueError(
                 f"site_name is required for level 'sample' and not allowed for 'client', got {site_name!r}"
             )
+        if site_name:
+            check_text("privacy site_name", site_name, PrivacyEntry.site_name)
+        check_text("privacy accountant", accountant, PrivacyEntry.accountant)
         eps = check_finite("epsilon", epsilon)
         dlt = check_finite("delta", delta)
         sigma = check_finite("noise_multiplier", noise_multiplier)
@@ -395,6 +394,7 @@ class Registry:
         sha = sha256.lower()
         if not SHA256_HEX.fullmatch(sha):
             raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
+        check_text("checkpoint path", str(path), Checkpoint.path)
         with self._sessions.begin() as s:
             self._run(s, run_id)
             row = s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.round == rnd)).first()

@@ -4,8 +4,13 @@ Tables: ``runs`` (:class:`Run`), ``rounds`` (:class:`Round`), ``participation``
 (:class:`Participation`), ``metrics`` (:class:`Metric`), ``privacy_ledger`` (:class:`PrivacyEntry`) and
 ``checkpoints`` (:class:`Checkpoint`). Round-scoped rows reference ``runs`` only, not ``rounds``: a
 server-side evaluation before training is recorded as round 0, which has no round row. The calls that
-read and write these tables are :class:`server.registry.Registry`'s; ``server.registry`` re-exports
-every name defined here.
+read and write these tables are :class:`server.registry.Registry`'s.
+
+The same schema runs on SQLite and PostgreSQL; the types are chosen so both store the same values:
+times as naive UTC ``TIMESTAMP`` (timezone-aware in Python, whatever the server's time zone), JSON as
+``JSON``, seeds and byte counts as 64-bit integers (PostgreSQL's ``INTEGER`` stops at 2**31 - 1), Flower's
+uint64 node ids as text. SQLite ignores a ``VARCHAR`` length and PostgreSQL refuses a longer value, so
+the registry checks lengths itself (:func:`check_text`) and both backends refuse the same names.
 """
 
 from __future__ import annotations
@@ -16,8 +21,19 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from sqlalchemy import JSON, DateTime, Dialect, ForeignKey, Index, String, Text, TypeDecorator, UniqueConstraint
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Mapped, mapped_column
 
 __all__ = [
     "PARTICIPATION_STATUSES",
@@ -37,6 +53,8 @@ __all__ = [
     "check_choice",
     "check_finite",
     "check_scope",
+    "check_text",
+    "printable_text",
     "row_dict",
     "utc_now",
 ]
@@ -89,7 +107,7 @@ class Run(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     status: Mapped[str] = mapped_column(String(32), default="running")
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
-    seed: Mapped[int | None]
+    seed: Mapped[int | None] = mapped_column(BigInteger)  # any 64-bit seed a config may hold
 
 
 class Round(Base):
@@ -123,7 +141,7 @@ class Participation(Base):
     seconds: Mapped[float | None]
     update_norm: Mapped[float | None]
     clipped: Mapped[bool | None]
-    bytes_received: Mapped[int | None]
+    bytes_received: Mapped[int | None] = mapped_column(BigInteger)  # an update may pass 2 GiB
 
 
 class Metric(Base):
@@ -211,6 +229,27 @@ def check_choice(what: str, value: str, allowed: Iterable[str]) -> str:
     if value not in allowed:
         raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
     return value
+
+
+def check_text(what: str, value: str, column: InstrumentedAttribute[Any]) -> str:
+    """``value`` when it fits ``column`` on every backend: within its ``VARCHAR`` length, no NUL character.
+
+    Raises:
+        ValueError: too long, or a NUL character (PostgreSQL refuses it in text); the message names ``what``.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be text, got {value!r}")
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain a NUL character, got {value!r}")
+    length = getattr(column.type, "length", None)
+    if length is not None and len(value) > length:
+        raise ValueError(f"{what} is {len(value)} characters long, at most {length} fit: {value[:60]!r}...")
+    return value
+
+
+def printable_text(value: str) -> str:
+    """Free text as any backend stores it (a NUL character, which PostgreSQL refuses, as a backslash escape)."""
+    return value.replace("\x00", "\\x00")
 
 
 def check_scope(scope: str) -> str:

@@ -264,29 +264,34 @@ def _evaluation_note(runs: Sequence[StudyRun]) -> str:
     )
 
 
-def write_report(run_dir: str | Path, *, study: str | None = None, n_boot: int | None = None) -> Path:
+def write_report(
+    run_dir: str | Path, *, study: str | None = None, n_boot: int | None = None, db_url: str | None = None
+) -> Path:
     """Write ``results.md``, ``convergence.png`` and ``privacy_utility.png`` into ``run_dir``.
 
     Args:
-        run_dir: the study directory (its ``registry.db`` is the only input).
+        run_dir: the study directory (its registry is the only input).
         study: the study name (None: the only one in the registry).
         n_boot: bootstrap resamples (default: the study's ``bootstrap`` setting from the run tags, else 2000).
+        db_url: the registry the study ran with (``lungvl study run --db``); default ``run_dir/registry.db``.
+            Opened read-only.
 
     Returns:
         The path of ``results.md``.
 
     Raises:
-        FileNotFoundError: no ``registry.db`` in ``run_dir``.
+        FileNotFoundError: no ``registry.db`` in ``run_dir`` (and no ``db_url``).
         ValueError: no finished run of a study in the registry.
     """
     out = Path(run_dir).expanduser().resolve()
-    db = out / "registry.db"
-    if not db.exists():
-        raise FileNotFoundError(f"no registry.db in {out} (run `lungvl study run` first)")
-    with Registry(db, read_only=True) as reg:
+    if db_url is None and not (out / "registry.db").exists():
+        raise FileNotFoundError(f"no registry.db in {out} (run `lungvl study run` first, or give --db URL)")
+    with Registry(db_url or out / "registry.db", read_only=True) as reg:
         name, runs = load_study(reg, study)
+        where = reg.url
+    source = "registry.db" if db_url is None else where
     if not runs:
-        raise ValueError(f"study {name!r} has no finished run in {db}")
+        raise ValueError(f"study {name!r} has no finished run in {where}")
     boot = n_boot or int(runs[0].tag.get("bootstrap", 2000))
     arms = by_arm(runs)
     kinds = cohort_kinds(runs)
@@ -299,7 +304,7 @@ def write_report(run_dir: str | Path, *, study: str | None = None, n_boot: int |
     lines = [
         f"# Study {name}",
         "",
-        f"{len(runs)} finished runs in {len(arms)} arms, read from `{db.name}` only; {first.tag.get('rounds')} rounds "
+        f"{len(runs)} finished runs in {len(arms)} arms, read from `{source}` only; {first.tag.get('rounds')} rounds "
         f"of {first.tag.get('local_steps')} local steps; sites: {sites}.",
         "",
         "How to read the intervals: only whole-split scalar metrics leave a site (no per-study prediction reaches "

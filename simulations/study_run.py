@@ -4,7 +4,8 @@ Layout of the study directory::
 
     .lungvl.lock        held while ``lungvl study run`` goes on (a second one on the directory is refused)
     study.json          the resolved study and its cells (informational; the report reads the registry)
-    registry.db         one registry for all cells (each run's config carries its cell under "study")
+    registry.db         one registry for all cells (each run's config carries its cell under "study");
+                        ``db_url`` puts it elsewhere instead (e.g. the consortium's PostgreSQL)
     sites/<name>/       the federation's sites, generated once and shared by every cell
     init/seed_<s>/      one initial model package per seed, shared by that seed's cells
     cells/<cell_id>/    each cell's run directory (a ``lungvl simulate`` run, or a local-only/centralised one)
@@ -30,7 +31,9 @@ its identity (``ServerConfig.noise_key = "<study>:<cell_id>"``), so cells never 
 ε = 2 and ε = 8 cells of one seed.
 
 A cell counts as done when the registry holds a ``finished`` or ``stopped_budget`` run tagged with its
-id; a rerun skips it. A federated cell interrupted mid-run is resumed from its last completed round.
+study name and cell id; a rerun skips it. A registry shared by several study directories (one PostgreSQL
+database) therefore needs a study name per directory. A federated cell interrupted mid-run is resumed
+from its last completed round.
 """
 
 from __future__ import annotations
@@ -227,6 +230,7 @@ def run_study(
     rerun: bool = False,
     progress: Progress | None = None,
     reproducible_noise: bool = False,
+    db_url: str | None = None,
 ) -> dict[str, Any]:
     """Run the study's cells that are not done yet, one after the other.
 
@@ -240,6 +244,8 @@ def run_study(
         progress: line printer (default ``print``).
         reproducible_noise: research only, *not private*: seed every federated cell's noise and site
             sample from its seed and its cell identity (see the module docstring).
+        db_url: the registry (a SQLAlchemy URL such as ``postgresql://user:pw@host/lungvl``, or a SQLite
+            path); default ``out_dir/registry.db``.
 
     Returns:
         ``{"cells", "done", "skipped", "ran", "failed" (cell id -> error), "seconds", "out_dir"}``.
@@ -252,12 +258,21 @@ def run_study(
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser().resolve()
     with RunDirLock(out, what=f"lungvl study run {study.name}", log=log):  # cells lock their own directories
-        db = str(out / "registry.db")
+        db = db_url or str(out / "registry.db")
         cells = study.cells()
         base = base_scenario(study)
+        with Registry(db) as reg:  # a wrong URL or a missing driver fails here, before sites are generated
+            done = done_cells(reg, study.name)
+            shown = reg.url
         (out / "study.json").write_text(
             json.dumps(
-                {"study": study.to_dict(), "cells": [c.to_dict() for c in cells], "scenario": base.to_dict()}, indent=2
+                {
+                    "study": study.to_dict(),
+                    "cells": [c.to_dict() for c in cells],
+                    "scenario": base.to_dict(),
+                    "registry": shown,
+                },
+                indent=2,
             )
         )
         with simulation_env(out):
@@ -265,8 +280,6 @@ def run_study(
             sizes = {k: _site_studies(v, base.server.stage, base.holdout_fraction) for k, v in site_dirs.items()}
             patients = {k: _site_patients(v, base.server.stage, base.holdout_fraction) for k, v in site_dirs.items()}
         cohorts = _site_cohorts(base, site_dirs)
-        with Registry(db) as reg:
-            done = done_cells(reg, study.name)
         wanted = [c for c in cells if not only or any(fnmatch.fnmatch(c.cell_id, p) for p in only)]
         todo = [c for c in wanted if rerun or c.cell_id not in done]
         log(f"study {study.name}: {len(cells)} cells, {len(wanted) - len(todo)} already done, {len(todo)} to run")

@@ -135,3 +135,25 @@ def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
         if line.strip() and "/opt/lungvl/.venv/bin/lungvl is not executable" not in line
     ]
     assert complaints == [], complaints
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every ``lungvl ...`` line of infra/README.md's code blocks, as argv after ``lungvl``."""
+    text = (INFRA / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    return [shlex.split(line)[1:] for line in lines if line.startswith("lungvl ")]
+
+
+def test_readme_quick_start_runs_real_cli_commands() -> None:
+    commands = _readme_commands()
+    assert any(argv[:2] == ["consortium", "init"] for argv in commands), "the quick start builds the startup kits"
+    for argv in commands:
+        _check_cli_call(argv)
+
+
+def test_readme_does_not_hand_write_certificates_or_keys() -> None:
+    """The deployment starts from `lungvl consortium init` kits, not from make_certs + hand-edited TOML."""
+    quick = (INFRA / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "make_certs.py --out certs" not in quick and "lungvl site keys --out keys/hospital" not in quick
+    assert "kits/server/server.toml" in quick

@@ -1,31 +1,46 @@
-"""Report-generation metrics: corpus BLEU-4 and ROUGE-L (pure Python, no nltk / sacrebleu).
+"""Report-generation metrics from the reference libraries: corpus BLEU-4 (sacrebleu) and ROUGE-L (rouge-score).
 
-Both use :func:`tokenize_words`, so scores are comparable between the two metrics but not
-digit-for-digit with tools that tokenise differently (sacrebleu's ``13a`` splits decimals, for
-instance). Report them as "lungvl BLEU-4" and compare models only under the same tokeniser.
+Scores are those of the libraries papers publish with, so they can be compared with published
+numbers when the settings match:
+
+* BLEU-4: ``sacrebleu.corpus_bleu`` with its defaults, one reference per hypothesis: the ``13a``
+  tokeniser (mteval-v13a: punctuation split off, decimals such as ``5.2`` split too), case kept
+  (``case:mixed``), ``exp`` smoothing, uniform 1- to 4-gram weights, corpus-level counts and brevity
+  penalty. The signature is :func:`bleu_signature` (e.g.
+  ``nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0``); report it beside the score.
+  sacrebleu gives 0-100; :func:`bleu4` returns it divided by 100.
+* ROUGE-L: ``rouge_score.rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)``, the F-measure
+  (balanced, ``β = 1``) of the sentence-level longest common subsequence. Its tokeniser lowercases
+  and keeps ``[a-z0-9]`` runs (``5.2`` becomes ``5`` and ``2``); the Porter stemmer is on so that
+  ``nodule``/``nodules`` and ``measure``/``measuring`` match, as in the ROUGE-1.5.5 ``-m`` runs
+  summarisation papers quote. :func:`rouge_l_corpus` is the mean over report pairs.
+
+The clinical-concept F1 (``lungvl_model.text.report_labels.concept_f1``) is this project's own and
+lives there. :func:`tokenize_words` is the word splitter lungvl's earlier hand-written scores used; it
+is kept for callers that count tokens, and no score here depends on it.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 import re
-from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["bleu4", "rouge_l", "rouge_l_corpus", "tokenize_words"]
+__all__ = ["ROUGE_L_SETTINGS", "bleu4", "bleu_signature", "rouge_l", "rouge_l_corpus", "tokenize_words"]
+
+#: how :func:`rouge_l` calls rouge-score (for reports and results tables)
+ROUGE_L_SETTINGS = "rouge-score rougeL, use_stemmer=True, F-measure (beta=1), mean over reports"
 
 # A decimal number ("5.2"), a run of word characters ("nodule", "4b"), or one punctuation mark.
 _TOKEN_RE = re.compile(r"\d+\.\d+|\w+|[^\w\s]")
-
-ROUGE_L_BETA = 1.2
 
 
 def tokenize_words(text: str) -> list[str]:
     """Lowercase ``text`` and split it into words and single punctuation marks.
 
-    Decimal numbers stay whole so that ``"5.2 mm"`` and ``"5.8 mm"`` differ in one token, not in
-    a fragment of one. Hyphenated words are split (``"ground-glass"`` → ``ground``, ``-``,
-    ``glass``).
+    Decimal numbers stay whole (``"5.2"``); hyphenated words are split (``"ground-glass"`` →
+    ``ground``, ``-``, ``glass``). Not used by :func:`bleu4` or :func:`rouge_l`.
 
     Args:
         text: any string.
@@ -37,9 +52,13 @@ def tokenize_words(text: str) -> list[str]:
     Raises:
         ValueError: if ``text`` is not a ``str``.
     """
-    if not isinstance(text, str):
-        raise ValueError(f"text must be a str, got {type(text).__name__}: {text!r}")
+    _check_str("text", text)
     return _TOKEN_RE.findall(text.lower())
+
+
+def _check_str(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a str, got {type(value).__name__}: {value!r}")
 
 
 def _check_corpus(hypotheses: Sequence[str], references: Sequence[str]) -> None:
@@ -52,93 +71,75 @@ def _check_corpus(hypotheses: Sequence[str], references: Sequence[str]) -> None:
         )
     if len(hypotheses) == 0:
         raise ValueError("hypotheses and references must not be empty")
+    for name, seq in (("hypotheses", hypotheses), ("references", references)):
+        for i, item in enumerate(seq):
+            if not isinstance(item, str):
+                raise ValueError(f"{name}[{i}] must be a str, got {type(item).__name__}: {item!r}")
 
 
-def _ngrams(tokens: list[str], n: int) -> Counter[tuple[str, ...]]:
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+@functools.cache
+def _bleu() -> Any:
+    from sacrebleu.metrics.bleu import BLEU
+
+    return BLEU()  # defaults: tokenize="13a", lowercase=False, smooth_method="exp", max_ngram_order=4
+
+
+@functools.cache
+def _rouge_scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+@functools.cache
+def bleu_signature() -> str:
+    """The sacrebleu signature of the BLEU settings :func:`bleu4` uses (``nrefs:1|case:mixed|...|tok:13a|...``)."""
+    from sacrebleu.metrics.bleu import BLEU
+
+    metric = BLEU()  # the settings of _bleu(); sacrebleu knows nrefs only after a first score
+    metric.corpus_score(["a"], [["a"]])
+    return str(metric.get_signature())
 
 
 def bleu4(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus BLEU-4 (Papineni et al., 2002) with one reference per hypothesis.
+    """Corpus BLEU-4 by ``sacrebleu.corpus_bleu`` (defaults: ``13a`` tokens, mixed case, ``exp`` smoothing).
 
-    ``BLEU = BP * exp(mean_{n=1..4} log p_n)`` with uniform weights. ``p_n`` pools the clipped
-    n-gram matches and the hypothesis n-gram counts over the whole corpus (not an average of
-    sentence scores). Add-one smoothing is applied for ``n > 1`` (Lin & Och, 2004):
-    ``p_n = (matches_n + 1) / (total_n + 1)``, so a corpus without any 4-gram match does not score
-    exactly 0; ``p_1`` is not smoothed, so a corpus with no word in common with its references does
-    score 0. A consequence of the smoothing is that an n-gram order the hypotheses are too short to
-    contain gets ``p_n = 1``; the brevity penalty then carries the cost of such short outputs.
-    ``BP = 1`` if the total hypothesis length ``c`` exceeds the total reference length ``r``, else
-    ``exp(1 - r / c)``.
+    n-gram matches and lengths are pooled over the corpus (not an average of sentence scores), one
+    reference per hypothesis.
 
     Args:
         hypotheses: generated reports (or sentences), one per item.
         references: reference reports, aligned with ``hypotheses``.
 
     Returns:
-        BLEU-4 in ``[0, 1]``; ``0.0`` when every hypothesis is empty.
+        BLEU-4 in ``[0, 1]`` (sacrebleu's 0-100 score / 100; ``0.0`` when every hypothesis is empty).
 
     Raises:
-        ValueError: on a length mismatch, empty corpora, or a bare ``str`` instead of a list.
+        ValueError: on a length mismatch, empty corpora, a bare ``str`` instead of a list, or an item
+            that is not a ``str``.
     """
     _check_corpus(hypotheses, references)
-    matches = [0] * 4
-    totals = [0] * 4
-    hyp_len = ref_len = 0
-    for hyp, ref in zip(hypotheses, references, strict=True):
-        h, r = tokenize_words(hyp), tokenize_words(ref)
-        hyp_len += len(h)
-        ref_len += len(r)
-        for n in range(1, 5):
-            h_counts, r_counts = _ngrams(h, n), _ngrams(r, n)
-            matches[n - 1] += sum(min(c, r_counts[g]) for g, c in h_counts.items())
-            totals[n - 1] += max(len(h) - n + 1, 0)
-    if hyp_len == 0 or matches[0] == 0:
-        return 0.0
-    log_p = math.log(matches[0] / totals[0])
-    log_p += sum(math.log((matches[k] + 1) / (totals[k] + 1)) for k in range(1, 4))
-    bp = 1.0 if hyp_len > ref_len else math.exp(1.0 - ref_len / hyp_len)
-    return bp * math.exp(log_p / 4.0)
-
-
-def _lcs_length(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence, ``O(len(a) * len(b))`` time, ``O(len(b))`` memory."""
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0] * (len(b) + 1)
-        for j, y in enumerate(b, start=1):
-            cur[j] = prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1])
-        prev = cur
-    return prev[-1]
+    score = _bleu().corpus_score(list(hypotheses), [list(references)]).score
+    return min(max(float(score) / 100.0, 0.0), 1.0)  # 100.00000000000004 for identical corpora
 
 
 def rouge_l(hyp: str, ref: str) -> float:
-    """Sentence-level ROUGE-L F-measure (Lin, 2004) from the longest common subsequence.
-
-    ``P = LCS / len(hyp)``, ``R = LCS / len(ref)`` and ``F = (1 + β²) P R / (R + β² P)`` with
-    ``β = 1.2``, the value fixed by the COCO caption evaluation code (``pycocoevalcap``) that
-    report-generation papers use; ``β > 1`` weighs recall more than precision.
+    """ROUGE-L F-measure of one pair by rouge-score (``rougeL``, Porter stemmer on).
 
     Args:
         hyp: generated text.
         ref: reference text.
 
     Returns:
-        ROUGE-L in ``[0, 1]``: ``1.0`` when both texts have no token, ``0.0`` when only one has none
-        or the LCS is empty.
+        ROUGE-L in ``[0, 1]``: ``1.0`` for texts with the same tokens, ``0.0`` when either text has no
+        ``[a-z0-9]`` token (rouge-score's convention, an empty pair included) or nothing in common.
 
     Raises:
         ValueError: if either argument is not a ``str``.
     """
-    h, r = tokenize_words(hyp), tokenize_words(ref)
-    if not h and not r:
-        return 1.0
-    lcs = _lcs_length(h, r) if h and r else 0
-    if lcs == 0:
-        return 0.0
-    p, rec = lcs / len(h), lcs / len(r)
-    b2 = ROUGE_L_BETA**2
-    return (1.0 + b2) * p * rec / (rec + b2 * p)
+    _check_str("hyp", hyp)
+    _check_str("ref", ref)
+    return float(_rouge_scorer().score(ref, hyp)["rougeL"].fmeasure)  # score(target, prediction)
 
 
 def rouge_l_corpus(hypotheses: Sequence[str], references: Sequence[str]) -> float:
@@ -149,10 +150,11 @@ def rouge_l_corpus(hypotheses: Sequence[str], references: Sequence[str]) -> floa
         references: reference texts, aligned with ``hypotheses``.
 
     Returns:
-        The average sentence-level ROUGE-L.
+        The average ROUGE-L F-measure.
 
     Raises:
-        ValueError: on a length mismatch, empty corpora, or a bare ``str`` instead of a list.
+        ValueError: on a length mismatch, empty corpora, a bare ``str`` instead of a list, or an item
+            that is not a ``str``.
     """
     _check_corpus(hypotheses, references)
     return sum(rouge_l(h, r) for h, r in zip(hypotheses, references, strict=True)) / len(hypotheses)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import runpy
 import stat
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,19 @@ def test_config_reads_federation_table(tmp_path: Path) -> None:
     assert "--insecure" not in cmd
     assert 'site-dir="' in node_config(cfg) and "model-dir=" in node_config(cfg)
     assert worker_command(cfg, 42)[-2:] == ["--parent-pid", "42"]
+
+
+def test_federation_site_dir_points_at_the_data_from_a_kit_folder(tmp_path: Path) -> None:
+    """A startup kit kept in its own folder names the hospital's data with [federation] site_dir."""
+    kit = write_site(tmp_path / "kit")
+    doc = tomllib.loads(kit.read_text())
+    doc["federation"]["site_dir"] = "../data"
+    doc["federation"].pop("state_dir", None)
+    kit.write_text(toml_dumps(doc))
+    cfg = SiteDeployConfig.from_toml(kit)
+    assert cfg.client.site_dir == kit.parent / "../data"
+    assert cfg.state_dir == kit.parent / "../data" / ".lungvl_state"  # state beside the data, as without a kit
+    assert f'site-dir="{kit.parent / "../data"}"' in node_config(cfg)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,10 @@
 """Real deployment on loopback: SuperLink (TLS + SuperNode auth) and two site SuperNodes, 3 rounds.
 
-What runs is what a consortium runs: ``lungvl server start`` and ``lungvl site join`` as processes,
+What runs is what a consortium runs: ``lungvl consortium init`` makes the CA, the coordinator's kit and
+one kit per site from the coordinator's consortium.toml (the test gives only free ports, the loopback
+address and the initial model on the command line); each site copies its kit into its site directory,
+as the kit's README says, and no file of a kit is edited. Then ``lungvl server start`` and ``lungvl site
+join`` run as processes,
 ``flower-superlink``/``flower-supernode`` under them, lungvl's ClientApp worker at each site. The test
 also checks that a SuperNode with an unadmitted key is refused; kills the server (SIGKILL, all of its
 processes) after round 1 while round 2's messages wait at the SuperLink and resumes it to finish
@@ -18,13 +22,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,9 @@ import pytest
 from client.deploy import SiteDeployConfig, supernode_command
 from client.ledger import LEDGER_FILENAME, AuditLedger
 from federation.processes import stop_process
+from lungvl.consortium import server_tables
 from lungvl_model.data.site_layout import toml_dumps
+from server.deploy import ServerDeployConfig
 from server.registry import Registry
 from simulations.scenario import Scenario
 from simulations.simulate import _initial_model, prepare_sites
@@ -178,53 +184,44 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     )
     for key in ("FLWR_HOME", "MPLCONFIGDIR", "HF_HOME"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
-    # certificates, keys, two tiny synthetic sites and the initial model package
-    subprocess.run(
-        [sys.executable, str(ROOT / "infra" / "make_certs.py"), "--out", str(tmp / "certs")], check=True, env=env
-    )
+    # two tiny synthetic sites and the initial model package
     scenario = Scenario.from_toml(ROOT / "simulations" / "scenarios" / "tiny.toml")
     sites = prepare_sites(scenario, tmp / "sim", log=lambda _: None)
     model_dir = _initial_model(scenario, sites, tmp / "sim", log=lambda _: None)
     port = free_port()
     lungvl = [sys.executable, "-m", "lungvl.cli"]
-    for name in ("a", "b", "c"):
-        subprocess.run([*lungvl, "site", "keys", "--out", str(tmp / "keys" / name)], check=True, env=env)
-    site_tomls = {}
-    for (name, site_dir), key in zip(sites.items(), ("a", "b"), strict=True):
-        doc = tomllib.loads((site_dir / "site.toml").read_text())
-        doc["compute"]["device"] = "cpu"
-        doc["federation"] = {
-            "superlink": f"127.0.0.1:{port}",
-            "root_certificates": str(tmp / "certs" / "ca.crt"),
-            "private_key": str(tmp / "keys" / key / "site_key"),
-            "runtime_port": free_port(),
-            "state_dir": str(tmp / "state" / name),
-            "model_dir": str(model_dir),
-        }
-        (site_dir / "site.toml").write_text(toml_dumps(doc))
-        site_tomls[name] = site_dir / "site.toml"
-    server_doc = {
-        "server": scenario.server.with_updates(rounds=3, round_timeout_s=300.0).to_dict(),
-        "deployment": {
-            "run_dir": str(tmp / "server_run"),
-            "host": "127.0.0.1",
-            "port": port,
-            "ca_cert": str(tmp / "certs" / "ca.crt"),
-            "server_cert": str(tmp / "certs" / "server.crt"),
-            "server_key": str(tmp / "certs" / "server.key"),
-            "init_model": str(model_dir),
-            "admit": [str(tmp / "keys" / "a" / "site_key.pub"), str(tmp / "keys" / "b" / "site_key.pub")],
-        },
+    # the coordinator's plan: the sites and the run's settings; `lungvl consortium init` makes every kit from it
+    plan = {
+        "consortium": {"name": "e2e"},
+        "sites": {s.name: {"cohort": s.cohort} for s in scenario.sites},
+        **server_tables(scenario.server.with_updates(rounds=3, round_timeout_s=300.0).to_dict()),
     }
-    server_toml = tmp / "server.toml"
-    server_toml.write_text(toml_dumps(server_doc))
+    (tmp / "consortium.toml").write_text(toml_dumps(plan))
+    kits = tmp / "kits"
+    init_cmd = [*lungvl, "consortium", "init", "--config", str(tmp / "consortium.toml"), "--out", str(kits)]
+    init_cmd += ["--superlink", f"127.0.0.1:{port}", "--bind", "127.0.0.1", "--init-model", str(model_dir)]
+    for name in sites:  # two sites on one host: distinct local SuperNode ports
+        init_cmd += ["--runtime-port", f"{name}={free_port()}"]
+    res = subprocess.run(init_cmd, env=env, cwd=tmp, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    built = {p.relative_to(kits): p.read_bytes() for p in kits.rglob("*.toml")}
+    # each hospital copies its kit into its site directory, as the kit's README says; nothing is edited
+    site_tomls = {}
+    for name, site_dir in sites.items():
+        shutil.copytree(kits / "sites" / name, site_dir, dirs_exist_ok=True)
+        site_tomls[name] = site_dir / "site.toml"
+    # a hospital that made its own key, which the coordinator never admitted
+    subprocess.run([*lungvl, "site", "keys", "--out", str(tmp / "keys" / "c")], check=True, env=env)
+    server_toml = kits / "server" / "server.toml"
+    state = {name: site_dir / ".lungvl_state" for name, site_dir in sites.items()}
     procs = Procs(env, tmp / "logs")
     out: dict[str, Any] = {"tmp": tmp, "sites": sites, "site_tomls": site_tomls, "port": port, "timings": {}}
-    registry_db = tmp / "server_run" / "registry.db"
+    run_dir = kits / "server" / "run"
+    registry_db = run_dir / "registry.db"
     t0 = time.monotonic()
     try:
         server = procs.start("server_1", [*lungvl, "server", "start", "--config", str(server_toml)])
-        admitted = tmp / "server_run" / "admitted_sites.json"
+        admitted = run_dir / "admitted_sites.json"
         wait_for(lambda: admitted.exists() and len(json.loads(admitted.read_text())) == 2, 120, "admission", [server])
         site_procs = [
             procs.start(f"site_{n}", [*lungvl, "site", "join", "--config", str(t)]) for n, t in site_tomls.items()
@@ -241,7 +238,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         out["timings"]["to_round_1"] = time.monotonic() - t0
         # crash the server while round 2's messages wait at the SuperLink (the hard case: after the restart
         # the SuperNodes still receive them for a run that is over), or 60 s after round 1 if that is missed
-        superlink_db = tmp / "server_run" / "superlink.db"
+        superlink_db = run_dir / "superlink.db"
         out["killed_with_queued_round_2"] = wait_briefly(lambda: queued_messages(superlink_db, 2) > 0, 60)
         # SIGKILL the CLI, the SuperLink and the ServerApp (every descendant, by PID)
         stop_process(server, timeout=5, kill=True)
@@ -252,7 +249,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         out["timings"]["resume_to_round_2"] = time.monotonic() - t1
         # a site dies mid-round: killed as soon as its SuperNode has pulled round 3's message
         out["dead_site"] = list(site_tomls)[-1]
-        dead_node = supernode_id(tmp / "state" / out["dead_site"])
+        dead_node = supernode_id(state[out["dead_site"]])
         out["killed_site_holding_round_3"] = wait_briefly(
             lambda: queued_messages(superlink_db, 3, dead_node, delivered=True) > 0, 120, interval=0.05
         )
@@ -267,13 +264,26 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         procs.stop_all()
     out["server_toml"] = server_toml
     out["registry_db"] = registry_db
+    out["run_dir"] = run_dir
+    out["state"] = state
+    out["kits"], out["built"] = kits, built
     out["env"] = env
     yield out
 
 
+def test_the_kits_ran_as_built(deployment: dict[str, Any]) -> None:
+    kits, built = deployment["kits"], deployment["built"]
+    assert {rel: (kits / rel).read_bytes() for rel in built} == built  # nothing edited
+    assert sorted(p.name for p in built) == ["consortium.toml", "server.toml", "site.toml", "site.toml"]
+    for name, toml in deployment["site_tomls"].items():
+        assert toml.read_bytes() == built[Path("sites", name, "site.toml")]
+    server = ServerDeployConfig.from_toml(deployment["server_toml"])
+    assert [p.parent.name for p in server.admit] == list(deployment["sites"])
+
+
 def test_unadmitted_supernode_is_refused(deployment: dict[str, Any]) -> None:
     assert deployment["intruder_rc"] not in (None, 0)
-    log = (deployment["tmp"] / "server_run" / "logs" / "superlink.log").read_text()
+    log = (deployment["run_dir"] / "logs" / "superlink.log").read_text()
     assert "could not be activated" in log or "No SuperNode found" in log
 
 
@@ -310,7 +320,7 @@ def test_rounds_survive_a_server_restart_and_a_dead_site(deployment: dict[str, A
 
 def test_audit_ledgers_hold_every_update(deployment: dict[str, Any]) -> None:
     for name in deployment["sites"]:
-        ledger = AuditLedger(deployment["tmp"] / "state" / name / LEDGER_FILENAME)
+        ledger = AuditLedger(deployment["state"][name] / LEDGER_FILENAME)
         try:
             rows = ledger.entries()
         finally:
@@ -331,8 +341,8 @@ def test_audit_ledgers_hold_every_update(deployment: dict[str, Any]) -> None:
 
 
 def test_no_phi_leaves_the_sites(deployment: dict[str, Any]) -> None:
-    tmp = deployment["tmp"]
-    dbs = sorted((tmp / "server_run").glob("registry.db*")) + sorted((tmp / "state").glob(f"*/{LEDGER_FILENAME}*"))
+    dbs = sorted(deployment["run_dir"].glob("registry.db*"))
+    dbs += [p for d in deployment["state"].values() for p in sorted(d.glob(f"{LEDGER_FILENAME}*"))]
     assert dbs
     for site_dir in deployment["sites"].values():
         needles = phi_needles(site_dir)
@@ -355,7 +365,7 @@ def test_status_lists_admitted_sites(deployment: dict[str, Any]) -> None:
 def test_report_timings(deployment: dict[str, Any]) -> None:
     (deployment["tmp"] / "timings.json").write_text(json.dumps(deployment["timings"], indent=2))
     print("deployment timings (s):", json.dumps({k: round(v, 1) for k, v in deployment["timings"].items()}))
-    logs = sorted((deployment["tmp"] / "state").glob("*/logs/worker.log"))
+    logs = sorted(p for d in deployment["state"].values() for p in d.glob("logs/worker.log"))
     stale = sum(f.read_text(errors="replace").count("skipped a stale task") for f in logs)
     print("server killed with round 2 queued at the SuperLink:", deployment["killed_with_queued_round_2"])
     print("site killed holding round 3's message:", deployment["killed_site_holding_round_3"])

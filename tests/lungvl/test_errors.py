@@ -49,6 +49,11 @@ def _chained(outer: BaseException, inner: BaseException) -> BaseException:
         (CorruptStateError("registry r.db: holds no tables"), errors.CORRUPT_STATE, ("r.db",)),
         (PeerUnreachable("superlink h:9093: connection refused"), errors.UNREACHABLE, ("h:9093",)),
         (ModuleNotFoundError("No module named 'psycopg'", name="psycopg"), errors.MISSING_DEPENDENCY, ("psycopg",)),
+        (
+            ModuleNotFoundError("PostgreSQL registry needs the driver: pip install 'lungvl[postgres]'", name="psycopg"),
+            errors.MISSING_DEPENDENCY,
+            ("lungvl[postgres]",),
+        ),
         (KeyboardInterrupt(), errors.INTERRUPTED, ("interrupted",)),
         (sqlite3.DatabaseError("file is not a database"), errors.CORRUPT_STATE, ("not a database",)),
         (sqlite3.OperationalError("database or disk is full"), errors.DISK_FULL, ("disk full",)),

@@ -24,9 +24,7 @@ from lungvl_model.evaluation import (
     match_detections,
     roc_auc,
     rouge_l,
-    rouge_l_corpus,
     sensitivity_specificity,
-    tokenize_words,
 )
 from lungvl_model.evaluation import metrics as metrics_module
 
@@ -298,54 +296,7 @@ def test_calibrate_entropy_threshold_property(items, target):
 # ----------------------------------------------------------------------------- text
 
 
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("A 5.2 mm nodule, RUL.", ["a", "5.2", "mm", "nodule", ",", "rul", "."]),
-        ("Ground-glass; Lung-RADS 4B", ["ground", "-", "glass", ";", "lung", "-", "rads", "4b"]),
-        ("  ", []),
-    ],
-)
-def test_tokenize_words(text, expected):
-    assert tokenize_words(text) == expected
-
-
-@pytest.mark.parametrize(
-    "hyps, refs, expected",
-    [
-        (["The nodule is stable.", "No new nodules."], ["the nodule is stable .", "no new nodules."], 1.0),
-        (["alpha beta gamma delta"], ["one two three four"], 0.0),
-        # p1 = 3/4; p2 = (2+1)/(3+1); p3 = (1+1)/(2+1); p4 = (0+1)/(1+1); BP = 1
-        (["the nodule is stable"], ["the nodule is unchanged"], (3 / 4 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25),
-        # clipping: p1 = 1/4; p2 = 1/4; p3 = 1/3; p4 = 1/2
-        (["the the the the"], ["the nodule"], (1 / 96) ** 0.25),
-        # brevity: c = 2, r = 4 -> exp(1 - 2); p_n = 1 for all n (smoothing of absent orders)
-        (["the nodule"], ["the nodule is stable"], math.exp(-1.0)),
-        # pooled over the corpus: p1 = 4/5, p2 = 3/4, p3 = 2/3, p4 = 1/2
-        (["the nodule is stable", "a"], ["the nodule is unchanged", "a"], 0.2**0.25),
-    ],
-)
-def test_bleu4(hyps, refs, expected):
-    assert bleu4(hyps, refs) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize(
-    "hyp, ref, expected",
-    [
-        ("Solid nodule in the RUL.", "solid nodule in the rul .", 1.0),
-        # LCS "solid nodule right lobe" = 4; P = 4/8, R = 4/5; F = 2.44 * P * R / (R + 1.44 P)
-        ("a solid nodule in the right upper lobe", "solid nodule right lower lobe", 2.44 * 0.4 / (0.8 + 1.44 * 0.5)),
-        ("alpha beta", "gamma", 0.0),
-        ("", "", 1.0),
-        ("", "nodule", 0.0),
-    ],
-)
-def test_rouge_l(hyp, ref, expected):
-    assert rouge_l(hyp, ref) == pytest.approx(expected)
-
-
-def test_rouge_l_corpus_averages_pairs():
-    assert rouge_l_corpus(["no nodule", "alpha"], ["no nodule", "beta"]) == pytest.approx(0.5)
+# BLEU-4 / ROUGE-L (sacrebleu, rouge-score): tests/lungvl_model/evaluation/test_text_metrics.py
 
 
 # ----------------------------------------------------------------------------- invalid inputs

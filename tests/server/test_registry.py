@@ -1,20 +1,30 @@
-"""Run registry: a two-round run written, reopened from disk and read back; resume helpers; validation."""
+"""Run registry: a two-round run written, reopened and read back; resume helpers; validation.
+
+Every test that touches a database runs on SQLite and on PostgreSQL (:func:`db_url`, a fresh database each).
+"""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 import math
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
+from sqlalchemy import make_url
 
 from server.registry import Registry, RegistryError, sqlalchemy_url
+from tests.server.test_registry_backends import BACKENDS, fresh_database
 
 SHA = hashlib.sha256(b"checkpoint").hexdigest()
-PG_URL = os.environ.get("LUNGVL_TEST_PG_URL")
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty registry database: a SQLite file, or a PostgreSQL database dropped afterwards."""
+    with fresh_database(request.param, tmp_path / "db") as url:
+        yield url
 
 
 def fill(reg: Registry) -> int:
@@ -114,23 +124,31 @@ def check_filled(reg: Registry, run: int) -> None:
     assert s["epsilon"] == 1.0 and s["max_site_epsilon"] == 2.0 and s["max_site_epsilon_site"] == "alpha"
 
 
-def test_run_round_trip_and_persistence(tmp_path: Path) -> None:
-    db = tmp_path / "nested" / "reg.db"
-    reg = Registry(db)
+def test_run_round_trip_and_persistence(db_url: str) -> None:
+    reg = Registry(db_url)
     run = fill(reg)
     check_filled(reg, run)
     reg.finish_run(run, "finished")
     reg.close()
-    with Registry(db) as again:
-        check_filled(again, run)
-        assert again.run(run)["status"] == "finished" and again.run(run)["finished_at"] is not None
-        with again.engine.connect() as conn:
-            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    with Registry(db_url) as again, Registry(db_url, read_only=True) as reader:
+        for r in (again, reader):
+            check_filled(r, run)
+            assert r.run(run)["status"] == "finished" and r.run(run)["finished_at"] >= r.run(run)["created_at"]
+        if again.engine.dialect.name == "sqlite":
+            with again.engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
 
 
-def test_resume_after_incomplete_round(tmp_path: Path) -> None:
-    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+def test_sqlite_file_in_new_folders(tmp_path: Path) -> None:
+    db = tmp_path / "nested" / "reg.db"
+    with Registry(db) as reg:
+        check_filled(reg, fill(reg))
+    assert db.is_file() and make_url(Registry(db, read_only=True).url).database == str(db)
+
+
+def test_resume_after_incomplete_round(db_url: str) -> None:
+    reg = Registry(db_url)
     run = fill(reg)
     reg.start_round(run, 3, sampled=3)
     reg.record_participation(run, 3, node_id=11, site_name="beta", status="ok", num_examples=25)
@@ -152,16 +170,16 @@ def test_resume_after_incomplete_round(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "x"])
-def test_non_finite_metric_rejected(tmp_path: Path, bad: object) -> None:
-    reg = Registry(tmp_path / "m.db")
+def test_non_finite_metric_rejected(db_url: str, bad: object) -> None:
+    reg = Registry(db_url)
     run = reg.start_run("r", {}, seed=None)
     with pytest.raises(ValueError, match="val_auc"):
         reg.record_metrics(run, 1, "global", {"val_loss": 0.2, "val_auc": bad})  # type: ignore[dict-item]
     assert reg.metrics(run) == []  # nothing written
 
 
-def test_invalid_args(tmp_path: Path) -> None:
-    reg = Registry(tmp_path / "v.db")
+def test_invalid_args(db_url: str) -> None:
+    reg = Registry(db_url)
     run = reg.start_run("r", {}, seed=1)
     with pytest.raises(RegistryError, match="no run with id 99"):
         reg.start_round(99, 1, sampled=1)
@@ -195,8 +213,8 @@ def test_invalid_args(tmp_path: Path) -> None:
     assert row["update_norm"] is None and "update_norm=nan" in row["reason"]
 
 
-def test_export_csv(tmp_path: Path) -> None:
-    reg = Registry(tmp_path / "e.db")
+def test_export_csv(db_url: str, tmp_path: Path) -> None:
+    reg = Registry(db_url)
     run = fill(reg)
     files = reg.export_csv(run, tmp_path / "csv")
     assert sorted(p.name for p in files) == ["metrics.csv", "metrics_global.csv", "metrics_site_alpha.csv"]
@@ -208,18 +226,3 @@ def test_export_csv(tmp_path: Path) -> None:
 def test_url_of_plain_path() -> None:
     assert sqlalchemy_url("runs/x.db") == "sqlite:///runs/x.db"
     assert sqlalchemy_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
-
-
-@pytest.mark.skipif(not PG_URL, reason="set LUNGVL_TEST_PG_URL to a scratch PostgreSQL database to run this")
-def test_postgresql_round_trip() -> None:
-    assert PG_URL is not None
-    reg = Registry(PG_URL)
-    run = fill(reg)
-    try:
-        check_filled(reg, run)
-        with Registry(PG_URL) as again:
-            check_filled(again, run)
-    finally:
-        with reg.engine.begin() as conn:  # leave the scratch database as it was
-            conn.execute(sa.text("DELETE FROM runs WHERE id = :id"), {"id": run})
-        reg.close()

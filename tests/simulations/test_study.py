@@ -1,24 +1,43 @@
-"""The study: grid expansion, resumable runs (a rerun skips finished cells), the report from a filled registry."""
+"""The study: grid expansion, resumable runs (a rerun skips finished cells), the report from a filled registry.
+
+The tests that touch the registry run twice (:func:`registry`): on the study directory's default SQLite
+``registry.db`` and on a fresh PostgreSQL database given as ``db_url`` (``--db``).
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import simulations.study_run as study_run
+from lungvl.cli import run as cli
+from lungvl.errors import MISSING_DEPENDENCY
 from server.registry import Registry
 from simulations.study_config import Cell, StudyConfig, expand_grid
 from simulations.study_report import write_report
 from simulations.study_stats import estimate, load_study
+from tests.server.test_registry_backends import BACKENDS, fresh_database
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDIES = ROOT / "simulations" / "studies"
 SCENARIO = STUDIES / "svr_small_scenario.toml"
+
+
+@pytest.fixture(params=BACKENDS)
+def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Path, str, str | None]]:
+    """``(study_dir, url, db_url)``: SQLite is the study directory's own ``registry.db`` (``db_url`` None,
+    the default), PostgreSQL a fresh database passed as ``db_url``."""
+    out = tmp_path / "study"
+    out.mkdir()
+    with fresh_database(request.param, out) as url:
+        yield out, url, None if request.param == "sqlite" else url
 
 
 def study(**grid) -> StudyConfig:
@@ -152,28 +171,33 @@ def _fake_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: set[str])
     return calls
 
 
-def test_rerun_skips_finished_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rerun_skips_finished_cells(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: tuple[Path, str, str | None]
+) -> None:
+    out, url, db_url = registry
     s = study(strategies=["local", "fedavg"], dp=["none", "client"], epsilons=[2.0], dp_strategies=["fedavg"])
     ids = [c.cell_id for c in s.cells()]
     assert ids == ["local-s0", "fedavg-s0", "fedavg-client2-s0", "local-s1", "fedavg-s1", "fedavg-client2-s1"]
     calls = _fake_study(tmp_path, monkeypatch, fail={"fedavg-s1"})
     lines: list[str] = []
-    first = study_run.run_study(s, tmp_path / "study", progress=lines.append)
+    first = study_run.run_study(s, out, progress=lines.append, db_url=db_url)
     assert calls == ids and first["failed"].keys() == {"fedavg-s1"} and len(first["ran"]) == 5
     assert any(line.startswith("[2/6] fedavg-s0: finished") for line in lines)
     calls.clear()
-    second = study_run.run_study(s, tmp_path / "study", progress=lines.append)
+    second = study_run.run_study(s, out, progress=lines.append, db_url=db_url)
     assert calls == ["fedavg-s1"] and second["skipped"] == 5 and second["ran"] == []  # fails again
     calls.clear()
     calls = _fake_study(tmp_path, monkeypatch, fail=set())
-    third = study_run.run_study(s, tmp_path / "study", only=["*-s1"], progress=lines.append)
+    third = study_run.run_study(s, out, only=["*-s1"], progress=lines.append, db_url=db_url)
     assert third["ran"] == ["fedavg-s1"] and third["skipped"] == 2
-    with Registry(tmp_path / "study" / "registry.db") as reg:
+    with Registry(url) as reg:
         assert sorted(study_run.done_cells(reg, "s")) == sorted(ids)
     calls.clear()
-    fourth = study_run.run_study(s, tmp_path / "study", only=["fedavg-client2-*"], rerun=True, progress=lines.append)
+    fourth = study_run.run_study(s, out, only=["fedavg-client2-*"], rerun=True, progress=lines.append, db_url=db_url)
     assert calls == ["fedavg-client2-s0", "fedavg-client2-s1"] and fourth["skipped"] == 0
-    assert json.loads((tmp_path / "study" / "study.json").read_text())["cells"][0]["cell_id"] == "local-s0"
+    written = json.loads((out / "study.json").read_text())
+    assert written["cells"][0]["cell_id"] == "local-s0" and written["registry"] == Registry(url).url
+    assert (out / "registry.db").exists() == (db_url is None)  # --db: nothing in the study directory
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -181,7 +205,7 @@ def test_rerun_skips_finished_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 COHORTS = {"scr-a": "screening", "scr-b": "screening", "ref": "referral", "low": "low_resource"}
 
 
-def _fill(db: Path) -> dict[tuple[str, int], dict[str, dict[str, float]]]:
+def _fill(db: str) -> dict[tuple[str, int], dict[str, dict[str, float]]]:
     """A registry with known final values: 3 arms x 2 seeds, 4 sites, 2 rounds; returns what was written."""
     rng = np.random.default_rng(0)
     written = {}
@@ -224,11 +248,13 @@ def _parse(cell: str) -> tuple[float, float, float, int]:
     return float(m[1]), float(m[2]), float(m[3]), int(m[4])
 
 
-def test_report_numbers_match_the_registry(tmp_path: Path) -> None:
-    written = _fill(tmp_path / "registry.db")
-    path = write_report(tmp_path, n_boot=500)
+def test_report_numbers_match_the_registry(registry: tuple[Path, str, str | None]) -> None:
+    out, url, db_url = registry
+    written = _fill(url)
+    path = write_report(out, n_boot=500, db_url=db_url)
     md = path.read_text()
-    assert (tmp_path / "convergence.png").stat().st_size > 0 and (tmp_path / "privacy_utility.png").exists()
+    assert (out / "convergence.png").stat().st_size > 0 and (out / "privacy_utility.png").exists()
+    assert f"read from `{'registry.db' if db_url is None else Registry(url).url}` only" in md
     assert "6 finished runs in 3 arms" in md and "seed × site replicates" in md
     assert "own training studies (no hold-out split)" in md  # the filled runs carry no hold-out fraction
     for arm, label in (("fedavgm-lr1-m0.9", "FedAvgM (η=1, β=0.9)"), ("fedavg", "FedAvg")):
@@ -257,20 +283,22 @@ def test_report_numbers_match_the_registry(tmp_path: Path) -> None:
     assert "| 1.8 |" in dp_line  # ε spent: the last round's client-level ε
 
 
-def test_report_names_the_hold_out(tmp_path: Path) -> None:
-    _fill(tmp_path / "registry.db")
-    with Registry(tmp_path / "registry.db") as reg:  # one run of an older study: the fraction only in its scenario
+def test_report_names_the_hold_out(registry: tuple[Path, str, str | None]) -> None:
+    out, url, db_url = registry
+    _fill(url)
+    with Registry(url) as reg:  # one run of an older study: the fraction only in its scenario
         tag = {"study": "known", "cell": Cell("centralised", seed=7).to_dict(), "sites": COHORTS, "rounds": 2}
         run = reg.start_run("known:c", {"study": tag, "scenario": {"run": {"holdout_fraction": 0.25}}}, seed=7)
         reg.record_metrics(run, 2, "site:low", {"val_auc": 0.5})
         reg.finish_run(run, "finished")
-    md = write_report(tmp_path, n_boot=100).read_text()
+    md = write_report(out, n_boot=100, db_url=db_url).read_text()
     assert "hold-out patients (about 25% of them" in md
 
 
-def test_load_study_and_estimates(tmp_path: Path) -> None:
-    _fill(tmp_path / "registry.db")
-    with Registry(tmp_path / "registry.db") as reg:
+def test_load_study_and_estimates(tmp_path: Path, registry: tuple[Path, str, str | None]) -> None:
+    _, url, _ = registry
+    _fill(url)
+    with Registry(url, read_only=True) as reg:
         name, runs = load_study(reg)
         assert name == "known" and len(runs) == 6 and runs[0].final_round == 2
         with pytest.raises(ValueError, match="no study"):
@@ -280,6 +308,31 @@ def test_load_study_and_estimates(tmp_path: Path) -> None:
         write_report(tmp_path / "nowhere")
 
 
+def test_cli_report_reads_the_db_given(
+    registry: tuple[Path, str, str | None], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, url, db_url = registry
+    _fill(url)
+    args = ["study", "report", str(out), "--bootstrap", "50", *(["--db", db_url] if db_url else [])]
+    assert cli(args) == 0 and capsys.readouterr().out.strip() == str(out / "results.md")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert cli(["study", "report", str(elsewhere), "--db", url, "--bootstrap", "50"]) == 0
+    assert (elsewhere / "results.md").read_text().count("6 finished runs in 3 arms") == 1
+
+
+def test_cli_study_without_the_postgres_driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if `lungvl[postgres]` were not installed
+    toml = tmp_path / "s.toml"
+    toml.write_text(f'[study]\nname = "s"\nscenario = "{SCENARIO}"\nseeds = [0]\n')
+    url = "postgresql://lungvl:pw@127.0.0.1:1/lungvl"
+    for args in (["run", str(toml), "--out", str(tmp_path / "out")], ["report", str(tmp_path)]):
+        assert cli(["study", *args, "--db", url]) == MISSING_DEPENDENCY
+        err = capsys.readouterr().err
+        assert "lungvl[postgres]" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "sites").exists()  # refused before any site was generated
+
+
 @pytest.mark.parametrize(
     "values", [[0.5], [0.1, 0.9], [0.0, 0.0, 1.0], list(np.linspace(0, 1, 17)), [3.0, -1.0, 2.5, 8.0]]
 )
@@ -287,3 +340,16 @@ def test_bootstrap_interval_contains_the_point_estimate(values) -> None:
     est = estimate(values, n_boot=300)
     assert est.low <= est.mean <= est.high and est.mean == pytest.approx(np.mean(values)) and est.n == len(values)
     assert estimate([math.nan]).fmt() == "n/a"
+
+
+def test_dry_run_json_lists_every_cell(capsys: pytest.CaptureFixture[str]) -> None:
+    """``study run --dry-run --json`` prints one JSON document with every cell's settings."""
+    study = Path(__file__).resolve().parents[2] / "simulations" / "studies" / "screening_vs_referral_small.toml"
+    code = cli(["study", "run", str(study), "--out", "/nonexistent-never-written", "--dry-run", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    doc = json.loads(out)
+    expected = [c.cell_id for c in StudyConfig.from_toml(study).cells()]
+    assert [c["cell_id"] for c in doc["cells"]] == expected and expected
+    assert all("strategy" in c and "seed" in c for c in doc["cells"])
+    assert cli(["study", "run", str(study), "--out", "/nonexistent-never-written", "--json"]) == 2
