@@ -5,7 +5,20 @@ Which site a process serves comes from the node config:
 - a deployed SuperNode: ``flower-supernode --node-config "site-dir='/data/site' model-dir='/opt/model'"``
   (``state-dir`` optional; ``model-dir`` may also come from site.toml ``[training] model_dir``);
 - Flower's simulation engine only gives ``partition-id``: :func:`make_client_app` takes the list of
-  :class:`SiteEndpoint` that partition ids index.
+  :class:`SiteEndpoint` that partition ids index (``lungvl simulate``); without that list (``flwr run``
+  on a local simulation federation) :func:`simulated_endpoint` maps the partition to a site from the run
+  config: the ``sites`` list when given, else a synthetic site generated on first use.
+
+Run config keys read here (relative paths resolve against the Flower App directory, :func:`app_dir`):
+
+- ``sites``: comma-separated site directories; partition ``i`` serves the ``i``-th (empty: synthetic);
+- ``synthetic-studies``, ``synthetic-matrix``, ``synthetic-z-extent-mm``, ``synthetic-seed``: the
+  synthetic sites (cohorts screening, referral, low_resource by partition id, cycled; site seed
+  ``synthetic-seed + partition id``), generated into ``<run-dir>/synthetic_sites/`` by the first
+  process that needs one (a file lock plus an atomic rename: safe when several start at once) and
+  reused afterwards;
+- ``run-dir`` (each partition's ledger and accountant state in ``<run-dir>/state/partition-<i>``) and
+  ``init-model`` (the model package the sites load), as the ServerApp reads them.
 
 Messages:
 
@@ -32,9 +45,14 @@ computes for them).
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
+import os
+import shutil
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,10 +73,11 @@ from federation.records import (
     packed_payload,
     round_config_from_record,
 )
+from lungvl_model.data.synth import SynthConfig, generate_site
 from privacy.accountant import PrivacyBudgetExceeded
 from privacy.site_policy import SitePolicyRefusal
 
-__all__ = ["SiteEndpoint", "app", "make_client_app"]
+__all__ = ["SYNTHETIC_COHORTS", "SiteEndpoint", "app", "app_dir", "make_client_app", "simulated_endpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +85,15 @@ _ERROR_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 #: Tracebacks of failed rounds, in the site's state directory (the reply carries only the exception type).
 SITE_ERROR_LOG = "site_errors.log"
 _MAX_TRAINERS = 4
+#: Cohorts of the synthetic sites of a ``flwr run`` simulation, by partition id (cycled).
+SYNTHETIC_COHORTS = ("screening", "referral", "low_resource")
+#: Synthetic site settings (run config key → default).
+_SYNTH_DEFAULTS: dict[str, int | float] = {
+    "synthetic-studies": 3,
+    "synthetic-matrix": 64,
+    "synthetic-z-extent-mm": 120.0,
+    "synthetic-seed": 0,
+}
 
 
 @dataclass(frozen=True)
@@ -110,11 +138,104 @@ def _opt_path(value: str | None) -> Path | None:
     return None if value is None else Path(value)
 
 
-def resolve_endpoint(context: Context, sites: Sequence[SiteEndpoint] = ()) -> SiteEndpoint:
-    """The site this node serves, from ``site-dir``/``model-dir``/``state-dir`` or ``partition-id``.
+def app_dir() -> Path:
+    """The Flower App directory this code was loaded from; the current directory when there is none.
+
+    Flower loads ``client.app:app`` with the app directory first on ``sys.path`` (for ``flwr run`` the
+    FAB installed under ``$FLWR_HOME/apps/``), so the folder holding this package is the app when it has
+    a ``pyproject.toml`` with a ``[tool.flwr.app]`` table (an installed wheel has none).
+    """
+    here = Path(__file__).resolve().parents[1]
+    project = here / "pyproject.toml"
+    if project.is_file() and "[tool.flwr.app" in project.read_text(encoding="utf-8", errors="replace"):
+        return here
+    return Path.cwd()
+
+
+def _under(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _synth_setting(run_config: Mapping[str, Any], key: str) -> int | float:
+    default = _SYNTH_DEFAULTS[key]
+    value = run_config.get(key, default)
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or (isinstance(default, int) and not isinstance(value, int)):
+        raise ValueError(f"run config {key!r} must be {type(default).__name__}, got {value!r}")
+    return value
+
+
+def synthetic_site(run_config: Mapping[str, Any], partition_id: int, cache: Path) -> Path:
+    """The synthetic site of ``partition_id`` under ``cache``, generated on first use.
+
+    Deterministic (cohort and seed from the partition id and the run config): every process that needs
+    the site gets the same one. The first generates it into a temporary folder under an exclusive file
+    lock and renames it into place; the others wait on the lock and reuse it. The folder name carries a
+    hash of the settings, so changed settings generate a new site instead of reusing a stale one.
 
     Raises:
-        KeyError: neither a ``site-dir`` nor a ``partition-id`` that indexes ``sites``.
+        ValueError: a ``synthetic-*`` setting of the wrong type or out of range (the key and value named).
+    """
+    studies, matrix, z_mm, seed = (_synth_setting(run_config, k) for k in _SYNTH_DEFAULTS)
+    cohort = SYNTHETIC_COHORTS[partition_id % len(SYNTHETIC_COHORTS)]
+    name = f"sim-{partition_id}-{cohort}"
+    try:
+        synth = SynthConfig(
+            cohort, int(studies), cache, seed=int(seed) + partition_id, matrix=int(matrix), z_extent_mm=float(z_mm)
+        )
+    except ValueError as err:
+        raise ValueError(f"run config synthetic-* settings: {err}") from None
+    settings = json.dumps({k: v for k, v in synth.to_dict().items() if k != "out_dir"}, sort_keys=True)
+    target = cache / f"{name}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
+    if (target / "site.toml").is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / f".{target.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not (target / "site.toml").is_file():
+            tmp = cache / f".{target.name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            logger.info("partition %d: generating synthetic site %s (%s)", partition_id, target, cohort)
+            generate_site(SynthConfig(**{**synth.to_dict(), "out_dir": tmp, "site_name": name}))
+            tmp.rename(target)
+    return target
+
+
+def simulated_endpoint(run_config: Mapping[str, Any], partition_id: int, base: Path) -> SiteEndpoint:
+    """The site of ``partition_id`` in a simulation without a site table (``flwr run`` on the simulation engine).
+
+    Args:
+        run_config: the run config (keys in the module docstring).
+        partition_id: Flower's partition id of the node.
+        base: the directory relative paths resolve against (the app directory).
+
+    Raises:
+        KeyError: ``sites`` lists fewer directories than there are partitions.
+    """
+    run_dir = _under(base, str(run_config.get("run-dir") or "runs/server"))
+    model_dir = _under(base, str(run_config.get("init-model") or "runs/init_model"))
+    listed = [p.strip() for p in str(run_config.get("sites") or "").split(",") if p.strip()]
+    if listed:
+        if partition_id >= len(listed):
+            raise KeyError(
+                f"run config 'sites' lists {len(listed)} site(s), none for partition-id {partition_id}: "
+                f"run with num-supernodes <= {len(listed)} or list more sites"
+            )
+        site_dir = _under(base, listed[partition_id])
+    else:
+        site_dir = synthetic_site(run_config, partition_id, run_dir / "synthetic_sites")
+    return SiteEndpoint(site_dir, model_dir, run_dir / "state" / f"partition-{partition_id}")
+
+
+def resolve_endpoint(context: Context, sites: Sequence[SiteEndpoint] = ()) -> SiteEndpoint:
+    """The site this node serves: ``site-dir``/``model-dir``/``state-dir``, or by ``partition-id``.
+
+    A ``partition-id`` indexes ``sites`` when given, else the run config maps it
+    (:func:`simulated_endpoint`).
+
+    Raises:
+        KeyError: neither a ``site-dir`` nor a ``partition-id``, or a partition with no site.
     """
     cfg = dict(context.node_config)
     site_dir = _node_value(cfg, "site-dir")
@@ -126,9 +247,13 @@ def resolve_endpoint(context: Context, sites: Sequence[SiteEndpoint] = ()) -> Si
             None if state_dir is None else Path(state_dir),
         )
     pid = cfg.get("partition-id")
-    if pid is not None and sites and 0 <= int(pid) < len(sites):
-        return sites[int(pid)]
-    raise KeyError(f"node config must give 'site-dir' (or a partition-id among {len(sites)} sites), got {sorted(cfg)}")
+    if pid is not None and sites:
+        if 0 <= int(pid) < len(sites):
+            return sites[int(pid)]
+        raise KeyError(f"partition-id {pid} is not among the {len(sites)} sites of this simulation")
+    if pid is not None:
+        return simulated_endpoint(context.run_config, int(pid), app_dir())
+    raise KeyError(f"node config must give 'site-dir' (or a 'partition-id' in a simulation), got {sorted(cfg)}")
 
 
 _TRAINERS: dict[SiteEndpoint, SiteTrainer] = {}
@@ -236,22 +361,51 @@ def handle_query(msg: Message, endpoint: SiteEndpoint) -> Message:
     return Message(RecordDict({CONFIG: ConfigRecord({SITE_NAME_KEY: config.name})}), reply_to=msg)
 
 
+def _setup_error(msg: Message, err: Exception) -> Message:
+    """The reply when the node cannot serve any site (no site directory, unreadable site.toml...)."""
+    logger.error("site setup failed: %s: %s", type(err).__name__, err, exc_info=err)
+    reason = f"site setup failed ({type(err).__name__}; see the node's log)"
+    return Message(Error(code=_ERROR_CODE, reason=reason), reply_to=msg)
+
+
 def make_client_app(sites: Sequence[SiteEndpoint] = ()) -> ClientApp:
-    """A ClientApp serving the site named by the node config (``partition-id`` indexes ``sites``)."""
+    """A ClientApp serving the site named by the node config (``partition-id`` indexes ``sites``).
+
+    A node that cannot set its site up (no site directory, a bad ``sites`` entry, an unreadable
+    site.toml) answers every message with an error reply naming the exception type only; the
+    details go to the node's log.
+    """
     client_app = ClientApp()
     table = tuple(sites)
 
+    def endpoint_for(context: Context) -> SiteEndpoint:
+        endpoint = resolve_endpoint(context, table)
+        endpoint.client_config()  # fails early on a missing site directory or a bad site.toml
+        return endpoint
+
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, resolve_endpoint(context, table))
+        try:
+            endpoint = endpoint_for(context)
+        except Exception as err:
+            return _setup_error(msg, err)
+        return handle_train(msg, endpoint)
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, resolve_endpoint(context, table))
+        try:
+            endpoint = endpoint_for(context)
+        except Exception as err:
+            return _setup_error(msg, err)
+        return handle_evaluate(msg, endpoint)
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:
-        return handle_query(msg, resolve_endpoint(context, table))
+        try:
+            endpoint = endpoint_for(context)
+        except Exception as err:
+            return _setup_error(msg, err)
+        return handle_query(msg, endpoint)
 
     return client_app
 

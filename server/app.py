@@ -1,14 +1,24 @@
 """The consortium's Flower ServerApp (thin): run config in, :class:`~server.strategy.DPFedAvgM` runs, checkpoints out.
 
-Run config keys (``[tool.flwr.app.config]``, ``flwr run --run-config`` or the simulation's defaults):
+Run config keys (``[tool.flwr.app.config]``, ``flwr run --run-config`` or the simulation's defaults).
+Relative paths resolve against the Flower App directory (:func:`app_dir`: for ``flwr run .`` the copy
+of the app Flower installed under ``$FLWR_HOME/apps/``), never against the current directory:
 
 - ``server-config``: path of the server TOML (:class:`~server.config.ServerConfig`); required;
 - ``init-model``: the initial model package (a lungvl checkpoint directory: config.json, tokenizer/,
-  model.pt); required;
+  model.pt); required. When it does not exist it is built (:func:`build_init_model`: ``model-preset``
+  with the ``[model]`` table of ``model-config``, a tokenizer trained on the public synthetic corpus)
+  and saved there;
+- ``model-preset`` / ``model-config``: the model built when ``init-model`` is missing (default ``tiny``;
+  ``model-config`` a TOML file whose ``[model]`` table overrides the preset, e.g. a scenario file);
 - ``run-dir``: where checkpoints go (default ``runs/server``);
 - ``registry``: SQLAlchemy URL or SQLite path (default ``<run-dir>/registry.db``);
 - ``run-name``: the registry's run name (default the run directory's name);
-- ``resume``: continue the run recorded in ``<run-dir>/run.json`` after its last closed round.
+- ``resume``: continue the run recorded in ``<run-dir>/run.json`` after its last closed round;
+- ``num-server-rounds``: overrides the server TOML's ``rounds`` (0 = keep it);
+- ``max-consecutive-failed-rounds``: after this many failed rounds in a row the run is aborted, recorded
+  ``failed`` and the ServerApp raises (:class:`~server.round_types.RunAborted`), so Flower reports the
+  run failed too (default 3; 0 = never abort).
 
 Per closed round ``n`` (``completed`` or ``failed``: a failed round is charged to ε too) it writes
 ``<run-dir>/checkpoints/round_<n>/``: the global weights as a lungvl checkpoint (``save_checkpoint``),
@@ -36,7 +46,9 @@ with the same weights, bit for bit on CPU (given sites that train deterministica
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -51,13 +63,16 @@ from flwr.serverapp import Grid, ServerApp
 from federation.arrays import arrays_to_model, model_to_arrays
 from federation.records import arrays_to_record
 from federation.transport import shorten_object_pull_backoff
+from lungvl_model.config_file import read_toml
+from lungvl_model.models.config import LungVLConfig, get_preset
 from lungvl_model.models.lungvl import LungVLModel
 from lungvl_model.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
+from lungvl_model.training.stages import build_public_model, public_model_meta
 from server.aggregation import Arrays
 from server.config import ServerConfig
 from server.registry import Registry, RegistryError
 from server.round_engine import RoundEngine
-from server.round_types import RoundOutcome
+from server.round_types import DEFAULT_MAX_FAILED_ROUNDS, RoundOutcome
 from server.strategy import DPFedAvgM
 
 __all__ = [
@@ -68,6 +83,8 @@ __all__ = [
     "ResumeRefused",
     "ServerRunSpec",
     "app",
+    "app_dir",
+    "build_init_model",
     "check_resume",
     "load_round_checkpoint",
     "make_server_app",
@@ -111,9 +128,39 @@ class ResumePoint:
     checkpoint: Path | None  # None when no round was closed (the run starts again from the initial model)
 
 
+def app_dir() -> Path:
+    """The Flower App directory this code was loaded from; the current directory when there is none.
+
+    Flower loads ``server.app:app`` with the app directory first on ``sys.path`` (for ``flwr run`` the
+    FAB installed under ``$FLWR_HOME/apps/``), so the folder holding this package is the app when it has
+    a ``pyproject.toml`` with a ``[tool.flwr.app]`` table (an installed wheel has none).
+    """
+    here = Path(__file__).resolve().parents[1]
+    project = here / "pyproject.toml"
+    if project.is_file() and "[tool.flwr.app" in project.read_text(encoding="utf-8", errors="replace"):
+        return here
+    return Path.cwd()
+
+
+def _under(base: Path | None, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if base is None or path.is_absolute() else base / path
+
+
+def _count(run_config: Mapping[str, UserConfigValue], key: str, default: int) -> int:
+    value = run_config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"run config {key!r} must be an integer >= 0, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class ServerRunSpec:
-    """What one server run needs, resolved from the run config."""
+    """What one server run needs, resolved from the run config.
+
+    ``max_failed_rounds``: 0 = never abort; ``model_preset``/``model_config``: the model
+    :func:`build_init_model` builds when ``init_model`` is missing.
+    """
 
     config: ServerConfig
     init_model: Path
@@ -121,26 +168,83 @@ class ServerRunSpec:
     registry: str
     run_name: str
     resume: bool = False
+    max_failed_rounds: int = DEFAULT_MAX_FAILED_ROUNDS
+    model_preset: str = "tiny"
+    model_config: Path | None = None
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, UserConfigValue]) -> ServerRunSpec:
-        """Parse Flower's run config (keys in the module docstring).
+    def from_run_config(cls, run_config: Mapping[str, UserConfigValue], base: Path | None = None) -> ServerRunSpec:
+        """Parse Flower's run config (keys in the module docstring); relative paths resolve against ``base``.
 
         Raises:
             KeyError: a required key is missing.
+            ValueError: a count that is not an integer >= 0.
         """
         missing = [k for k in ("server-config", "init-model") if not run_config.get(k)]
         if missing:
             raise KeyError(f"ServerApp run config lacks {missing}; got {sorted(run_config)}")
-        run_dir = Path(str(run_config.get("run-dir") or "runs/server"))
+        run_dir = _under(base, str(run_config.get("run-dir") or "runs/server"))
+        registry = str(run_config.get("registry") or run_dir / "registry.db")
+        if "://" not in registry:
+            registry = str(_under(base, registry))
+        config = ServerConfig.from_toml(_under(base, str(run_config["server-config"])))
+        rounds = _count(run_config, "num-server-rounds", 0)
+        model_config = str(run_config.get("model-config") or "")
         return cls(
-            config=ServerConfig.from_toml(str(run_config["server-config"])),
-            init_model=Path(str(run_config["init-model"])),
+            config=config.with_updates(rounds=rounds) if rounds else config,
+            init_model=_under(base, str(run_config["init-model"])),
             run_dir=run_dir,
-            registry=str(run_config.get("registry") or run_dir / "registry.db"),
+            registry=registry,
             run_name=str(run_config.get("run-name") or run_dir.resolve().name),
             resume=bool(run_config.get("resume", False)),
+            max_failed_rounds=_count(run_config, "max-consecutive-failed-rounds", DEFAULT_MAX_FAILED_ROUNDS),
+            model_preset=str(run_config.get("model-preset") or "tiny"),
+            model_config=_under(base, model_config) if model_config else None,
         )
+
+
+def _merged(base: Mapping[str, Any], overrides: Mapping[str, Any], where: str) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        if key not in base:
+            raise KeyError(f"{where}: unknown model setting {key!r} (known: {', '.join(sorted(base))})")
+        nested = isinstance(value, Mapping) and isinstance(base[key], Mapping)
+        out[key] = _merged(base[key], value, f"{where}.{key}") if nested else value
+    return out
+
+
+def build_init_model(spec: ServerRunSpec, *, log: Log = print) -> Path:
+    """Build the initial model package at ``spec.init_model`` (written to a temp dir, then renamed in).
+
+    The model is ``spec.model_preset`` with the ``[model]`` table of ``spec.model_config`` merged in,
+    its weights seeded with the server config's ``seed``, its tokenizer trained on the public synthetic
+    report corpus only (:func:`~lungvl_model.training.stages.build_public_model`), as the simulations do.
+
+    Raises:
+        KeyError: an unknown preset or model setting, or no ``[model]`` table (the message names the file
+            and the key).
+        FileNotFoundError: ``model_config`` does not exist.
+    """
+    cfg = get_preset(spec.model_preset)
+    if spec.model_config is not None:
+        table = read_toml(spec.model_config, what="model config").get("model")
+        if not isinstance(table, Mapping):
+            raise KeyError(f"model-config {spec.model_config} has no [model] table")
+        cfg = LungVLConfig.from_dict(_merged(cfg.to_dict(), table, f"{spec.model_config} [model]"))
+    model = build_public_model(cfg, seed=spec.config.seed)
+    target = spec.init_model
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(tmp, model, {"stage": "init", "seed": spec.config.seed, **public_model_meta()})
+    try:
+        tmp.rename(target)
+    except OSError:  # built meanwhile by another process: keep that one
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "model.pt").exists():
+            raise
+    log(f"initial model built at {target}: preset {spec.model_preset}, {model.num_parameters()['total']:,} parameters")
+    return target
 
 
 def _rng_states() -> dict[str, Any]:
@@ -289,6 +393,8 @@ def run_server(grid: Grid, spec: ServerRunSpec, *, log: Log = print) -> dict[str
     """
     cfg = spec.config
     spec.run_dir.mkdir(parents=True, exist_ok=True)
+    if not spec.resume and not spec.init_model.exists():
+        build_init_model(spec, log=log)
     registry = Registry(spec.registry)
     model, init_meta = load_checkpoint(spec.init_model)
     weights = model_to_arrays(model)
@@ -327,7 +433,15 @@ def run_server(grid: Grid, spec: ServerRunSpec, *, log: Log = print) -> dict[str
         registry.record_checkpoint(run_id, outcome.round, directory, sha)
         last_ckpt.append(directory)
 
-    strategy = DPFedAvgM(cfg, registry=registry, run_id=run_id, on_round_end=on_round_end, log=log, state=state)
+    strategy = DPFedAvgM(
+        cfg,
+        registry=registry,
+        run_id=run_id,
+        on_round_end=on_round_end,
+        log=log,
+        state=state,
+        max_failed_rounds=spec.max_failed_rounds,
+    )
     try:
         strategy.start(grid, arrays_to_record(weights))
     except BaseException:
@@ -372,7 +486,9 @@ def make_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         shorten_object_pull_backoff()
-        spec = ServerRunSpec.from_run_config({**(defaults or {}), **context.run_config})
+        base = app_dir()
+        spec = ServerRunSpec.from_run_config({**(defaults or {}), **context.run_config}, base=base)
+        log(f"app dir {base}: run dir {spec.run_dir}, init model {spec.init_model}, registry {spec.registry}")
         summary = run_server(grid, spec, log=log)
         if on_done is not None:
             on_done(summary)

@@ -53,6 +53,7 @@ from server.app import RUN_FILE, check_resume
 from server.config import ServerConfig
 from server.registry import Registry
 from server.run_lock import RunDirLock
+from server.run_outputs import SitesTable, write_run_outputs
 
 __all__ = [
     "ADMITTED_FILE",
@@ -62,6 +63,7 @@ __all__ = [
     "admit_site",
     "admitted_sites",
     "launch_run",
+    "write_deployment_outputs",
     "start_server",
     "start_superlink",
     "stop_process",
@@ -363,6 +365,39 @@ def admit_site(cfg: ServerDeployConfig, public_key: str | Path, *, name: str = "
 
 
 # ---------------------------------------------------------------------------------------------- the run
+def write_deployment_outputs(cfg: ServerDeployConfig, run_id: int) -> list[Path]:
+    """Write a deployed run's metric CSVs, ``convergence.png``, ``epsilon.png`` and ``summary.md`` into its run dir.
+
+    The same files a simulation writes (:mod:`server.run_outputs`); the sites section lists every site
+    admitted (by key) or seen in the registry, with its rounds and examples.
+
+    Returns:
+        The files written.
+    """
+    from server.status import status_rows
+
+    with Registry(cfg.registry_url, read_only=True) as reg:
+        seen = {x["site"]: x for x in (status_rows(reg, run_id) or {}).get("sites", [])}
+        admitted = {a["name"]: a for a in admitted_sites(cfg.run_dir)}
+        rows = []
+        for name in sorted(set(admitted) | set(seen)):
+            site = seen.get(name, {})
+            rows.append(
+                (
+                    name,
+                    admitted[name]["fingerprint"] if name in admitted else "(not admitted by this server.toml)",
+                    str(site.get("ok", 0)),
+                    str(site.get("failed", 0)),
+                    str(site.get("examples", 0)),
+                )
+            )
+        table = SitesTable(("site", "key fingerprint", "rounds ok", "replies left out", "examples"), tuple(rows))
+        note = f"Deployed run: SuperLink on {cfg.host}:{cfg.port}, run directory {cfg.run_dir}."
+        return write_run_outputs(
+            reg, run_id, cfg.run_dir, cfg.server, title=cfg.run_name or cfg.run_dir.name, sites=table, notes=[note]
+        )
+
+
 def write_app(cfg: ServerDeployConfig, *, resume: bool) -> Path:
     """Write the run's Flower App (``<run_dir>/app/pyproject.toml``) and resolved server settings."""
     app = cfg.run_dir / "app"
@@ -517,12 +552,16 @@ def start_server(
             if streamer is not None:
                 stop_process(streamer, timeout=3)
             stop_process(superlink)
+        assert run_id is not None  # the loop ends only on a recorded run's final status
+        files = write_deployment_outputs(cfg, run_id)
+        log(f"wrote {len(files)} files to {cfg.run_dir}: metrics CSVs, convergence.png, epsilon.png, summary.md")
     result = {
         "run_id": run_id,
         "flwr_run_id": flwr_run_id,
         "status": status,
         "rounds_done": rounds,
         "seconds": round(time.perf_counter() - t0, 1),
+        "files": [str(f) for f in files],
     }
     log(f"run {run_id} {status}: {rounds} completed round(s) in {result['seconds']} s")
     return result

@@ -85,6 +85,9 @@ class RoundEngine:
         registry: where rounds, participation, metrics and ε are recorded (None: nothing is recorded).
         run_id: the registry run (required with ``registry``).
         log: one line per notable event (a round's summary, a rejected update...).
+        max_failed_rounds: after this many ``failed`` rounds in a row :meth:`abort_reason` says why the
+            run must stop (0 = never). The streak starts again at 0 after a ``completed`` round and in a
+            resumed run.
     """
 
     def __init__(
@@ -95,9 +98,14 @@ class RoundEngine:
         registry: Registry | None = None,
         run_id: int | None = None,
         log: Log | None = None,
+        max_failed_rounds: int = 0,
     ) -> None:
         if registry is not None and run_id is None:
             raise ValueError("RoundEngine: a registry needs the run_id to record into")
+        if isinstance(max_failed_rounds, bool) or not isinstance(max_failed_rounds, int) or max_failed_rounds < 0:
+            raise ValueError(f"RoundEngine: max_failed_rounds must be an integer >= 0, got {max_failed_rounds!r}")
+        self.max_failed_rounds = max_failed_rounds
+        self.failed_streak = 0  # failed rounds in a row, up to the last closed round
         self.config = config
         self.weights: Arrays = [np.array(a, dtype=np.float32, copy=True) for a in initial_arrays]
         self.shapes = shapes_of(self.weights)
@@ -349,7 +357,21 @@ class RoundEngine:
             self.registry.record_metrics(self.run_id, rnd, "global", outcome.train_metrics)
         self._agg = None
         self.round = rnd
+        self.failed_streak = self.failed_streak + 1 if outcome.status == "failed" else 0
         return outcome
+
+    def abort_reason(self) -> str | None:
+        """Why the run must stop now: ``max_failed_rounds`` failed rounds in a row (None: go on).
+
+        Decided on the rounds closed so far; with ``max_failed_rounds = 0`` never.
+        """
+        n, streak = self.max_failed_rounds, self.failed_streak
+        if n == 0 or streak < n:
+            return None
+        return (
+            f"{streak} consecutive failed rounds (rounds {self.round - streak + 1}-{self.round}) reached "
+            f"max-consecutive-failed-rounds = {n}; the run is aborted"
+        )
 
     def _record_client_privacy(self, rnd: int) -> None:
         acc = self.accountant

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 
 from server.aggregation import Arrays
 
-__all__ = ["RoundOutcome", "SiteReply"]
+__all__ = ["DEFAULT_MAX_FAILED_ROUNDS", "RoundOutcome", "RunAborted", "SiteReply"]
+
+#: Failed rounds in a row after which a run is aborted and recorded ``failed`` (0 = never abort).
+DEFAULT_MAX_FAILED_ROUNDS = 3
+
+
+class RunAborted(RuntimeError):
+    """The server gave up on a run (e.g. too many failed rounds in a row); the message says why."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""``lungvl server status``: the run registry as rich tables (run overview, rounds, sites).
+"""``lungvl server status``: the run registry as rich tables (run overview, rounds, sites) or as JSON.
 
-:func:`status_rows` gathers plain rows (usable for JSON output or tests); :func:`render_status` turns them
-into :class:`rich.table.Table` objects, ready for ``console.print(*tables)``.
+:func:`status_rows` gathers plain rows; :func:`render_status` turns them into :class:`rich.table.Table`
+objects, ready for ``console.print(*tables)``. :func:`status_json` and :func:`runs_json` are the stable,
+JSON-ready documents of ``lungvl server status --json`` and of the dashboard's ``/api/runs/{id}`` and
+``/api/runs`` (one function behind both; keys documented there and in the README).
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from rich.table import Table
 from server.registry import Registry
 
 MAX_METRIC_COLUMNS = 4
+#: Version of the JSON documents below; raised when a key is removed or changes meaning (new keys may appear).
+STATUS_SCHEMA_VERSION = 1
+#: Run statuses after which nothing changes any more.
+ENDED_STATUSES = ("finished", "stopped_budget", "failed")
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -177,3 +183,152 @@ def render_status(registry: Registry, run_id: int | None = None, *, max_rounds: 
             style=None if site["last_status"] == "ok" else "red",
         )
     return [overview, rounds, sites]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _planned(run: dict[str, Any]) -> tuple[int | None, float | None]:
+    """``(rounds planned, client-level ε budget)`` from the run's resolved server config (None: unknown / none)."""
+    server = (run.get("config") or {}).get("server") or {}
+    rounds = server.get("rounds")
+    budget = server.get("target_epsilon")
+    return (
+        int(rounds) if isinstance(rounds, int) else None,
+        float(budget) if isinstance(budget, int | float) and budget > 0 else None,
+    )
+
+
+def _run_head(run: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": int(run["id"]),
+        "name": run["name"],
+        "status": run["status"],
+        "ended": run["status"] in ENDED_STATUSES,
+        "created_at": _iso(run["created_at"]),
+        "finished_at": _iso(run["finished_at"]),
+        "seed": run["seed"],
+    }
+
+
+def runs_json(registry: Registry) -> dict[str, Any]:
+    """Every run of the registry, newest first: ``server status --json --all`` and ``GET /api/runs``.
+
+    Returns:
+        ``{"schema_version", "registry", "runs"}``; each run has ``id``, ``name``, ``status``, ``ended``
+        (status is ``finished``, ``stopped_budget`` or ``failed``), ``created_at``/``finished_at`` (ISO 8601,
+        ``finished_at`` null while running), ``seed``, ``rounds_planned`` (null when the run has no
+        server config), ``rounds_completed``.
+    """
+    runs = []
+    for run in reversed(registry.runs()):
+        planned, _ = _planned(run)
+        done = sum(r["status"] == "completed" for r in registry.rounds(int(run["id"])))
+        runs.append({**_run_head(run), "rounds_planned": planned, "rounds_completed": done})
+    return {"schema_version": STATUS_SCHEMA_VERSION, "registry": registry.url, "runs": runs}
+
+
+def status_json(registry: Registry, run_id: int | None = None) -> dict[str, Any] | None:
+    """One run as a JSON-ready dict: ``server status --json`` and ``GET /api/runs/{id}``.
+
+    Keys (stable within ``schema_version``; all times ISO 8601 UTC, missing values ``null``):
+
+    - ``schema_version``, ``registry`` (URL, password hidden);
+    - ``run``: ``id``, ``name``, ``status`` (``running``, ``finished``, ``stopped_budget``, ``failed``),
+      ``ended``, ``created_at``, ``finished_at``, ``seed``;
+    - ``progress``: ``rounds_planned``, ``rounds_completed``, ``rounds_recorded``, ``last_completed_round``;
+    - ``privacy``: ``epsilon`` (client-level ε spent so far), ``delta``, ``epsilon_budget`` (the server's
+      ``target_epsilon``; null when none), ``budget_used`` (ε / budget, null without a budget),
+      ``max_site_epsilon`` and ``max_site_epsilon_site`` (patient-level DP-SGD at the sites), ``sampling``,
+      ``reproducible_noise`` (true: seeded noise, not private);
+    - ``rounds``: one per recorded round, in order: ``round``, ``status`` (``running``, ``completed``,
+      ``failed``), ``sampled``, ``replied``, ``failed``, ``update_norm``, ``epsilon`` (client-level ε after
+      the round), ``started_at``, ``ended_at``, ``metrics`` (global metrics), ``sites`` (site → its
+      participation status in that round: ``ok``, ``failed``, ``rejected``, ``timeout``...);
+    - ``sites``: one per site seen: ``site``, ``ok``, ``not_ok``, ``examples``, ``statuses`` (status →
+      count), ``last_status``, ``last_reason``, ``epsilon`` (latest patient-level ε);
+    - ``failures``: every participation that was not ``ok``: ``round``, ``site``, ``status``, ``reason``;
+    - ``metric_names``: every global metric name recorded; ``latest_global_round`` and
+      ``latest_global_metrics``.
+
+    Args:
+        registry: the run registry.
+        run_id: the run; the latest run when ``None``.
+
+    Returns:
+        The document, or ``None`` when the registry holds no run.
+
+    Raises:
+        RegistryError: ``run_id`` given but unknown.
+    """
+    data = status_rows(registry, run_id)
+    if data is None:
+        return None
+    s = data["summary"]
+    run = s["run"]
+    planned, budget = _planned(run)
+    per_round: dict[int, dict[str, str]] = {}
+    failures = []
+    for p in registry.participation(int(run["id"])):
+        site = p["site_name"] or p["node_id"]
+        per_round.setdefault(p["round"], {})[site] = p["status"]
+        if p["status"] != "ok":
+            failures.append({"round": p["round"], "site": site, "status": p["status"], "reason": p["reason"]})
+    rounds = [
+        {
+            "round": r["round"],
+            "status": r["status"],
+            "sampled": r["sites_sampled"],
+            "replied": r["sites_replied"],
+            "failed": r["sites_failed"],
+            "update_norm": r["update_norm"],
+            "epsilon": r["epsilon"],
+            "started_at": _iso(r["started_at"]),
+            "ended_at": _iso(r["ended_at"]),
+            "metrics": dict(r["metrics"]),
+            "sites": per_round.get(r["round"], {}),
+        }
+        for r in data["rounds"]
+    ]
+    sites = [
+        {
+            "site": x["site"],
+            "ok": x["ok"],
+            "not_ok": x["failed"],
+            "examples": x["examples"],
+            "statuses": dict(x["statuses"]),
+            "last_status": x["last_status"],
+            "last_reason": x["last_reason"],
+            "epsilon": x["epsilon"],
+        }
+        for x in data["sites"]
+    ]
+    eps = s["epsilon"]
+    return {
+        "schema_version": STATUS_SCHEMA_VERSION,
+        "registry": registry.url,
+        "run": _run_head(run),
+        "progress": {
+            "rounds_planned": planned,
+            "rounds_completed": s["rounds_done"],
+            "rounds_recorded": s["rounds_recorded"],
+            "last_completed_round": s["last_completed_round"],
+        },
+        "privacy": {
+            "epsilon": eps,
+            "delta": s["delta"],
+            "epsilon_budget": budget,
+            "budget_used": None if budget is None or eps is None else eps / budget,
+            "max_site_epsilon": s["max_site_epsilon"],
+            "max_site_epsilon_site": s["max_site_epsilon_site"],
+            "sampling": data["sampling"],
+            "reproducible_noise": data["reproducible_noise"],
+        },
+        "rounds": rounds,
+        "sites": sites,
+        "failures": failures,
+        "metric_names": sorted({n for r in rounds for n in r["metrics"]}),
+        "latest_global_round": s["latest_global_round"],
+        "latest_global_metrics": dict(s["latest_global_metrics"]),
+    }

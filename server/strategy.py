@@ -34,7 +34,10 @@ One round ``t``:
    takes one step either way (a failed round is a release too);
 5. release once: the round's checkpoint is written (``on_round_end``) and the round committed to the
    registry, and only then is the new global model sent out for evaluation; a crash after that resumes
-   after this round and never draws it again.
+   after this round and never draws it again;
+6. after ``max_failed_rounds`` failed rounds in a row (the engine decides,
+   :meth:`~server.round_engine.RoundEngine.abort_reason`) the run stops with
+   :class:`~server.round_types.RunAborted`; the ServerApp records it ``failed``.
 
 The site sample, the noise and the evaluation sites come from fresh OS entropy, never stored or sent
 (:func:`server.round_engine.round_rng`); only ``reproducible_noise`` (research, not private) seeds them
@@ -58,7 +61,7 @@ from privacy.accountant import PrivacyBudgetExceeded
 from server.config import ServerConfig
 from server.registry import Registry
 from server.round_engine import Log, RoundEngine, RoundHook
-from server.round_types import RoundOutcome, SiteReply
+from server.round_types import DEFAULT_MAX_FAILED_ROUNDS, RoundOutcome, RunAborted, SiteReply
 
 __all__ = ["DPFedAvgM"]
 
@@ -119,6 +122,8 @@ class DPFedAvgM(Strategy):
         log: one line per round (and per notable event).
         state: an engine state to resume from (see :meth:`RoundEngine.state_dict`); the weights are the
             ``initial_arrays`` given to :meth:`start`.
+        max_failed_rounds: abort the run (:class:`~server.round_types.RunAborted`) after this many failed
+            rounds in a row; 0 = never.
     """
 
     def __init__(
@@ -130,8 +135,10 @@ class DPFedAvgM(Strategy):
         on_round_end: RoundHook | None = None,
         log: Log | None = None,
         state: Mapping[str, Any] | None = None,
+        max_failed_rounds: int = DEFAULT_MAX_FAILED_ROUNDS,
     ) -> None:
         self.config = config
+        self.max_failed_rounds = max_failed_rounds
         self.registry = registry
         self.run_id = run_id
         self.on_round_end = on_round_end
@@ -277,12 +284,20 @@ class DPFedAvgM(Strategy):
 
         Returns:
             Flower's ``Result`` with the final arrays and per-round aggregated metrics.
+
+        Raises:
+            RunAborted: ``max_failed_rounds`` failed rounds in a row (raised once the last was committed).
         """
         c = self.config
         last = num_rounds if num_rounds is not None else c.rounds
         wait = float(timeout if timeout is not None else c.round_timeout_s)
         self.engine = RoundEngine(
-            c, arrays_from_record(initial_arrays), registry=self.registry, run_id=self.run_id, log=self.log
+            c,
+            arrays_from_record(initial_arrays),
+            registry=self.registry,
+            run_id=self.run_id,
+            log=self.log,
+            max_failed_rounds=self.max_failed_rounds,
         )
         if self.resume_state is not None:
             self.engine.load_state_dict(self.resume_state, self.engine.weights)
@@ -326,6 +341,10 @@ class DPFedAvgM(Strategy):
                     if res is not None:
                         result.evaluate_metrics_serverapp[rnd] = res
             self.log(_round_line(outcome, time.time() - t0, last, train_s=t_train))
+            reason = eng.abort_reason()
+            if reason is not None:
+                self.log(f"round {rnd}: {reason}")
+                raise RunAborted(reason)
         return result
 
 
