@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lungvl.import_guard import PackageShadowed
 from lungvl_model.errors import CorruptStateError, PeerUnreachable
+from server.round_types import RunAborted
 
 OK = 0
 FAILED = 1
@@ -146,6 +147,9 @@ def classify(exc: BaseException) -> Verdict | None:
                 return Verdict(BAD_INPUT, f"database refused: {str(orig).strip()}")
     if isinstance(exc, CorruptStateError):
         return Verdict(CORRUPT_STATE, _text(exc))
+    for e in _chain(exc):  # the server gave up on the run (too many failed rounds in a row): recorded failed
+        if isinstance(e, RunAborted):
+            return Verdict(FAILED, f"run failed: {_text(e)}")
     if isinstance(exc, PeerUnreachable | ssl.SSLError):
         return Verdict(UNREACHABLE, _text(exc))
     if isinstance(exc, PackageShadowed):

@@ -10,6 +10,7 @@ import pytest
 
 from lungvl import errors
 from lungvl_model.errors import CorruptStateError, PeerUnreachable
+from server.round_types import RunAborted
 
 
 def _chained(outer: BaseException, inner: BaseException) -> BaseException:
@@ -49,6 +50,7 @@ def _chained(outer: BaseException, inner: BaseException) -> BaseException:
         (CorruptStateError("registry r.db: holds no tables"), errors.CORRUPT_STATE, ("r.db",)),
         (PeerUnreachable("superlink h:9093: connection refused"), errors.UNREACHABLE, ("h:9093",)),
         (ModuleNotFoundError("No module named 'psycopg'", name="psycopg"), errors.MISSING_DEPENDENCY, ("psycopg",)),
+        (RunAborted("3 failed rounds in a row (rounds 4-6)"), errors.FAILED, ("run failed", "3 failed rounds")),
         (
             ModuleNotFoundError("PostgreSQL registry needs the driver: pip install 'lungvl[postgres]'", name="psycopg"),
             errors.MISSING_DEPENDENCY,
