@@ -71,6 +71,7 @@ from lungvl_model.training.stages import build_public_model, public_model_meta
 from server.aggregation import Arrays
 from server.config import ServerConfig
 from server.registry import Registry, RegistryError
+from server.registry_engine import shown_url
 from server.round_engine import RoundEngine
 from server.round_types import DEFAULT_MAX_FAILED_ROUNDS, RoundOutcome
 from server.strategy import DPFedAvgM
@@ -488,7 +489,8 @@ def make_server_app(
         shorten_object_pull_backoff()
         base = app_dir()
         spec = ServerRunSpec.from_run_config({**(defaults or {}), **context.run_config}, base=base)
-        log(f"app dir {base}: run dir {spec.run_dir}, init model {spec.init_model}, registry {spec.registry}")
+        shown = shown_url(spec.registry) if spec.registry else "(default)"
+        log(f"app dir {base}: run dir {spec.run_dir}, init model {spec.init_model}, registry {shown}")
         summary = run_server(grid, spec, log=log)
         if on_done is not None:
             on_done(summary)

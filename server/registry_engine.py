@@ -47,6 +47,13 @@ def sqlalchemy_url(url_or_path: str | Path) -> str:
     return text
 
 
+def shown_url(url_or_path: str | Path) -> str:
+    """``url_or_path`` as it may be printed or logged: the SQLAlchemy URL with any password hidden."""
+    if not str(url_or_path):
+        return ""
+    return make_url(sqlalchemy_url(url_or_path)).render_as_string(hide_password=True)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")

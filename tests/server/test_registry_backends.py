@@ -194,3 +194,10 @@ def test_values_that_do_not_fit_are_refused_alike(db_url: str, call, match: str)
         call(reg, run)
     assert reg.metrics(run) == [] and reg.participation(run) == [] and len(reg.runs()) == 1
     reg.close()
+
+
+def test_shown_url_hides_the_password() -> None:
+    from server.registry_engine import shown_url
+
+    assert shown_url("postgresql://lungvl:s3cret@db:5432/lungvl") == "postgresql+psycopg://lungvl:***@db:5432/lungvl"
+    assert shown_url("runs/registry.db") == "sqlite:///runs/registry.db"
