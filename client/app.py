@@ -45,12 +45,7 @@ computes for them).
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import logging
-import os
-import shutil
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -64,7 +59,9 @@ from flwr.common.constant import ErrorCode
 
 from client.config import ClientConfig
 from client.ledger import LEDGER_FILENAME, AuditLedger, filter_metrics
+from client.simulated_sites import SYNTHETIC_COHORTS, synthetic_site
 from client.trainer import EVALUATE_REPLY, TRAIN_REPLY, SiteTrainer
+from federation.app_paths import app_dir, under
 from federation.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, QUERY_KEY, SITE_NAME_KEY, RoundConfig
 from federation.records import (
     arrays_from_record,
@@ -73,7 +70,6 @@ from federation.records import (
     packed_payload,
     round_config_from_record,
 )
-from lungvl_model.data.synth import SynthConfig, generate_site
 from privacy.accountant import PrivacyBudgetExceeded
 from privacy.site_policy import SitePolicyRefusal
 
@@ -85,15 +81,6 @@ _ERROR_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 #: Tracebacks of failed rounds, in the site's state directory (the reply carries only the exception type).
 SITE_ERROR_LOG = "site_errors.log"
 _MAX_TRAINERS = 4
-#: Cohorts of the synthetic sites of a ``flwr run`` simulation, by partition id (cycled).
-SYNTHETIC_COHORTS = ("screening", "referral", "low_resource")
-#: Synthetic site settings (run config key → default).
-_SYNTH_DEFAULTS: dict[str, int | float] = {
-    "synthetic-studies": 3,
-    "synthetic-matrix": 64,
-    "synthetic-z-extent-mm": 120.0,
-    "synthetic-seed": 0,
-}
 
 
 @dataclass(frozen=True)
@@ -138,70 +125,6 @@ def _opt_path(value: str | None) -> Path | None:
     return None if value is None else Path(value)
 
 
-def app_dir() -> Path:
-    """The Flower App directory this code was loaded from; the current directory when there is none.
-
-    Flower loads ``client.app:app`` with the app directory first on ``sys.path`` (for ``flwr run`` the
-    FAB installed under ``$FLWR_HOME/apps/``), so the folder holding this package is the app when it has
-    a ``pyproject.toml`` with a ``[tool.flwr.app]`` table (an installed wheel has none).
-    """
-    here = Path(__file__).resolve().parents[1]
-    project = here / "pyproject.toml"
-    if project.is_file() and "[tool.flwr.app" in project.read_text(encoding="utf-8", errors="replace"):
-        return here
-    return Path.cwd()
-
-
-def _under(base: Path, value: str) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else base / path
-
-
-def _synth_setting(run_config: Mapping[str, Any], key: str) -> int | float:
-    default = _SYNTH_DEFAULTS[key]
-    value = run_config.get(key, default)
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or (isinstance(default, int) and not isinstance(value, int)):
-        raise ValueError(f"run config {key!r} must be {type(default).__name__}, got {value!r}")
-    return value
-
-
-def synthetic_site(run_config: Mapping[str, Any], partition_id: int, cache: Path) -> Path:
-    """The synthetic site of ``partition_id`` under ``cache``, generated on first use.
-
-    Deterministic (cohort and seed from the partition id and the run config): every process that needs
-    the site gets the same one. The first generates it into a temporary folder under an exclusive file
-    lock and renames it into place; the others wait on the lock and reuse it. The folder name carries a
-    hash of the settings, so changed settings generate a new site instead of reusing a stale one.
-
-    Raises:
-        ValueError: a ``synthetic-*`` setting of the wrong type or out of range (the key and value named).
-    """
-    studies, matrix, z_mm, seed = (_synth_setting(run_config, k) for k in _SYNTH_DEFAULTS)
-    cohort = SYNTHETIC_COHORTS[partition_id % len(SYNTHETIC_COHORTS)]
-    name = f"sim-{partition_id}-{cohort}"
-    try:
-        synth = SynthConfig(
-            cohort, int(studies), cache, seed=int(seed) + partition_id, matrix=int(matrix), z_extent_mm=float(z_mm)
-        )
-    except ValueError as err:
-        raise ValueError(f"run config synthetic-* settings: {err}") from None
-    settings = json.dumps({k: v for k, v in synth.to_dict().items() if k != "out_dir"}, sort_keys=True)
-    target = cache / f"{name}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
-    if (target / "site.toml").is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with (cache / f".{target.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        if not (target / "site.toml").is_file():
-            tmp = cache / f".{target.name}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            logger.info("partition %d: generating synthetic site %s (%s)", partition_id, target, cohort)
-            generate_site(SynthConfig(**{**synth.to_dict(), "out_dir": tmp, "site_name": name}))
-            tmp.rename(target)
-    return target
-
-
 def simulated_endpoint(run_config: Mapping[str, Any], partition_id: int, base: Path) -> SiteEndpoint:
     """The site of ``partition_id`` in a simulation without a site table (``flwr run`` on the simulation engine).
 
@@ -213,8 +136,8 @@ def simulated_endpoint(run_config: Mapping[str, Any], partition_id: int, base: P
     Raises:
         KeyError: ``sites`` lists fewer directories than there are partitions.
     """
-    run_dir = _under(base, str(run_config.get("run-dir") or "runs/server"))
-    model_dir = _under(base, str(run_config.get("init-model") or "runs/init_model"))
+    run_dir = under(base, str(run_config.get("run-dir") or "runs/server"))
+    model_dir = under(base, str(run_config.get("init-model") or "runs/init_model"))
     listed = [p.strip() for p in str(run_config.get("sites") or "").split(",") if p.strip()]
     if listed:
         if partition_id >= len(listed):
@@ -222,7 +145,7 @@ def simulated_endpoint(run_config: Mapping[str, Any], partition_id: int, base: P
                 f"run config 'sites' lists {len(listed)} site(s), none for partition-id {partition_id}: "
                 f"run with num-supernodes <= {len(listed)} or list more sites"
             )
-        site_dir = _under(base, listed[partition_id])
+        site_dir = under(base, listed[partition_id])
     else:
         site_dir = synthetic_site(run_config, partition_id, run_dir / "synthetic_sites")
     return SiteEndpoint(site_dir, model_dir, run_dir / "state" / f"partition-{partition_id}")

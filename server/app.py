@@ -57,6 +57,7 @@ from typing import Any
 from flwr.app import Context, UserConfigValue
 from flwr.serverapp import Grid, ServerApp
 
+from federation.app_paths import app_dir, under
 from federation.arrays import model_to_arrays
 from federation.records import arrays_to_record
 from federation.transport import shorten_object_pull_backoff
@@ -102,25 +103,6 @@ __all__ = [
 Log = Callable[[str], None]
 
 
-def app_dir() -> Path:
-    """The Flower App directory this code was loaded from; the current directory when there is none.
-
-    Flower loads ``server.app:app`` with the app directory first on ``sys.path`` (for ``flwr run`` the
-    FAB installed under ``$FLWR_HOME/apps/``), so the folder holding this package is the app when it has
-    a ``pyproject.toml`` with a ``[tool.flwr.app]`` table (an installed wheel has none).
-    """
-    here = Path(__file__).resolve().parents[1]
-    project = here / "pyproject.toml"
-    if project.is_file() and "[tool.flwr.app" in project.read_text(encoding="utf-8", errors="replace"):
-        return here
-    return Path.cwd()
-
-
-def _under(base: Path | None, value: str) -> Path:
-    path = Path(value).expanduser()
-    return path if base is None or path.is_absolute() else base / path
-
-
 def _count(run_config: Mapping[str, UserConfigValue], key: str, default: int) -> int:
     value = run_config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -157,23 +139,23 @@ class ServerRunSpec:
         missing = [k for k in ("server-config", "init-model") if not run_config.get(k)]
         if missing:
             raise KeyError(f"ServerApp run config lacks {missing}; got {sorted(run_config)}")
-        run_dir = _under(base, str(run_config.get("run-dir") or "runs/server"))
+        run_dir = under(base, str(run_config.get("run-dir") or "runs/server"))
         registry = str(run_config.get("registry") or run_dir / "registry.db")
         if "://" not in registry:
-            registry = str(_under(base, registry))
-        config = ServerConfig.from_toml(_under(base, str(run_config["server-config"])))
+            registry = str(under(base, registry))
+        config = ServerConfig.from_toml(under(base, str(run_config["server-config"])))
         rounds = _count(run_config, "num-server-rounds", 0)
         model_config = str(run_config.get("model-config") or "")
         return cls(
             config=config.with_updates(rounds=rounds) if rounds else config,
-            init_model=_under(base, str(run_config["init-model"])),
+            init_model=under(base, str(run_config["init-model"])),
             run_dir=run_dir,
             registry=registry,
             run_name=str(run_config.get("run-name") or run_dir.resolve().name),
             resume=bool(run_config.get("resume", False)),
             max_failed_rounds=_count(run_config, "max-consecutive-failed-rounds", DEFAULT_MAX_FAILED_ROUNDS),
             model_preset=str(run_config.get("model-preset") or "tiny"),
-            model_config=_under(base, model_config) if model_config else None,
+            model_config=under(base, model_config) if model_config else None,
         )
 
 
