@@ -51,9 +51,10 @@ from lungvl_model.training.stages import build_public_model, public_model_meta
 from server.app import RUN_FILE, check_resume, make_server_app
 from server.registry import Registry
 from server.run_lock import RunDirLock
+from server.run_outputs import SitesTable, plot_convergence, plot_epsilon, write_run_outputs
 from simulations.scenario import Scenario, SiteSpec
 
-__all__ = ["prepare_sites", "ray_temp_dir", "run_simulation", "simulation_env"]
+__all__ = ["plot_convergence", "plot_epsilon", "prepare_sites", "ray_temp_dir", "run_simulation", "simulation_env"]
 
 Progress = Callable[[str], None]
 #: Longest Ray temp dir kept inside the run directory (Unix socket paths are limited to ~107 bytes).
@@ -299,125 +300,13 @@ def run_simulation(
 
 
 def _write_outputs(out: Path, db: str, run_id: int, scenario: Scenario) -> list[str]:
+    sites = SitesTable(
+        ("site", "cohort", "studies"),
+        tuple((x.name, x.cohort or "(existing)", str(x.studies or "")) for x in scenario.sites),
+    )
+    note = "The initial model's tokenizer was trained on the public synthetic report corpus (no site's reports)."
     with Registry(db) as reg:
-        files = [str(p) for p in reg.export_csv(run_id, out)]
-        ledger = reg.privacy(run_id)
-        global_rows = reg.metrics(run_id, scope="global")
-        plot_convergence(global_rows, out / "convergence.png", scenario.name)
-        plot_epsilon(ledger, out / "epsilon.png", scenario.name)
-        (out / "summary.md").write_text(summary_markdown(reg, run_id, scenario), encoding="utf-8")
-    return [*files, str(out / "convergence.png"), str(out / "epsilon.png"), str(out / "summary.md")]
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_convergence(global_rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Global (example-weighted) validation and training metrics per round."""
-    plt = _pyplot()
-    names = sorted({m["name"] for m in global_rows if m["name"].startswith(("val_", "train_loss"))})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name in names:
-        pts = sorted((m["round"], m["value"]) for m in global_rows if m["name"] == name)
-        ax = axes[0] if "loss" in name else axes[1]
-        ax.plot([r for r, _ in pts], [v for _, v in pts], marker="o", label=name)
-    from matplotlib.ticker import MaxNLocator
-
-    axes[0].set_ylabel("loss")
-    axes[1].set_ylabel("score")
-    for ax in axes:
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax.has_data():
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no metrics recorded", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(f"{title}: global metrics per round")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_epsilon(ledger: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Client-level ε per round (server accountant) and each site's own patient-level ε."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    client = [(p["round"], p["epsilon"]) for p in ledger if p["level"] == "client"]
-    if client:
-        ax.plot(*zip(*client, strict=True), marker="o", lw=2, label=f"client-level (δ={ledger[0]['delta']:g})")
-    for site in sorted({p["site_name"] for p in ledger if p["level"] == "sample"}):
-        pts = [(p["round"], p["epsilon"]) for p in ledger if p["level"] == "sample" and p["site_name"] == site]
-        ax.plot(*zip(*pts, strict=True), marker=".", ls="--", label=f"{site} (patient-level)")
-    if ax.has_data():
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no differential privacy in this run", ha="center", va="center", transform=ax.transAxes)
-    from matplotlib.ticker import MaxNLocator
-
-    ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("ε spent")
-    ax.set_title(f"{title}: privacy spent")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _fmt(v: Any) -> str:
-    return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def summary_markdown(reg: Registry, run_id: int, scenario: Scenario) -> str:
-    """The run at a glance: settings, sites, one row per round, failures."""
-    s = reg.summary(run_id)
-    c = scenario.server
-    rounds = reg.rounds(run_id)
-    glob: dict[int, dict[str, float]] = {}
-    for m in reg.metrics(run_id, scope="global"):
-        glob.setdefault(m["round"], {})[m["name"]] = m["value"]
-    eps = {p["round"]: p["epsilon"] for p in reg.privacy(run_id) if p["level"] == "client"}
-    cols = [
-        n for n in ("train_loss", "val_loss", "val_dice", "val_lung_rads_acc") if any(n in g for g in glob.values())
-    ]
-    dp = f"σ = {c.client_noise_multiplier}, C = {c.clip_norm}, δ = {c.delta}" if c.client_dp else "off"
-    if c.reproducible_noise:
-        dp += " (**noise reproducible: not private**)"
-    lines = [
-        f"# {scenario.name}",
-        "",
-        f"run {run_id}: **{s['run']['status']}**, {s['rounds_done']}/{c.rounds} rounds completed, "
-        f"{s['failures']} failed/rejected/timed-out site replies.",
-        "",
-        f"strategy {c.strategy} (η = {c.server_lr}, β = {c.momentum}), {c.site_sampling} site sampling, fraction "
-        f"{c.fraction_train}, min_sites "
-        f"{c.min_sites}; client-level DP {dp}; DP-SGD at sites {'on' if c.dp_sgd else 'off'}; stage {c.stage}, "
-        f"{c.local_steps} local steps, lr {c.lr}; model preset {scenario.preset}; seed {c.seed}.",
-        "",
-        "The initial model's tokenizer was trained on the public synthetic report corpus (no site's reports).",
-        "",
-        "| site | cohort | studies |",
-        "|---|---|---|",
-        *(f"| {x.name} | {x.cohort or '(existing)'} | {x.studies or ''} |" for x in scenario.sites),
-        "",
-        "| round | status | sampled | ok | failed | update norm | " + " | ".join(cols) + " | ε |",
-        "|---" * (7 + len(cols)) + "|",
-    ]
-    for r in rounds:
-        g = glob.get(r["round"], {})
-        lines.append(
-            f"| {r['round']} | {r['status']} | {r['sites_sampled']} | {_fmt(r['sites_replied'])} | "
-            f"{_fmt(r['sites_failed'])} | {_fmt(r['update_norm'])} | "
-            + " | ".join(_fmt(g.get(n)) for n in cols)
-            + f" | {_fmt(eps.get(r['round']))} |"
+        files = write_run_outputs(
+            reg, run_id, out, scenario.server, title=scenario.name, sites=sites, preset=scenario.preset, notes=[note]
         )
-    bad = [p for p in reg.participation(run_id) if p["status"] != "ok"]
-    if bad:
-        lines += ["", "Site replies left out:", ""]
-        lines += [f"- round {p['round']}: {p['site_name'] or p['node_id']} {p['status']}: {p['reason']}" for p in bad]
-    return "\n".join(lines) + "\n"
+    return [str(p) for p in files]

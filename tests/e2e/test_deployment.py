@@ -362,6 +362,13 @@ def test_status_lists_admitted_sites(deployment: dict[str, Any]) -> None:
     assert "Admitted sites (2)" in res.stdout and "finished" in res.stdout
 
 
+def test_deployment_writes_the_outputs_a_simulation_writes(deployment: dict[str, Any]) -> None:
+    run_dir = deployment["run_dir"]
+    for name in ("summary.md", "convergence.png", "epsilon.png", "metrics_global.csv"):
+        assert (run_dir / name).is_file(), f"{name} missing in {sorted(p.name for p in run_dir.iterdir())}"
+    assert "finished" in (run_dir / "summary.md").read_text()
+
+
 def test_report_timings(deployment: dict[str, Any]) -> None:
     (deployment["tmp"] / "timings.json").write_text(json.dumps(deployment["timings"], indent=2))
     print("deployment timings (s):", json.dumps({k: round(v, 1) for k, v in deployment["timings"].items()}))
