@@ -12,6 +12,7 @@ import click
 import typer
 from rich.console import Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand
 
@@ -104,7 +105,9 @@ def admit(
     except RuntimeError as e:  # the SuperLink refused or is not running (a bad key file: exit 2)
         print_error(e)
         raise typer.Exit(1) from e
-    out.print(f"admitted {entry['name']}: key {entry['fingerprint']}, node {entry['node_id']}", highlight=False)
+    out.print(
+        f"admitted {entry['name']}: key {entry['fingerprint']}, node {entry['node_id']}", highlight=False, markup=False
+    )
 
 
 def _registry_of(db: str | None, config: Path | None) -> tuple[str, Any]:
@@ -127,7 +130,7 @@ def _admitted_table(admitted: list[dict[str, str]]) -> Table:
     for col in ("name", "key fingerprint", "node id", "admitted at"):
         t.add_column(col)
     for a in admitted:
-        t.add_row(a["name"], a["fingerprint"], a["node_id"], a["admitted_at"])
+        t.add_row(escape(a["name"]), a["fingerprint"], a["node_id"], a["admitted_at"])
     return t
 
 
