@@ -111,7 +111,9 @@ def results_markdown(res: dict[str, Any], peer: dict[str, Any] | None) -> str:
 
 def evaluate(
     site_dirs: list[Path] = typer.Argument(..., help="held-out (test) site directories"),
-    model_dir: Path = typer.Option(..., "--model", help="checkpoint directory"),
+    model_dir: Path | None = typer.Option(
+        None, "--model", help="checkpoint directory (default: $LUNGVL_MODEL, else the shipped models/lungvl-tiny-v1)"
+    ),
     out_dir: Path = typer.Option(..., "--out", help="output directory"),
     validation: list[Path] = typer.Option(
         [],
@@ -146,6 +148,14 @@ def evaluate(
             "deferral on the data it was fitted to"
         )
         raise typer.Exit(2)
+    if calibrate and model_dir is None:
+        print_error(
+            "--calibrate writes calibration.json into the checkpoint: give --model (the shipped model is not changed)"
+        )
+        raise typer.Exit(2)
+    from lungvl_model.shipped import shipped_model_dir
+
+    model_dir = model_dir if model_dir is not None else shipped_model_dir()  # none there: exit 2, one line
     overlap = sorted({p.resolve() for p in validation} & {p.resolve() for p in site_dirs})
     if overlap:
         print_error(f"--validation site(s) {', '.join(map(str, overlap))} are also test sites; keep them apart")
@@ -168,7 +178,9 @@ def evaluate(
             peer = run(model, site_dirs, calibration=fitted or state, progress=cb, seg_fn=dynunet_seg_fn(net), **kwargs)
     if calibrate and fitted is not None:
         path = save_state(model_dir, fitted)
-        err.print(f"calibration fitted on {len(validation)} validation site(s) -> {path}", highlight=False, markup=False)
+        err.print(
+            f"calibration fitted on {len(validation)} validation site(s) -> {path}", highlight=False, markup=False
+        )
     if export_dicom is not None:
         from lungvl_model.export.batch import export_sites
         from lungvl_model.export.provenance import model_identity

@@ -31,7 +31,9 @@ def _load_study(site: Path | None, study: str | None, dicom: Path | None):  # no
 
 
 def explain(
-    model_dir: Path = typer.Option(..., "--model", help="checkpoint directory (stage vl)"),
+    model_dir: Path | None = typer.Option(
+        None, "--model", help="checkpoint directory (default: $LUNGVL_MODEL, else the shipped models/lungvl-tiny-v1)"
+    ),
     out_dir: Path = typer.Option(..., "--out", help="output directory"),
     site: Path | None = typer.Option(None, "--site", help="site directory"),
     study: str | None = typer.Option(None, "--study", help="StudyInstanceUID in --site"),
@@ -47,8 +49,10 @@ def explain(
     from lungvl_model.inference.explain import explain_study
     from lungvl_model.inference.render import write_explanation
     from lungvl_model.models.nodule_risk import load_nodule_risk
+    from lungvl_model.shipped import shipped_model_dir
     from lungvl_model.training.checkpoint import load_checkpoint
 
+    model_dir = model_dir if model_dir is not None else shipped_model_dir()  # none there: exit 2, one line
     model, meta = load_checkpoint(model_dir)  # a damaged checkpoint: exit 6; a bad study: exit 2 (lungvl.errors)
     volume, files = _load_study(site, study, dicom)
     prior_vol = None
