@@ -24,7 +24,6 @@ site runs, :mod:`client.log_follow` brings the SuperNode's and the worker's fail
 
 from __future__ import annotations
 
-import difflib
 import os
 import shlex
 import signal
@@ -51,6 +50,7 @@ from client.preflight_checks import (
 )
 from federation.pki import NODE_PRIVATE_KEY, NODE_PUBLIC_KEY, write_node_key_pair
 from federation.processes import stop_process
+from lungvl_model.config_file import reject_unknown_keys
 from lungvl_model.data.site_check import check_site
 from privacy.budget import AccountantStateMismatch, SiteBudget
 
@@ -142,13 +142,7 @@ class SiteDeployConfig:
         fed = doc.get("federation")
         if not isinstance(fed, dict):
             raise KeyError(f"{p}: needs a [federation] table with {list(FEDERATION_KEYS[:3])}")
-        for key in fed:
-            if key not in FEDERATION_KEYS:
-                hint = difflib.get_close_matches(key, FEDERATION_KEYS, n=1)
-                raise KeyError(
-                    f"{p}: unknown key {key!r} in [federation]"
-                    + (f"; did you mean {hint[0]!r}?" if hint else f"; known: {list(FEDERATION_KEYS)}")
-                )
+        reject_unknown_keys(fed, FEDERATION_KEYS, f"{p}: [federation]")
         missing = [k for k in ("superlink", "root_certificates", "private_key") if not fed.get(k)]
         if missing:
             raise KeyError(f"{p}: [federation] lacks {missing}")

@@ -32,7 +32,6 @@ and the kit appears only once complete (it is built beside ``out`` and renamed).
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from federation import pki
-from lungvl_model.config_file import read_toml
+from lungvl_model.config_file import read_toml, reject_unknown_keys
 from server.config import TABLE_KEYS, ServerConfig
 
 __all__ = [
@@ -198,13 +197,13 @@ class ConsortiumConfig:
         top = doc.get("consortium", {})
         if not isinstance(top, Mapping):
             raise ValueError(f"[consortium] must be a table, got {top!r}")
-        _check_keys(top, CONSORTIUM_KEYS, "[consortium]")
+        reject_unknown_keys(top, CONSORTIUM_KEYS, "[consortium]")
         sites_doc = doc.get("sites", {})
         if not isinstance(sites_doc, Mapping) or not all(isinstance(v, Mapping) for v in sites_doc.values()):
             raise ValueError("[sites] must hold one table per site, e.g. [sites.hospital-a]")
         sites = []
         for name, values in sites_doc.items():
-            _check_keys(values, SITE_KEYS, f"[sites.{name}]")
+            reject_unknown_keys(values, SITE_KEYS, f"[sites.{name}]")
             sites.append(SiteSpec(name=name, **values))
         server = ServerConfig.from_mapping(doc, ignore=("consortium", "sites"))
         kw: dict[str, Any] = {k: top[k] for k in CONSORTIUM_KEYS if k in top}
@@ -284,16 +283,6 @@ def resolve_config(
     if not sites:
         raise ValueError("a consortium needs at least one site: give --sites NAME ... (or [sites.NAME] tables)")
     return ConsortiumConfig.from_mapping(doc, base=base, where="" if config is None else str(config))
-
-
-def _check_keys(values: Mapping[str, Any], known: Sequence[str], where: str) -> None:
-    for key in values:
-        if key not in known:
-            hint = difflib.get_close_matches(key, known, n=1)
-            raise KeyError(
-                f"unknown key {key!r} in {where}"
-                + (f"; did you mean {hint[0]!r}?" if hint else f"; known: {list(known)}")
-            )
 
 
 def server_tables(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

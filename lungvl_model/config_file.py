@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +43,23 @@ def read_toml(path: str | Path, *, what: str = "config") -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigFileError(f"{what} {p}: TOML syntax error: {e}") from None
+
+
+def reject_unknown_keys(values: Mapping[str, Any], known: Sequence[str], where: str) -> None:
+    """Raise for the first key of ``values`` not in ``known``, with a "did you mean" or the known keys.
+
+    Args:
+        values: a TOML table (or any mapping read from a config).
+        known: its allowed keys.
+        where: how the message names the table, e.g. ``"site.toml: [federation]"``.
+
+    Raises:
+        KeyError: ``"unknown key 'x' in WHERE; did you mean 'y'?"`` (or ``"; known: [...]"``).
+    """
+    for key in values:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), list(known), n=1)
+            raise KeyError(
+                f"unknown key {key!r} in {where}"
+                + (f"; did you mean {hint[0]!r}?" if hint else f"; known: {list(known)}")
+            )

@@ -28,7 +28,6 @@ generated ``<run_dir>/app/pyproject.toml`` naming the installed ``server.app:app
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import json
 import os
@@ -46,7 +45,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from federation.processes import stop_process
-from lungvl_model.config_file import read_toml
+from lungvl_model.config_file import read_toml, reject_unknown_keys
 from lungvl_model.data.site_layout import toml_dumps
 from lungvl_model.errors import CorruptStateError
 from server.app import RUN_FILE, check_resume
@@ -144,13 +143,7 @@ class ServerDeployConfig:
         dep = doc.get("deployment", {})
         if not isinstance(dep, dict):
             raise ValueError(f"{p}: [deployment] must be a table, got {dep!r}")
-        for key in dep:
-            if key not in DEPLOYMENT_KEYS:
-                hint = difflib.get_close_matches(key, DEPLOYMENT_KEYS, n=1)
-                raise KeyError(
-                    f"{p}: unknown key {key!r} in [deployment]"
-                    + (f"; did you mean {hint[0]!r}?" if hint else f"; known: {list(DEPLOYMENT_KEYS)}")
-                )
+        reject_unknown_keys(dep, DEPLOYMENT_KEYS, f"{p}: [deployment]")
         missing = [k for k in ("ca_cert", "server_cert", "server_key", "init_model") if not dep.get(k)]
         if missing:
             raise KeyError(f"{p}: [deployment] lacks {missing}")

@@ -4,12 +4,14 @@
    two synthetic sites, a screening and a referral cohort, tiny model, client-level DP);
 2. the site check of every simulated site, and what the cohorts look like (HU per tissue, slice thickness,
    nodule mix, Lung-RADS, malignancy) and how well the report labeler recovers the generator's truth;
-3. an explained report of one held-out synthetic study with the final global model.
+3. an explained report of one held-out synthetic study with the final global model, and with the shipped
+   model (``models/lungvl-tiny-v1``) when the repository has it.
 
 Outputs under ``out_dir``: ``config.json`` (resolved), ``metrics.json``, ``summary.md``,
 ``cohort_slices.png``, ``lung_rads_by_cohort.png``, ``federation/`` (the simulation run: registry.db,
 checkpoints/, metrics CSVs, convergence.png, epsilon.png, summary.md, sites/), ``held_out/`` (a held-out
-synthetic site) and ``explanation/`` (report.json, report.md, nodule_<k>.png).
+synthetic site), ``explanation/`` (report.json, report.md, nodule_<k>.png, seg.dcm, sr.dcm) and
+``explanation_shipped/`` (the same with the shipped model).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from lungvl_model.data.nifti_io import read_label_nifti
 from lungvl_model.data.site_check import check_site
 from lungvl_model.data.synth import SynthConfig, generate_site
 from lungvl_model.data.targets import LUNG_RADS_CLASSES
+from lungvl_model.shipped import shipped_model_dir
 from lungvl_model.text.labeler import label_report
 
 Progress = Callable[[str], None]
@@ -194,12 +197,8 @@ def plot_lung_rads(stats: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def explain_held_out(checkpoint: Path, out: Path, seed: int, log: Progress) -> dict[str, Any]:
-    """Explain one held-out synthetic study (a new referral patient) with the global model."""
-    from lungvl_model.inference.explain import explain_study
-    from lungvl_model.inference.render import write_explanation
-    from lungvl_model.training.checkpoint import load_checkpoint
-
+def held_out_site(out: Path, seed: int) -> Path:
+    """A held-out synthetic referral site (2 new patients) under ``out/held_out``."""
     held = out / "held_out"
     generate_site(
         SynthConfig(
@@ -212,18 +211,42 @@ def explain_held_out(checkpoint: Path, out: Path, seed: int, log: Progress) -> d
             site_name="held-out",
         )
     )
+    return held
+
+
+def explain_held_out(checkpoint: Path, held: Path, out_dir: Path, log: Progress, *, label: str) -> dict[str, Any]:
+    """Explain the held-out study with the most nodules with ``checkpoint`` into ``out_dir``.
+
+    The checkpoint's calibration, candidate filter and nodule-risk head are used when it has them (the
+    shipped model does; the demo's federated micro model does not).
+    """
+    from lungvl_model.inference.calibration import load_state
+    from lungvl_model.inference.candidate_filter import load_from_checkpoint
+    from lungvl_model.inference.explain import explain_study
+    from lungvl_model.inference.render import write_explanation
+    from lungvl_model.models.nodule_risk import load_nodule_risk
+    from lungvl_model.training.checkpoint import load_checkpoint
+
     cat = build_catalogue(held)
     entry = max(cat.usable, key=lambda e: len(e.nodule_labels))
     assert entry.series is not None
     model, _ = load_checkpoint(checkpoint)
+    risk = load_nodule_risk(checkpoint)
     vol = read_series(entry.series.files)
-    exp = explain_study(model, vol)
-    paths = write_explanation(exp, vol, out / "explanation")
+    exp = explain_study(
+        model,
+        vol,
+        calibration=load_state(checkpoint),
+        candidate_filter=load_from_checkpoint(checkpoint),
+        nodule_risk=risk[0] if risk is not None else None,
+    )
+    paths = write_explanation(exp, vol, out_dir, source_files=entry.series.files)
     log(
-        f"explained held-out study {entry.study_uid[-12:]}: {len(exp.findings)} finding(s), "
+        f"{label}: explained held-out study {entry.study_uid[-12:]}: {len(exp.findings)} finding(s), "
         f"model Lung-RADS {exp.model['lung_rads']}, rule engine {exp.rule_lung_rads}, defer={exp.defer}"
     )
     return {
+        "checkpoint": str(checkpoint),
         "study_uid": entry.study_uid,
         "files": [str(p) for p in paths],
         "defer": exp.defer,
@@ -281,7 +304,18 @@ def run_demo(config: DemoConfig, log: Progress = print, progress: Callable[..., 
     log(f"federated simulation: scenario {config.scenario} with the {len(sites)} sites above")
     fed = run_simulation(scenario, out / "federation", progress=log)
     metrics["federation"] = {k: fed[k] for k in ("run_id", "status", "rounds_done", "epsilon", "seconds", "checkpoint")}
-    metrics["explanation"] = explain_held_out(Path(fed["checkpoint"]), out, config.seed, log)
+    held = held_out_site(out, config.seed)
+    metrics["explanation"] = explain_held_out(
+        Path(fed["checkpoint"]), held, out / "explanation", log, label="federated micro model"
+    )
+    try:
+        shipped = shipped_model_dir()
+    except FileNotFoundError as err:
+        log(f"shipped model not explained: {err}")
+    else:
+        metrics["explanation_shipped"] = explain_held_out(
+            shipped, held, out / "explanation_shipped", log, label="shipped model"
+        )
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     lines = [
@@ -310,11 +344,21 @@ def run_demo(config: DemoConfig, log: Progress = print, progress: Callable[..., 
         f"Explanation of held-out study {e['study_uid']}: model Lung-RADS {e['model']['lung_rads']}, rule engine "
         f"{e['rule_lung_rads']}, malignancy {e['model']['malignancy_probability']:.3f}, defer to radiologist: "
         f"{e['defer']}; files: " + ", ".join(e["files"]),
+    ]
+    shipped_exp = metrics.get("explanation_shipped")
+    if shipped_exp is not None:
+        lines.append(
+            f"The shipped model ({shipped_exp['checkpoint']}) on the same study: "
+            f"{shipped_exp['n_findings']} finding(s), "
+            f"model Lung-RADS {shipped_exp['model']['lung_rads']}, rule engine {shipped_exp['rule_lung_rads']}, "
+            f"defer: {shipped_exp['defer']}; files in {out / 'explanation_shipped'}."
+        )
+    lines += [
         f"Demo wall time: {metrics['seconds']} s.",
     ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     log(
         f"wrote {out}/config.json, metrics.json, summary.md, cohort_slices.png, lung_rads_by_cohort.png, "
-        f"federation/, explanation/"
+        "federation/, explanation/" + (", explanation_shipped/" if shipped_exp is not None else "")
     )
     return metrics
