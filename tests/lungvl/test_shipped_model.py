@@ -58,3 +58,35 @@ def test_calibrate_never_writes_into_the_shipped_model(tmp_path: Path, capsys: p
     (tmp_path / "v").mkdir()
     assert run([*args, "--calibrate"]) == 2
     assert "give --model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_shipped_model_on_lidc_0001_writes_the_nodule_as_seg_and_sr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lungvl explain`` with no --model on LIDC-IDRI-0001: the readers' nodule found, measured, exported.
+
+    The readers' 50 % consensus of the nodule is 7,764 mm³ in the left lower lobe; the issue asks for a volume
+    within 30 % and at most two false positives. Whatever the generated text says, it may state no patient or
+    technique fact the header does not hold, and a sentence that contradicts the finding defers the report.
+    """
+    import json
+
+    from tests.lungvl.test_explain_dicom import _check_explain_dir, _lidc_series
+
+    monkeypatch.delenv(MODEL_ENV, raising=False)
+    case, files, _ = _lidc_series()
+    out = tmp_path / "ex"
+    assert run(["explain", "--dicom", str(case), "--out", str(out)]) == 0
+    report = _check_explain_dir(out, files)  # SEG + SR read back, SR values == report.json, dciodvfy clean
+    assert report["provenance"]["checkpoint"] == str(shipped_model_dir())
+    lll = [f for f in report["findings"] if f["lobe"] == "LLL"]
+    assert len(lll) == 1 and abs(lll[0]["volume_mm3"] / 7764.0 - 1) <= 0.30, report["findings"]
+    assert len(report["findings"]) - 1 <= 2  # false positives
+    text = " ".join(s["text"] for s in report["sentences"]).lower()
+    assert not any(w in text for w in ("year-old", "pack-year", " male", "female", "kernel", "slice thickness"))
+    review = report["fact_check"]
+    assert review["n_unsupported"] == 0
+    if review["n_contradictions"]:
+        assert review["defer"] and report["defer_to_radiologist"]
+    assert json.loads((out / "report.json").read_text())["dicom"]["seg"] == "seg.dcm"
