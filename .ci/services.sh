@@ -12,7 +12,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     command -v dciodvfy >/dev/null || need="$need dicom3tools"
     if [ -n "$need" ]; then
         apt-get update -q
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q $need
     fi
 fi
 if command -v pg_ctlcluster >/dev/null; then
