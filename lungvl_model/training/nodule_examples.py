@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,6 @@ from lungvl_model.data.catalogue import build_catalogue
 from lungvl_model.data.dicom_io import SeriesError, read_series
 from lungvl_model.data.nifti_io import read_label_nifti
 from lungvl_model.data.preprocess import PreprocessConfig, preprocess
-from lungvl_model.data.volume import CTVolume
 from lungvl_model.errors import CorruptStateError
 from lungvl_model.inference.anatomy import (
     EMPHYSEMA_LAA,
@@ -42,6 +40,7 @@ from lungvl_model.inference.anatomy import (
     lobe_from_position,
     lung_mask,
 )
+from lungvl_model.inference.explain import patient_info
 from lungvl_model.inference.findings import GridMap, measure_finding, refine_candidate
 from lungvl_model.models.config import LungVLConfig
 from lungvl_model.models.nodule_features import NoduleInputs, inputs_from_finding, region_from_source_mask
@@ -53,7 +52,6 @@ __all__ = [
     "RiskData",
     "StudyRecord",
     "collect_examples",
-    "header_patient",
     "load_frozen_encoder",
     "true_inputs",
 ]
@@ -145,18 +143,6 @@ def true_inputs(row: dict[str, str], study_row: dict[str, str] | None, n_nodules
         emphysema=_flag(study_row, "emphysema"),
         family_history=_flag(study_row, "family_history"),
     )
-
-
-def header_patient(volume: CTVolume) -> dict[str, Any]:
-    """Age/sex from the DICOM header, as ``explain.patient_info`` reads them (missing → ``*_assumed``)."""
-    m = re.match(r"(\d+)", str(volume.meta.get("PatientAge", "")))
-    sex = str(volume.meta.get("PatientSex", "")).upper()
-    return {
-        "age": int(m.group(1)) if m else 62,
-        "age_assumed": m is None,
-        "sex": sex if sex in ("F", "M") else "",
-        "sex_assumed": sex not in ("F", "M"),
-    }
 
 
 def _crop(mask: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -294,7 +280,7 @@ def collect_examples(
                 f.lobe = lobe_from_position(vol, np.asarray(f.centroid_zyx), lungs)
                 f.juxtapleural = is_juxtapleural(f.full_mask(vol.shape), lungs, vol.spacing)
                 m_in = inputs_from_finding(
-                    f, nodule_count=len(present), patient=header_patient(vol), emphysema=emph, spiculation=None
+                    f, nodule_count=len(present), patient=patient_info(vol), emphysema=emph, spiculation=None
                 )
             out.examples.append(
                 NoduleExample(
