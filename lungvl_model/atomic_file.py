@@ -10,14 +10,45 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_json_atomic", "write_text_atomic"]
+__all__ = ["replace_atomically", "write_json_atomic", "write_text_atomic"]
+
+
+def replace_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Replace ``path`` with what ``write`` writes to a temporary file beside it, creating the parent directory.
+
+    Args:
+        path: the target file.
+        write: writes the whole new content to the path it is given (and flushes it).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Replace ``path`` with ``text`` (UTF-8) atomically, creating its parent directory.
+    """Replace ``path`` with ``text`` (UTF-8, fsynced) atomically, creating its parent directory.
 
     Args:
         path: the target file.
@@ -26,19 +57,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return replace_atomically(path, lambda tmp: _write_synced(tmp, text))
 
 
 def write_json_atomic(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +9,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from lungvl_model.atomic_file import replace_atomically
 from lungvl_model.data.volume import CTVolume
 from lungvl_model.export.dicom_seg import build_seg
 from lungvl_model.export.dicom_sr import build_sr
@@ -55,16 +54,7 @@ class DicomExport:
 
 def save_dataset(ds: Dataset, path: Path) -> Path:
     """Write a DICOM file atomically (temporary file in the same folder, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        ds.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return replace_atomically(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
 
 
 def build_dicom(
