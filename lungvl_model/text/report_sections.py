@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from lungvl_model.text import labeler_patterns as P
 from lungvl_model.text.labeler import label_report
-from lungvl_model.text.report_sentences import report_sentences
+from lungvl_model.text.report_sentences import report_sentences, section_of
 
 __all__ = [
     "DECODER_SECTIONS",
@@ -42,14 +42,6 @@ DECODER_SECTIONS: tuple[str, ...] = ("findings", "impression")
 #: Largest relative size difference between a sentence's size and a nodule's mean diameter that still
 #: matches (sentences give the mean diameter, "12 x 9 mm" or a rounded "1.2 cm").
 SIZE_TOLERANCE = 0.35
-
-
-def _canonical(name: str) -> str:
-    name = re.sub(r"\s+", " ", name.strip())
-    for rx, sec in P.SECTION_KEY_RES:
-        if rx.match(name):
-            return sec
-    return "findings"
 
 
 def section_blocks(text: str) -> list[tuple[str, str, str]]:
@@ -75,7 +67,7 @@ def section_blocks(text: str) -> list[tuple[str, str, str]]:
         out.append(("findings", "", lead.strip()))
     for i, m in enumerate(picked):
         stop = picked[i + 1].start() if i + 1 < len(picked) else len(text)
-        out.append((_canonical(m.group("name")), m.group(0).strip(), text[m.end() : stop].strip()))
+        out.append((section_of(m.group("name")), m.group(0).strip(), text[m.end() : stop].strip()))
     return out
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from lungvl_model.text import labeler_patterns as P
 
-__all__ = ["Sentence", "report_sentences"]
+__all__ = ["Sentence", "report_sentences", "section_of"]
 
 
 @dataclass
@@ -31,7 +31,8 @@ def _normalize(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _section_of(name: str) -> str:
+def section_of(name: str) -> str:
+    """The canonical section of a report heading (``"findings"`` when it is not a known one)."""
     name = re.sub(r"\s+", " ", name.strip())
     for rx, sec in P.SECTION_KEY_RES:
         if rx.match(name):
@@ -53,7 +54,7 @@ def _sections(text: str) -> list[tuple[str, str]]:
     pos, sec = 0, "findings"
     for m in picked:
         out.append((sec, text[pos : m.start()]))
-        pos, sec = m.end(), _section_of(m.group("name"))
+        pos, sec = m.end(), section_of(m.group("name"))
     out.append((sec, text[pos:]))
     final: list[tuple[str, str]] = []
     for sec, content in out:
