@@ -3,11 +3,14 @@
 :func:`score_studies` runs the model (eval mode, no gradient) over a loader and returns the scalar
 metrics a site may send plus, per metric, the number of studies it rests on, so that the site's policy
 (:func:`privacy.site_policy.withhold_thin_metrics`) can withhold metrics that stand on too few studies.
+:func:`score_reports` does the same for the report warm-up (stage ``text``): the decoder's LM loss on
+report texts, no image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -16,9 +19,10 @@ import torch
 from federation.protocol import NUM_EXAMPLES
 from lungvl_model.evaluation.site_summary import LUNG_RADS_4A, site_risk_metrics
 from lungvl_model.models.lungvl import LungVLModel, LungVLOutput
+from lungvl_model.models.report_pretrain import report_corpus, report_lm_loss
 from lungvl_model.training.loop import to_device
 
-__all__ = ["score_studies"]
+__all__ = ["score_reports", "score_studies"]
 
 _CONCEPTS: Final = (
     ("spiculated", "spiculated_logit"),
@@ -100,6 +104,36 @@ def score_studies(
         )
     support = {"val_loss": n, "val_dice": len(dice), "val_lung_rads_acc": lr_known, **_risk_support(risk)}
     return n, metrics, support
+
+
+@torch.no_grad()
+def score_reports(
+    model: LungVLModel, texts: Sequence[str], *, batch_size: int, max_batches: int | None = None
+) -> tuple[int, dict[str, Any], dict[str, int]]:
+    """Score ``model``'s decoder on report texts: the token-weighted LM loss, without visual tokens.
+
+    Each report is cut to what the decoder learns (:func:`~lungvl_model.models.report_pretrain.report_corpus`);
+    reports left empty are not scored.
+
+    Args:
+        model: the model (put in eval mode here); only its decoder and tokenizer run.
+        texts: the reports.
+        batch_size: reports per forward pass.
+        max_batches: score at most this many batches of ``batch_size`` reports (all when None).
+
+    Returns:
+        ``(n, metrics, support)``: the reports scored; ``num_examples``, ``num_batches`` and ``val_loss``
+        (mean negative log-likelihood per report token, when ``n > 0``); per metric the reports behind it.
+    """
+    model.eval()
+    corpus = report_corpus(texts)
+    if max_batches is not None:
+        corpus = corpus[: max(0, max_batches) * batch_size]
+    n = len(corpus)
+    metrics: dict[str, Any] = {NUM_EXAMPLES: n, "num_batches": math.ceil(n / batch_size)}
+    if n:
+        metrics["val_loss"] = report_lm_loss(model.decoder, model.tokenizer, corpus, batch_size)
+    return n, metrics, {"val_loss": n}
 
 
 def _collect_risk(

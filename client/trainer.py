@@ -6,11 +6,17 @@ ClientApp glue packs and unpacks them):
 
 * :meth:`SiteTrainer.fit` loads the global arrays, trains ``local_steps`` steps of the round's stage
   with the framework-free :func:`~lungvl_model.training.loop.run_steps` and returns the update
-  ``Δ = w_site − w_global``. With ``round_config.dp_sgd`` the steps are Opacus DP-SGD with the patient
-  as the unit (Poisson sampling of patients at ``q = batch / patients``, one study of each sampled
-  patient, per-study clipping, Gaussian noise; the accountant is charged per patient), after the site's own budget has
-  agreed to them; the accountant state persists in ``state_dir`` across rounds and restarts.
-* :meth:`SiteTrainer.evaluate` scores the global model on the site's hold-out patients.
+  ``Δ = w_site − w_global``. Stage ``text`` (report warm-up) trains the decoder alone on the training
+  split's report texts with :func:`~lungvl_model.models.report_pretrain.pretrain_reports` (no image is
+  loaded; the coherence head is the site's own and never leaves it); stage ``seg`` with
+  ``seg_patch > 0`` trains on foreground-biased cubic patches as central training does
+  (:func:`~lungvl_model.training.stages.seg_crops`). With ``round_config.dp_sgd`` the steps are Opacus
+  DP-SGD with the patient as the unit (Poisson sampling of patients at ``q = batch / patients``, one
+  study of each sampled patient, per-study clipping, Gaussian noise; the accountant is charged per
+  patient), after the site's own budget has agreed to them; the accountant state persists in
+  ``state_dir`` across rounds and restarts.
+* :meth:`SiteTrainer.evaluate` scores the global model on the site's hold-out patients (whole volumes;
+  stage ``text``: the decoder's LM loss on their reports).
 * :meth:`SiteTrainer.record_outbound` writes what is about to leave the site to the audit ledger.
 
 The site's policy (site.toml ``[privacy]``, :class:`~privacy.site_policy.SitePolicy`) decides first,
@@ -44,11 +50,11 @@ from typing import Any, Final, cast
 import numpy as np
 import torch
 from opacus.validators import ModuleValidator  # type: ignore[import-untyped]
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from client.config import ClientConfig
 from client.ledger import LEDGER_FILENAME, AuditLedger, filter_metrics
-from client.site_evaluation import score_studies
+from client.site_evaluation import score_reports, score_studies
 from federation.arrays import arrays_to_model, model_to_arrays
 from federation.protocol import NUM_EXAMPLES, TRAIN_STAGES, RoundConfig
 from lungvl_model.data.catalogue import build_catalogue
@@ -56,6 +62,7 @@ from lungvl_model.data.dataset import SiteDataset, collate
 from lungvl_model.data.split import holdout_split, patient_groups, patient_pairs
 from lungvl_model.losses.group_penalty import SLICE_GROUPS, GroupPenalized, slice_thickness_group
 from lungvl_model.models.lungvl import LungVLModel
+from lungvl_model.models.report_pretrain import CoherenceHead, pretrain_reports, report_corpus
 from lungvl_model.training.checkpoint import load_checkpoint
 from lungvl_model.training.config import TrainConfig
 from lungvl_model.training.loop import (
@@ -67,6 +74,7 @@ from lungvl_model.training.loop import (
     run_steps,
     seed_everything,
 )
+from lungvl_model.training.stages import seg_crops
 from privacy.budget import SiteBudget
 from privacy.dp_sgd_train import dp_sgd_steps
 from privacy.site_policy import SitePolicyRefusal, check_evaluate, check_train, withhold_thin_metrics
@@ -169,6 +177,7 @@ class SiteTrainer:
         self._dp_params: dict[str, set[str]] = {}  # stage -> parameters with a per-study gradient
         self.last_dp: dict[str, float | int] = {}
         self._dro: GroupPenalized | None = None
+        self._coherence: CoherenceHead | None = None  # stage text's head: site-local, kept across rounds
 
     # ------------------------------------------------------------------ data
     def split(self) -> tuple[list[str], list[str]]:
@@ -181,10 +190,13 @@ class SiteTrainer:
         return train, (hold if self.config.holdout_fraction > 0 else train)
 
     def dataset(self, stage: str, part: str = "train") -> SiteDataset:
-        """The site's usable studies for ``stage`` (``vl`` keeps only studies with a report).
+        """The site's usable studies for ``stage`` (``text`` and ``vl`` keep only studies with a report).
+
+        Building it reads no image (items load lazily); stage ``text`` uses only the entries' reports
+        (:meth:`report_texts`).
 
         Args:
-            stage: ``ssl``, ``seg`` or ``vl``.
+            stage: ``text``, ``ssl``, ``seg`` or ``vl``.
             part: ``"train"`` (local training) or ``"holdout"`` (federated evaluation); the same
                 studies when the site holds none out.
 
@@ -192,10 +204,16 @@ class SiteTrainer:
             ValueError: an unknown stage or part, or no usable study in it.
         """
         if stage not in TRAIN_STAGES:
-            raise ValueError(f"a site trains stage ssl, seg or vl, got {stage!r}")
+            raise ValueError(f"a site trains stage {', '.join(TRAIN_STAGES)}, got {stage!r}")
+        ds = self._studies(need_report=stage in ("text", "vl"), part=part)
+        if len(ds) == 0:
+            raise ValueError(f"site {self.config.name!r} has no usable {part} studies for stage {stage!r}")
+        return ds
+
+    def _studies(self, *, need_report: bool, part: str) -> SiteDataset:
+        """The (cached) usable studies of ``part``, only those with a report where ``need_report``."""
         if part not in ("train", "holdout"):
             raise ValueError(f"dataset part must be 'train' or 'holdout', got {part!r}")
-        need_report = stage == "vl"
         if (need_report, part) not in self._datasets:
             uids = self.split()[0 if part == "train" else 1]
             self._datasets[(need_report, part)] = SiteDataset(
@@ -205,10 +223,19 @@ class SiteTrainer:
                 require_report=need_report,
                 catalogues=[self._catalogue],
             )
-        ds = self._datasets[(need_report, part)]
-        if len(ds) == 0:
-            raise ValueError(f"site {self.config.name!r} has no usable {part} studies for stage {stage!r}")
-        return ds
+        return self._datasets[(need_report, part)]
+
+    def report_texts(self, part: str = "train") -> list[str]:
+        """What stage ``text`` trains on (``"train"``) or scores (``"holdout"``): the part's report texts.
+
+        Each report of the part's studies cut to what the decoder learns (FINDINGS and IMPRESSION,
+        :func:`~lungvl_model.models.report_pretrain.report_corpus`); reports left empty are dropped.
+
+        Raises:
+            ValueError: an unknown part.
+        """
+        ds = self._studies(need_report=True, part=part)
+        return report_corpus([entry.report.text for _, entry in ds.entries if entry.report is not None])
 
     # ------------------------------------------------------------------ policy
     def check_train_policy(self, rc: RoundConfig) -> None:
@@ -300,18 +327,24 @@ class SiteTrainer:
             round_config: the round's settings from the server.
 
         Returns:
-            The float32 delta, the number of usable studies and whitelisted metrics. Under DP-SGD the
-            training losses are withheld (they are not privatised); ε, σ, q and the step count are sent.
+            The float32 delta, the number of usable studies (stage ``text``: reports) and whitelisted
+            metrics. Under DP-SGD the training losses are withheld (they are not privatised); ε, σ, q
+            and the step count are sent.
 
         Raises:
             SitePolicyRefusal: a request outside the site's policy (:meth:`check_train_policy`; nothing
                 is changed).
             PrivacyBudgetExceeded: DP-SGD that would take the site past its ε budget (nothing is
                 changed: not the model, not the accountant).
-            ValueError: unusable round config or arrays that do not fit the model.
+            ValueError: unusable round config or arrays that do not fit the model, a ``seg_patch`` larger
+                than the model's input size, or (stage ``text``) fewer than 2 reports in the training split
+                (nothing is changed).
         """
         self.check_train_policy(round_config)  # the site's policy decides first, whatever the server asks
         rc = round_config  # validated where it entered (RoundConfig)
+        if rc.stage == "text":
+            return self._fit_text(arrays, rc)
+        seg_crop = self._seg_crop(rc)
         dataset = self.dataset(rc.stage)
         n = len(dataset)
         batch = self._batch_size(rc)
@@ -335,17 +368,20 @@ class SiteTrainer:
             device=self.config.device,
             bf16=self.config.bf16,
             num_workers=self.config.num_workers,
+            seg_crop=seg_crop,
+            seg_fg_prob=rc.seg_fg_prob,
         )
+        data = seg_crops(dataset, train)  # foreground-biased patches in stage seg with seg_patch > 0, else `dataset`
         metrics: dict[str, Any] = {NUM_EXAMPLES: n, "local_steps": rc.local_steps}
-        if rc.dp_sgd:
-            result = self._train_dp(dataset, patients, rc, train, q)
+        if rc.dp_sgd:  # a patch keeps its study's index, so the patient groups of `dataset` still hold
+            result = self._train_dp(data, patients, rc, train, q)
             metrics |= self._dp_metrics(rc, q, result.steps)
         else:
             seed_everything(seed)
             self.last_dp = {}
             result = run_steps(
                 self._group_penalized(rc),
-                cycle(make_loader(dataset, train)),
+                cycle(make_loader(data, train)),
                 build_optimizer(self.model, train),
                 stage=rc.stage,
                 steps=rc.local_steps,
@@ -355,10 +391,76 @@ class SiteTrainer:
                 seed=seed,
             )
             metrics |= _loss_metrics(result)
+        return self._local_result(w_global, n, metrics, t0)
+
+    def _local_result(self, w_global: list[np.ndarray], n: int, metrics: dict[str, Any], t0: float) -> LocalResult:
+        """The update ``Δ = w_site − w_global`` (float32), its L2 norm and the round's seconds added to ``metrics``."""
         delta = [(w - g).astype(np.float32) for w, g in zip(model_to_arrays(self.model), w_global, strict=True)]
         metrics["update_norm"] = math.sqrt(sum(float(np.square(d, dtype=np.float64).sum()) for d in delta))
         metrics["seconds"] = time.perf_counter() - t0
         return LocalResult(delta=delta, num_examples=n, metrics=filter_metrics(metrics))
+
+    def _seg_crop(self, rc: RoundConfig) -> tuple[int, int, int] | None:
+        """The ``(p, p, p)`` patch of a seg round with ``seg_patch = p > 0`` (None: whole volumes).
+
+        Raises:
+            ValueError: a patch larger than the model's input size along any axis.
+        """
+        p = rc.seg_patch
+        if rc.stage != "seg" or p == 0:
+            return None
+        size = self.model.config.input.size
+        if size is not None and any(p > int(s) for s in size):
+            raise ValueError(
+                f"round config seg_patch = {p} does not fit the model's input size {tuple(size)} "
+                "(a patch must not be larger than the volume it is cut from)"
+            )
+        return (p, p, p)
+
+    def _fit_text(self, arrays: Sequence[np.ndarray], rc: RoundConfig) -> LocalResult:
+        """Stage ``text``: the report warm-up of the decoder on the training split's reports (no image).
+
+        :func:`~lungvl_model.models.report_pretrain.pretrain_reports` (causal LM + report coherence) for
+        ``local_steps`` steps, without its before/after evaluation. The coherence head is the site's own
+        (created on first use, kept across rounds, never sent); only decoder arrays move.
+
+        Raises:
+            ValueError: fewer than 2 reports in the site's training split (nothing is changed).
+        """
+        texts = self.report_texts("train")
+        n = len(texts)
+        if n < 2:
+            raise ValueError(
+                f"site {self.config.name!r} has {n} non-empty report(s) in its training split; "
+                "stage 'text' needs at least 2"
+            )
+        t0 = time.perf_counter()
+        arrays_to_model(self.model, list(arrays))
+        w_global = model_to_arrays(self.model)
+        seed = site_seed(rc.seed, rc.server_round, self.config.name)
+        self.last_dp = {}
+        if self._coherence is None:
+            with torch.random.fork_rng(devices=[]):  # a head seeded by the first round's seed, global RNG untouched
+                torch.manual_seed(seed)
+                self._coherence = CoherenceHead(self.model.decoder.n_embd)
+        history: list[dict[str, float]] = []
+        pretrain_reports(
+            texts,
+            self.model.tokenizer,
+            self.model.decoder,
+            steps=rc.local_steps,
+            batch_size=self._batch_size(rc),
+            lr=rc.lr,
+            seed=seed,
+            head=self._coherence,
+            eval_size=0,  # the site's evaluation is evaluate(): no before/after scoring of the training reports
+            progress=lambda _step, m: history.append(dict(m)),
+        )
+        metrics: dict[str, Any] = {NUM_EXAMPLES: n, "local_steps": rc.local_steps}
+        if history:
+            metrics["train_loss"] = float(np.mean([h["loss"] for h in history]))
+            metrics["train_report_loss"] = float(np.mean([h["lm_loss"] for h in history]))
+        return self._local_result(w_global, n, metrics, t0)
 
     def patient_groups(self, dataset: SiteDataset) -> list[list[int]]:
         """Indices of ``dataset`` grouped by patient (DICOM PatientID; a study without one is its own patient).
@@ -369,11 +471,19 @@ class SiteTrainer:
         return patient_groups(patient_pairs(self._catalogue), [entry.study_uid for _, entry in dataset.entries])
 
     def _train_dp(
-        self, dataset: SiteDataset, patients: list[list[int]], rc: RoundConfig, train: TrainConfig, q: float
+        self,
+        dataset: Dataset[dict[str, Any]],
+        patients: list[list[int]],
+        rc: RoundConfig,
+        train: TrainConfig,
+        q: float,
     ) -> TrainResult:
         """DP-SGD steps (:func:`~privacy.dp_sgd_train.dp_sgd_steps`) at patient rate ``q``; records ε spent.
 
-        The clipping (hooks or microbatch) is the site's ``[compute] dp_sgd_clipping`` for its device.
+        ``dataset`` is the site's studies or, in a seg round with patches, their
+        :class:`~lungvl_model.data.crops.ForegroundCrops` (item ``i`` is a patch of study ``i``, so
+        ``patients`` indexes both). The clipping (hooks or microbatch) is the site's ``[compute]
+        dp_sgd_clipping`` for its device.
         """
 
         def spend(steps: int) -> None:
@@ -465,8 +575,10 @@ class SiteTrainer:
             ``val_lung_rads_acc`` (vl, studies with a known category), plus in stage vl the risk-head
             summary of :func:`~lungvl_model.evaluation.site_summary.site_risk_metrics` (malignancy AUC
             and ECE, sensitivity/specificity for Lung-RADS >= 4A, concept F1, AUC per slice-thickness
-            group) where defined on the site's studies; whitelisted names only. On hold-out studies, a
-            metric that stands on fewer than ``min_eval_studies`` studies is withheld.
+            group) where defined on the site's studies; whitelisted names only. Stage ``text``: ``val_loss``
+            is the decoder's token-weighted LM loss on the hold-out reports (no image), and
+            ``num_examples`` counts reports. On hold-out studies, a metric that stands on fewer than
+            ``min_eval_studies`` studies is withheld.
 
         Raises:
             SitePolicyRefusal: a request outside the site's policy, or (``max_batches``) fewer hold-out
@@ -474,22 +586,29 @@ class SiteTrainer:
         """
         holdout = self.check_evaluate_policy(round_config)
         rc = round_config
-        dataset = self.dataset(rc.stage, "holdout")
-        arrays_to_model(self.model, list(arrays))
-        self.model.eval()
-        loader = DataLoader(
-            dataset,
-            batch_size=self._batch_size(rc),
-            shuffle=False,
-            collate_fn=collate,
-            num_workers=self.config.num_workers,
-        )
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(site_seed(rc.seed, rc.server_round, self.config.name))
-        n, metrics, support = score_studies(
-            self.model, loader, stage=rc.stage, device=self.device, generator=gen, group=self.slice_group,
-            max_batches=max_batches,
-        )  # fmt: skip
+        if rc.stage == "text":  # the decoder's LM loss on the hold-out reports, no image
+            texts = self.report_texts("holdout")
+            arrays_to_model(self.model, list(arrays))
+            n, metrics, support = score_reports(
+                self.model, texts, batch_size=self._batch_size(rc), max_batches=max_batches
+            )
+        else:
+            dataset = self.dataset(rc.stage, "holdout")
+            arrays_to_model(self.model, list(arrays))
+            self.model.eval()
+            loader = DataLoader(
+                dataset,
+                batch_size=self._batch_size(rc),
+                shuffle=False,
+                collate_fn=collate,
+                num_workers=self.config.num_workers,
+            )
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(site_seed(rc.seed, rc.server_round, self.config.name))
+            n, metrics, support = score_studies(
+                self.model, loader, stage=rc.stage, device=self.device, generator=gen, group=self.slice_group,
+                max_batches=max_batches,
+            )  # fmt: skip
         if holdout:
             least = self.policy.min_eval_studies
             if n < least:  # max_batches cut the hold-out short

@@ -28,8 +28,13 @@ PACKED_VALUES = "values"
 PACKED_SHAPES = "shapes"
 
 
-#: Stages a site trains in a federated round.
-TRAIN_STAGES: Final = ("ssl", "seg", "vl")
+#: Stages a site trains in a federated round, in curriculum order: ``text`` (report warm-up of the
+#: decoder on the site's reports, no image), ``ssl`` (masked-volume pretraining), ``seg`` (nodule
+#: segmentation, on whole volumes or foreground-biased patches) and ``vl`` (end to end).
+TRAIN_STAGES: Final = ("text", "ssl", "seg", "vl")
+#: Stages with a DP-SGD path at the sites (the report warm-up has none: it trains the decoder alone on
+#: text, outside the per-study-separable model forward that Opacus clips).
+DP_SGD_STAGES: Final = ("ssl", "seg", "vl")
 
 
 def _number(name: str, value: Any, *, integer: bool = False) -> float:
@@ -66,6 +71,11 @@ class RoundConfig:
             :mod:`lungvl_model.losses.group_penalty`.
         dro_step: group-DRO step size ``η`` of the subgroup weights (0 = example-weighted mean; not
             with DP-SGD).
+        seg_patch: edge in voxels of the cubic foreground-biased patches the ``seg`` stage trains on
+            (a multiple of 16; 0 = whole volumes), as central training's ``seg_crop``
+            (:class:`~lungvl_model.data.crops.ForegroundCrops`).
+        seg_fg_prob: probability that a ``seg`` patch is centred on a nodule voxel (the others lie
+            anywhere in the volume: the background, vessels and pleura the model must learn to reject).
     """
 
     server_round: int = 1
@@ -79,6 +89,8 @@ class RoundConfig:
     dp_sgd_max_grad_norm: float = 1.0
     dg_penalty: float = 0.0
     dro_step: float = 0.0
+    seg_patch: int = 0
+    seg_fg_prob: float = 0.67
 
     def __post_init__(self) -> None:
         for name in ("server_round", "local_steps", "batch_size"):
@@ -96,6 +108,15 @@ class RoundConfig:
         for name in ("dp_sgd_noise_multiplier", "dg_penalty", "dro_step"):
             if _number(name, getattr(self, name)) < 0:
                 raise ValueError(f"round config {name!r} must be >= 0, got {getattr(self, name)!r}")
+        if _number("seg_patch", self.seg_patch, integer=True) < 0 or self.seg_patch % 16:
+            raise ValueError(f"round config 'seg_patch' must be 0 or a positive multiple of 16, got {self.seg_patch!r}")
+        if not 0 <= _number("seg_fg_prob", self.seg_fg_prob) <= 1:
+            raise ValueError(f"round config 'seg_fg_prob' must be in [0, 1], got {self.seg_fg_prob!r}")
+        if self.dp_sgd and self.stage not in DP_SGD_STAGES:
+            raise ValueError(
+                f"round config stage {self.stage!r} has no DP-SGD path (the report warm-up trains the decoder alone "
+                f"on text); DP-SGD stages are {DP_SGD_STAGES}: leave the stage out or set dp_sgd = false"
+            )
         if self.dp_sgd and self.dp_sgd_noise_multiplier == 0:
             raise ValueError("round config 'dp_sgd' needs dp_sgd_noise_multiplier > 0, got 0")
         if self.dp_sgd and (self.dg_penalty > 0 or self.dro_step > 0):

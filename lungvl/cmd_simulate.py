@@ -18,6 +18,13 @@ def simulate(
     local_only: bool = typer.Option(
         False, "--local-only", help="baseline: every site trains alone for the same rounds (no federation)"
     ),
+    init: Path | None = typer.Option(
+        None,
+        "--init",
+        file_okay=False,
+        help="model package the federation starts from (a lungvl checkpoint directory, e.g. models/lungvl-tiny-v1, "
+        "to fine-tune) instead of a fresh model built from the scenario's [model]",
+    ),
     reproducible_noise: bool = typer.Option(
         False,
         "--reproducible-noise",
@@ -40,6 +47,9 @@ def simulate(
     except (KeyError, ValueError) as e:
         print_error(e.args[0] if e.args else e)
         raise typer.Exit(2) from e
+    if init is not None and not (init / "model.pt").is_file():
+        print_error(f"--init {init}: no model.pt there (give a lungvl checkpoint directory)")
+        raise typer.Exit(2)
     if local_only:
         if reproducible_noise:
             print_error("--reproducible-noise applies to federated runs; --local-only adds no server noise")
@@ -50,7 +60,7 @@ def simulate(
         from simulations.local_only import run_local_only
 
         with naming(out_dir):
-            run_local_only(spec, out_dir, db_url=db, progress=lambda line: print(line, flush=True))
+            run_local_only(spec, out_dir, db_url=db, init_model=init, progress=lambda line: print(line, flush=True))
         return
     try:
         with naming(out_dir):  # a full disk names the run directory (lungvl.errors: exit 4)
@@ -59,6 +69,7 @@ def simulate(
                 out_dir,
                 db_url=db,
                 resume=resume,
+                init_model=init,
                 progress=lambda line: print(line, flush=True),
                 reproducible_noise=reproducible_noise,
             )

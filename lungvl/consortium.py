@@ -40,7 +40,7 @@ from typing import Any, Final
 
 from federation import pki
 from lungvl_model.config_file import read_toml, reject_unknown_keys
-from server.config import TABLE_KEYS, ServerConfig
+from server.config import ServerConfig
 
 __all__ = [
     "CONSORTIUM_KEYS",
@@ -162,7 +162,6 @@ class ConsortiumConfig:
 
     def to_toml_dict(self) -> dict[str, Any]:
         """The resolved config as a TOML document (:meth:`from_mapping` reads it back)."""
-        server = self.server.to_dict()
         tables: dict[str, Any] = {
             "consortium": {
                 "name": self.name,
@@ -175,7 +174,7 @@ class ConsortiumConfig:
             },
             "sites": {s.name: {"cohort": s.cohort, "runtime_port": s.runtime_port} for s in self.sites},
         }
-        tables.update(server_tables(server))
+        tables.update(self.server.to_tables())
         return tables
 
     @classmethod
@@ -283,19 +282,6 @@ def resolve_config(
     if not sites:
         raise ValueError("a consortium needs at least one site: give --sites NAME ... (or [sites.NAME] tables)")
     return ConsortiumConfig.from_mapping(doc, base=base, where="" if config is None else str(config))
-
-
-def server_tables(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """A flat ServerConfig dict split into ``[strategy]``/``[dp]``/``[training]`` (the rest: ``[server]``)."""
-    tables: dict[str, dict[str, Any]] = {t: {} for t in TABLE_KEYS}
-    rest: dict[str, Any] = {}
-    for key, value in settings.items():
-        home = next((t for t, keys in TABLE_KEYS.items() if key in keys), None)
-        (tables[home] if home else rest)[key] = value
-    out: dict[str, dict[str, Any]] = {t: v for t, v in tables.items() if v}
-    if rest:
-        out["server"] = rest
-    return out
 
 
 def parse_assignments(values: Sequence[str], what: str) -> dict[str, int]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from client.deploy import SiteDeployConfig
 from federation import pki
-from lungvl.consortium import CONFIG_FILE, ConsortiumConfig, SiteSpec, server_tables
+from lungvl.consortium import CONFIG_FILE, ConsortiumConfig, SiteSpec
 from lungvl.consortium_docs import ca_readme, kit_readme, server_readme, site_readme
 from lungvl_model.data.site_layout import toml_dumps
 from server.deploy import ServerDeployConfig
@@ -59,7 +59,7 @@ def site_toml(cfg: ConsortiumConfig, site: SiteSpec) -> dict[str, Any]:
 def server_toml(cfg: ConsortiumConfig) -> dict[str, Any]:
     """The coordinator's ``server.toml``: the ServerConfig tables and ``[deployment]`` admitting every site."""
     return {
-        **server_tables(cfg.server.to_dict()),
+        **cfg.server.to_tables(),
         "deployment": {
             "run_dir": "run",
             "host": cfg.bind,

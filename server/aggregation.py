@@ -211,35 +211,41 @@ class StreamingAggregator:
         """Sum of the weights used so far (example counts when weighted, else the count)."""
         return self._total_weight
 
-    def add(self, delta: Sequence[npt.NDArray[Any]], num_examples: int = 1) -> FoldInfo:
+    def add(self, delta: Sequence[npt.NDArray[Any]], num_examples: int = 1, *, scale: float = 1.0) -> FoldInfo:
         """Check one site's update and fold it into the running sum.
 
         Args:
             delta: ``Δ_k = w_k − w_global``, shapes as ``reference_shapes``.
             num_examples: the site's example count; used as the weight in weighted mode, ignored otherwise
                 (it must still be a positive integer in weighted mode).
+            scale: a factor in ``(0, 1]`` on the site's contribution (group DRO over sites,
+                :mod:`server.site_dro`): it multiplies the weight (and so enters the denominator of the
+                mean without clipping); with clipping it multiplies the clipped update, whose norm stays
+                at most ``C``, while the divisor stays ``expected_sites``.
 
         Returns:
             ``{"norm": ‖Δ_k‖ before clipping, "clipped": whether it was scaled down}``.
 
         Raises:
             AggregationError: a wrong shape or non-finite value (naming the array index), a bad
-                ``num_examples``, or a call after :meth:`finalize`.
+                ``num_examples`` or ``scale``, or a call after :meth:`finalize`.
         """
         if self._finalized:
             raise AggregationError("add() after finalize(); start a new StreamingAggregator for the next round")
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale <= 1:
+            raise AggregationError(f"scale must be in (0, 1], got {scale!r}")
         check_update(delta, self.reference_shapes)
         if self.weighted:
             if isinstance(num_examples, bool) or not isinstance(num_examples, int | np.integer) or num_examples < 1:
                 raise AggregationError(f"num_examples must be a positive integer, got {num_examples!r}")
-            weight = float(num_examples)
+            weight = float(num_examples) * scale
         else:
-            weight = 1.0
+            weight = float(scale)
         norm = l2_norm(delta)
         clipped = False
         factor = weight
         if self.clip_norm is not None and norm > self.clip_norm:
-            factor = self.clip_norm / norm
+            factor = scale * self.clip_norm / norm
             clipped = True
         for i, a in enumerate(delta):
             acc = self._sum[i]

@@ -256,7 +256,8 @@ def run_server(grid: Grid, spec: ServerRunSpec, *, log: Log = print) -> dict[str
     def on_round_end(engine: RoundEngine, outcome: RoundOutcome) -> None:
         # Every closed round, failed ones too (their accountant step must survive a crash).
         directory = spec.run_dir / "checkpoints" / f"round_{outcome.round}"
-        meta = {"stage": cfg.stage, "run_id": run_id, "round_status": outcome.status, "epsilon": outcome.epsilon}
+        stage = cfg.round_config(outcome.round).stage  # the curriculum phase's stage
+        meta = {"stage": stage, "run_id": run_id, "round_status": outcome.status, "epsilon": outcome.epsilon}
         meta["metrics"] = outcome.train_metrics  # evaluation comes after the commit, into the registry
         sha = save_round_checkpoint(directory, model, engine, meta)
         registry.record_checkpoint(run_id, outcome.round, directory, sha)

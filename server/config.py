@@ -11,8 +11,12 @@ the tables ``[strategy]``, ``[dp]`` and ``[training]``, each of which accepts on
 
 Unknown keys raise ``KeyError`` with a "did you mean" hint; bad values raise ``ValueError`` naming the
 key and the value. The sites' per-round settings (``stage``, ``local_steps``, ``lr``, ``batch_size``,
-``dp_sgd*``, ``dg_penalty``, ``dro_step``) are validated by the
+``seg_patch``, ``seg_fg_prob``, ``dp_sgd*``, ``dg_penalty``, ``dro_step``) are validated by the
 :class:`~federation.protocol.RoundConfig` they become, the same rules a site applies on receipt.
+
+A run that trains several stages lists them as ``[[curriculum]]`` tables (:mod:`server.curriculum`);
+``[training]`` then holds the defaults of their unset keys, ``rounds`` is the phases' sum (given or
+not), and ``stage`` is set per phase only.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ import numpy as np
 
 from federation.protocol import RoundConfig
 from lungvl_model.config_file import read_toml
+from server.curriculum import LR_SCHEDULES, CurriculumPhase, phase_at, phase_starts, scheduled_lr
 
-__all__ = ["SITE_SAMPLINGS", "STRATEGIES", "TABLES", "TABLE_KEYS", "ServerConfig", "round_seed"]
+__all__ = ["CURRICULUM", "SITE_SAMPLINGS", "STRATEGIES", "TABLES", "TABLE_KEYS", "ServerConfig", "round_seed"]
 
 STRATEGIES: Final = ("fedavg", "fedavgm")
 #: How the sites of a round are drawn: independently with probability ``fraction_train`` (Poisson;
@@ -40,14 +45,19 @@ SITE_SAMPLINGS: Final = ("poisson", "fixed")
 TABLE_KEYS: Final[dict[str, frozenset[str]]] = {
     "strategy": frozenset(
         {"rounds", "fraction_train", "fraction_evaluate", "min_sites", "strategy", "server_lr", "server_momentum",
-         "max_update_norm", "site_sampling", "seed", "round_timeout_s"}
+         "max_update_norm", "site_sampling", "seed", "round_timeout_s", "site_dro_step"}
     ),
     "dp": frozenset(
         {"clip_norm", "client_noise_multiplier", "target_epsilon", "delta", "accountant", "reproducible_noise",
          "noise_key", "dp_sgd", "dp_sgd_noise_multiplier", "dp_sgd_max_grad_norm"}
     ),
-    "training": frozenset({"stage", "local_steps", "lr", "batch_size", "dg_penalty", "dro_step"}),
+    "training": frozenset(
+        {"stage", "local_steps", "lr", "batch_size", "lr_schedule", "seg_patch", "seg_fg_prob", "dg_penalty",
+         "dro_step"}
+    ),
 }  # fmt: skip
+#: The list of tables that schedules the stages over rounds (``[[curriculum]]``).
+CURRICULUM: Final = "curriculum"
 #: TOML tables whose keys are merged into one flat settings dict.
 TABLES: Final = ("server", *TABLE_KEYS)
 
@@ -55,6 +65,30 @@ TABLES: Final = ("server", *TABLE_KEYS)
 def round_seed(seed: int, rnd: int) -> int:
     """The data-order seed sent to the sites in round ``rnd`` (a function of ``(seed, rnd)``; never DP noise)."""
     return int(np.random.SeedSequence([seed, rnd]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _phases(tables: Any, settings: Mapping[str, Any]) -> tuple[CurriculumPhase, ...]:
+    """The curriculum phases of ``[[curriculum]]`` tables (or phases); unset keys from ``settings``.
+
+    A phase's ``local_steps``, ``lr``, ``batch_size``, ``lr_schedule`` and ``seg_fg_prob`` default to the
+    run's (``settings``, else :class:`ServerConfig`'s defaults); ``seg_patch`` does so for seg phases only.
+    """
+    if not isinstance(tables, list | tuple):
+        raise ValueError(f"ServerConfig.curriculum must be a list of phases, got {tables!r}")
+    base = {f.name: f.default for f in fields(ServerConfig)}
+    out = []
+    for i, t in enumerate(tables, 1):
+        if isinstance(t, CurriculumPhase):
+            out.append(t)
+            continue
+        if not isinstance(t, Mapping):
+            raise ValueError(f"[[curriculum]] #{i} must be a table, got {t!r}")
+        keys = ["local_steps", "lr", "batch_size", "lr_schedule", "seg_fg_prob"]
+        if t.get("stage") == "seg":
+            keys.append("seg_patch")
+        defaults = {k: settings.get(k, base[k]) for k in keys}
+        out.append(CurriculumPhase.from_mapping(t, defaults, index=i))
+    return tuple(out)
 
 
 def _unknown_key_error(key: str, known: list[str], where: str) -> KeyError:
@@ -99,10 +133,18 @@ class ServerConfig:
         noise_key: with ``reproducible_noise``, a name mixed into the seed of the noise so that runs with
             the same ``seed`` draw different noise (a study sets it to the cell's identity); must be empty
             without ``reproducible_noise``.
-        stage: training stage at the sites (``ssl``/``seg``/``vl``).
-        local_steps: optimisation steps per site per round.
-        lr: local learning rate.
-        batch_size: local batch size.
+        stage: training stage at the sites (``text``/``ssl``/``seg``/``vl``) of a run without a
+            curriculum.
+        local_steps: optimisation steps per site per round (a curriculum phase's default).
+        lr: local learning rate (peak of ``lr_schedule``; a curriculum phase's default).
+        batch_size: local batch size (a curriculum phase's default).
+        lr_schedule: ``"constant"`` or ``"cosine"`` over the rounds (over each phase's rounds in a
+            curriculum; :func:`server.curriculum.scheduled_lr`).
+        seg_patch: ``seg`` stage: cubic foreground-biased patch edge in voxels (multiple of 16; 0 = whole
+            volumes; a curriculum phase's default for its seg phases).
+        seg_fg_prob: ``seg`` stage: probability that a patch is centred on a nodule voxel.
+        curriculum: the stages over rounds (:class:`~server.curriculum.CurriculumPhase`, in order); empty:
+            every round trains ``stage``.
         dp_sgd: ask the sites to run Opacus DP-SGD (patient-level DP, the sites' own budgets apply).
         dp_sgd_noise_multiplier: DP-SGD noise multiplier σ at the sites.
         dp_sgd_max_grad_norm: DP-SGD per-study clip at the sites.
@@ -112,6 +154,9 @@ class ServerConfig:
         seed: seed of the sites' data order (per round, :func:`round_seed`); seeds site sampling and
             the aggregation noise only with ``reproducible_noise``.
         round_timeout_s: seconds to wait for the replies of a round; missing replies count as timeouts.
+        site_dro_step: group DRO over sites (:mod:`server.site_dro`): the step ``η`` of the sites'
+            log-weights on their reported training losses; the round's aggregate weights each site by
+            its softmax weight (0 = off). Not with ``dp_sgd`` (DP-SGD sites withhold their losses).
     """
 
     rounds: int = 10
@@ -134,6 +179,10 @@ class ServerConfig:
     local_steps: int = 5
     lr: float = 3e-4
     batch_size: int = 2
+    lr_schedule: str = "constant"
+    seg_patch: int = 0
+    seg_fg_prob: float = 0.67
+    curriculum: tuple[CurriculumPhase, ...] = ()
     dp_sgd: bool = False
     dp_sgd_noise_multiplier: float = 1.0
     dp_sgd_max_grad_norm: float = 1.0
@@ -141,6 +190,7 @@ class ServerConfig:
     dro_step: float = 0.0
     seed: int = 0
     round_timeout_s: float = 3600.0
+    site_dro_step: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -169,9 +219,15 @@ class ServerConfig:
                 f"ServerConfig: need server_lr > 0 and 0 <= server_momentum < 1, got {self.server_lr}, "
                 f"{self.server_momentum}"
             )
-        for name in ("clip_norm", "client_noise_multiplier", "target_epsilon", "max_update_norm", "round_timeout_s"):
+        non_negative = ("clip_norm", "client_noise_multiplier", "target_epsilon", "max_update_norm", "round_timeout_s")
+        for name in (*non_negative, "site_dro_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.site_dro_step > 0 and self.dp_sgd:
+            raise ValueError(
+                f"ServerConfig.site_dro_step={self.site_dro_step} needs the sites' training losses, which DP-SGD sites "
+                "withhold: set site_dro_step = 0 or dp_sgd = false"
+            )
         if self.round_timeout_s == 0:
             raise ValueError("ServerConfig.round_timeout_s must be > 0, got 0")
         if self.client_noise_multiplier > 0 and self.clip_norm == 0:
@@ -201,10 +257,24 @@ class ServerConfig:
             raise ValueError(f"ServerConfig.accountant must be 'rdp' or 'prv', got {self.accountant!r}")
         if self.seed < 0:
             raise ValueError(f"ServerConfig.seed must be >= 0, got {self.seed}")
-        try:  # the sites' settings: RoundConfig's rules, the ones a site applies on receipt
-            self.round_config(1)
-        except ValueError as err:
-            raise ValueError(f"ServerConfig: {err}") from None
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"ServerConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not isinstance(self.curriculum, tuple) or not all(isinstance(p, CurriculumPhase) for p in self.curriculum):
+            raise ValueError(f"ServerConfig.curriculum must be a tuple of CurriculumPhase, got {self.curriculum!r}")
+        if self.curriculum and self.rounds != sum(p.rounds for p in self.curriculum):
+            raise ValueError(
+                f"ServerConfig: rounds = {self.rounds} but the curriculum's phases add up to "
+                f"{sum(p.rounds for p in self.curriculum)} rounds; leave rounds out or make them agree"
+            )
+        if not self.curriculum and self.seg_patch and self.stage != "seg":
+            raise ValueError(f"ServerConfig.seg_patch = {self.seg_patch} applies to the seg stage only (stage is "
+                             f"{self.stage!r})")  # fmt: skip
+        for number, start in enumerate(phase_starts(self.phases), 1):
+            try:  # the sites' settings: RoundConfig's rules, the ones a site applies on receipt
+                self.round_config(start)
+            except ValueError as err:
+                where = f"[[curriculum]] #{number}: " if self.curriculum else ""
+                raise ValueError(f"ServerConfig: {where}{err}") from None
 
     # ---- derived
     @property
@@ -227,14 +297,51 @@ class ServerConfig:
             return self.fraction_train * available
         return float(self.sample_size(available))
 
+    @property
+    def phases(self) -> tuple[CurriculumPhase, ...]:
+        """The curriculum, or one phase of ``stage`` over all ``rounds`` for a run without one."""
+        if self.curriculum:
+            return self.curriculum
+        return (
+            CurriculumPhase(
+                stage=self.stage, rounds=self.rounds, local_steps=self.local_steps, lr=self.lr,
+                batch_size=self.batch_size, lr_schedule=self.lr_schedule, seg_patch=self.seg_patch,
+                seg_fg_prob=self.seg_fg_prob, reset_momentum=False,
+            ),
+        )  # fmt: skip
+
+    def phase(self, rnd: int) -> CurriculumPhase:
+        """The curriculum phase round ``rnd`` belongs to (a round past ``rounds``: the last phase's)."""
+        phases = self.phases
+        return phases[phase_at(phases, min(rnd, self.rounds))[0]]
+
+    def momentum_reset(self, since: int, rnd: int) -> bool:
+        """Whether the server momentum last updated in round ``since`` starts again from zero in round ``rnd``.
+
+        True when a phase with ``reset_momentum`` (not the first) begins in ``since + 1 .. rnd``: the
+        buffer is reset by the first round of the new phase that moves the model, even if the phase's
+        opening round failed.
+        """
+        starts = phase_starts(self.phases)
+        return any(since < s <= rnd and p.reset_momentum for s, p in zip(starts[1:], self.phases[1:], strict=True))
+
     def round_config(self, rnd: int) -> RoundConfig:
-        """The config record sent with round ``rnd``'s messages (raises ``ValueError`` naming a bad value)."""
+        """The config record sent with round ``rnd``'s messages (raises ``ValueError`` naming a bad value).
+
+        Its stage, steps, batch, learning rate and patch are those of the round's curriculum phase; a
+        round past ``rounds`` (a resumed run asked for more) keeps the last phase at its last rate.
+        """
+        phases = self.phases
+        index, inside = phase_at(phases, min(rnd, self.rounds))
+        p = phases[index]
         return RoundConfig(
             server_round=rnd,
-            stage=self.stage,
-            local_steps=self.local_steps,
-            lr=self.lr,
-            batch_size=self.batch_size,
+            stage=p.stage,
+            local_steps=p.local_steps,
+            lr=scheduled_lr(p, inside),
+            batch_size=p.batch_size,
+            seg_patch=p.seg_patch,
+            seg_fg_prob=p.seg_fg_prob,
             seed=round_seed(self.seed, rnd),
             dp_sgd=self.dp_sgd,
             dp_sgd_noise_multiplier=self.dp_sgd_noise_multiplier,
@@ -245,8 +352,33 @@ class ServerConfig:
 
     # ---- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        """Flat JSON-ready dict; :meth:`from_dict` inverts it."""
-        return asdict(self)
+        """Flat JSON-ready dict (the curriculum as a list of phase dicts); :meth:`from_dict` inverts it."""
+        d = asdict(self)
+        d[CURRICULUM] = [p.to_dict() for p in self.curriculum]
+        return d
+
+    def to_tables(self) -> dict[str, Any]:
+        """The settings in the TOML layout :meth:`from_mapping` reads back.
+
+        ``[strategy]``/``[dp]``/``[training]`` hold their keys, ``[server]`` the rest, and a curriculum
+        goes to ``[[curriculum]]`` (its phases name their stages, so ``stage`` is left out); empty
+        tables are omitted.
+        """
+        flat = self.to_dict()
+        curriculum = flat.pop(CURRICULUM)
+        if curriculum:
+            flat.pop("stage")
+        tables: dict[str, Any] = {t: {} for t in TABLE_KEYS}
+        rest: dict[str, Any] = {}
+        for key, value in flat.items():
+            home = next((t for t, keys in TABLE_KEYS.items() if key in keys), None)
+            (tables[home] if home else rest)[key] = value
+        out: dict[str, Any] = {t: v for t, v in tables.items() if v}
+        if rest:
+            out["server"] = rest
+        if curriculum:
+            out[CURRICULUM] = curriculum
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ServerConfig:
@@ -261,6 +393,8 @@ class ServerConfig:
             if key not in known:
                 raise _unknown_key_error(key, known, "ServerConfig")
         kw = dict(d)
+        if CURRICULUM in kw:
+            kw[CURRICULUM] = _phases(kw[CURRICULUM], kw)
         for f in fields(cls):
             # TOML integers are fine where a float is expected.
             if f.name in kw and f.type == "float" and isinstance(kw[f.name], int) and not isinstance(kw[f.name], bool):
@@ -282,7 +416,11 @@ class ServerConfig:
         for key, value in doc.items():
             if key in ignore:
                 continue
-            if key in TABLES:
+            if key == CURRICULUM:
+                if not isinstance(value, list) or not value or not all(isinstance(v, Mapping) for v in value):
+                    raise ValueError(f"[[{CURRICULUM}]] must be one or more tables, got {value!r}")
+                items = [(key, value)]
+            elif key in TABLES and not (key == "strategy" and isinstance(value, str)):  # strategy: a table and a key
                 if not isinstance(value, Mapping):
                     raise ValueError(f"[{key}] must be a table, got {value!r}")
                 items = list(value.items())
@@ -306,6 +444,13 @@ class ServerConfig:
                 if k in flat:
                     raise KeyError(f"server setting {k!r} is given twice")
                 flat[k] = v
+        if CURRICULUM in flat:
+            if "stage" in flat:
+                raise KeyError(
+                    f"'stage' = {flat['stage']!r} is given with [[{CURRICULUM}]]: each phase names its own stage"
+                )
+            flat[CURRICULUM] = _phases(flat[CURRICULUM], flat)
+            flat.setdefault("rounds", sum(p.rounds for p in flat[CURRICULUM]))
         return cls.from_dict(flat)
 
     @classmethod

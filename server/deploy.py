@@ -396,7 +396,7 @@ def write_app(cfg: ServerDeployConfig, *, resume: bool) -> Path:
     app = cfg.run_dir / "app"
     app.mkdir(parents=True, exist_ok=True)
     server_toml = cfg.run_dir / "server_settings.toml"
-    server_toml.write_text(toml_dumps({"server": cfg.server.to_dict()}), encoding="utf-8")
+    server_toml.write_text(toml_dumps(cfg.server.to_tables()), encoding="utf-8")
     doc = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {

@@ -105,6 +105,8 @@ def save_round_checkpoint(directory: Path, model: LungVLModel, engine: RoundEngi
     payload = {
         "format": 1,
         "round": state["round"],
+        "momentum_round": state["momentum_round"],
+        "dro_json": json.dumps({"site_log_weights": state["site_log_weights"], "dro_phase": state["dro_phase"]}),
         "momentum": None if state["momentum"] is None else [torch.from_numpy(m) for m in state["momentum"]],
         "accountant_json": json.dumps(acc),
         "site_names_json": json.dumps(state["site_names"]),
@@ -128,6 +130,8 @@ def load_round_checkpoint(directory: str | Path) -> tuple[Arrays, dict[str, Any]
     raw = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
     state = {
         "round": int(raw["round"]),
+        "momentum_round": int(raw.get("momentum_round", raw["round"])),
+        **json.loads(raw.get("dro_json", "{}")),
         "momentum": None if raw["momentum"] is None else [t.numpy() for t in raw["momentum"]],
         "accountant": json.loads(raw["accountant_json"]),
         "site_names": json.loads(raw["site_names_json"]),
@@ -138,7 +142,11 @@ def load_round_checkpoint(directory: str | Path) -> tuple[Arrays, dict[str, Any]
 
 
 def _check_resumable(saved: Mapping[str, Any], current: ServerConfig) -> None:
-    changed = sorted(k for k, v in current.to_dict().items() if saved.get(k) != v and k not in _RESUMABLE_CHANGES)
+    # a setting added after the checkpoint was written counts as its default there
+    defaults = ServerConfig().to_dict()
+    changed = sorted(
+        k for k, v in current.to_dict().items() if saved.get(k, defaults[k]) != v and k not in _RESUMABLE_CHANGES
+    )
     if changed:
         raise ResumeRefused(
             "cannot resume with different settings: "

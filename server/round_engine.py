@@ -45,6 +45,7 @@ from server.aggregation import (
 from server.config import ServerConfig
 from server.registry import Registry
 from server.round_types import RoundOutcome, SiteReply
+from server.site_dro import dro_scales, dro_weights, update_log_weights
 
 __all__ = ["EVAL_STREAM", "NOISE_STREAM", "SAMPLE_STREAM", "Log", "RoundEngine", "RoundHook", "round_rng"]
 
@@ -110,6 +111,9 @@ class RoundEngine:
         self.weights: Arrays = [np.array(a, dtype=np.float32, copy=True) for a in initial_arrays]
         self.shapes = shapes_of(self.weights)
         self.momentum: Arrays | None = None
+        self.momentum_round = 0  # the round whose update last moved the momentum buffer
+        self.site_log_weights: dict[str, float] = {}  # group DRO over sites (server.site_dro)
+        self.dro_phase = 0  # the curriculum phase the log-weights belong to
         self.round = 0  # last round closed (completed or failed)
         self.accountant: ClientLevelAccountant | None = None
         self.site_names: dict[int, str] = {}
@@ -221,12 +225,24 @@ class RoundEngine:
         self._current = rnd
         self._sampled = {n: self.label(n) for n in sampled}
         self._seen = set()
-        self._agg = StreamingAggregator(self.shapes, clip_norm=self.config.clip_norm or None)
+        dro = self.config.site_dro_step > 0
+        self._agg = StreamingAggregator(  # with site DRO the weights are the sites' λ, not their example counts
+            self.shapes, clip_norm=self.config.clip_norm or None, weighted=False if dro else None
+        )
+        self._dro_scales = self._begin_dro(rnd, list(self._sampled.values())) if dro else {}
+        self._site_losses: dict[str, float] = {}
         self._train_rows = []
         self._statuses = {}
         self._failed = 0
         self._total_sites = total_sites
         self._charged = charged
+
+    def _begin_dro(self, rnd: int, sites: list[str]) -> dict[str, float]:
+        """Group DRO over sites: each sampled site's scale for round ``rnd`` (log-weights reset per phase)."""
+        phase = self.config.phases.index(self.config.phase(rnd))
+        if phase != self.dro_phase:
+            self.site_log_weights, self.dro_phase = {}, phase
+        return dro_scales(self.site_log_weights, sites) if sites else {}
 
     def _participation(self, reply: SiteReply, status: str, **kw: Any) -> None:
         self._statuses[self.label(reply.node_id)] = status
@@ -276,7 +292,7 @@ class RoundEngine:
             limit = self.config.max_update_norm
             if limit and norm > limit:
                 raise AggregationError(f"update L2 norm {norm:.4g} exceeds max_update_norm {limit:.4g}")
-            info = self._agg.add(delta, int(reply.num_examples))
+            info = self._agg.add(delta, int(reply.num_examples), scale=self._dro_scales.get(name, 1.0))
         except AggregationError as err:
             self.log(f"round {self._current}: {name}: update rejected: {err}")
             self._participation(
@@ -287,6 +303,8 @@ class RoundEngine:
             reply, "ok", num_examples=int(reply.num_examples), update_norm=info["norm"], clipped=info["clipped"]
         )
         self._train_rows.append((int(reply.num_examples), dict(reply.metrics)))
+        if "train_loss" in reply.metrics:
+            self._site_losses[name] = float(reply.metrics["train_loss"])
         self._record_site(reply)
         return "ok"
 
@@ -341,9 +359,15 @@ class RoundEngine:
                 noise_multiplier=c.client_noise_multiplier,
                 rng=round_rng(c, rnd, NOISE_STREAM) if c.client_noise_multiplier > 0 else None,
             )
+            if self.momentum is not None and c.momentum_reset(self.momentum_round, rnd):
+                self.log(f"round {rnd}: curriculum stage {self.round_config(rnd).stage!r} starts from zero momentum")
+                self.momentum = None
             self.weights, self.momentum = apply_server_momentum(
                 self.weights, mean, self.momentum, server_lr=c.server_lr, server_momentum=c.momentum
             )
+            self.momentum_round = rnd
+            if c.site_dro_step > 0:
+                self._dro_step(rnd)
             outcome.status = "completed"
             outcome.update_norm = l2_norm(mean)
             outcome.train_metrics = weighted_means(self._train_rows)
@@ -359,6 +383,17 @@ class RoundEngine:
         self.round = rnd
         self.failed_streak = self.failed_streak + 1 if outcome.status == "failed" else 0
         return outcome
+
+    def _dro_step(self, rnd: int) -> None:
+        """Move the sites' DRO log-weights by the round's training losses; record the new weights."""
+        self.site_log_weights = update_log_weights(self.site_log_weights, self._site_losses, self.config.site_dro_step)
+        if not self.site_log_weights:
+            return
+        weights = dro_weights(self.site_log_weights, sorted(self.site_log_weights))
+        self.log(f"round {rnd}: site DRO weights " + ", ".join(f"{s} {w:.3f}" for s, w in weights.items()))
+        if self.registry is not None and self.run_id is not None:
+            for site, w in weights.items():
+                self.registry.record_metrics(self.run_id, rnd, f"site:{site}", {"dro_weight": w})
 
     def abort_reason(self) -> str | None:
         """Why the run must stop now: ``max_failed_rounds`` failed rounds in a row (None: go on).
@@ -431,12 +466,16 @@ class RoundEngine:
         """Everything needed to continue after the last closed round (weights excluded: they go to model.pt).
 
         Returns:
-            ``{"round", "momentum" (list of arrays or None), "accountant" (settings + history or None),
-            "site_names", "config"}``.
+            ``{"round", "momentum" (list of arrays or None), "momentum_round" (the round that last moved
+            it), "site_log_weights" and "dro_phase" (group DRO over sites), "accountant" (settings +
+            history or None), "site_names", "config"}``.
         """
         acc = self.accountant
         return {
             "round": self.round,
+            "momentum_round": self.momentum_round,
+            "site_log_weights": dict(self.site_log_weights),
+            "dro_phase": self.dro_phase,
             "momentum": None if self.momentum is None else [m.copy() for m in self.momentum],
             "accountant": None
             if acc is None
@@ -461,6 +500,9 @@ class RoundEngine:
             raise ValueError("checkpoint momentum buffer does not fit the model")
         self.momentum = None if mom is None else [np.array(m, copy=True) for m in mom]
         self.round = int(state["round"])
+        self.momentum_round = int(state.get("momentum_round", self.round))  # older checkpoints: the last round
+        self.site_log_weights = {str(k): float(v) for k, v in dict(state.get("site_log_weights") or {}).items()}
+        self.dro_phase = int(state.get("dro_phase", 0))
         self.site_names = {int(k): str(v) for k, v in dict(state.get("site_names", {})).items()}
         self.accountant = None
         acc = state.get("accountant")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from server.config import ServerConfig
+from server.curriculum import CurriculumPhase
 from server.registry import Registry
 
 __all__ = ["SitesTable", "plot_convergence", "plot_epsilon", "summary_markdown", "write_run_outputs"]
@@ -131,6 +132,19 @@ def _fmt(v: Any) -> str:
     return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _training(c: ServerConfig) -> str:
+    """What the sites train: the stage and its settings, or each curriculum phase in order."""
+
+    def phase(p: CurriculumPhase) -> str:
+        patch = f", {p.seg_patch}³ patches" if p.seg_patch else ""
+        lr = f"lr {p.lr:g}" + (" (cosine)" if p.lr_schedule == "cosine" else "")
+        return f"{p.stage} × {p.rounds} rounds: {p.local_steps} local steps, batch {p.batch_size}, {lr}{patch}"
+
+    if not c.curriculum:
+        return "stage " + phase(c.phases[0])
+    return "curriculum " + " → ".join(phase(p) for p in c.curriculum)
+
+
 def summary_markdown(
     reg: Registry,
     run_id: int,
@@ -175,8 +189,8 @@ def summary_markdown(
         "",
         f"strategy {c.strategy} (η = {c.server_lr}, β = {c.momentum}), {c.site_sampling} site sampling, fraction "
         f"{c.fraction_train}, min_sites "
-        f"{c.min_sites}; client-level DP {dp}; DP-SGD at sites {'on' if c.dp_sgd else 'off'}; stage {c.stage}, "
-        f"{c.local_steps} local steps, lr {c.lr}{model}; seed {c.seed}.",
+        f"{c.min_sites}; client-level DP {dp}; DP-SGD at sites {'on' if c.dp_sgd else 'off'}; {_training(c)}{model}; "
+        f"seed {c.seed}.",
         "",
     ]
     for note in notes:

@@ -34,8 +34,9 @@
     name = "lidc"
     path = "../shared/data/lidc_site"
 
-``[run] rounds`` and ``seed`` become the server's ``rounds`` and ``seed``. Unknown keys raise ``KeyError``
-with a "did you mean" hint.
+``[run] rounds`` and ``seed`` become the server's ``rounds`` and ``seed``. ``[[curriculum]]`` tables
+schedule the stages over rounds (:mod:`server.curriculum`; ``[run] rounds`` may then be left out).
+Unknown keys raise ``KeyError`` with a "did you mean" hint.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from lungvl_model.data.split import check_holdout_fraction
 from lungvl_model.data.synth import PROFILES
 from lungvl_model.models.config import LungVLConfig, get_preset
 from privacy.site_policy import SitePolicy
-from server.config import TABLE_KEYS, ServerConfig
+from server.config import ServerConfig
 
 __all__ = ["Scenario", "SiteSpec", "deep_merge"]
 
@@ -229,13 +230,13 @@ class Scenario:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved scenario in the TOML layout (what ``config.json`` of a run holds)."""
-        server = self.server.to_dict()
-        run = {"name": self.name, "rounds": server.pop("rounds"), "seed": server.pop("seed"), "preset": self.preset}
+        tables = self.server.to_tables()
+        strategy = tables["strategy"]  # rounds and seed live there; a scenario gives them in [run]
+        run = {"name": self.name, "rounds": strategy.pop("rounds"), "seed": strategy.pop("seed"), "preset": self.preset}
         run |= {"matrix": self.matrix, "z_extent_mm": self.z_extent_mm, "num_cpus": self.num_cpus}
         run["holdout_fraction"] = self.holdout_fraction
         if self.min_eval_studies is not None:
             run["min_eval_studies"] = self.min_eval_studies
-        tables = {t: {k: v for k, v in server.items() if k in keys} for t, keys in TABLE_KEYS.items()}
         return {"run": run, "model": dict(self.model_overrides), **tables, "sites": [s.to_dict() for s in self.sites]}
 
     @classmethod

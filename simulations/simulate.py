@@ -226,7 +226,7 @@ def run_simulation(
                 Path(init_model).resolve() if init_model is not None else _initial_model(scenario, sites, out, log)
             )
             server_toml = out / "server.toml"
-            server_toml.write_text(toml_dumps({"server": scenario.server.to_dict()}), encoding="utf-8")
+            server_toml.write_text(toml_dumps(scenario.server.to_tables()), encoding="utf-8")
             (out / "config.json").write_text(
                 json.dumps(
                     {

@@ -19,6 +19,7 @@
     dp_fedavgm = [1.0, 0.9]                 # (server lr, momentum) of FedAvgM in DP and DG cells
     dg_penalty = [1.0]                      # DG rows: FedAvgM (dp_fedavgm), DP off, variance penalty λ
     dro_step = 0.0                          # group-DRO step size of the DG rows
+    site_dro = [0.5]                        # site-DRO rows: FedAvgM (dp_fedavgm), DP off, group DRO over sites η
 
     [dp]
     delta = 1e-5
@@ -33,7 +34,10 @@ Grid rules (:func:`expand_grid`), for each seed, in this order:
 * ``fedavgm``: every ``fedavgm_server_lr × fedavgm_momentum`` with DP off, then ``dp_fedavgm`` with
   each DP kind × ε (if in ``dp_strategies``);
 * ``centralised``: DP off only (pooled data has no site boundary to protect);
-* one FedAvgM cell (``dp_fedavgm``, DP off) per ``dg_penalty`` value.
+* one FedAvgM cell (``dp_fedavgm``, DP off) per ``dg_penalty`` value (slice-thickness groups inside
+  each site's batches);
+* one FedAvgM cell (``dp_fedavgm``, DP off) per ``site_dro`` value: group DRO over sites at the server
+  (:mod:`server.site_dro`), the sites as the groups.
 
 Unknown tables or keys raise ``KeyError`` with a "did you mean" hint; bad values raise ``ValueError``
 naming the key and the value.
@@ -59,13 +63,13 @@ _TABLES: Final = {
     "study": ("name", "scenario", "seeds", "rounds", "bootstrap"),
     "grid": (
         "strategies", "fedavgm_server_lr", "fedavgm_momentum", "dp", "epsilons", "dp_strategies", "dp_fedavgm",
-        "dg_penalty", "dro_step",
+        "dg_penalty", "dro_step", "site_dro",
     ),
     "dp": ("delta", "client_clip_norm", "sample_max_grad_norm"),
 }  # fmt: skip
 _TUPLES: Final = (
     "seeds", "strategies", "fedavgm_server_lr", "fedavgm_momentum", "dp", "epsilons", "dp_strategies", "dp_fedavgm",
-    "dg_penalty",
+    "dg_penalty", "site_dro",
 )  # fmt: skip
 
 
@@ -93,6 +97,7 @@ class Cell:
         seed: run seed (initial model, site sampling, local data order).
         dg_penalty: subgroup variance penalty λ (0 = off).
         dro_step: group-DRO step size η (0 = off).
+        site_dro_step: group DRO over sites at the server, step η (0 = off; :mod:`server.site_dro`).
     """
 
     strategy: str
@@ -103,6 +108,7 @@ class Cell:
     seed: int = 0
     dg_penalty: float = 0.0
     dro_step: float = 0.0
+    site_dro_step: float = 0.0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -135,6 +141,8 @@ class Cell:
             name += f"-dg{self.dg_penalty:g}"
         if self.dro_step:
             name += f"-dro{self.dro_step:g}"
+        if self.site_dro_step:
+            name += f"-sitedro{self.site_dro_step:g}"
         return name
 
     @property
@@ -174,6 +182,7 @@ class StudyConfig:
     dp_fedavgm: tuple[float, ...] = (1.0, 0.9)
     dg_penalty: tuple[float, ...] = ()
     dro_step: float = 0.0
+    site_dro: tuple[float, ...] = ()
     delta: float = 1e-5
     client_clip_norm: float = 0.1
     sample_max_grad_norm: float = 1.0
@@ -202,7 +211,7 @@ class StudyConfig:
             raise ValueError(
                 f"grid dp must include 'none' (the reference every DP cell is compared with), got {list(self.dp)}"
             )
-        for key in ("fedavgm_server_lr", "fedavgm_momentum", "epsilons", "dp_fedavgm", "dg_penalty"):
+        for key in ("fedavgm_server_lr", "fedavgm_momentum", "epsilons", "dp_fedavgm", "dg_penalty", "site_dro"):
             for v in getattr(self, key):
                 _num(f"grid {key}", v)
         if any(v <= 0 for v in self.fedavgm_server_lr) or any(not 0 <= v < 1 for v in self.fedavgm_momentum):
@@ -218,6 +227,8 @@ class StudyConfig:
             raise ValueError(
                 f"grid dg_penalty must be > 0 and dro_step >= 0, got {list(self.dg_penalty)}, {self.dro_step}"
             )
+        if any(v <= 0 for v in self.site_dro):
+            raise ValueError(f"grid site_dro must be > 0, got {list(self.site_dro)}")
         if not 0 < self.delta < 1 or self.client_clip_norm <= 0 or self.sample_max_grad_norm <= 0:
             raise ValueError(
                 f"[dp] needs 0 < delta < 1, client_clip_norm > 0 and sample_max_grad_norm > 0, got {self.delta}, "
@@ -267,7 +278,7 @@ class StudyConfig:
                 if not isinstance(kw[k], list | tuple):
                     raise ValueError(f"study {k} must be a list, got {kw[k]!r}")
                 kw[k] = tuple(kw[k])
-        for k in ("epsilons", "fedavgm_server_lr", "fedavgm_momentum", "dp_fedavgm", "dg_penalty"):
+        for k in ("epsilons", "fedavgm_server_lr", "fedavgm_momentum", "dp_fedavgm", "dg_penalty", "site_dro"):
             if k in kw:
                 kw[k] = tuple(_num(k, v) for v in kw[k])
         for k in ("dro_step", "delta", "client_clip_norm", "sample_max_grad_norm"):
@@ -313,6 +324,7 @@ def expand_grid(study: StudyConfig) -> list[Cell]:
         cells += [
             Cell("fedavgm", lr_dp, m_dp, seed=seed, dg_penalty=g, dro_step=study.dro_step) for g in study.dg_penalty
         ]
+        cells += [Cell("fedavgm", lr_dp, m_dp, seed=seed, site_dro_step=eta) for eta in study.site_dro]
     seen: set[str] = set()
     unique = []
     for c in cells:

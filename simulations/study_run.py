@@ -171,6 +171,8 @@ def cell_scenario(
                 "ServerConfig has no dg_penalty/dro_step to send (server/config.py + RoundEngine.round_config)"
             )
         changes |= {"dg_penalty": cell.dg_penalty, "dro_step": cell.dro_step}
+    if cell.federated and cell.site_dro_step:
+        changes["site_dro_step"] = cell.site_dro_step
     sites = tuple(SiteSpec(name=s.name, path=site_dirs[s.name]) for s in base.sites)
     scenario = dataclasses.replace(
         base, name=f"{study.name}:{cell.cell_id}", sites=sites, server=c.with_updates(**changes)

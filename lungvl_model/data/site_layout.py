@@ -259,7 +259,10 @@ class SiteManifest:
 
 
 def toml_dumps(data: Mapping[str, Any]) -> str:
-    """Minimal TOML writer for nested dicts of str/int/float/bool/list (enough for lungvl configs)."""
+    """Minimal TOML writer for nested dicts of str/int/float/bool/list (enough for lungvl configs).
+
+    A non-empty list of dicts becomes an array of tables (``[[name]]``), one block per dict.
+    """
 
     def val(v: Any) -> str:
         if isinstance(v, bool):
@@ -274,17 +277,27 @@ def toml_dumps(data: Mapping[str, Any]) -> str:
 
     lines: list[str] = []
 
-    def table(prefix: str, d: Mapping[str, Any]) -> None:
-        scalars = {k: v for k, v in d.items() if not isinstance(v, Mapping) and v is not None}
+    def is_array_of_tables(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(x, Mapping) for x in v)
+
+    def table(prefix: str, d: Mapping[str, Any], header: str = "") -> None:
+        scalars = {
+            k: v for k, v in d.items() if not isinstance(v, Mapping) and not is_array_of_tables(v) and v is not None
+        }
         subs = {k: v for k, v in d.items() if isinstance(v, Mapping)}
-        if prefix and (scalars or not subs):
-            lines.append(f"[{prefix}]")
+        arrays = {k: v for k, v in d.items() if is_array_of_tables(v)}
+        if header or (prefix and (scalars or not (subs or arrays))):
+            lines.append(header or f"[{prefix}]")
         for k, v in scalars.items():
             lines.append(f"{k} = {val(v)}")
-        if prefix and (scalars or not subs):
+        if header or (prefix and (scalars or not (subs or arrays))):
             lines.append("")
         for k, v in subs.items():
             table(f"{prefix}.{k}" if prefix else k, v)
+        for k, items in arrays.items():
+            name = f"{prefix}.{k}" if prefix else k
+            for item in items:
+                table(name, item, header=f"[[{name}]]")
 
     table("", data)
     return "\n".join(lines).rstrip() + "\n"

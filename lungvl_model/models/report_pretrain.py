@@ -130,25 +130,68 @@ def _batch_step(decoder: ReportDecoder, head: CoherenceHead, tok: PreTrainedToke
     return out.loss, F.binary_cross_entropy_with_logits(logits.float(), y), logits
 
 
+def report_corpus(texts: Sequence[str]) -> list[str]:
+    """What the decoder learns of each report: its FINDINGS and IMPRESSION sections, empty ones dropped.
+
+    Args:
+        texts: report texts (:func:`~lungvl_model.text.report_sections.decoder_target` cuts each).
+
+    Returns:
+        The non-empty cut reports, in order.
+    """
+    return [c for c in (decoder_target(t) for t in texts if t and t.strip()) if c]
+
+
+@torch.no_grad()
+def report_lm_loss(decoder: ReportDecoder, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                   batch_size: int) -> float:  # fmt: skip
+    """Token-weighted causal LM loss of ``decoder`` on ``texts``, without visual tokens, in eval mode.
+
+    Each text is scored as given (cut it first with :func:`report_corpus` to score what the decoder
+    learns); the decoder's train/eval mode is restored afterwards.
+
+    Args:
+        decoder: the decoder.
+        tokenizer: the report tokenizer.
+        texts: the reports (tokenised in batches of ``batch_size``: (B, T) ids, cut to ``n_positions``).
+        batch_size: reports per forward pass.
+
+    Returns:
+        The mean negative log-likelihood per predicted token (0.0 when ``texts`` has none).
+
+    Raises:
+        ValueError: ``batch_size < 1``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"report_lm_loss batch_size must be >= 1, got {batch_size}")
+    device = next(decoder.parameters()).device
+    was_training = decoder.training
+    decoder.eval()
+    nll, count = 0.0, 0
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = {k: v.to(device) for k, v in encode_reports(tokenizer, list(texts[i : i + batch_size]),
+                                                              decoder.lm.config.n_positions).items()}  # fmt: skip
+            logits = decoder(enc["input_ids"], enc["attention_mask"]).logits
+            nll += float(causal_lm_loss(logits, enc["labels"], reduction="sum"))
+            count += int((enc["labels"][:, 1:] != -100).sum())
+    finally:
+        decoder.train(was_training)
+    return nll / max(count, 1)
+
+
 @torch.no_grad()
 def _evaluate(decoder: ReportDecoder, head: CoherenceHead, tok: PreTrainedTokenizerBase, texts: list[str],
               pairs: tuple[list[str], list[int]], batch_size: int) -> tuple[float, float]:  # fmt: skip
     """(token-weighted LM loss on ``texts``, coherence accuracy on ``pairs``) in eval mode."""
-    device = next(decoder.parameters()).device
-    nll, count = 0.0, 0
-    for i in range(0, len(texts), batch_size):
-        enc = {k: v.to(device) for k, v in encode_reports(tok, texts[i : i + batch_size],
-                                                          decoder.lm.config.n_positions).items()}  # fmt: skip
-        logits = decoder(enc["input_ids"], enc["attention_mask"]).logits
-        nll += float(causal_lm_loss(logits, enc["labels"], reduction="sum"))
-        count += int((enc["labels"][:, 1:] != -100).sum())
+    lm = report_lm_loss(decoder, tok, texts, batch_size)
     rows, labels = pairs
     correct = 0
     for i in range(0, len(rows), 2 * batch_size):
         chunk = slice(i, i + 2 * batch_size)
         _, _, logits = _batch_step(decoder, head, tok, rows[chunk], labels[chunk])
         correct += int(((logits > 0).long().cpu() == torch.tensor(labels[chunk])).sum())
-    return nll / max(count, 1), correct / max(len(rows), 1)
+    return lm, correct / max(len(rows), 1)
 
 
 def pretrain_reports(
@@ -178,29 +221,30 @@ def pretrain_reports(
         coherence_weight: weight of the coherence loss (0: LM only).
         seed: seeds batch sampling, corruptions, dropout and the head's initialisation.
         head: a coherence head to train (default: a new :class:`CoherenceHead`).
-        eval_size: reports used for the before/after evaluation.
+        eval_size: reports used for the before/after evaluation (0: no evaluation; its metrics are then NaN).
         progress: called after each step with ``(step, {"lm_loss", "coherence_loss", "loss"})``.
 
     Returns:
         ``initial_lm_loss``, ``final_lm_loss`` (token-weighted, on the evaluation reports),
         ``initial_perplexity``, ``perplexity``, ``initial_coherence_accuracy``, ``coherence_accuracy``
         (held-out corruptions of the evaluation reports), ``train_coherence_accuracy`` (last 10 steps),
-        ``steps``.
+        ``steps``; the evaluation's six are NaN with ``eval_size=0``.
 
     Raises:
         ValueError: on fewer than 2 reports or invalid arguments.
     """
     # the decoder learns what it writes: FINDINGS + IMPRESSION (no exam/patient header lines)
-    corpus = [c for c in (decoder_target(t) for t in texts if t and t.strip()) if c]
+    corpus = report_corpus(texts)
     if len(corpus) < 2:
         raise ValueError(f"pretrain_reports needs at least 2 non-empty reports, got {len(corpus)}")
-    if steps < 0 or batch_size < 1 or lr <= 0 or coherence_weight < 0:
+    if steps < 0 or batch_size < 1 or lr <= 0 or coherence_weight < 0 or eval_size < 0:
         raise ValueError(f"invalid steps={steps}, batch_size={batch_size}, lr={lr}, "
-                         f"coherence_weight={coherence_weight}")  # fmt: skip
+                         f"coherence_weight={coherence_weight}, eval_size={eval_size}")  # fmt: skip
     device = next(decoder.parameters()).device
     rng = random.Random(seed)
     eval_texts = corpus[:eval_size]
-    eval_pairs = coherence_pairs(eval_texts, random.Random(seed + 7919), pool=corpus)
+    eval_pairs = coherence_pairs(eval_texts, random.Random(seed + 7919), pool=corpus) if eval_size else ([], [])
+    nan = float("nan")
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     was_training = decoder.training
     with torch.random.fork_rng(devices=fork_devices):
@@ -208,7 +252,9 @@ def pretrain_reports(
         head = (head or CoherenceHead(decoder.n_embd)).to(device)
         decoder.eval()
         head.eval()
-        init_lm, init_acc = _evaluate(decoder, head, tokenizer, eval_texts, eval_pairs, batch_size)
+        init_lm, init_acc = nan, nan
+        if eval_size:
+            init_lm, init_acc = _evaluate(decoder, head, tokenizer, eval_texts, eval_pairs, batch_size)
         params = [p for p in (*decoder.parameters(), *head.parameters()) if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
         warmup = max(1, steps // 10)
@@ -236,7 +282,9 @@ def pretrain_reports(
                                 "loss": loss.item()})  # fmt: skip
         decoder.eval()
         head.eval()
-        final_lm, final_acc = _evaluate(decoder, head, tokenizer, eval_texts, eval_pairs, batch_size)
+        final_lm, final_acc = nan, nan
+        if eval_size:
+            final_lm, final_acc = _evaluate(decoder, head, tokenizer, eval_texts, eval_pairs, batch_size)
     decoder.train(was_training)
     return {
         "initial_lm_loss": init_lm,

@@ -13,6 +13,7 @@ import torch
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
+from client import trainer as trainer_module
 from client.config import STATE_DIRNAME, ClientConfig
 from client.ledger import METRIC_WHITELIST
 from client.trainer import (
@@ -23,6 +24,7 @@ from client.trainer import (
 )
 from federation.arrays import array_keys, model_to_arrays
 from federation.protocol import RoundConfig
+from lungvl_model.data.crops import ForegroundCrops
 from lungvl_model.data.dataset import collate
 from lungvl_model.data.preprocess import PreprocessConfig
 from lungvl_model.data.site_layout import toml_dumps
@@ -34,6 +36,7 @@ from lungvl_model.training.loop import run_steps
 from lungvl_model.training.stages import build_model
 from privacy.accountant import ACCOUNTANT_STATE_FILE, PrivacyBudgetExceeded
 from privacy.dp_sgd import EmptyBatchSafe, PoissonCollate, dp_sgd_ready
+from privacy.site_policy import SitePolicyRefusal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -189,6 +192,140 @@ def test_evaluate_reports_whitelisted_metrics(package, tmp_path: Path) -> None:
 def test_site_seed_mixes_round_seed_and_site() -> None:
     assert site_seed(1, 2, "a") == site_seed(1, 2, "a")
     assert len({site_seed(1, 2, "a"), site_seed(1, 2, "b"), site_seed(2, 2, "a"), site_seed(1, 3, "a")}) == 4
+
+
+def split_reports(trainer: SiteTrainer, part: int) -> list[str]:
+    """The report texts of the studies of ``split()[part]`` (0: training, 1: hold-out), read from the catalogue."""
+    studies = trainer._catalogue.studies
+    return [studies[uid].report.text for uid in trainer.split()[part] if studies[uid].report is not None]
+
+
+def test_text_stage_trains_the_decoder_alone_and_keeps_its_coherence_head(package, tmp_path: Path) -> None:
+    trainer = make_trainer(package, tmp_path / "state", holdout_fraction=0.3)  # 2 training patients, 1 held out
+    reports = split_reports(trainer, 0)
+    assert len(reports) == 2 and len(trainer.split()[1]) == 1
+    w = model_to_arrays(trainer.model)
+    rng = torch.get_rng_state()
+    rc = RoundConfig(server_round=1, stage="text", local_steps=2, batch_size=2, lr=1e-3, seed=2)
+    res = trainer.fit(w, rc)
+    assert torch.equal(torch.get_rng_state(), rng)  # the warm-up forks the global RNG
+    assert res.num_examples == len(reports) == res.metrics["num_examples"]
+    assert_whitelisted(res.metrics)
+    assert {"train_loss", "train_report_loss", "update_norm", "seconds", "local_steps"} <= set(res.metrics)
+    assert res.metrics["train_report_loss"] > 0 and res.metrics["train_loss"] >= res.metrics["train_report_loss"]
+    moved = set()
+    for key, d in zip(array_keys(trainer.model), res.delta, strict=True):
+        assert d.dtype == np.float32 and np.isfinite(d).all()
+        if not key.startswith("decoder."):
+            assert not d.any(), f"{key} is not a decoder array but changed in stage text"
+        elif d.any():
+            moved.add(key)
+    assert any(".wte." in k for k in moved), sorted(moved)  # the decoder did train
+    head = trainer._coherence
+    assert head is not None
+    trained = [p.detach().clone() for p in head.parameters()]
+    again = trainer.fit(w, RoundConfig(server_round=2, stage="text", local_steps=1, batch_size=2, lr=1e-3))
+    assert trainer._coherence is head  # one site-local head across rounds, trained further
+    assert any(not torch.equal(a, b) for a, b in zip(trained, head.parameters(), strict=True))
+    assert again.num_examples == 2 and len(again.delta) == len(w)
+    assert not any("coherence" in k for k in array_keys(trainer.model))  # the head never leaves the site
+    trainer.close()
+
+
+def test_text_stage_refusals(package, tmp_path: Path) -> None:
+    w = model_to_arrays(make_trainer(package, tmp_path / "w").model)
+    rc = RoundConfig(stage="text", local_steps=1)
+    thin = make_trainer(package, tmp_path / "thin", holdout_fraction=0.5)  # one training patient: one report
+    shifted = [a + 1.0 for a in w]
+    with pytest.raises(ValueError, match=r"site 'site' has 1 non-empty report\(s\) in its training split"):
+        thin.fit(shifted, rc)
+    for a, b in zip(w, model_to_arrays(thin.model), strict=True):
+        np.testing.assert_array_equal(a, b)  # the arrays were not even loaded
+    thin.close()
+    strict = make_trainer(package, tmp_path / "strict", require_dp_sgd=True)  # text has no DP-SGD path
+    with pytest.raises(SitePolicyRefusal, match="require_dp_sgd"):
+        strict.fit(w, rc)
+    strict.close()
+    with pytest.raises(ValueError, match="DP-SGD"):
+        RoundConfig(stage="text", **DP)
+
+
+def test_text_stage_evaluate_scores_the_held_out_reports(package, tmp_path: Path) -> None:
+    trainer = make_trainer(package, tmp_path / "state", holdout_fraction=0.3, min_eval_studies=1)
+    held_out = split_reports(trainer, 1)
+    assert len(held_out) == 1
+    n, metrics = trainer.evaluate(model_to_arrays(trainer.model), RoundConfig(stage="text", batch_size=2))
+    assert n == len(held_out) == metrics["num_examples"] and metrics["num_batches"] == 1
+    assert_whitelisted(metrics)
+    assert metrics["val_loss"] > 0
+    vocab = len(trainer.model.tokenizer)
+    assert metrics["val_loss"] < 2 * math.log(vocab)  # a per-token NLL, not a sum
+    with pytest.raises(SitePolicyRefusal, match="min_eval_studies"):  # one report is too thin for the default 5
+        make_trainer(package, tmp_path / "thin", holdout_fraction=0.3).evaluate(
+            model_to_arrays(trainer.model), RoundConfig(stage="text")
+        )
+    everyone = make_trainer(package, tmp_path / "all")  # no hold-out: scores the training reports
+    n, metrics = everyone.evaluate(model_to_arrays(everyone.model), RoundConfig(stage="text", batch_size=2))
+    assert n == 3 and metrics["num_batches"] == 2 and math.isfinite(metrics["val_loss"])
+    with pytest.raises(ValueError, match="'nope'"):
+        everyone.dataset("nope")
+    trainer.close()
+    everyone.close()
+
+
+def seen_images(model: torch.nn.Module, seen: list[tuple[int, ...]]) -> torch.utils.hooks.RemovableHandle:
+    """Record the ``image`` shape of every forward of ``model`` (a forward pre-hook; remove it after)."""
+
+    def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        batch = args[0] if args else kwargs["batch"]
+        seen.append(tuple(batch["image"].shape))
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_seg_stage_trains_on_foreground_patches(package, tmp_path: Path) -> None:
+    trainer = make_trainer(package, tmp_path / "state")
+    w = model_to_arrays(trainer.model)
+    seen: list[tuple[int, ...]] = []
+    handle = seen_images(trainer.model, seen)
+    try:
+        res = trainer.fit(w, RoundConfig(stage="seg", local_steps=2, batch_size=2, seg_patch=16, seg_fg_prob=1.0))
+        assert seen == [(2, 1, 16, 16, 16)] * 2  # two steps on (B, 1, p, p, p) patches
+        assert res.num_examples == 3 and "train_seg_loss" in res.metrics and res.metrics["update_norm"] > 0
+        assert_whitelisted(res.metrics)
+        seen.clear()
+        trainer.fit(w, RoundConfig(stage="seg", local_steps=1, batch_size=2))  # seg_patch = 0: whole volumes
+        assert seen == [(2, 1, 32, 32, 32)]
+    finally:
+        handle.remove()
+    before = model_to_arrays(trainer.model)
+    with pytest.raises(ValueError, match=r"seg_patch = 48 .*input size \(32, 32, 32\)"):
+        trainer.fit([a + 1.0 for a in w], RoundConfig(stage="seg", local_steps=1, seg_patch=48))
+    for a, b in zip(before, model_to_arrays(trainer.model), strict=True):
+        np.testing.assert_array_equal(a, b)  # refused before the arrays were loaded
+    trainer.close()
+
+
+def test_dp_sgd_seg_trains_on_patches_with_the_patient_groups(package, tmp_path: Path, monkeypatch) -> None:
+    trainer = make_trainer(package, tmp_path / "state")
+    calls: list[dict] = []
+    real = trainer_module.dp_sgd_steps
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(trainer_module, "dp_sgd_steps", spy)
+    rc = RoundConfig(stage="seg", local_steps=1, batch_size=2, seg_patch=16, seg_fg_prob=0.5, seed=3, **DP)
+    res = trainer.fit(model_to_arrays(trainer.model), rc)
+    ((kw,),) = [calls]
+    crops = kw["dataset"]
+    assert isinstance(crops, ForegroundCrops) and crops.size == (16, 16, 16) and crops.fg_prob == 0.5
+    assert crops.base is trainer.dataset("seg") and kw["patients"] == trainer.patient_groups(trainer.dataset("seg"))
+    assert crops[0]["image"].shape == (1, 16, 16, 16)
+    assert res.metrics["dp_steps"] == 1 and res.metrics["epsilon"] > 0 and all(np.isfinite(d).all() for d in res.delta)
+    assert_clean(trainer)
+    trainer.close()
 
 
 # ------------------------------------------------------------------------------------------- DP-SGD

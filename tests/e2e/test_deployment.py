@@ -1,4 +1,5 @@
-"""Real deployment on loopback: SuperLink (TLS + SuperNode auth) and two site SuperNodes, 3 rounds.
+"""Real deployment on loopback: SuperLink (TLS + SuperNode auth) and two site SuperNodes, a federated
+curriculum of the four stages (text → ssl → seg on patches → vl), one round each.
 
 What runs is what a consortium runs: ``lungvl consortium init`` makes the CA, the coordinator's kit and
 one kit per site from the coordinator's consortium.toml (the test gives only free ports, the loopback
@@ -7,11 +8,11 @@ as the kit's README says, and no file of a kit is edited. Then ``lungvl server s
 join`` run as processes,
 ``flower-superlink``/``flower-supernode`` under them, lungvl's ClientApp worker at each site. The test
 also checks that a SuperNode with an unadmitted key is refused; kills the server (SIGKILL, all of its
-processes) after round 1 while round 2's messages wait at the SuperLink and resumes it to finish
-round 2; kills one site (SIGKILL, its SuperNode and worker) once it has received round 3, so that
-round 3 is answered by one site and recorded as failed (``min_sites = 2``) while the run still
-finishes; then reads the registry and both sites' audit ledgers and scans both databases for the
-sites' DICOM identifiers and report text.
+processes) after round 1 (the text stage) while round 2's messages wait at the SuperLink and resumes
+it across the stage boundary to finish rounds 2 (ssl) and 3 (seg); kills one site (SIGKILL, its
+SuperNode and worker) once it has received round 4 (vl), so that round 4 is answered by one site and
+recorded as failed (``min_sites = 2``) while the run still finishes; then reads the registry and both
+sites' audit ledgers and scans both databases for the sites' DICOM identifiers and report text.
 
 Every process it starts is stopped by PID (with its descendants) in ``finally``. Flower, matplotlib and
 HF scratch lives under the test's tmp dir.
@@ -39,7 +40,6 @@ import pytest
 from client.deploy import SiteDeployConfig, supernode_command
 from client.ledger import LEDGER_FILENAME, AuditLedger
 from federation.processes import stop_process
-from lungvl.consortium import server_tables
 from lungvl_model.data.site_layout import toml_dumps
 from server.deploy import ServerDeployConfig
 from server.registry import Registry
@@ -186,6 +186,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         Path(env[key]).mkdir(parents=True, exist_ok=True)
     # two tiny synthetic sites and the initial model package
     scenario = Scenario.from_toml(ROOT / "simulations" / "scenarios" / "tiny.toml")
+    curriculum = Scenario.from_toml(ROOT / "simulations" / "scenarios" / "curriculum.toml")
+    assert curriculum.model_config() == scenario.model_config()  # the same micro model
     sites = prepare_sites(scenario, tmp / "sim", log=lambda _: None)
     model_dir = _initial_model(scenario, sites, tmp / "sim", log=lambda _: None)
     port = free_port()
@@ -194,7 +196,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     plan = {
         "consortium": {"name": "e2e"},
         "sites": {s.name: {"cohort": s.cohort} for s in scenario.sites},
-        **server_tables(scenario.server.with_updates(rounds=3, round_timeout_s=300.0).to_dict()),
+        # the federated curriculum: the four stages, one round each, the server killed after round 1 (text)
+        # with the tiny scenario's client-level DP (mechanics only: two sites cannot hide one in the noise)
+        **curriculum.server.with_updates(
+            round_timeout_s=300.0,
+            clip_norm=scenario.server.clip_norm,
+            client_noise_multiplier=scenario.server.client_noise_multiplier,
+        ).to_tables(),
     }
     (tmp / "consortium.toml").write_text(toml_dumps(plan))
     kits = tmp / "kits"
@@ -245,18 +253,18 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         out["rounds_before_restart"] = rounds_completed(registry_db)
         t1 = time.monotonic()
         resumed = procs.start("server_2", [*lungvl, "server", "start", "--config", str(server_toml), "--resume"])
-        wait_for(lambda: rounds_completed(registry_db) >= 2, 600, "round 2 after the restart", [resumed, *site_procs])
-        out["timings"]["resume_to_round_2"] = time.monotonic() - t1
-        # a site dies mid-round: killed as soon as its SuperNode has pulled round 3's message
+        wait_for(lambda: rounds_completed(registry_db) >= 3, 600, "round 3 after the restart", [resumed, *site_procs])
+        out["timings"]["resume_to_round_3"] = time.monotonic() - t1
+        # a site dies mid-round: killed as soon as its SuperNode has pulled round 4's message
         out["dead_site"] = list(site_tomls)[-1]
         dead_node = supernode_id(state[out["dead_site"]])
-        out["killed_site_holding_round_3"] = wait_briefly(
-            lambda: queued_messages(superlink_db, 3, dead_node, delivered=True) > 0, 120, interval=0.05
+        out["killed_site_holding_round_4"] = wait_briefly(
+            lambda: queued_messages(superlink_db, 4, dead_node, delivered=True) > 0, 120, interval=0.05
         )
         stop_process(site_procs.pop(), timeout=5, kill=True)
         t2 = time.monotonic()
         out["resume_rc"] = wait_for(lambda: resumed.poll() is not None and (resumed.returncode,), 600, "resume")[0]
-        out["timings"]["round_3_with_a_dead_site"] = time.monotonic() - t2
+        out["timings"]["round_4_with_a_dead_site"] = time.monotonic() - t2
         out["timings"]["total"] = time.monotonic() - t0
         for p in site_procs:
             assert p.poll() is None, f"site process {p.args} died: see {tmp / 'logs'}"
@@ -301,21 +309,26 @@ def test_rounds_survive_a_server_restart_and_a_dead_site(deployment: dict[str, A
         assert [(r["round"], r["status"]) for r in reg.rounds(run_id)] == [
             (1, "completed"),
             (2, "completed"),
-            (3, "failed"),  # one usable update < min_sites = 2: the model does not move, the run goes on
+            (3, "completed"),
+            (4, "failed"),  # one usable update < min_sites = 2: the model does not move, the run goes on
         ]
         assert sorted(summary["sites_seen"]) == sites
         rows = {(p["round"], p["site_name"]): (p["status"], p["reason"]) for p in reg.participation(run_id)}
-        ok = {(r, s) for r in (1, 2) for s in sites} | {(3, s) for s in alive}
-        assert set(rows) == ok | {(3, dead)} and {k for k, v in rows.items() if v[0] == "ok"} == ok, rows
+        ok = {(r, s) for r in (1, 2, 3) for s in sites} | {(4, s) for s in alive}
+        assert set(rows) == ok | {(4, dead)} and {k for k, v in rows.items() if v[0] == "ok"} == ok, rows
         # the SuperLink answers for the dead node once its heartbeat lapses; recorded under the site's name
-        assert rows[(3, dead)][0] == "failed" and "Node Unavailable" in rows[(3, dead)][1], rows
-        # every release is charged, the failed round 3 too (it is checkpointed as well)
+        assert rows[(4, dead)][0] == "failed" and "Node Unavailable" in rows[(4, dead)][1], rows
+        # every release is charged, the failed round 4 too (it is checkpointed as well)
         assert [(p["round"], p["level"]) for p in reg.privacy(run_id) if p["level"] == "client"] == [
-            (1, "client"),
-            (2, "client"),
-            (3, "client"),
+            (r, "client") for r in (1, 2, 3, 4)
         ]
-        assert len(reg.checkpoints(run_id)) >= 3
+        ckpts = reg.checkpoints(run_id)
+        # each round trained its curriculum stage: the checkpoints say which, and the sites' losses match it
+        stages = {int(c["round"]): json.loads((Path(c["path"]) / "meta.json").read_text())["stage"] for c in ckpts}
+        assert stages == {1: "text", 2: "ssl", 3: "seg", 4: "vl"}, stages
+        site_metrics = {(m["round"], m["name"]) for m in reg.metrics(run_id, "global")}
+        assert (1, "train_report_loss") in site_metrics and (3, "train_seg_loss") in site_metrics, site_metrics
+        assert (1, "train_seg_loss") not in site_metrics
 
 
 def test_audit_ledgers_hold_every_update(deployment: dict[str, Any]) -> None:
@@ -326,7 +339,7 @@ def test_audit_ledgers_hold_every_update(deployment: dict[str, Any]) -> None:
         finally:
             ledger.close()
         train = [r for r in rows if r["kind"] == "train_reply"]
-        expected = {1, 2} if name == deployment["dead_site"] else {1, 2, 3}
+        expected = {1, 2, 3} if name == deployment["dead_site"] else {1, 2, 3, 4}
         assert {r["round"] for r in train} == expected, rows
         assert all(r["size_bytes"] > 1000 and len(r["sha256"]) == 64 for r in train)
         res = subprocess.run(
@@ -375,7 +388,7 @@ def test_report_timings(deployment: dict[str, Any]) -> None:
     logs = sorted(p for d in deployment["state"].values() for p in d.glob("logs/worker.log"))
     stale = sum(f.read_text(errors="replace").count("skipped a stale task") for f in logs)
     print("server killed with round 2 queued at the SuperLink:", deployment["killed_with_queued_round_2"])
-    print("site killed holding round 3's message:", deployment["killed_site_holding_round_3"])
+    print("site killed holding round 4's message:", deployment["killed_site_holding_round_4"])
     print("stale tasks the site workers skipped after the restart:", stale)
 
 

@@ -114,3 +114,15 @@ def test_version() -> None:
     r = runner.invoke(app, ["--version"])
     assert r.exit_code == 0 and r.output.strip() == f"lungvl {software_version()}"
     assert software_version() != "unknown"  # the test environment installs the package
+
+
+def test_simulate_init_must_be_a_model_package(tmp_path: Path) -> None:
+    """``lungvl simulate --init DIR`` starts the federation from a checkpoint; a folder without model.pt is
+    refused in one line, exit 2, before anything is generated."""
+    scenario = Path(__file__).resolve().parents[2] / "simulations" / "scenarios" / "curriculum.toml"
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    res = runner.invoke(app, ["simulate", str(scenario), "--out", str(tmp_path / "run"), "--init", str(empty)])
+    assert res.exit_code == 2, res.output
+    assert "--init" in res.output and "no model.pt" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "run").exists()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 import torch
 
+from lungvl_model.models import report_pretrain
 from lungvl_model.models.config import TextConfig
 from lungvl_model.models.decoder import ReportDecoder
 from lungvl_model.models.report_pretrain import (
@@ -14,6 +16,8 @@ from lungvl_model.models.report_pretrain import (
     coherence_pairs,
     corrupt_report,
     pretrain_reports,
+    report_corpus,
+    report_lm_loss,
 )
 from lungvl_model.text.tokenizer import split_sentences, train_tokenizer
 
@@ -86,6 +90,10 @@ def test_invalid_args(tok):
         pretrain_reports(REPORTS[:1], tok, dec, steps=1)
     with pytest.raises(ValueError, match="batch_size"):
         pretrain_reports(REPORTS, tok, dec, steps=1, batch_size=0)
+    with pytest.raises(ValueError, match="eval_size=-1"):
+        pretrain_reports(REPORTS, tok, dec, steps=1, eval_size=-1)
+    with pytest.raises(ValueError, match="batch_size"):
+        report_lm_loss(dec, tok, REPORTS, batch_size=0)
     # only FINDINGS + IMPRESSION are learned: reports with header lines alone leave nothing to train on
     headers_only = ["TECHNIQUE: 1 mm slices.\nCOMPARISON: None.", "CLINICAL INDICATION: 62-year-old male."]
     with pytest.raises(ValueError, match="at least 2 non-empty reports, got 0"):
@@ -116,3 +124,38 @@ def test_pretrain_is_deterministic(tok):
         runs.append((m, [p.detach().clone() for p in dec.parameters()]))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+
+
+def test_eval_size_zero_skips_the_evaluation_and_trains_the_same(tok, monkeypatch):
+    """``eval_size=0``: no before/after scoring (NaN metrics), the same training as with an evaluation."""
+    calls: list[int] = []
+    real = report_pretrain._evaluate
+    monkeypatch.setattr(report_pretrain, "_evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = []
+    for eval_size in (4, 0):
+        torch.manual_seed(3)
+        dec = ReportDecoder(CFG, tok)
+        calls.clear()
+        m = pretrain_reports(REPORTS[:10], tok, dec, steps=2, batch_size=4, seed=1, eval_size=eval_size)
+        assert len(calls) == (2 if eval_size else 0)
+        runs.append((m, [p.detach().clone() for p in dec.parameters()]))
+    (with_eval, w_eval), (without, w_none) = runs
+    assert all(torch.equal(a, b) for a, b in zip(w_eval, w_none, strict=True))
+    for key in ("initial_lm_loss", "final_lm_loss", "perplexity", "coherence_accuracy"):
+        assert math.isfinite(with_eval[key]) and math.isnan(without[key])
+    assert without["train_coherence_accuracy"] == with_eval["train_coherence_accuracy"]
+
+
+def test_report_lm_loss_is_token_weighted_and_batch_size_free(tok):
+    torch.manual_seed(0)
+    dec = ReportDecoder(CFG, tok)
+    dec.train()
+    texts = report_corpus(["", "  ", *REPORTS[:5]])
+    assert len(texts) == 5  # blank reports are dropped
+    one, five = report_lm_loss(dec, tok, texts, batch_size=1), report_lm_loss(dec, tok, texts, batch_size=5)
+    assert one == pytest.approx(five, rel=1e-5) and 0 < one < 2 * math.log(len(tok))
+    assert dec.training  # mode restored
+    assert report_lm_loss(dec, tok, [], batch_size=2) == 0.0
+    # what pretrain_reports reports as its LM loss on the same reports
+    m = pretrain_reports(texts, tok, dec, steps=0, batch_size=2, eval_size=5)
+    assert m["initial_lm_loss"] == pytest.approx(one, rel=1e-5)

@@ -59,7 +59,7 @@ def test_centralised_run_uses_the_federated_step_budget(scenario: Scenario, tmp_
     res = run_centralised(scenario, tmp_path / "central", device="cpu", progress=lambda _: None)
     with Registry(tmp_path / "central" / "registry.db") as reg:
         run = reg.run(res["run_id"])
-        assert run["config"]["kind"] == "centralised" and run["config"]["steps_per_round"] == 2
+        assert run["config"]["kind"] == "centralised" and run["config"]["steps_per_round"] == [2]
         rows = reg.metrics(res["run_id"])
         assert {m["scope"] for m in rows} == {"global", "site:scr", "site:ref"}
         assert {"val_loss", "train_loss"} <= {m["name"] for m in rows if m["scope"] == "global"}

@@ -55,6 +55,7 @@ def test_grid_expands_as_configured() -> None:
         dp_strategies=["local", "fedavgm"],
         dp_fedavgm=[1.0, 0.9],
         dg_penalty=[1.0],
+        site_dro=[0.5],
     )
     cells = expand_grid(s)
     per_seed = [c.cell_id for c in cells if c.seed == 0]
@@ -66,8 +67,9 @@ def test_grid_expands_as_configured() -> None:
         "fedavgm-lr1-m0.9-client2-s0", "fedavgm-lr1-m0.9-client8-s0",
         "centralised-s0",
         "fedavgm-lr1-m0.9-dg1-s0",
+        "fedavgm-lr1-m0.9-sitedro0.5-s0",  # group DRO over sites at the server
     ]  # fmt: skip
-    assert len(cells) == 2 * len(per_seed) and [c.seed for c in cells] == [0] * 14 + [1] * 14
+    assert len(cells) == 2 * len(per_seed) and [c.seed for c in cells] == [0] * 15 + [1] * 15
     fedavg = next(c for c in cells if c.strategy == "fedavg")
     assert (fedavg.server_lr, fedavg.server_momentum) == (1.0, 0.0)
     assert all(Cell.from_dict(json.loads(json.dumps(c.to_dict()))) == c for c in cells)
@@ -88,6 +90,7 @@ def test_grid_expands_as_configured() -> None:
         ({"study": {"name": "s", "scenario": "x.toml", "seeds": []}}, "seeds"),
         ({"study": {"name": "s"}}, "scenario"),
         ({"dp": {"delta": 2.0}}, "delta"),
+        ({"grid": {"site_dro": [0.0]}}, "site_dro must be > 0"),
     ],
 )
 def test_invalid_study(doc, match) -> None:
@@ -132,6 +135,10 @@ def test_cell_scenarios_pick_the_noise_for_epsilon(tmp_path: Path) -> None:
 
     steps = base.rounds * base.server.local_steps  # the smallest site (largest q) sets σ
     assert ns["sample_sigma"] == get_noise_multiplier(target_epsilon=8.0, delta=1e-5, sample_rate=2 / 3, steps=steps)
+    # a site-DRO cell reaches the server's settings; the other cells keep it off
+    dro = Cell("fedavgm", 1.0, 0.9, seed=0, site_dro_step=0.5)
+    d, _ = study_run.cell_scenario(s, base, dro, dirs, sizes)
+    assert d.server.site_dro_step == 0.5 and plain.server.site_dro_step == 0 and d.name.endswith("sitedro0.5-s0")
 
 
 def test_initial_models_tokenizer_comes_from_the_public_corpus_not_the_sites(tmp_path: Path) -> None:
