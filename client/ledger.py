@@ -64,6 +64,8 @@ METRIC_WHITELIST: Final[frozenset[str]] = frozenset(
         # validation on the site's held-out split
         "val_loss",
         "val_dice",
+        "val_dice_found",
+        "val_nodule_sensitivity",
         "val_auc",
         "val_sensitivity",
         "val_specificity",

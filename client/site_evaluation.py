@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from federation.protocol import NUM_EXAMPLES
+from lungvl_model.evaluation.segmentation_metrics import FoundNodules, found_nodule_dice
 from lungvl_model.evaluation.site_summary import LUNG_RADS_4A, site_risk_metrics
 from lungvl_model.models.lungvl import LungVLModel, LungVLOutput
 from lungvl_model.models.report_pretrain import report_corpus, report_lm_loss
@@ -55,7 +56,10 @@ def score_studies(
 
     Returns:
         ``(n, metrics, support)``: the studies scored; ``num_examples``, ``num_batches``, ``val_loss``
-        (mean over studies), ``val_dice`` (seg logits > 0 against the mask, studies with a mask),
+        (mean over studies), ``val_dice`` (seg logits > 0 against the mask, studies with a mask; a
+        nodule-free study predicted empty scores 1), ``val_nodule_sensitivity`` (reference nodules the
+        prediction touches, over studies with a nodule), ``val_dice_found`` (mean Dice of the found
+        nodules, :func:`~lungvl_model.evaluation.segmentation_metrics.found_nodule_dice`),
         ``val_lung_rads_acc`` (studies with a known category) and, in stage vl, the risk-head summary of
         :func:`~lungvl_model.evaluation.site_summary.site_risk_metrics`; and per metric the number of
         studies behind it.
@@ -63,6 +67,7 @@ def score_studies(
     model.eval()
     n, batches, loss_sum, lr_hits, lr_known = 0, 0, 0.0, 0, 0
     dice: list[float] = []
+    nodules: list[FoundNodules] = []  # studies with at least one reference nodule
     risk: dict[str, list[Any]] = {k: [] for k in ("y", "p", "lt", "lp", "ct", "cp", "group")}
     for raw in loader:
         if max_batches is not None and batches >= max_batches:
@@ -79,6 +84,10 @@ def score_studies(
             total = (pred.flatten(1).sum(1) + target.flatten(1).sum(1)).float()
             per_study = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
             dice += per_study[batch["has_mask"].bool()].tolist()
+            for i in torch.nonzero(batch["has_mask"].bool()).flatten().tolist():
+                per_nodule = found_nodule_dice(pred[i, 0].cpu().numpy(), target[i, 0].cpu().numpy())
+                if per_nodule.total:
+                    nodules.append(per_nodule)
         if out.risk is not None:
             known = batch["targets"]["lung_rads"] >= 0
             hits = out.risk.lung_rads_logits.argmax(-1) == batch["targets"]["lung_rads"]
@@ -90,6 +99,11 @@ def score_studies(
         metrics["val_loss"] = loss_sum / n
     if dice:
         metrics["val_dice"] = float(np.mean(dice))
+    found = [d for f in nodules for d in f.dices]
+    if nodules:
+        metrics["val_nodule_sensitivity"] = sum(f.found for f in nodules) / sum(f.total for f in nodules)
+    if found:
+        metrics["val_dice_found"] = float(np.mean(found))
     if lr_known:
         metrics["val_lung_rads_acc"] = lr_hits / lr_known
     if risk["y"]:
@@ -102,7 +116,10 @@ def score_studies(
             concepts_pred=np.asarray(risk["cp"], dtype=float),
             groups=risk["group"],
         )
-    support = {"val_loss": n, "val_dice": len(dice), "val_lung_rads_acc": lr_known, **_risk_support(risk)}
+    support = {
+        "val_loss": n, "val_dice": len(dice), "val_lung_rads_acc": lr_known, "val_nodule_sensitivity": len(nodules),
+        "val_dice_found": sum(1 for f in nodules if f.found), **_risk_support(risk),
+    }  # fmt: skip
     return n, metrics, support
 
 

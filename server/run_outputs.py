@@ -26,7 +26,9 @@ from server.registry import Registry
 __all__ = ["SitesTable", "plot_convergence", "plot_epsilon", "summary_markdown", "write_run_outputs"]
 
 #: Global metrics shown as columns of summary.md's round table (when the run recorded them).
-SUMMARY_COLUMNS = ("train_loss", "val_loss", "val_dice", "val_lung_rads_acc")
+SUMMARY_COLUMNS = (
+    "train_loss", "val_loss", "val_dice", "val_dice_found", "val_nodule_sensitivity", "val_lung_rads_acc"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

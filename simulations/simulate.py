@@ -47,7 +47,7 @@ from client.app import SiteEndpoint, make_client_app
 from lungvl_model.data.site_layout import toml_dumps
 from lungvl_model.data.synth import SynthConfig, generate_site
 from lungvl_model.training.checkpoint import save_checkpoint
-from lungvl_model.training.stages import build_public_model, public_model_meta
+from lungvl_model.training.stages import PUBLIC_TOKENIZER_CORPUS, build_public_model, public_model_meta
 from server.app import RUN_FILE, check_resume, make_server_app
 from server.registry import Registry
 from server.run_lock import RunDirLock
@@ -290,7 +290,7 @@ def run_simulation(
                 flwr_logger.setLevel(level)
             if not done:
                 raise RuntimeError("the simulated ServerApp ended without a result (see the log above)")
-            files = _write_outputs(out, db, int(done["run_id"]), scenario)
+            files = _write_outputs(out, db, int(done["run_id"]), scenario, model_dir)
             ray_tmp = Path(env["RAY_TMPDIR"])
             if not ray_tmp.is_relative_to(out):  # the /tmp fallback: Ray's logs are removed after a good run
                 shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -299,12 +299,27 @@ def run_simulation(
     return result
 
 
-def _write_outputs(out: Path, db: str, run_id: int, scenario: Scenario) -> list[str]:
+def tokenizer_note(model_dir: Path) -> str:
+    """Where the initial model's tokenizer came from, as its package's meta.json records it."""
+    try:
+        meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = {}
+    if meta.get("tokenizer_corpus") == PUBLIC_TOKENIZER_CORPUS:
+        return "The initial model's tokenizer was trained on the public synthetic report corpus (no site's reports)."
+    trained_on = ", ".join(str(x) for x in meta.get("sites", [])) or "not recorded"
+    return (
+        f"The initial model is the package {model_dir} (stage {meta.get('stage', '?')}); its tokenizer is not the "
+        f"public corpus's but that of its own training (sites: {trained_on}): share it only if those reports may be."
+    )
+
+
+def _write_outputs(out: Path, db: str, run_id: int, scenario: Scenario, model_dir: Path) -> list[str]:
     sites = SitesTable(
         ("site", "cohort", "studies"),
         tuple((x.name, x.cohort or "(existing)", str(x.studies or "")) for x in scenario.sites),
     )
-    note = "The initial model's tokenizer was trained on the public synthetic report corpus (no site's reports)."
+    note = tokenizer_note(model_dir)
     with Registry(db) as reg:
         files = write_run_outputs(
             reg, run_id, out, scenario.server, title=scenario.name, sites=sites, preset=scenario.preset, notes=[note]

@@ -1,6 +1,8 @@
 """Nodule segmentation and detection metrics (pure numpy; MONAI for the surface distance).
 
 - :func:`dice`: overlap of two boolean masks.
+- :func:`found_nodule_dice`: per reference nodule (connected component) that the prediction touches,
+  the Dice of that nodule against the predicted components touching it; and how many were found.
 - :func:`hd95`: 95th-percentile symmetric Hausdorff distance in millimetres (MONAI).
 - :func:`match_detections` / :func:`detection_summary`: hit-radius matching of predicted nodule
   centroids to reference nodules, summarised as sensitivity and false positives per scan.
@@ -18,7 +20,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["DetectionMatch", "detection_summary", "dice", "hd95", "match_detections"]
+__all__ = [
+    "DetectionMatch",
+    "FoundNodules",
+    "detection_summary",
+    "dice",
+    "found_nodule_dice",
+    "hd95",
+    "match_detections",
+]
 
 
 def _as_mask(name: str, mask: np.ndarray) -> np.ndarray:
@@ -62,6 +72,57 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     if total == 0:
         return 1.0
     return 2.0 * int(np.logical_and(p, r).sum()) / total
+
+
+class FoundNodules(NamedTuple):
+    """What :func:`found_nodule_dice` measured on one volume.
+
+    Attributes:
+        dices: one Dice per found reference nodule, in component order.
+        found: reference nodules the prediction touches.
+        total: reference nodules (26-connected components of the reference mask).
+    """
+
+    dices: list[float]
+    found: int
+    total: int
+
+
+def found_nodule_dice(pred: np.ndarray, ref: np.ndarray) -> FoundNodules:
+    """Segmentation quality on the nodules a model found, separate from whether it found them.
+
+    Each 26-connected component of ``ref`` is a reference nodule; it is *found* when a predicted voxel
+    lies in it. Its Dice is computed between the nodule and the union of the predicted components that
+    touch it (so over-segmentation into a vessel counts against it, a false positive elsewhere does
+    not). Whole-volume Dice mixes the two questions and rewards empty predictions on nodule-free scans.
+
+    Args:
+        pred: ``(D, H, W)`` predicted mask, boolean or 0/1.
+        ref: ``(D, H, W)`` reference mask, same shape.
+
+    Returns:
+        The per-nodule Dice of the found nodules, the number found and the number of reference nodules.
+
+    Raises:
+        ValueError: as :func:`dice`.
+    """
+    from scipy import ndimage
+
+    p, r = _check_pair(pred, ref)
+    full = np.ones((3, 3, 3), dtype=bool)
+    ref_lab, total = ndimage.label(r, structure=full)
+    if total == 0:
+        return FoundNodules([], 0, 0)
+    pred_lab, _ = ndimage.label(p, structure=full)
+    dices: list[float] = []
+    for k in range(1, total + 1):
+        nodule = ref_lab == k
+        touching = np.unique(pred_lab[nodule & p])
+        if touching.size == 0:
+            continue
+        segment = np.isin(pred_lab, touching)
+        dices.append(2.0 * int(np.logical_and(segment, nodule).sum()) / (int(segment.sum()) + int(nodule.sum())))
+    return FoundNodules(dices, len(dices), int(total))
 
 
 def _check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:

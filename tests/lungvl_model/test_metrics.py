@@ -341,3 +341,26 @@ def test_calibrate_entropy_threshold_property(items, target):
 def test_invalid_args(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_found_nodule_dice_hand_computed() -> None:
+    """Two reference nodules: A (2x2x2 = 8 voxels) found by a prediction of 4 of its voxels plus a 4-voxel leak
+    touching it (segment 8, overlap 4: Dice 0.5); B (1 voxel) missed; a far false positive does not count."""
+    from lungvl_model.evaluation.segmentation_metrics import found_nodule_dice
+
+    ref = np.zeros((10, 10, 10), bool)
+    ref[1:3, 1:3, 1:3] = True  # A
+    ref[7, 7, 7] = True  # B
+    pred = np.zeros_like(ref)
+    pred[1:3, 1:3, 1] = True  # 4 voxels inside A
+    pred[1:3, 1:3, 0] = True  # 4 voxels leaking out of A, connected to them
+    pred[8:10, 0:2, 8:10] = True  # a false positive far from both
+    got = found_nodule_dice(pred, ref)
+    assert got.found == 1 and got.total == 2
+    assert got.dices == pytest.approx([2 * 4 / (8 + 8)])
+    assert found_nodule_dice(np.zeros_like(ref), ref) == ([], 0, 2)
+    assert found_nodule_dice(pred, np.zeros_like(ref)) == ([], 0, 0)
+    # diagonal neighbours are one nodule (26-connectivity)
+    diag = np.zeros((4, 4, 4), bool)
+    diag[0, 0, 0] = diag[1, 1, 1] = True
+    assert found_nodule_dice(diag, diag) == ([1.0], 1, 1)

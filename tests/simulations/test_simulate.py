@@ -214,3 +214,17 @@ def test_scenario_sets_the_sites_min_eval_studies(tmp_path: Path) -> None:
     (site / "site.toml").write_text('[site]\nname = "s"\n[privacy]\nmin_eval_studies = 7\n')
     assert SiteEndpoint(site).client_config().min_eval_studies == 7
     assert SiteEndpoint(site, min_eval_studies=2).client_config().min_eval_studies == 2
+
+
+def test_summary_says_where_the_initial_tokenizer_came_from(tmp_path: Path) -> None:
+    """A federation started from a given package (``--init``) must not claim the public-corpus tokenizer."""
+    from lungvl_model.training.stages import public_model_meta
+    from simulations.simulate import tokenizer_note
+
+    public = tmp_path / "public"
+    public.mkdir()
+    (public / "meta.json").write_text(json.dumps({"stage": "init", **public_model_meta()}))
+    assert "public synthetic report corpus" in tokenizer_note(public)
+    shipped = tokenizer_note(ROOT / "models" / "lungvl-tiny-v1")
+    assert "not the public corpus's" in shipped and "sites/train_screening" in shipped
+    assert "not recorded" in tokenizer_note(tmp_path / "missing")
