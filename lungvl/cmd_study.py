@@ -80,7 +80,13 @@ def run(
 def report(
     run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="study directory (holds registry.db)"),
     study: str | None = typer.Option(None, "--study", help="study name (default: the only one in the registry)"),
-    bootstrap: int | None = typer.Option(None, "--bootstrap", min=1, help="bootstrap resamples (default 2000)"),
+    bootstrap: int | None = typer.Option(
+        None,
+        "--bootstrap",
+        min=1,
+        help="bootstrap resamples of the descriptive per-site-kind and local-only tables (default 2000; the main "
+        "intervals are Student-t over seeds)",
+    ),
     db: str | None = typer.Option(
         None, "--db", help="registry the study ran with (study run --db); default RUN_DIR/registry.db"
     ),

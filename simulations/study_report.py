@@ -1,30 +1,41 @@
-"""``lungvl study report``: results.md and PNGs of a study, built from its registry alone.
+"""``lungvl study report``: results.md, results.json and PNGs of a study, built from its registry alone.
 
-Sections of ``results.md``: final metrics per arm (mean and 95 % bootstrap interval over seed × site
-replicates), convergence curves (mean ± sd over seeds, ``convergence.png``), privacy–utility
-(``privacy_utility.png``), per site kind and slice-thickness subgroup, the low-resource gap, the
-domain-generalisation rows against their reference and the local-only models on the other sites.
+The replicate is the seed: a run's site values are averaged first, and intervals are 95 % Student-t
+intervals over seeds; arms are compared by their per-seed differences (they share seeds: the same initial
+model and data order). Sections of ``results.md``: final metrics per arm, paired comparisons (FedAvgM,
+FedAvg, centralised, local-only; the cost of DP; the cross-site penalties), convergence curves (mean ± sd
+over seeds, ``convergence.png``), privacy–utility (``privacy_utility.png``), per site kind and
+slice-thickness subgroup (descriptive bootstrap), the low-resource gap with and without the cross-site
+penalty, and the local-only models on the other sites. ``results.json`` holds the final metrics, the paired
+comparisons and the gaps as numbers (NaN as null).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from scipy import stats
+
+from lungvl_model.atomic_file import write_json_atomic, write_text_atomic
 from server.registry import Registry
-from simulations.study_config import Cell
+from simulations.study_results import (
+    GAP_METRICS,
+    final_estimates,
+    gap_estimates,
+    paired_rows,
+    results_json,
+)
 from simulations.study_stats import (
     FINAL_METRICS,
+    Estimate,
     StudyRun,
     arm_label,
     by_arm,
     cohort_kinds,
     curves,
     estimate,
-    gap_values,
     load_study,
     privacy_rows,
     site_values,
@@ -33,12 +44,6 @@ from simulations.study_stats import (
 __all__ = ["CURVE_METRICS", "write_report"]
 
 CURVE_METRICS = (("val_loss", "validation loss"), ("val_auc", "malignancy AUC"), ("val_lung_rads_acc", "Lung-RADS acc"))
-_GAP_METRICS: tuple[tuple[str, str], ...] = (
-    ("val_auc", "AUC"),
-    ("val_lung_rads_acc", "Lung-RADS acc"),
-    ("val_sensitivity", "sens. ≥4A"),
-    ("val_dice", "Dice"),
-)
 _SLICES = ("thin", "medium", "thick")
 
 
@@ -108,57 +113,90 @@ def plot_privacy_utility(rows: list[dict[str, Any]], path: Path, title: str, met
         ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no DP cells with this metric", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title(f"{title}: privacy–utility (95 % bootstrap intervals)")
+    ax.set_title(f"{title}: privacy–utility (95 % t-intervals over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _final_section(arms: dict[str, list[StudyRun]], n_boot: int) -> list[str]:
+def _final_section(arms: dict[str, list[StudyRun]]) -> list[str]:
     rows = []
     for runs in arms.values():
-        ests = [estimate(site_values(runs, m), n_boot=n_boot).fmt() for m, _ in FINAL_METRICS]
-        rows.append([arm_label(runs[0].cell), str(len(runs)), *ests])
+        ests = final_estimates(runs)
+        rows.append([arm_label(runs[0].cell), str(len(runs)), *(ests[m].fmt() for m, _ in FINAL_METRICS)])
     return [
         "## Final metrics",
         "",
-        "Final round, every site's evaluation of the arm's model; mean and 95 % percentile-bootstrap interval over "
-        "the (seed, site) replicates (n = replicates where the metric is defined: an AUC needs both classes at the "
-        "site). Local-only: each site's own model on its own studies.",
+        "Final round, every site's evaluation of the arm's model, averaged over the sites of each run; mean and "
+        "95 % Student-t interval over the seeds (n = seeds where some site defines the metric: an AUC needs both "
+        "classes at a site). Local-only: each site's own model on its own studies.",
         "",
         *_table(["arm", "seeds", *(label for _, label in FINAL_METRICS)], rows),
         "",
     ]
 
 
+def _verdict(est: Estimate) -> str:
+    if est.n < 2:
+        return "fewer than 2 shared seeds with the metric"
+    if est.excludes_zero:
+        return "yes (higher)" if est.low > 0 else "yes (lower)"
+    return "no difference detected"
+
+
+def _paired_section(arms: dict[str, list[StudyRun]], rows: list[dict[str, Any]]) -> list[str]:
+    labels = dict(FINAL_METRICS)
+    body = [
+        [
+            arm_label(arms[r["arm"]][0].cell), arm_label(arms[r["reference"]][0].cell), labels[r["metric"]],
+            r["estimate"].fmt(), _verdict(r["estimate"]),
+        ]
+        for r in rows
+    ]  # fmt: skip
+    return [
+        "## Paired comparisons",
+        "",
+        "Arm − reference on the seeds both ran (same seed: same initial model and data order): per seed, the "
+        "difference of the site-averaged final metrics; mean and 95 % Student-t interval of those differences "
+        '(n = shared seeds). "≠ 0": the interval excludes 0 (higher/lower: the arm\'s value is above/below the '
+        "reference's; for ECE and loss lower is better); otherwise no difference was detected, which with a few "
+        "seeds is not evidence of equivalence.",
+        "",
+        *(
+            _table(["arm", "reference", "metric", "difference", "≠ 0"], body)
+            if body
+            else ["No pair of arms to compare."]
+        ),
+        "",
+    ]
+
+
 def _privacy_section(rows: list[dict[str, Any]], metric: str) -> list[str]:
-    refs = {r["strategy"]: r["estimate"] for r in rows if r["dp"] == "none"}
     body, notes = [], []
     for r in rows:
         if r["dp"] == "none" and not any(x["strategy"] == r["strategy"] and x["dp"] != "none" for x in rows):
             continue
-        ref = refs.get(r["strategy"])
-        delta = r["estimate"].mean - ref.mean if ref is not None and ref.n and r["estimate"].n else math.nan
+        delta: Estimate | None = r["delta"]
         spent = "" if r["spent"] is None else f"{r['spent']:.3g}"
         target = "off" if r["dp"] == "none" else f"{r['epsilon']:g}"
-        body.append(
-            [r["strategy"], r["dp"], target, spent, r["estimate"].fmt(), "" if math.isnan(delta) else f"{delta:+.3f}"]
-        )
-        if r["dp"] != "none" and not math.isnan(delta) and delta < -0.05:
+        body.append([r["strategy"], r["dp"], target, spent, r["estimate"].fmt(), "" if delta is None else delta.fmt()])
+        if delta is not None and delta.excludes_zero and delta.mean < 0:
             notes.append(
-                f"- {r['strategy']} with {r['dp']}-level DP at ε = {r['epsilon']:g} loses {-delta:.3f} {metric}."
+                f"- {r['strategy']} with {r['dp']}-level DP at ε = {r['epsilon']:g} loses {-delta.mean:.3f} {metric} "
+                f"(paired 95 % interval of the difference [{delta.low:.3f}, {delta.high:.3f}], n={delta.n} seeds)."
             )
     return [
         "## Privacy–utility",
         "",
         f"Final {metric} per DP setting (ε spent: client-level ε of the last round, or the largest site's "
-        "patient-level ε); Δ against the same strategy without DP. With a handful of sites, client-level noise "
-        "(std σ·C over the expected number of sites) swamps the mean update at small ε: expect client-level DP "
-        "at ε = 2 to cost most of the utility, which is the finding, not a bug.",
+        "patient-level ε); 95 % t-interval over seeds, and Δ: the paired difference against the same strategy "
+        "without DP (per-seed differences, t-interval). With a handful of sites, client-level noise (std σ·C over "
+        "the expected number of sites) swamps the mean update at small ε: expect client-level DP at ε = 2 to cost "
+        "most of the utility, which is the finding, not a bug. Every metric's DP cost is in the paired comparisons.",
         "",
-        *_table(["strategy", "DP", "ε target", "ε spent", metric, "Δ vs no DP"], body),
+        *_table(["strategy", "DP", "ε target", "ε spent", metric, "Δ vs no DP (paired)"], body),
         "",
-        *(notes or ["- No DP setting lost more than 0.05 against its reference (or too few replicates to tell)."]),
+        *(notes or ["- No DP setting has a paired interval wholly below its reference (or too few seeds to tell)."]),
         "",
         "![privacy-utility](privacy_utility.png)",
         "",
@@ -182,52 +220,45 @@ def _subgroup_section(arms: dict[str, list[StudyRun]], kinds: list[str], n_boot:
         "## Per site kind and subgroup",
         "",
         "Sensitivity for Lung-RADS ≥ 4A (true ≥ 4A called ≥ 4A) and malignancy AUC by site kind; malignancy AUC "
-        "within slice-thickness groups (thin < 2 mm, medium 2–4 mm, thick ≥ 4 mm), computed inside each site and "
-        "bootstrapped over the (seed, site) replicates.",
+        "within slice-thickness groups (thin < 2 mm, medium 2–4 mm, thick ≥ 4 mm), computed inside each site. "
+        "Descriptive only: percentile bootstrap over the (seed, site) values, which treats the sites of a run as "
+        "independent (they are not); compare arms with the seed-level tables above.",
         "",
         *_table(header, rows),
         "",
     ]
 
 
-def _gap_section(arms: dict[str, list[StudyRun]], n_boot: int) -> list[str]:
-    rows = []
-    for runs in arms.values():
-        rows.append(
-            [arm_label(runs[0].cell), *(estimate(gap_values(runs, m), n_boot=n_boot).fmt() for m, _ in _GAP_METRICS)]
-        )
-    return [
+def _gap_section(arms: dict[str, list[StudyRun]], gaps: dict[str, dict[str, Any]]) -> list[str]:
+    rows = [[arm_label(arms[a][0].cell), *(g["metrics"][m].fmt() for m, _ in GAP_METRICS)] for a, g in gaps.items()]
+    paired = [
+        [arm_label(arms[a][0].cell), arm_label(arms[g["reference"]][0].cell), label, est.fmt(), _verdict(est)]
+        for a, g in gaps.items()
+        if g["reference"] is not None
+        for m, label in GAP_METRICS
+        for est in (g["vs_reference"][m],)
+    ]
+    lines = [
         "## Low-resource gap",
         "",
         "Per seed: the metric at the low-resource site(s) minus its mean at the other sites (negative: the "
-        "low-resource site is worse); mean and 95 % bootstrap interval over seeds.",
+        "low-resource site is worse); mean and 95 % Student-t interval over seeds.",
         "",
-        *_table(["arm", *(label for _, label in _GAP_METRICS)], rows),
+        *_table(["arm", *(label for _, label in GAP_METRICS)], rows),
         "",
     ]
-
-
-def _dg_section(arms: dict[str, list[StudyRun]], n_boot: int) -> list[str]:
-    dg = [runs for runs in arms.values() if runs[0].cell.dg_penalty or runs[0].cell.dro_step]
-    if not dg:
-        return []
-    lines = ["## Domain generalisation", "", "Each DG arm against the same arm without the penalty.", ""]
-    rows = []
-    for runs in dg:
-        c = runs[0].cell
-        ref = arms.get(_reference_arm(c), [])
-        for m, label in (("val_auc", "AUC"), ("val_lung_rads_acc", "Lung-RADS acc")):
-            rows.append([
-                arm_label(c), label, estimate(site_values(runs, m), n_boot=n_boot).fmt(),
-                estimate(site_values(ref, m), n_boot=n_boot).fmt(),
-                estimate(gap_values(runs, m), n_boot=n_boot).fmt(), estimate(gap_values(ref, m), n_boot=n_boot).fmt(),
-            ])  # fmt: skip
-    return [*lines, *_table(["arm", "metric", "with DG", "without", "low-resource gap with", "gap without"], rows), ""]
-
-
-def _reference_arm(cell: Cell) -> str:
-    """The arm of ``cell`` with the DG settings removed (its reference)."""
-    return dataclasses.replace(cell, dg_penalty=0.0, dro_step=0.0).arm
+    if paired:
+        lines += [
+            "### With and without the cross-site penalty",
+            "",
+            "Each DG / group-DRO / site-DRO arm against FedAvgM with the same server lr and momentum and no "
+            "penalty: per-seed difference of the gaps (positive: the penalty narrows a negative gap), mean and "
+            "paired 95 % Student-t interval over the shared seeds.",
+            "",
+            *_table(["arm", "reference", "metric", "gap difference", "≠ 0"], paired),
+            "",
+        ]
+    return lines
 
 
 def _local_section(arms: dict[str, list[StudyRun]], n_boot: int) -> list[str]:
@@ -250,6 +281,17 @@ def _local_section(arms: dict[str, list[StudyRun]], n_boot: int) -> list[str]:
     ]
 
 
+def _few_seeds_note(arms: dict[str, list[StudyRun]]) -> str:
+    k = max(len(runs) for runs in arms.values())
+    if k < 2:
+        return "With one seed per arm there is no interval (n=1). "
+    t = float(stats.t.ppf(0.975, k - 1))
+    return (
+        f"With {k} seeds the half-width is t(0.975, {k - 1}) = {t:.2f} standard errors: intervals are wide, and "
+        '"no difference detected" is not equivalence. '
+    )
+
+
 def _evaluation_note(runs: Sequence[StudyRun]) -> str:
     """What the sites' evaluation metrics were computed on."""
     frac = max(float(r.tag.get("holdout_fraction") or 0.0) for r in runs)
@@ -267,12 +309,13 @@ def _evaluation_note(runs: Sequence[StudyRun]) -> str:
 def write_report(
     run_dir: str | Path, *, study: str | None = None, n_boot: int | None = None, db_url: str | None = None
 ) -> Path:
-    """Write ``results.md``, ``convergence.png`` and ``privacy_utility.png`` into ``run_dir``.
+    """Write ``results.md``, ``results.json``, ``convergence.png`` and ``privacy_utility.png`` into ``run_dir``.
 
     Args:
         run_dir: the study directory (its registry is the only input).
         study: the study name (None: the only one in the registry).
-        n_boot: bootstrap resamples (default: the study's ``bootstrap`` setting from the run tags, else 2000).
+        n_boot: bootstrap resamples of the descriptive subgroup and local-only tables (default: the study's
+            ``bootstrap`` setting from the run tags, else 2000); the main tables use t-intervals over seeds.
         db_url: the registry the study ran with (``lungvl study run --db``); default ``run_dir/registry.db``.
             Opened read-only.
 
@@ -296,7 +339,9 @@ def write_report(
     arms = by_arm(runs)
     kinds = cohort_kinds(runs)
     primary = "val_auc"
-    prows = privacy_rows(arms, primary, boot)
+    prows = privacy_rows(arms, primary)
+    paired = paired_rows(arms)
+    gaps = gap_estimates(arms)
     plot_convergence(arms, out / "convergence.png", name)
     plot_privacy_utility(prows, out / "privacy_utility.png", name, primary)
     first = runs[0]
@@ -308,20 +353,21 @@ def write_report(
         f"of {first.tag.get('local_steps')} local steps; sites: {sites}.",
         "",
         "How to read the intervals: only whole-split scalar metrics leave a site (no per-study prediction reaches "
-        "the registry), so the 95 % intervals are percentile bootstraps over the seed × site replicates of an arm "
-        f"({boot} resamples), not over studies. {_evaluation_note(runs)}",
+        "the registry), and the sites of one run share its model, so the replicate is the seed: a run's site values "
+        "are averaged first, and the intervals are 95 % Student-t intervals over seeds (not over studies or sites). "
+        "Arms that share seeds share the initial model and data order, so paired comparisons use the per-seed "
+        f"differences. {_few_seeds_note(arms)}{_evaluation_note(runs)}",
         "",
-        *_final_section(arms, boot),
+        *_final_section(arms),
+        *_paired_section(arms, paired),
         "## Convergence",
         "",
         "![convergence](convergence.png)",
         "",
         *_privacy_section(prows, primary),
         *_subgroup_section(arms, kinds, boot),
-        *_gap_section(arms, boot),
-        *_dg_section(arms, boot),
+        *_gap_section(arms, gaps),
         *_local_section(arms, boot),
     ]
-    path = out / "results.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    write_json_atomic(out / "results.json", results_json(name, arms, paired, gaps))
+    return write_text_atomic(out / "results.md", "\n".join(lines) + "\n")

@@ -2,18 +2,23 @@
 
 Every finished run whose config carries a ``"study"`` tag (see :mod:`simulations.study_run`) is one
 replicate of its *arm* (the cell without its seed). Only whole-split scalar metrics leave a site, so
-there are no per-study predictions to resample: intervals are percentile bootstraps over the arm's
-replicates, one value per (seed, site) at the final round (or per seed, for the gaps), and say so.
+there are no per-study predictions to resample. The sites of one run share its model, so they are not
+independent replicates: a run's site values are averaged first (:func:`seed_values`), and the interval is a
+Student-t interval over seeds (:func:`t_interval`). Arms that share a seed share the initial model and the
+data order, so two arms are compared by their per-seed differences (:func:`paired_difference`).
+:func:`estimate` (a percentile bootstrap over whatever values it is given) remains for descriptive tables.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
+from scipy import stats
 
 from lungvl_model.evaluation.classification_metrics import bootstrap_ci
 from server.registry import Registry
@@ -23,16 +28,25 @@ __all__ = [
     "FINAL_METRICS",
     "Estimate",
     "StudyRun",
+    "dg_reference",
+    "dp_reference",
     "estimate",
+    "is_dg",
     "load_study",
+    "paired_difference",
+    "paired_t_interval",
+    "seed_values",
     "site_values",
+    "t_interval",
 ]
 
 #: (metric name, label) of the final table.
 FINAL_METRICS: Final = (
     ("val_auc", "malignancy AUC"),
     ("val_lung_rads_acc", "Lung-RADS accuracy"),
-    ("val_dice", "Dice"),
+    ("val_nodule_sensitivity", "nodule sensitivity"),
+    ("val_dice_found", "Dice on found nodules"),
+    ("val_dice", "whole-volume Dice"),
     ("val_concept_f1", "concept F1"),
     ("val_ece", "ECE"),
     ("val_loss", "validation loss (lower is better)"),
@@ -84,21 +98,51 @@ class StudyRun:
         return max(last.values()) if last else None
 
 
+_BOOTSTRAP: Final = "percentile bootstrap"
+_T: Final = "Student t"
+
+
 @dataclass(frozen=True)
 class Estimate:
-    """A mean with its 95 % percentile-bootstrap interval over ``n`` replicates (NaN when ``n = 0``)."""
+    """A mean with its interval over ``n`` replicates (mean and bounds NaN when ``n = 0``).
+
+    Attributes:
+        mean: mean of the replicates.
+        low: lower bound of the interval (NaN when it cannot be computed, e.g. one replicate of a t-interval).
+        high: upper bound.
+        n: number of replicates.
+        sd: standard deviation of the replicates (ddof 1).
+        method: how the interval was made (``"percentile bootstrap"``, ``"Student t"``).
+    """
 
     mean: float
     low: float
     high: float
     n: int
     sd: float = math.nan
+    method: str = _BOOTSTRAP
+
+    @property
+    def excludes_zero(self) -> bool:
+        """Whether the interval lies wholly above or below 0 (False when it has no bounds)."""
+        return (self.low > 0 or self.high < 0) and math.isfinite(self.low) and math.isfinite(self.high)
 
     def fmt(self, digits: int = 3) -> str:
-        """``0.712 [0.650, 0.780] (n=6)``, or ``n/a`` without replicates."""
+        """``0.712 [0.650, 0.780] (n=6)``; ``0.712 (n=1, no interval)``; ``n/a`` without replicates."""
         if self.n == 0:
             return "n/a"
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            return f"{self.mean:.{digits}f} (n={self.n}, no interval)"
         return f"{self.mean:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}] (n={self.n})"
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        """``{"mean", "low", "high", "n"}`` with NaN as None (JSON null)."""
+        bounds = {"mean": self.mean, "low": self.low, "high": self.high}
+        return {**{k: None if math.isnan(v) else v for k, v in bounds.items()}, "n": self.n}
+
+
+def _finite(values: Iterable[float | None]) -> np.ndarray:
+    return np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
 
 
 def estimate(values: Iterable[float], *, n_boot: int = 2000, seed: int = 0) -> Estimate:
@@ -107,12 +151,57 @@ def estimate(values: Iterable[float], *, n_boot: int = 2000, seed: int = 0) -> E
     The interval comes from :func:`lungvl_model.evaluation.classification_metrics.bootstrap_ci` of the
     mean; it is widened to include the mean should the percentiles of a tiny sample miss it.
     """
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    v = _finite(values)
     if v.size == 0:
         return Estimate(math.nan, math.nan, math.nan, 0)
     point, low, high = bootstrap_ci(np.mean, v, n_boot=n_boot, seed=seed)
     sd = float(v.std(ddof=1)) if v.size > 1 else 0.0
     return Estimate(point, min(low, point), max(high, point), int(v.size), sd)
+
+
+def t_interval(values: Iterable[float], confidence: float = 0.95) -> Estimate:
+    """Mean of the finite ``values`` and its Student-t interval, ``mean ± t(1 - α/2, n - 1) · sd / √n``.
+
+    With one replicate there is no spread to estimate: the mean is given with NaN bounds (shown as "no
+    interval"), not a zero-width interval that would read as certainty. Without replicates every field is NaN.
+
+    Args:
+        values: the replicates (one per seed); None, NaN and infinities are dropped.
+        confidence: two-sided level in ``(0, 1)``.
+
+    Returns:
+        The estimate, ``method="Student t"``.
+
+    Raises:
+        ValueError: ``confidence`` outside ``(0, 1)``.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    v = _finite(values)
+    if v.size == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0, method=_T)
+    mean = float(v.mean())
+    if v.size == 1:
+        return Estimate(mean, math.nan, math.nan, 1, method=_T)
+    sd = float(v.std(ddof=1))
+    half = float(stats.t.ppf((1 + confidence) / 2, v.size - 1)) * sd / math.sqrt(v.size)
+    return Estimate(mean, mean - half, mean + half, int(v.size), sd, _T)
+
+
+def paired_t_interval(a: Mapping[int, float], b: Mapping[int, float], confidence: float = 0.95) -> Estimate:
+    """Mean of the per-seed differences ``a[s] - b[s]`` over the seeds both hold, with its t-interval.
+
+    Args:
+        a: seed -> value of one arm.
+        b: seed -> value of the reference arm.
+        confidence: two-sided level in ``(0, 1)``.
+
+    Returns:
+        :func:`t_interval` of the differences (``method="paired Student t"``); ``n`` is the number of shared
+        seeds.
+    """
+    est = t_interval([a[s] - b[s] for s in sorted(a.keys() & b.keys())], confidence)
+    return dataclasses.replace(est, method="paired Student t")
 
 
 def load_study(registry: Registry, study: str | None = None) -> tuple[str, list[StudyRun]]:
@@ -188,14 +277,82 @@ def site_values(
     return out
 
 
-def gap_values(runs: Iterable[StudyRun], metric: str, group: str = "low_resource") -> list[float]:
-    """Per run: mean of ``metric`` at the ``group`` sites minus its mean at the other sites (final round)."""
-    out = []
-    for r in runs:
+def _by_seed(runs: Iterable[StudyRun]) -> list[StudyRun]:
+    seen: dict[int, int] = {}
+    out = list(runs)
+    for r in out:
+        if r.cell.seed in seen:
+            raise ValueError(
+                f"runs {seen[r.cell.seed]} and {r.run_id} both have seed {r.cell.seed}: pass the runs of one arm"
+            )
+        seen[r.cell.seed] = r.run_id
+    return out
+
+
+def seed_values(
+    runs: Iterable[StudyRun], metric: str, *, cohorts: Sequence[str] | None = None, exclude: Sequence[str] = ()
+) -> dict[int, float]:
+    """Per run (one arm's seeds): the mean over its sites of the final-round ``metric``.
+
+    Args:
+        runs: the runs of one arm, one per seed.
+        metric: metric name, e.g. ``"val_auc"``.
+        cohorts: keep only sites of these cohort kinds.
+        exclude: leave out sites of these cohort kinds.
+
+    Returns:
+        seed -> mean over the run's (kept) sites; a seed none of whose sites has the metric is absent.
+
+    Raises:
+        ValueError: two runs with the same seed (the runs of several arms).
+    """
+    out = {}
+    for r in _by_seed(runs):
+        vals = site_values([r], metric, cohorts=cohorts, exclude=exclude)
+        if vals:
+            out[r.cell.seed] = float(np.mean(vals))
+    return out
+
+
+def paired_difference(
+    a_runs: Iterable[StudyRun],
+    b_runs: Iterable[StudyRun],
+    metric: str,
+    *,
+    cohorts: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    confidence: float = 0.95,
+) -> Estimate:
+    """Arm a minus arm b on ``metric``: the t-interval of the per-seed differences over their shared seeds.
+
+    Args:
+        a_runs: the runs of arm a, one per seed.
+        b_runs: the runs of the reference arm b.
+        metric: metric name.
+        cohorts: keep only sites of these cohort kinds (both arms).
+        exclude: leave out sites of these cohort kinds (both arms).
+        confidence: two-sided level in ``(0, 1)``.
+
+    Returns:
+        The mean difference and its interval; ``n`` = seeds where both arms have the metric.
+    """
+    a = seed_values(a_runs, metric, cohorts=cohorts, exclude=exclude)
+    b = seed_values(b_runs, metric, cohorts=cohorts, exclude=exclude)
+    return paired_t_interval(a, b, confidence)
+
+
+def gap_values(runs: Iterable[StudyRun], metric: str, group: str = "low_resource") -> dict[int, float]:
+    """Per seed: mean of ``metric`` at the ``group`` sites minus its mean at the other sites (final round).
+
+    Raises:
+        ValueError: two runs with the same seed.
+    """
+    out = {}
+    for r in _by_seed(runs):
         inside = site_values([r], metric, cohorts=[group])
         rest = site_values([r], metric, exclude=[group])
         if inside and rest:
-            out.append(float(np.mean(inside) - np.mean(rest)))
+            out[r.cell.seed] = float(np.mean(inside) - np.mean(rest))
     return out
 
 
@@ -217,11 +374,6 @@ def cohort_kinds(runs: Iterable[StudyRun]) -> list[str]:
     return sorted({c for r in runs for c in r.cohorts.values()})
 
 
-def mean_or_nan(values: Sequence[float]) -> float:
-    """Mean of ``values`` (NaN when empty)."""
-    return float(np.mean(values)) if len(values) else math.nan
-
-
 def arm_label(cell: Cell) -> str:
     """A readable name of an arm, e.g. ``FedAvgM (η=1, β=0.9), client DP ε=2``."""
     name = {"local": "local-only", "fedavg": "FedAvg", "centralised": "centralised"}.get(cell.strategy, "")
@@ -233,16 +385,38 @@ def arm_label(cell: Cell) -> str:
         name += f", DG variance λ={cell.dg_penalty:g}"
     if cell.dro_step:
         name += f", group-DRO η={cell.dro_step:g}"
+    if cell.site_dro_step:
+        name += f", site DRO η={cell.site_dro_step:g}"
     return name
 
 
-def privacy_rows(arms: Mapping[str, list[StudyRun]], metric: str, n_boot: int) -> list[dict[str, Any]]:
-    """One row per DP arm and its DP-off reference: strategy, kind, ε target, ε spent, metric estimate."""
+def dp_reference(cell: Cell) -> str:
+    """The arm of ``cell`` with DP off (what a DP arm's cost is measured against)."""
+    return dataclasses.replace(cell, dp="none", epsilon=0.0).arm
+
+
+def dg_reference(cell: Cell) -> str:
+    """The FedAvgM arm with the same server lr and momentum, DP off, and no DG, group-DRO or site-DRO step."""
+    return dataclasses.replace(cell, dp="none", epsilon=0.0, dg_penalty=0.0, dro_step=0.0, site_dro_step=0.0).arm
+
+
+def is_dg(cell: Cell) -> bool:
+    """Whether ``cell`` is a cross-site penalty row (DG variance penalty, group DRO or site DRO)."""
+    return bool(cell.dg_penalty or cell.dro_step or cell.site_dro_step)
+
+
+def privacy_rows(arms: Mapping[str, list[StudyRun]], metric: str) -> list[dict[str, Any]]:
+    """One row per DP arm and DP-off arm: strategy, kind, ε target, ε spent, estimate, paired Δ vs DP off.
+
+    ``estimate`` is the t-interval over seeds; ``delta`` the paired difference against :func:`dp_reference`
+    (None for DP-off rows or when the reference arm is absent).
+    """
     rows = []
     for arm, runs in arms.items():
         c = runs[0].cell
-        if c.dg_penalty or c.dro_step or c.strategy == "centralised":
+        if is_dg(c) or c.strategy == "centralised":
             continue
+        ref = arms.get(dp_reference(c)) if c.dp != "none" else None
         spent = [r.epsilon for r in runs if r.epsilon is not None]
         rows.append(
             {
@@ -253,7 +427,8 @@ def privacy_rows(arms: Mapping[str, list[StudyRun]], metric: str, n_boot: int) -
                 "dp": c.dp,
                 "epsilon": c.epsilon,
                 "spent": max(spent) if spent else None,
-                "estimate": estimate(site_values(runs, metric), n_boot=n_boot),
+                "estimate": t_interval(seed_values(runs, metric).values()),
+                "delta": None if ref is None else paired_difference(runs, ref, metric),
             }
         )
     return rows

@@ -260,18 +260,24 @@ def test_report_numbers_match_the_registry(registry: tuple[Path, str, str | None
     written = _fill(url)
     path = write_report(out, n_boot=500, db_url=db_url)
     md = path.read_text()
+    report = json.loads((out / "results.json").read_text())
+    assert report["study"] == "known" and report["arms"]["fedavg"]["seeds"] == [0, 1]
     assert (out / "convergence.png").stat().st_size > 0 and (out / "privacy_utility.png").exists()
     assert f"read from `{'registry.db' if db_url is None else Registry(url).url}` only" in md
-    assert "6 finished runs in 3 arms" in md and "seed × site replicates" in md
+    assert "6 finished runs in 3 arms" in md and "the replicate is the seed" in md
     assert "own training studies (no hold-out split)" in md  # the filled runs carry no hold-out fraction
     for arm, label in (("fedavgm-lr1-m0.9", "FedAvgM (η=1, β=0.9)"), ("fedavg", "FedAvg")):
         row = _row(md, "Final metrics", label)
-        for col, metric in ((2, "val_auc"), (3, "val_lung_rads_acc"), (4, "val_dice")):
-            vals = [written[(arm, s)][site][metric] for s in (0, 1) for site in COHORTS]
+        for col, metric in ((2, "val_auc"), (3, "val_lung_rads_acc"), (6, "val_dice")):
+            per_seed = [np.mean([written[(arm, s)][site][metric] for site in COHORTS]) for s in (0, 1)]  # sites first
+            half = 12.706205 * np.std(per_seed, ddof=1) / np.sqrt(2)  # t(0.975, 1) · sd / √n over the 2 seeds
             mean, low, high, n = _parse(row[col])
-            assert n == 8 and mean == pytest.approx(np.mean(vals), abs=5e-4)
-            assert low <= mean <= high and min(vals) - 1e-3 <= low and high <= max(vals) + 1e-3
-        assert row[5] == "n/a"  # no concept F1 recorded
+            assert n == 2 and mean == pytest.approx(np.mean(per_seed), abs=5e-4)
+            assert low == pytest.approx(np.mean(per_seed) - half, abs=5e-4)
+            assert high == pytest.approx(np.mean(per_seed) + half, abs=5e-4)
+            assert report["arms"][arm]["metrics"][metric]["mean"] == pytest.approx(np.mean(per_seed))
+        assert row[7] == "n/a" and report["arms"][arm]["metrics"]["val_concept_f1"]["mean"] is None  # not recorded
+        assert row[5] == "n/a"  # Dice on found nodules: not recorded by these runs
         gap = _parse(_row(md, "Low-resource gap", label)[1])
         expected = [
             written[(arm, s)]["low"]["val_auc"]
@@ -279,6 +285,18 @@ def test_report_numbers_match_the_registry(registry: tuple[Path, str, str | None
             for s in (0, 1)
         ]
         assert gap[0] == pytest.approx(np.mean(expected), abs=5e-4) and gap[3] == 2
+    paired = _row(md, "Paired comparisons", "FedAvgM (η=1, β=0.9)")
+    assert paired[1:3] == ["FedAvg", "malignancy AUC"]
+    diffs = [
+        np.mean(
+            [written[("fedavgm-lr1-m0.9", s)][x]["val_auc"] - written[("fedavg", s)][x]["val_auc"] for x in COHORTS]
+        )
+        for s in (0, 1)
+    ]
+    assert _parse(paired[3])[0] == pytest.approx(np.mean(diffs), abs=5e-4) and _parse(paired[3])[3] == 2
+    assert paired[4] in ("no difference detected", "yes (higher)", "yes (lower)")
+    pairs = {(r["arm"], r["reference"]) for r in report["paired"]}
+    assert pairs == {("fedavgm-lr1-m0.9", "fedavg"), ("fedavgm-lr1-m0.9-client2", "fedavgm-lr1-m0.9")}
     sub = _row(md, "Per site kind and subgroup", "FedAvg")
     screening_sens = [written[("fedavg", s)][x]["val_sensitivity"] for s in (0, 1) for x in ("scr-a", "scr-b")]
     assert _parse(sub[5])[0] == pytest.approx(
