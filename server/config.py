@@ -156,7 +156,8 @@ class ServerConfig:
         round_timeout_s: seconds to wait for the replies of a round; missing replies count as timeouts.
         site_dro_step: group DRO over sites (:mod:`server.site_dro`): the step ``η`` of the sites'
             log-weights on their reported training losses; the round's aggregate weights each site by
-            its softmax weight (0 = off). Not with ``dp_sgd`` (DP-SGD sites withhold their losses).
+            its softmax weight (0 = off). Not with ``dp_sgd`` (DP-SGD sites withhold their losses) nor
+            with client-level DP (the normalised weights couple the sites).
     """
 
     rounds: int = 10
@@ -227,6 +228,13 @@ class ServerConfig:
             raise ValueError(
                 f"ServerConfig.site_dro_step={self.site_dro_step} needs the sites' training losses, which DP-SGD sites "
                 "withhold: set site_dro_step = 0 or dp_sgd = false"
+            )
+        if self.site_dro_step > 0 and self.client_noise_multiplier > 0:
+            raise ValueError(
+                f"ServerConfig.site_dro_step={self.site_dro_step} cannot be combined with client-level DP: the DRO "
+                "weights are normalised over the sites, so one site's losses move every other site's weight and the "
+                "per-site sensitivity C of the noisy sum would not hold; set site_dro_step = 0 or "
+                "client_noise_multiplier = 0"
             )
         if self.round_timeout_s == 0:
             raise ValueError("ServerConfig.round_timeout_s must be > 0, got 0")

@@ -12,13 +12,12 @@ ascent of group DRO, Sagawa et al. 2020, with sites as groups; the federated for
 ``η = 0`` nothing changes.
 
 How the weights enter the aggregate (:meth:`server.aggregation.StreamingAggregator.add`'s ``scale``):
-each site's contribution is multiplied by ``λ_s / max_s λ_s`` (at most 1). Without client-level DP the
-sum is divided by the sum of those factors (a λ-weighted mean). With client-level DP every clipped update
-still contributes at most ``C`` (the factor is <= 1) and the noisy sum is still divided by the fixed
-``q·N``, so the sensitivity and the accountant are unchanged; the down-weighted sites shorten the step
-instead. The weights are computed from the sites' reported training losses of earlier rounds, which
-lungvl already sends and records in the clear; DP-SGD sites withhold their losses, so ``site_dro_step``
-cannot be combined with ``dp_sgd`` (:class:`~server.config.ServerConfig` refuses it).
+each site's contribution is multiplied by ``λ_s / max_s λ_s`` (at most 1) and the sum is divided by the
+sum of those factors (a λ-weighted mean; with clipping but no noise, by the fixed ``q·N``). Site DRO is
+refused with client-level DP: the weights are normalised over the sites, so one site's losses move every
+other site's weight, and the noisy sum would no longer change by at most ``C`` when one site is added or
+removed. It is refused with DP-SGD too: DP-SGD sites withhold their training losses. The weights are
+computed from the losses the sites already report and lungvl records in the clear.
 
 The log-weights start at 0 (uniform) for every site, a site seen for the first time included, and start
 again at 0 with every curriculum phase (losses of different stages are not comparable).

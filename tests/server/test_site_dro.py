@@ -76,9 +76,9 @@ def test_hand_computed_rounds_without_dp() -> None:
     assert eng.site_log_weights == pytest.approx({"a": 2 * LN3, "b": 0.0})
 
 
-def test_hand_computed_rounds_with_client_level_clipping() -> None:
-    """Clipping at C = 100 (no update is clipped), no noise: the sum is divided by q·N = 2 whatever the
-    weights. Round 1: (1 + 3) / 2 = 2; round 2: (1·1 + 1/3·3) / 2 = 1, so w = 3."""
+def test_hand_computed_rounds_with_clipping() -> None:
+    """Clipping at C = 100 (no update is clipped) without noise (site DRO is refused with client-level DP): the
+    sum is divided by q·N = 2 whatever the weights. Round 1: (1 + 3) / 2 = 2; round 2: (1·1 + 1/3·3) / 2 = 1."""
     eng = engine(clip_norm=100.0)
     play_round(eng, 1, ROUND)
     np.testing.assert_allclose(eng.weights[0], 2.0)
@@ -123,6 +123,7 @@ def test_log_weights_survive_a_checkpoint(tmp_path: Path) -> None:
     [
         ({"site_dro_step": -0.1}, "site_dro_step must be >= 0"),
         ({"site_dro_step": 0.5, "dp_sgd": True}, "DP-SGD sites withhold"),
+        ({"site_dro_step": 0.5, "clip_norm": 1.0, "client_noise_multiplier": 1.0}, "one site's losses move every"),
     ],
 )
 def test_refusals(cfg: dict[str, object], match: str) -> None:
