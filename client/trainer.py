@@ -370,6 +370,7 @@ class SiteTrainer:
             num_workers=self.config.num_workers,
             seg_crop=seg_crop,
             seg_fg_prob=rc.seg_fg_prob,
+            seg_hard_negative_prob=rc.seg_hard_negative_prob,
         )
         data = seg_crops(dataset, train)  # foreground-biased patches in stage seg with seg_patch > 0, else `dataset`
         metrics: dict[str, Any] = {NUM_EXAMPLES: n, "local_steps": rc.local_steps}

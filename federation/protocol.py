@@ -74,8 +74,10 @@ class RoundConfig:
         seg_patch: edge in voxels of the cubic foreground-biased patches the ``seg`` stage trains on
             (a multiple of 16; 0 = whole volumes), as central training's ``seg_crop``
             (:class:`~lungvl_model.data.crops.ForegroundCrops`).
-        seg_fg_prob: probability that a ``seg`` patch is centred on a nodule voxel (the others lie
-            anywhere in the volume: the background, vessels and pleura the model must learn to reject).
+        seg_fg_prob: probability that a ``seg`` patch is centred on a nodule voxel.
+        seg_hard_negative_prob: probability that a ``seg`` patch not centred on a nodule is centred on
+            a hard-negative point (heart border, hilar vessels, chest wall...: where real false
+            positives come from, when the site knows them); the remaining patches lie anywhere.
     """
 
     server_round: int = 1
@@ -91,6 +93,7 @@ class RoundConfig:
     dro_step: float = 0.0
     seg_patch: int = 0
     seg_fg_prob: float = 0.67
+    seg_hard_negative_prob: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("server_round", "local_steps", "batch_size"):
@@ -112,6 +115,10 @@ class RoundConfig:
             raise ValueError(f"round config 'seg_patch' must be 0 or a positive multiple of 16, got {self.seg_patch!r}")
         if not 0 <= _number("seg_fg_prob", self.seg_fg_prob) <= 1:
             raise ValueError(f"round config 'seg_fg_prob' must be in [0, 1], got {self.seg_fg_prob!r}")
+        if not 0 <= _number("seg_hard_negative_prob", self.seg_hard_negative_prob) <= 1:
+            raise ValueError(
+                f"round config 'seg_hard_negative_prob' must be in [0, 1], got {self.seg_hard_negative_prob!r}"
+            )
         if self.dp_sgd and self.stage not in DP_SGD_STAGES:
             raise ValueError(
                 f"round config stage {self.stage!r} has no DP-SGD path (the report warm-up trains the decoder alone "

@@ -35,6 +35,12 @@ def train(
         None, "--seg-crop", help="seg stage: foreground-biased D H W crops (multiples of 16) instead of whole volumes"
     ),
     seg_fg_prob: float = typer.Option(0.67, "--seg-fg-prob", help="share of seg crops centred on a nodule"),
+    seg_hard_negative_prob: float = typer.Option(
+        0.5,
+        "--seg-hard-negative-prob",
+        help="share of the seg crops not centred on a nodule that are centred on a hard-negative point (heart "
+        "border, hilar vessels, chest wall...: synthetic sites' annotations); the rest lie anywhere",
+    ),
 ) -> None:
     """Train one stage; writes checkpoint/, config.json, metrics.json and loss_curve.png to --out."""
     from lungvl_model.models.config import get_preset
@@ -53,7 +59,7 @@ def train(
     try:
         cfg = TrainConfig(
             stage=stage, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
-            seg_crop=seg_crop, seg_fg_prob=seg_fg_prob,
+            seg_crop=seg_crop, seg_fg_prob=seg_fg_prob, seg_hard_negative_prob=seg_hard_negative_prob,
         )  # fmt: skip
         model_cfg = None if init else get_preset(preset)
     except (ValueError, KeyError) as e:

@@ -52,8 +52,8 @@ TABLE_KEYS: Final[dict[str, frozenset[str]]] = {
          "noise_key", "dp_sgd", "dp_sgd_noise_multiplier", "dp_sgd_max_grad_norm"}
     ),
     "training": frozenset(
-        {"stage", "local_steps", "lr", "batch_size", "lr_schedule", "seg_patch", "seg_fg_prob", "dg_penalty",
-         "dro_step"}
+        {"stage", "local_steps", "lr", "batch_size", "lr_schedule", "seg_patch", "seg_fg_prob",
+         "seg_hard_negative_prob", "dg_penalty", "dro_step"}
     ),
 }  # fmt: skip
 #: The list of tables that schedules the stages over rounds (``[[curriculum]]``).
@@ -83,7 +83,7 @@ def _phases(tables: Any, settings: Mapping[str, Any]) -> tuple[CurriculumPhase, 
             continue
         if not isinstance(t, Mapping):
             raise ValueError(f"[[curriculum]] #{i} must be a table, got {t!r}")
-        keys = ["local_steps", "lr", "batch_size", "lr_schedule", "seg_fg_prob"]
+        keys = ["local_steps", "lr", "batch_size", "lr_schedule", "seg_fg_prob", "seg_hard_negative_prob"]
         if t.get("stage") == "seg":
             keys.append("seg_patch")
         defaults = {k: settings.get(k, base[k]) for k in keys}
@@ -143,6 +143,8 @@ class ServerConfig:
         seg_patch: ``seg`` stage: cubic foreground-biased patch edge in voxels (multiple of 16; 0 = whole
             volumes; a curriculum phase's default for its seg phases).
         seg_fg_prob: ``seg`` stage: probability that a patch is centred on a nodule voxel.
+        seg_hard_negative_prob: ``seg`` stage: probability that a patch not centred on a nodule is
+            centred on a hard-negative point (the rest lie anywhere).
         curriculum: the stages over rounds (:class:`~server.curriculum.CurriculumPhase`, in order); empty:
             every round trains ``stage``.
         dp_sgd: ask the sites to run Opacus DP-SGD (patient-level DP, the sites' own budgets apply).
@@ -183,6 +185,7 @@ class ServerConfig:
     lr_schedule: str = "constant"
     seg_patch: int = 0
     seg_fg_prob: float = 0.67
+    seg_hard_negative_prob: float = 0.5
     curriculum: tuple[CurriculumPhase, ...] = ()
     dp_sgd: bool = False
     dp_sgd_noise_multiplier: float = 1.0
@@ -314,7 +317,8 @@ class ServerConfig:
             CurriculumPhase(
                 stage=self.stage, rounds=self.rounds, local_steps=self.local_steps, lr=self.lr,
                 batch_size=self.batch_size, lr_schedule=self.lr_schedule, seg_patch=self.seg_patch,
-                seg_fg_prob=self.seg_fg_prob, reset_momentum=False,
+                seg_fg_prob=self.seg_fg_prob, seg_hard_negative_prob=self.seg_hard_negative_prob,
+                reset_momentum=False,
             ),
         )  # fmt: skip
 
@@ -350,6 +354,7 @@ class ServerConfig:
             batch_size=p.batch_size,
             seg_patch=p.seg_patch,
             seg_fg_prob=p.seg_fg_prob,
+            seg_hard_negative_prob=p.seg_hard_negative_prob,
             seed=round_seed(self.seed, rnd),
             dp_sgd=self.dp_sgd,
             dp_sgd_noise_multiplier=self.dp_sgd_noise_multiplier,

@@ -54,6 +54,8 @@ class CurriculumPhase:
         lr_schedule: ``"constant"`` or ``"cosine"`` over the phase's rounds (:func:`scheduled_lr`).
         seg_patch: ``seg`` stage: cubic patch edge in voxels (multiple of 16; 0 = whole volumes).
         seg_fg_prob: ``seg`` stage: probability that a patch is centred on a nodule voxel.
+        seg_hard_negative_prob: ``seg`` stage: probability that a patch not centred on a nodule is
+            centred on a hard-negative point.
         reset_momentum: start the phase with the server momentum buffer at zero. On by default: the
             velocity of the previous stage points along that stage's objective (e.g. the decoder's
             warm-up) and would keep moving parameters the new stage does not train.
@@ -67,6 +69,7 @@ class CurriculumPhase:
     lr_schedule: str = "constant"
     seg_patch: int = 0
     seg_fg_prob: float = 0.67
+    seg_hard_negative_prob: float = 0.5
     reset_momentum: bool = True
 
     def __post_init__(self) -> None:
@@ -77,7 +80,7 @@ class CurriculumPhase:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{where}: {name} must be an integer, got {value!r}")
-        for name in ("lr", "seg_fg_prob"):
+        for name in ("lr", "seg_fg_prob", "seg_hard_negative_prob"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"{where}: {name} must be a finite number, got {value!r}")

@@ -65,7 +65,7 @@ class _PooledStages:
 
     def __init__(self, model: LungVLModel, site_dirs: list[Path], pooled: list[str], device: torch.device) -> None:
         self.model, self.site_dirs, self.pooled, self.device = model, site_dirs, pooled, device
-        self._key: tuple[str, int, float] | None = None
+        self._key: tuple[str, int, float, float] | None = None
         self._batches: Iterator[dict[str, Any]] | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._head: CoherenceHead | None = None
@@ -95,14 +95,15 @@ class _PooledStages:
             )  # fmt: skip
             self._key = None
             return losses
-        key = (rc.stage, rc.seg_patch, rc.seg_fg_prob)
+        key = (rc.stage, rc.seg_patch, rc.seg_fg_prob, rc.seg_hard_negative_prob)
         if key != self._key:  # a new stage (or patch sampling): its data and a fresh optimiser
             data = SiteDataset(self.site_dirs, self.model.config.input, studies=self.pooled,
                                require_report=rc.stage == "vl")  # fmt: skip
             self.studies = len(data)
             patch = (rc.seg_patch,) * 3 if rc.stage == "seg" and rc.seg_patch else None
             train = TrainConfig(stage=rc.stage, max_steps=steps, batch_size=rc.batch_size, lr=rc.lr, seed=seed,
-                                seg_crop=patch, seg_fg_prob=rc.seg_fg_prob)  # fmt: skip
+                                seg_crop=patch, seg_fg_prob=rc.seg_fg_prob,
+                                seg_hard_negative_prob=rc.seg_hard_negative_prob)  # fmt: skip
             self._batches = cycle(make_loader(seg_crops(data, train), train))
             self._optimizer = build_optimizer(self.model, train)
             self._key = key

@@ -38,6 +38,7 @@ from lungvl_model.data.preprocess import (
     save_cached,
 )
 from lungvl_model.data.site_layout import site_paths
+from lungvl_model.data.synth.hard_negatives import hard_negative_map, hard_negative_path
 from lungvl_model.data.targets import (
     MAX_SLOTS,
     StudyTargets,
@@ -47,13 +48,20 @@ from lungvl_model.data.targets import (
 )
 
 
-def load_study(entry: StudyEntry, config: PreprocessConfig, cache_dir: Path | None) -> Preprocessed:
+def load_study(
+    entry: StudyEntry, config: PreprocessConfig, cache_dir: Path | None, site_dir: Path | None = None
+) -> Preprocessed:
     """Read, resample and cache one study (image + nodule and lobe maps when present).
+
+    With ``site_dir`` and a hard-negative sidecar for the series (synthetic sites,
+    :func:`~lungvl_model.data.synth.hard_negatives.hard_negative_map`), the labels also hold
+    ``"hard_negatives"``: the tempting non-nodule anatomy the seg stage's patches are centred on.
 
     Args:
         entry: a usable catalogue entry.
         config: preprocessing config.
         cache_dir: where cached arrays live (None disables the cache).
+        site_dir: the study's site directory (where its annotations sidecars are).
 
     Returns:
         The preprocessed study.
@@ -61,8 +69,9 @@ def load_study(entry: StudyEntry, config: PreprocessConfig, cache_dir: Path | No
     if entry.series is None:
         raise ValueError(f"study {entry.study_uid} has no CT series")
     path = None
+    hard = site_dir is not None and hard_negative_path(site_dir, entry.series.series_uid).is_file()
     if cache_dir is not None:
-        extra = f"{entry.mask is not None}/{entry.lobes is not None}"
+        extra = f"{entry.mask is not None}/{entry.lobes is not None}" + ("/hard_negatives" if hard else "")
         path = cache_dir / f"{cache_key(entry.series.series_uid, config, extra)}.npz"
         hit = load_cached(path)
         if hit is not None:
@@ -73,6 +82,10 @@ def load_study(entry: StudyEntry, config: PreprocessConfig, cache_dir: Path | No
         labels["nodules"] = read_label_nifti(entry.mask, vol)
     if entry.lobes is not None:
         labels["lobes"] = read_label_nifti(entry.lobes, vol)
+    if hard and site_dir is not None:
+        points = hard_negative_map(site_dir, vol)
+        if points is not None:
+            labels["hard_negatives"] = points
     item = preprocess(vol, config, labels)
     if path is not None:
         save_cached(path, item)
@@ -152,10 +165,11 @@ class SiteDataset(Dataset[dict[str, Any]]):
     def __getitem__(self, index: int) -> dict[str, Any]:
         cat, entry = self.entries[index]
         cache = site_paths(cat.site_dir)["cache"] if self.use_cache else None
-        item = load_study(entry, self.config, cache)
+        item = load_study(entry, self.config, cache, site_dir=Path(cat.site_dir))
         shape = item.image.shape
         nod = item.labels.get("nodules")
         lob = item.labels.get("lobes")
+        hard = item.labels.get("hard_negatives")
         nod_t = torch.from_numpy(nod.astype(np.int64)) if nod is not None else torch.zeros(shape, dtype=torch.int64)
         lob_t = torch.from_numpy(lob.astype(np.int64)) if lob is not None else torch.zeros(shape, dtype=torch.int64)
         return {
@@ -163,6 +177,10 @@ class SiteDataset(Dataset[dict[str, Any]]):
             "seg": (nod_t > 0).float()[None],
             "nodules": nod_t[None],
             "lobes": lob_t[None],
+            # the seg stage's hard-negative patch centres (zeros: none known for this study)
+            "hard_negatives": torch.from_numpy(
+                hard.astype(np.uint8) if hard is not None else np.zeros(shape, np.uint8)
+            )[None],
             "has_mask": torch.tensor(nod is not None),
             "has_lobes": torch.tensor(lob is not None),
             "targets": targets_to_tensors(study_targets(entry)),

@@ -26,7 +26,7 @@ from lungvl_model.data.volume import CTVolume
 
 CACHE_VERSION = 2
 #: Label maps whose small objects must survive downsampling (a 6 mm nodule on a 5 mm grid).
-KEEP_SMALL_LABELS = frozenset({"nodules"})
+KEEP_SMALL_LABELS = frozenset({"nodules", "hard_negatives"})
 
 
 @dataclass(frozen=True)

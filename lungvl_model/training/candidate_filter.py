@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from lungvl_model.data.synth.hard_negatives import read_hard_negatives
 from lungvl_model.data.volume import CTVolume
 from lungvl_model.inference.anatomy import lung_mask
 from lungvl_model.inference.candidate_features import FEATURE_NAMES, FeatureConfig, candidate_features
@@ -248,8 +249,8 @@ def synthetic_study_rows(
         rng: random generator of the negative points.
         config: seeding parameters.
         anatomy_points: named hard negatives ``((z, y, x), structure)`` (the generator's sidecar,
-            :func:`read_hard_negatives`); seeded as kind ``anatomy_<structure>`` where ``exclusion_mm``
-            from every nodule.
+            :func:`~lungvl_model.data.synth.hard_negatives.read_hard_negatives`); seeded as kind
+            ``anatomy_<structure>`` where ``exclusion_mm`` from every nodule.
     """
     lungs = lung_mask(volume.hu)
     grid, shape = triage_grid(volume, config.grid_mm)
@@ -271,27 +272,6 @@ def synthetic_study_rows(
         if far[p]:
             seeds.append((point_candidate(p, grid, shape), "anatomy_" + structure, 0))
     return seed_rows(volume, lungs, seeds, group, grid)
-
-
-def read_hard_negatives(site_dir: str | Path, volume: CTVolume) -> list[tuple[tuple[int, int, int], str]]:
-    """The generator's named hard-negative points of a series (``[]`` without its sidecar file).
-
-    Returns:
-        ``[((z, y, x) voxel inside the CT, structure name)]``.
-    """
-    import json
-
-    from lungvl_model.data.synth.hard_negatives import hard_negative_path
-
-    path = hard_negative_path(site_dir, volume.series_uid)
-    if not path.is_file():
-        return []
-    out = []
-    for pt in json.loads(path.read_text(encoding="utf-8")).get("points", []):
-        v = np.rint(volume.lps_to_voxel(np.asarray(pt["lps"], float))).astype(int)
-        if np.all(v >= 0) and np.all(v < volume.shape):
-            out.append(((int(v[0]), int(v[1]), int(v[2])), str(pt["structure"])))
-    return out
 
 
 def read_synthetic_site(site_dir: str | Path) -> list[tuple[str, CTVolume, np.ndarray]]:

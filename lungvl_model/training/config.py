@@ -30,6 +30,9 @@ class TrainConfig:
         seg_crop: ``(d, h, w)`` foreground-biased crops for the seg stage (each divisible by 16; None:
             whole volumes); see :class:`~lungvl_model.data.crops.ForegroundCrops`.
         seg_fg_prob: probability that a seg crop is centred on a nodule voxel.
+        seg_hard_negative_prob: probability that a seg crop not centred on a nodule is centred on a
+            hard-negative point (the anatomy real false positives come from; synthetic sites'
+            sidecars); the rest lie anywhere. The default 0.5 makes ~17 % of all crops hard negatives.
     """
 
     stage: str = "vl"
@@ -47,6 +50,7 @@ class TrainConfig:
     log_every: int = 10
     seg_crop: tuple[int, int, int] | None = None
     seg_fg_prob: float = 0.67
+    seg_hard_negative_prob: float = 0.5
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_NAMES:
@@ -64,6 +68,8 @@ class TrainConfig:
             object.__setattr__(self, "seg_crop", crop)
         if not 0.0 <= self.seg_fg_prob <= 1.0:
             raise ValueError(f"TrainConfig.seg_fg_prob must be in [0, 1], got {self.seg_fg_prob}")
+        if not 0.0 <= self.seg_hard_negative_prob <= 1.0:
+            raise ValueError(f"TrainConfig.seg_hard_negative_prob must be in [0, 1], got {self.seg_hard_negative_prob}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"TrainConfig.device must be auto, cpu or cuda[:N], got {self.device!r}")
 

@@ -63,7 +63,9 @@ def seg_crops(dataset: SiteDataset, train: TrainConfig) -> Dataset[dict[str, Any
     """``dataset`` as foreground-biased crops when ``train`` asks for them in the seg stage, else unchanged."""
     if train.stage != "seg" or train.seg_crop is None:
         return dataset
-    return ForegroundCrops(dataset, train.seg_crop, train.seg_fg_prob, seed=train.seed)
+    return ForegroundCrops(
+        dataset, train.seg_crop, train.seg_fg_prob, seed=train.seed, hard_negative_prob=train.seg_hard_negative_prob
+    )
 
 
 def build_model(

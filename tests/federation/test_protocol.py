@@ -26,6 +26,7 @@ def test_defaults_and_record_round_trip() -> None:
         ({"seg_patch": 24}, "'seg_patch' must be 0 or a positive multiple of 16, got 24"),
         ({"seg_patch": -16}, "'seg_patch' must be 0 or a positive multiple of 16"),
         ({"seg_fg_prob": 1.5}, "'seg_fg_prob' must be in \\[0, 1\\]"),
+        ({"seg_hard_negative_prob": 1.2}, "'seg_hard_negative_prob' must be in \\[0, 1\\], got 1.2"),
         ({"lr": 0.0}, "'lr' must be > 0"),
         ({"lr": float("nan")}, "'lr' must be finite"),
         ({"dp_sgd_max_grad_norm": -1.0}, "'dp_sgd_max_grad_norm' must be > 0"),

@@ -40,7 +40,38 @@ def test_foreground_crops_hit_the_nodule_and_stay_aligned() -> None:
     assert hits < 300 * 0.5  # uniform windows contain the voxel only sometimes (~27 % here)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"fg_prob": 1.5}, "1.5"), ({"size": (8, 0, 8)}, "positive")])
+def test_hard_negative_crops_centre_on_the_tempting_anatomy() -> None:
+    """fg_prob 0.5, hard_negative_prob 1: every crop holds the nodule or the hard-negative point (they are
+    too far apart to share a window), about half each; without a hard-negative map those draws are random."""
+    item = _item()
+    hard = torch.zeros(1, 16, 32, 32, dtype=torch.uint8)
+    hard[0, 12, 4, 28] = 1  # e.g. a hilar vessel point, far from the nodule at (3, 20, 5)
+    item["hard_negatives"] = hard
+    ds = ForegroundCrops([item] * 400, (8, 16, 16), fg_prob=0.5, seed=3, hard_negative_prob=1.0)
+    nodule = hard_neg = 0
+    for k in range(400):
+        out = ds[k]
+        has_n, has_h = int(out["seg"].sum()), int(out["hard_negatives"].sum())
+        assert has_n + has_h == 1, k
+        nodule, hard_neg = nodule + has_n, hard_neg + has_h
+        if has_h:  # the map is cropped with the image
+            z, y, x = torch.nonzero(out["hard_negatives"][0])[0].tolist()
+            assert np.unravel_index(int(out["image"][0, z, y, x]), (16, 32, 32)) == (12, 4, 28)
+    assert 150 < hard_neg < 250 and nodule + hard_neg == 400
+    plain = {k: v for k, v in item.items() if k != "hard_negatives"}
+    ds = ForegroundCrops([plain] * 300, (8, 16, 16), fg_prob=0.0, seed=3, hard_negative_prob=1.0)
+    assert sum(int(ds[k]["seg"].sum()) for k in range(300)) < 150  # random windows, as with fg_prob 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"fg_prob": 1.5}, "1.5"),
+        ({"size": (8, 0, 8)}, "positive"),
+        ({"hard_negative_prob": 1.5}, r"hard_negative_prob must be in \[0, 1\], got 1.5"),
+        ({"hard_negative_prob": -0.1}, "got -0.1"),
+    ],
+)
 def test_invalid_args(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ForegroundCrops([], **{"size": (8, 8, 8), **kwargs})

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from lungvl_model.clinical.lung_rads import NoduleFinding, categorize_exam, categorize_nodule
 from lungvl_model.data.dicom_io import read_series_dir
@@ -474,3 +475,31 @@ def test_summary_statistics(site) -> None:
     assert 35 <= d["stats"]["mean_noise_sigma_hu"] <= 60
     assert math.isclose(sum(d["stats"]["lung_rads"].values()), 4)
     assert replace(SynthConfig("screening", 1, Path("a")), seed=2).seed == 2
+
+
+def test_dataset_items_carry_the_hard_negative_points_on_the_model_grid(site, tmp_path: Path) -> None:
+    """Each synthetic series' hard-negative sidecar becomes a point map on the model's grid (the seg stage's
+    hard-negative patch centres), and the cache keeps it apart from a site without sidecars."""
+    from lungvl_model.data.catalogue import build_catalogue
+    from lungvl_model.data.dataset import SiteDataset
+    from lungvl_model.data.dicom_io import read_series
+    from lungvl_model.data.preprocess import PreprocessConfig
+    from lungvl_model.data.synth.hard_negatives import hard_negative_path, read_hard_negatives
+
+    root = site[0]
+    cfg = PreprocessConfig(spacing_mm=(5.0, 5.0, 5.0), size=(32, 48, 48))
+    ds = SiteDataset(root, cfg)
+    item = ds[0]
+    assert item["hard_negatives"].shape == item["seg"].shape and item["hard_negatives"].dtype == torch.uint8
+    entry = ds.entries[0][1]
+    points = read_hard_negatives(root, read_series(entry.series.files))
+    assert len(points) > 10
+    marked = int(item["hard_negatives"].sum())
+    assert 0 < marked <= len(points)  # several points can fall into one 5 mm voxel; points outside the crop drop
+    assert not bool((item["hard_negatives"].bool() & (item["seg"] > 0)).all())
+    # a copy of the site without its sidecars: zeros, from a cache entry of its own
+    bare = tmp_path / "bare"
+    shutil.copytree(root, bare)
+    for e in build_catalogue(bare).usable:
+        hard_negative_path(bare, e.series.series_uid).unlink()
+    assert int(SiteDataset(bare, cfg)[0]["hard_negatives"].sum()) == 0

@@ -56,7 +56,7 @@ def test_each_round_gets_its_phase_settings() -> None:
     assert [r.stage for r in got] == ["text", "text", "ssl", "seg", "seg", "seg", "vl", "vl"]
     assert [r.local_steps for r in got] == [10, 10, 3, 3, 3, 3, 3, 3]  # unset: [training]'s
     assert [r.seg_patch for r in got] == [0, 0, 0, 32, 32, 32, 0, 0]
-    assert got[3].seg_fg_prob == 0.5 and got[0].seg_fg_prob == 0.67
+    assert got[3].seg_fg_prob == 0.5 and got[0].seg_fg_prob == 0.67 and got[3].seg_hard_negative_prob == 0.5
     # cosine over the 3 seg rounds: peak, half-way (0.1 + 0.9·0.5 = 0.55 of the peak), floor (0.1)
     assert [r.lr for r in got[3:6]] == pytest.approx([1e-3, 0.55e-3, 1e-4])
     assert [r.lr for r in got[:3]] == [1e-3] * 3 and [r.lr for r in got[6:]] == [3e-4] * 2
@@ -71,7 +71,7 @@ def test_round_trips_through_json_and_scenario_layout() -> None:
     assert again == c
     assert again.to_dict()["curriculum"][2] == {
         "stage": "seg", "rounds": 3, "local_steps": 3, "lr": 1e-3, "batch_size": 2, "lr_schedule": "cosine",
-        "seg_patch": 32, "seg_fg_prob": 0.5, "reset_momentum": True,
+        "seg_patch": 32, "seg_fg_prob": 0.5, "seg_hard_negative_prob": 0.5, "reset_momentum": True,
     }  # fmt: skip
 
 

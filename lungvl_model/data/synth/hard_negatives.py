@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..volume import CTVolume
 from .anatomy import AnatomyParams, Grid, hilum_points
 from .phantom import TISSUES
 
@@ -27,6 +28,39 @@ HARD_NEGATIVE_FORMAT = "lungvl.hard_negatives 1"
 def hard_negative_path(site_dir: str | Path, series_uid: str) -> Path:
     """``<site>/annotations/<SeriesInstanceUID>_hard_negatives.json`` (non-DICOM metadata area)."""
     return Path(site_dir) / "annotations" / f"{series_uid}_hard_negatives.json"
+
+
+def read_hard_negatives(site_dir: str | Path, volume: CTVolume) -> list[tuple[tuple[int, int, int], str]]:
+    """The generator's named hard-negative points of a series (``[]`` without its sidecar file).
+
+    Returns:
+        ``[((z, y, x) voxel inside the CT, structure name)]``; points outside the volume are dropped.
+    """
+    import json
+
+    path = hard_negative_path(site_dir, volume.series_uid)
+    if not path.is_file():
+        return []
+    out = []
+    for pt in json.loads(path.read_text(encoding="utf-8")).get("points", []):
+        v = np.rint(volume.lps_to_voxel(np.asarray(pt["lps"], float))).astype(int)
+        if np.all(v >= 0) and np.all(v < volume.shape):
+            out.append(((int(v[0]), int(v[1]), int(v[2])), str(pt["structure"])))
+    return out
+
+
+def hard_negative_map(site_dir: str | Path, volume: CTVolume) -> np.ndarray | None:
+    """A ``(Z, Y, X)`` uint8 map of the series' hard-negative points (1 at each), None without a sidecar.
+
+    Resampled like the nodule mask (small objects kept), it tells the segmentation stage's patch
+    sampler where the tempting non-nodule anatomy is (:class:`~lungvl_model.data.crops.ForegroundCrops`).
+    """
+    if not hard_negative_path(site_dir, volume.series_uid).is_file():
+        return None
+    out = np.zeros(volume.shape, dtype=np.uint8)
+    for (z, y, x), _ in read_hard_negatives(site_dir, volume):
+        out[z, y, x] = 1
+    return out
 
 
 @dataclass(frozen=True)
