@@ -23,7 +23,10 @@ from server.config import ServerConfig
 from server.curriculum import CurriculumPhase
 from server.registry import Registry
 
-__all__ = ["SitesTable", "plot_convergence", "plot_epsilon", "summary_markdown", "write_run_outputs"]
+__all__ = [
+    "SitesTable", "legend_or_note", "plot_convergence", "plot_epsilon", "pyplot", "save_figure", "summary_markdown",
+    "write_run_outputs",
+]  # fmt: skip
 
 #: Global metrics shown as columns of summary.md's round table (when the run recorded them).
 SUMMARY_COLUMNS = (
@@ -58,13 +61,29 @@ class SitesTable:
         ]
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """Matplotlib's pyplot on the file-only Agg backend (imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def legend_or_note(ax: Any, note: str, fontsize: int = 8) -> None:
+    """The axes' legend, or ``note`` in its middle when nothing was plotted on it."""
+    if ax.has_data():
+        ax.legend(fontsize=fontsize)
+    else:
+        ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
+
+
+def save_figure(fig: Any, path: Path, rect: tuple[float, float, float, float] | None = None) -> None:
+    """Lay ``fig`` out (inside ``rect``), write it to ``path`` as a 110-dpi PNG and free it."""
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
 
 
 def plot_convergence(global_rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
@@ -75,7 +94,7 @@ def plot_convergence(global_rows: Sequence[dict[str, Any]], path: Path, title: s
         path: the PNG to write.
         title: the figure's title (the run's name).
     """
-    plt = _pyplot()
+    plt = pyplot()
     names = sorted({m["name"] for m in global_rows if m["name"].startswith(("val_", "train_loss"))})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for name in names:
@@ -89,14 +108,9 @@ def plot_convergence(global_rows: Sequence[dict[str, Any]], path: Path, title: s
     for ax in axes:
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax.has_data():
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no metrics recorded", ha="center", va="center", transform=ax.transAxes)
+        legend_or_note(ax, "no metrics recorded")
     fig.suptitle(f"{title}: global metrics per round")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_epsilon(ledger: Sequence[dict[str, Any]], path: Path, title: str) -> None:
@@ -107,27 +121,21 @@ def plot_epsilon(ledger: Sequence[dict[str, Any]], path: Path, title: str) -> No
         path: the PNG to write.
         title: the figure's title (the run's name).
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = pyplot().subplots(figsize=(6, 3.8))
     client = [(p["round"], p["epsilon"]) for p in ledger if p["level"] == "client"]
     if client:
         ax.plot(*zip(*client, strict=True), marker="o", lw=2, label=f"client-level (δ={ledger[0]['delta']:g})")
     for site in sorted({p["site_name"] for p in ledger if p["level"] == "sample"}):
         pts = [(p["round"], p["epsilon"]) for p in ledger if p["level"] == "sample" and p["site_name"] == site]
         ax.plot(*zip(*pts, strict=True), marker=".", ls="--", label=f"{site} (patient-level)")
-    if ax.has_data():
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no differential privacy in this run", ha="center", va="center", transform=ax.transAxes)
+    legend_or_note(ax, "no differential privacy in this run")
     from matplotlib.ticker import MaxNLocator
 
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("ε spent")
     ax.set_title(f"{title}: privacy spent")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _fmt(v: Any) -> str:

@@ -20,6 +20,7 @@ from scipy import stats
 
 from lungvl_model.atomic_file import write_json_atomic, write_text_atomic
 from server.registry import Registry
+from server.run_outputs import legend_or_note, pyplot, save_figure
 from simulations.study_results import (
     GAP_METRICS,
     final_estimates,
@@ -47,23 +48,13 @@ CURVE_METRICS = (("val_loss", "validation loss"), ("val_auc", "malignancy AUC"),
 _SLICES = ("thin", "medium", "thick")
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def plot_convergence(arms: dict[str, list[StudyRun]], path: Path, title: str) -> None:
     """Global metrics per round, mean ± sd over seeds, one line per DP-off arm."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(5 * len(CURVE_METRICS), 4))
+    fig, axes = pyplot().subplots(1, len(CURVE_METRICS), figsize=(5 * len(CURVE_METRICS), 4))
     for ax, (metric, label) in zip(axes, CURVE_METRICS, strict=True):
         for runs in arms.values():
             if runs[0].cell.dp != "none":
@@ -83,15 +74,12 @@ def plot_convergence(arms: dict[str, list[StudyRun]], path: Path, title: str) ->
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
     fig.suptitle(f"{title}: global validation metrics (mean ± sd over seeds)")
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, rect=(0, 0.12, 1, 1))
 
 
 def plot_privacy_utility(rows: list[dict[str, Any]], path: Path, title: str, metric: str) -> None:
     """Final ``metric`` against the ε target per strategy and DP kind; DP-off references as dashed lines."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     for strategy in sorted({r["strategy"] for r in rows}):
         ref = [r for r in rows if r["strategy"] == strategy and r["dp"] == "none" and r["estimate"].n]
         for kind, marker in (("sample", "o"), ("client", "s")):
@@ -109,14 +97,9 @@ def plot_privacy_utility(rows: list[dict[str, Any]], path: Path, title: str, met
     ax.set_xscale("log")
     ax.set_xlabel("ε target (δ fixed; dashed: same strategy without DP)")
     ax.set_ylabel(metric)
-    if ax.has_data():
-        ax.legend(fontsize=7)
-    else:
-        ax.text(0.5, 0.5, "no DP cells with this metric", ha="center", va="center", transform=ax.transAxes)
+    legend_or_note(ax, "no DP cells with this metric", fontsize=7)
     ax.set_title(f"{title}: privacy–utility (95 % t-intervals over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _final_section(arms: dict[str, list[StudyRun]]) -> list[str]:

@@ -4,7 +4,6 @@ else a synthetic site generated once, safely when several node processes start t
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,6 @@ from client.app import make_client_app, resolve_endpoint, simulated_endpoint, sy
 from federation.protocol import CONFIG, QUERY_KEY, SITE_NAME_KEY
 
 SMALL = {"synthetic-studies": 1, "synthetic-matrix": 32, "synthetic-z-extent-mm": 60.0, "synthetic-seed": 5}
-
-
-@pytest.fixture
-def task_identity() -> Iterator[None]:
-    """Messages need a task identity; Flower's runtimes set it, an in-process test sets its own."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
 
 
 def context(partition_id: int, run_config: dict[str, object]) -> Context:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,17 +44,6 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     site = root / "site"
     generate_site(SynthConfig(cohort="referral", n_studies=6, out_dir=site, seed=5, matrix=64, z_extent_mm=120.0))
     return site, save_checkpoint(root / "package", build_model(CFG, [site]), {"stage": "init"})
-
-
-@pytest.fixture
-def task_identity() -> Iterator[None]:
-    """Flower's task identity, which a Message needs (run id 1)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
 
 
 def make_trainer(package: tuple[Path, Path], state: Path, **overrides) -> SiteTrainer:

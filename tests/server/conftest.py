@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-
-@pytest.fixture
-def task_identity() -> Iterator[None]:
-    """Messages need a task identity; Flower's runtimes set it, an in-process test sets its own."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
 
 
 @pytest.fixture(scope="module")

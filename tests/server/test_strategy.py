@@ -267,17 +267,6 @@ def test_unknown_toml_table_is_refused(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- Flower glue
 
 
-@pytest.fixture
-def task_identity() -> Iterable[None]:
-    """Messages need a task identity; Flower's runtimes set it, an in-process test sets its own."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
-
-
 class LocalGrid(Grid):
     """An in-process Grid: each pushed message is answered at once by a ClientApp (or dropped).
 

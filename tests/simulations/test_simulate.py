@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -151,16 +150,6 @@ class StubTrainer:
     def record_outbound(self, rnd: int, kind: str, payload: bytes, metrics: dict[str, float], **_: object) -> int:
         self.outbound.append((rnd, kind, payload, dict(metrics)))
         return len(self.outbound)
-
-
-@pytest.fixture
-def task_identity() -> Iterator[None]:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
 
 
 @pytest.mark.parametrize("refuse", [False, True])
