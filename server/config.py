@@ -322,10 +322,9 @@ class ServerConfig:
             ),
         )  # fmt: skip
 
-    def phase(self, rnd: int) -> CurriculumPhase:
-        """The curriculum phase round ``rnd`` belongs to (a round past ``rounds``: the last phase's)."""
-        phases = self.phases
-        return phases[phase_at(phases, min(rnd, self.rounds))[0]]
+    def phase_index(self, rnd: int) -> int:
+        """The index in :attr:`phases` of round ``rnd``'s phase (a round past ``rounds``: the last phase)."""
+        return phase_at(self.phases, min(rnd, self.rounds))[0]
 
     def momentum_reset(self, since: int, rnd: int) -> bool:
         """Whether the server momentum last updated in round ``since`` starts again from zero in round ``rnd``.

@@ -239,7 +239,7 @@ class RoundEngine:
 
     def _begin_dro(self, rnd: int, sites: list[str]) -> dict[str, float]:
         """Group DRO over sites: each sampled site's scale for round ``rnd`` (log-weights reset per phase)."""
-        phase = self.config.phases.index(self.config.phase(rnd))
+        phase = self.config.phase_index(rnd)  # by position: two phases may have equal settings
         if phase != self.dro_phase:
             self.site_log_weights, self.dro_phase = {}, phase
         return dro_scales(self.site_log_weights, sites) if sites else {}

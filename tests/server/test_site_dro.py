@@ -99,6 +99,16 @@ def test_log_weights_start_again_with_each_curriculum_stage() -> None:
     play_round(eng, 2, ROUND)  # a new stage: uniform again, plain mean 2 (not 1.5)
     np.testing.assert_allclose(eng.weights[0], 4.0)
     assert eng.dro_phase == 1
+    # two phases with equal settings are still two phases (counted by position, not by value)
+    same = ServerConfig.from_mapping(
+        {"strategy": {"strategy": "fedavg", "server_momentum": 0.0, "min_sites": 2, "site_dro_step": LN3},
+         "curriculum": [{"stage": "seg", "rounds": 1}, {"stage": "seg", "rounds": 1}]}
+    )  # fmt: skip
+    eng = RoundEngine(same, W0, log=lambda _: None)
+    play_round(eng, 1, ROUND)
+    play_round(eng, 2, ROUND)
+    np.testing.assert_allclose(eng.weights[0], 4.0)
+    assert eng.dro_phase == 1
 
 
 def test_log_weights_survive_a_checkpoint(tmp_path: Path) -> None:
