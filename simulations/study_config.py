@@ -8,6 +8,8 @@
     seeds = [0, 1, 2]
     rounds = 20                  # optional: overrides the scenario's rounds
     bootstrap = 2000             # resamples of the report's 95 % intervals
+    init_model = "../../models/lungvl-tiny-v1"   # optional: every cell starts from this model package
+                                                  # (relative to this file; default: one built per seed)
 
     [grid]
     strategies = ["local", "fedavg", "fedavgm", "centralised"]
@@ -60,7 +62,7 @@ STRATEGIES: Final = ("local", "fedavg", "fedavgm", "centralised")
 DP_KINDS: Final = ("none", "sample", "client")
 #: TOML table -> keys (StudyConfig field names).
 _TABLES: Final = {
-    "study": ("name", "scenario", "seeds", "rounds", "bootstrap"),
+    "study": ("name", "scenario", "seeds", "rounds", "bootstrap", "init_model"),
     "grid": (
         "strategies", "fedavgm_server_lr", "fedavgm_momentum", "dp", "epsilons", "dp_strategies", "dp_fedavgm",
         "dg_penalty", "dro_step", "site_dro",
@@ -71,6 +73,7 @@ _TUPLES: Final = (
     "seeds", "strategies", "fedavgm_server_lr", "fedavgm_momentum", "dp", "epsilons", "dp_strategies", "dp_fedavgm",
     "dg_penalty", "site_dro",
 )  # fmt: skip
+_PATHS: Final = ("scenario", "init_model")
 
 
 def _unknown(key: str, known: Sequence[str], where: str) -> KeyError:
@@ -173,6 +176,7 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     rounds: int | None = None
     bootstrap: int = 2000
+    init_model: Path | None = None
     strategies: tuple[str, ...] = STRATEGIES
     fedavgm_server_lr: tuple[float, ...] = (1.0,)
     fedavgm_momentum: tuple[float, ...] = (0.9,)
@@ -247,14 +251,14 @@ class StudyConfig:
                 v = getattr(self, k)
                 if v is None:
                     continue
-                out.setdefault(table, {})[k] = str(v) if k == "scenario" else list(v) if k in _TUPLES else v
+                out.setdefault(table, {})[k] = str(v) if k in _PATHS else list(v) if k in _TUPLES else v
         return out
 
     @classmethod
     def from_dict(
         cls, doc: Mapping[str, Any], *, base_dir: Path | None = None, source: Path | None = None
     ) -> StudyConfig:
-        """Build from a parsed study document; a relative ``scenario`` is relative to ``base_dir``.
+        """Build from a parsed study document; a relative ``scenario`` or ``init_model`` is relative to ``base_dir``.
 
         Raises:
             KeyError: unknown table or key (with a "did you mean" hint), or a missing name/scenario.
@@ -284,8 +288,12 @@ class StudyConfig:
         for k in ("dro_step", "delta", "client_clip_norm", "sample_max_grad_norm"):
             if k in kw:
                 kw[k] = _num(k, kw[k])
-        scenario = Path(str(kw["scenario"])).expanduser()
-        kw["scenario"] = scenario if scenario.is_absolute() or base_dir is None else (base_dir / scenario).resolve()
+        for k in _PATHS:
+            if k in kw:
+                if not isinstance(kw[k], str) or not kw[k]:
+                    raise ValueError(f"study {k} must be a non-empty path string, got {kw[k]!r}")
+                path = Path(kw[k]).expanduser()
+                kw[k] = path if path.is_absolute() or base_dir is None else (base_dir / path).resolve()
         return cls(**kw, source=source)
 
     @classmethod

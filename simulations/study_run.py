@@ -7,7 +7,8 @@ Layout of the study directory::
     registry.db         one registry for all cells (each run's config carries its cell under "study");
                         ``db_url`` puts it elsewhere instead (e.g. the consortium's PostgreSQL)
     sites/<name>/       the federation's sites, generated once and shared by every cell
-    init/seed_<s>/      one initial model package per seed, shared by that seed's cells
+    init/seed_<s>/      one initial model package per seed, shared by that seed's cells (none when the
+                        study names an ``init_model``: every cell then starts from that package)
     cells/<cell_id>/    each cell's run directory (a ``lungvl simulate`` run, or a local-only/centralised one)
 
 How a cell becomes a run (:func:`cell_scenario`): the base scenario with the cell's seed, the study's
@@ -64,7 +65,10 @@ from simulations.scenario import Scenario, SiteSpec
 from simulations.simulate import prepare_sites, run_simulation, simulation_env
 from simulations.study_config import Cell, StudyConfig
 
-__all__ = ["DONE_STATUSES", "base_scenario", "cell_scenario", "done_cells", "run_study", "sample_sigma", "tag_run"]
+__all__ = [
+    "DONE_STATUSES", "base_scenario", "cell_scenario", "check_init_model", "done_cells", "run_study", "sample_sigma",
+    "tag_run",
+]  # fmt: skip
 
 Progress = Callable[[str], None]
 DONE_STATUSES = ("finished", "stopped_budget")
@@ -189,6 +193,43 @@ def tag_run(registry: Registry, run_id: int, tag: Mapping[str, Any]) -> None:
         run.config = {**run.config, "study": dict(tag)}
 
 
+def check_init_model(study: StudyConfig, base: Scenario) -> Path | None:
+    """The study's ``init_model`` package, checked against the federation's model (None when not set).
+
+    Raises:
+        FileNotFoundError: the package does not exist.
+        ValueError: its model config differs from the scenario's ``[model]`` (the differing keys named), so
+            the sites would train another architecture than the one the run records.
+    """
+    if study.init_model is None:
+        return None
+    path = study.init_model
+    if not (path / "config.json").is_file() or not (path / "model.pt").is_file():
+        raise FileNotFoundError(f"study init_model {path}: not a model package (config.json or model.pt missing)")
+    theirs = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    ours = json.loads(json.dumps(base.model_config().to_dict()))  # tuples as the package's JSON lists
+    diff = sorted(
+        f"{table}.{key}"
+        for table in sorted(set(ours) | set(theirs))
+        for key in sorted(set(_as_table(ours.get(table))) | set(_as_table(theirs.get(table))))
+        if _as_table(ours.get(table)).get(key) != _as_table(theirs.get(table)).get(key)
+        and not (table == "text" and key == "pretrained_dir")
+    )
+    if diff:
+        table, key = diff[0].split(".", 1)
+        pkg, scn = _as_table(theirs.get(table)).get(key), _as_table(ours.get(table)).get(key)
+        raise ValueError(
+            f"study init_model {path}: its model differs from the scenario's [model] at {', '.join(diff[:6])}"
+            f"{' …' if len(diff) > 6 else ''} (e.g. {diff[0]}: package {pkg!r}, scenario {scn!r}); set the "
+            "scenario's [model] to the package's"
+        )
+    return path
+
+
+def _as_table(v: Any) -> dict[str, Any]:
+    return dict(v) if isinstance(v, Mapping) else {"": v}
+
+
 def done_cells(registry: Registry, study: str) -> dict[str, dict[str, Any]]:
     """Map each cell id of study ``study`` to its latest finished run."""
     out: dict[str, dict[str, Any]] = {}
@@ -263,6 +304,7 @@ def run_study(
         db = db_url or str(out / "registry.db")
         cells = study.cells()
         base = base_scenario(study)
+        shared_init = check_init_model(study, base)
         with Registry(db) as reg:  # a wrong URL or a missing driver fails here, before sites are generated
             done = done_cells(reg, study.name)
             shown = reg.url
@@ -300,9 +342,11 @@ def run_study(
                 )
                 if rerun and cell.cell_id in done:
                     shutil.rmtree(out / "cells" / cell.cell_id, ignore_errors=True)
-                init_dir = out / "init" / f"seed_{cell.seed}"
-                with simulation_env(out):
-                    init = initial_model(base, site_dirs, init_dir, seed=cell.seed)
+                if shared_init is not None:
+                    init = shared_init
+                else:
+                    with simulation_env(out):
+                        init = initial_model(base, site_dirs, out / "init" / f"seed_{cell.seed}", seed=cell.seed)
                 tag = {
                     "study": study.name,
                     "cell": cell.to_dict(),
@@ -313,6 +357,7 @@ def run_study(
                     "local_steps": base.server.local_steps,
                     "holdout_fraction": base.holdout_fraction,
                     "delta": study.delta,
+                    "init_model": str(init),
                     **noise,
                 }
                 result = _run_cell(cell, scenario, out / "cells" / cell.cell_id, db, init, tag, lambda s: log(f"  {s}"))

@@ -378,3 +378,51 @@ def test_dry_run_json_lists_every_cell(capsys: pytest.CaptureFixture[str]) -> No
     assert [c["cell_id"] for c in doc["cells"]] == expected and expected
     assert all("strategy" in c and "seed" in c for c in doc["cells"])
     assert cli(["study", "run", str(study), "--out", "/nonexistent-never-written", "--json"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ init model
+
+MODEL = ROOT / "models" / "lungvl-tiny-v1"
+
+
+def test_init_model_resolves_against_the_study_file_and_round_trips(tmp_path: Path) -> None:
+    doc = {"study": {"name": "s", "scenario": str(SCENARIO), "init_model": "../models/m"}}
+    s = StudyConfig.from_dict(doc, base_dir=tmp_path / "studies")
+    assert s.init_model == (tmp_path / "models" / "m").resolve()
+    assert StudyConfig.from_dict(s.to_dict()) == s
+    assert StudyConfig.from_dict({"study": {"name": "s", "scenario": str(SCENARIO)}}).init_model is None
+    with pytest.raises(ValueError, match=r"init_model must be a non-empty path string, got 3"):
+        StudyConfig.from_dict({"study": {**doc["study"], "init_model": 3}})
+
+
+def test_check_init_model_refuses_another_architecture(tmp_path: Path) -> None:
+    v2 = StudyConfig.from_toml(STUDIES / "screening_vs_referral_v2.toml")
+    assert study_run.check_init_model(v2, study_run.base_scenario(v2)) == MODEL.resolve()
+    small = StudyConfig.from_dict({"study": {"name": "s", "scenario": str(SCENARIO), "init_model": str(MODEL)}})
+    with pytest.raises(ValueError, match=r"\[model\] at heads\.hidden, input\.size, .*hidden: package 64, scenario 16"):
+        study_run.check_init_model(small, study_run.base_scenario(small))
+    gone = StudyConfig.from_dict({"study": {"name": "s", "scenario": str(SCENARIO), "init_model": str(tmp_path)}})
+    with pytest.raises(FileNotFoundError, match=re.escape(f"study init_model {tmp_path}: not a model package")):
+        study_run.check_init_model(gone, study_run.base_scenario(gone))
+    assert study_run.check_init_model(study(), study_run.base_scenario(study())) is None
+
+
+def test_every_cell_starts_from_the_study_init_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = StudyConfig.from_toml(STUDIES / "screening_vs_referral_v2.toml")
+    inits: dict[str, Path] = {}
+    monkeypatch.setattr(study_run, "prepare_sites", lambda base, out, log: {x.name: out / x.name for x in base.sites})
+    monkeypatch.setattr(study_run, "_site_studies", lambda d, stage, holdout: 4)
+    monkeypatch.setattr(study_run, "_site_patients", lambda d, stage, holdout: 3)
+    monkeypatch.setattr(study_run, "initial_model", lambda *a, **k: pytest.fail("no per-seed model with init_model"))
+
+    def fake_run(cell, scenario, cell_dir, db, init, tag, log):
+        inits[cell.cell_id] = init
+        assert tag["init_model"] == str(init)
+        with Registry(db) as reg:
+            reg.finish_run(reg.start_run(scenario.name, {"study": tag}, seed=cell.seed), "finished")
+        return {"status": "finished"}
+
+    monkeypatch.setattr(study_run, "_run_cell", fake_run)
+    result = study_run.run_study(s, tmp_path / "study", only=["fedavg-s*", "centralised-s0"], progress=lambda _: None)
+    assert result["failed"] == {} and set(inits) == {"fedavg-s0", "fedavg-s1", "fedavg-s2", "centralised-s0"}
+    assert set(inits.values()) == {MODEL.resolve()} and not (tmp_path / "study" / "init").exists()
