@@ -21,7 +21,7 @@ import difflib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ __all__ = [
     "available_accountants",
     "create_accountant",
     "get_noise_multiplier",
+    "get_noise_multiplier_for_schedule",
     "register_accountant",
 ]
 
@@ -368,3 +369,69 @@ def get_noise_multiplier(
             f"({err})"
         ) from None
     return float(sigma)
+
+
+def get_noise_multiplier_for_schedule(
+    *,
+    target_epsilon: float,
+    delta: float,
+    schedule: Sequence[tuple[float, int]],
+    accountant: str = "rdp",
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """The smallest σ (within ``epsilon_tolerance`` in ε) keeping a schedule of sampling rates under the target.
+
+    A federated curriculum changes the batch (so ``q``) and the steps from phase to phase; one σ for
+    the whole run must keep the composition of every phase's steps under ``target_epsilon``. A one-phase
+    schedule gives :func:`get_noise_multiplier`'s value.
+
+    Args:
+        target_epsilon: ε budget (> 0).
+        delta: δ in (0, 1).
+        schedule: ``(sample_rate q, steps)`` per phase, in order (each q in (0, 1], steps >= 1).
+        accountant: registry name of the accountant.
+        epsilon_tolerance: the search stops when ``target − ε(σ) <= epsilon_tolerance``.
+
+    Returns:
+        σ with ``ε(σ) < target_epsilon`` for the whole schedule.
+
+    Raises:
+        ValueError: an empty schedule, a bad entry (named by index), or a budget no σ up to 1e6 reaches.
+    """
+    if not schedule:
+        raise ValueError("noise schedule must hold at least one (sample_rate, steps) phase")
+    for i, (q, steps) in enumerate(schedule):
+        try:
+            _check_mechanism(1.0, q, steps)
+        except ValueError as err:
+            raise ValueError(f"noise schedule phase {i}: {err}") from None
+    if len(schedule) == 1:
+        q, steps = schedule[0]
+        return get_noise_multiplier(
+            target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps=steps, accountant=accountant,
+            epsilon_tolerance=epsilon_tolerance,
+        )  # fmt: skip
+    target = check_epsilon("target_epsilon", target_epsilon)
+    d = check_delta(delta)
+    check_epsilon("epsilon_tolerance", epsilon_tolerance)
+    acc = PrivacyAccountant(accountant)
+
+    def eps(sigma: float) -> float:
+        return acc._epsilon_of([(sigma, float(q), int(n)) for q, n in schedule], d)
+
+    low, high = 0.0, 1.0
+    while eps(high) >= target:  # ε falls as σ grows
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise ValueError(
+                f"no noise multiplier reaches ε = {target_epsilon} at δ = {delta} for the schedule {list(schedule)}"
+            )
+    for _ in range(200):  # the gap halves each time; 200 halvings of [0, 1e6] is far below any tolerance
+        if target - eps(high) <= epsilon_tolerance:
+            break
+        mid = (low + high) / 2
+        if eps(mid) < target:
+            high = mid
+        else:
+            low = mid
+    return high

@@ -21,8 +21,10 @@ rounds, the sites by path, and server settings:
   steps at ``q = expected sampled/total`` sites (``fraction_train`` for Poisson sampling) under ε
   (:func:`privacy.accountant.get_noise_multiplier`), and ε as the run's budget;
 * ``sample`` at ε: DP-SGD at every site with one σ, the largest any site needs to stay under ε over
-  ``rounds × local_steps`` steps (what a site sampled in every round runs, and its accountant charges)
-  at its own patient-level ``q = batch / training patients`` (hold-out patients excluded; DP-SGD samples
+  every phase's ``rounds × local_steps`` steps (what a site sampled in every round runs, and its
+  accountant charges; a curriculum's phases each have their own steps and batch, composed by
+  :func:`privacy.accountant.get_noise_multiplier_for_schedule`) at its own patient-level
+  ``q = batch / training patients`` (hold-out patients excluded; DP-SGD samples
   patients, one study each, so ε is per patient whatever the number of a patient's studies); each
   generated site's own budget is raised to the study's largest ε (the sites still refuse to go past it).
 
@@ -51,9 +53,10 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from client.config import ClientConfig
+from federation.protocol import DP_SGD_STAGES
 from lungvl_model.data.catalogue import build_catalogue
 from lungvl_model.data.split import training_patients, training_studies
-from privacy.accountant import get_noise_multiplier
+from privacy.accountant import get_noise_multiplier, get_noise_multiplier_for_schedule
 from server.app import RUN_FILE
 from server.config import ServerConfig
 from server.registry import Registry
@@ -101,11 +104,13 @@ def _site_patients(site_dir: Path, stage: str, holdout_fraction: float) -> int:
 
 
 def sample_sigma(
-    *, epsilon: float, delta: float, batch_size: int, steps: int, site_patients: Mapping[str, int]
+    *, epsilon: float, delta: float, phases: Sequence[tuple[int, int]], site_patients: Mapping[str, int]
 ) -> float:
     """DP-SGD σ of a ``sample`` cell: the largest any site needs to keep its patients under ``epsilon``.
 
-    Each site samples its training patients at ``q = min(1, batch_size / patients)`` for ``steps`` steps.
+    In each phase ``(batch_size, steps)`` of the run (one per curriculum phase; one for a run without a
+    curriculum) a site samples its training patients at ``q = min(1, batch_size / patients)`` for
+    ``steps`` steps; the site's accountant composes them all.
 
     Raises:
         ValueError: a site without training patients.
@@ -114,7 +119,9 @@ def sample_sigma(
     if empty:
         raise ValueError(f"sites without training patients cannot run DP-SGD: {empty}")
     return max(
-        get_noise_multiplier(target_epsilon=epsilon, delta=delta, sample_rate=min(1.0, batch_size / n), steps=steps)
+        get_noise_multiplier_for_schedule(
+            target_epsilon=epsilon, delta=delta, schedule=[(min(1.0, b / n), steps) for b, steps in phases]
+        )
         for n in site_patients.values()
     )
 
@@ -161,10 +168,9 @@ def cell_scenario(
         }
         noise["client_sigma"] = sigma
     elif cell.dp == "sample":
-        steps = c.rounds * c.local_steps  # a site sampled in every round runs (and is charged) this many
-        sigma = sample_sigma(
-            epsilon=cell.epsilon, delta=study.delta, batch_size=c.batch_size, steps=steps, site_patients=site_patients
-        )
+        # a site sampled in every round runs (and is charged) every phase's steps at its batch
+        dp_phases = [(p.batch_size, p.rounds * p.local_steps) for p in c.phases if p.stage in DP_SGD_STAGES]
+        sigma = sample_sigma(epsilon=cell.epsilon, delta=study.delta, phases=dp_phases, site_patients=site_patients)
         changes |= {"dp_sgd": True, "dp_sgd_noise_multiplier": sigma}
         changes |= {"dp_sgd_max_grad_norm": study.sample_max_grad_norm}
         noise["sample_sigma"] = sigma

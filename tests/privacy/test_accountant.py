@@ -252,3 +252,39 @@ def test_site_budget_refuses_past_budget_and_survives_restart(tmp_path: Path) ->
         SiteBudget.from_config(tmp_path, {"epsilon_budget": 5.0})
     with pytest.raises(ValueError, match="epsilon_budget must be > 0, got -1"):
         SiteBudget(tmp_path, epsilon_budget=-1, delta=DELTA)
+
+
+def test_noise_for_a_curriculum_schedule_keeps_every_phase_under_the_target() -> None:
+    """A seg phase (batch 4 of 6 patients, 16 steps) then a vl phase (batch 2 of 6, 8 steps) at ε = 2."""
+    from privacy.accountant import get_noise_multiplier_for_schedule
+
+    schedule = [(4 / 6, 16), (2 / 6, 8)]
+    sigma = get_noise_multiplier_for_schedule(target_epsilon=2.0, delta=DELTA, schedule=schedule)
+    acc = PrivacyAccountant("rdp")
+    for q, n in schedule:
+        acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
+    assert 2.0 - 0.01 <= acc.get_epsilon(DELTA) < 2.0  # tight: the smallest σ within the tolerance
+    # between the first phase alone and every step at the larger q
+    alone = get_noise_multiplier(target_epsilon=2.0, delta=DELTA, sample_rate=4 / 6, steps=16)
+    worst = get_noise_multiplier(target_epsilon=2.0, delta=DELTA, sample_rate=4 / 6, steps=24)
+    assert alone < sigma < worst
+    # the independent accountant agrees that the composition stays under 2
+    dp_accounting = pytest.importorskip("dp_accounting")
+    from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+
+    independent = RdpAccountant()
+    for q, n in schedule:
+        independent.compose(
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), n
+            )
+        )
+    assert independent.get_epsilon(DELTA) == pytest.approx(acc.get_epsilon(DELTA), rel=0.02)
+    # one phase is get_noise_multiplier's value; bad phases are named
+    assert get_noise_multiplier_for_schedule(target_epsilon=2.0, delta=DELTA, schedule=[(0.5, 10)]) == (
+        get_noise_multiplier(target_epsilon=2.0, delta=DELTA, sample_rate=0.5, steps=10)
+    )
+    with pytest.raises(ValueError, match="phase 1: .*"):
+        get_noise_multiplier_for_schedule(target_epsilon=2.0, delta=DELTA, schedule=[(0.5, 10), (1.5, 3)])
+    with pytest.raises(ValueError, match="at least one"):
+        get_noise_multiplier_for_schedule(target_epsilon=2.0, delta=DELTA, schedule=[])
