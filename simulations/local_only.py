@@ -16,6 +16,9 @@ Registry records (one run, the same tables a federated run fills, so reports rea
 * participation (one ``ok`` row per site and round), rounds, patient-level ε of DP-SGD sites.
 
 Client-level DP settings of the scenario do not apply (nothing is aggregated) and are ignored.
+
+:func:`run_initial` records the other reference, the initial model scored by every site before any
+training (a one-round run of its own).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ __all__ = [
     "Recorder",
     "initial_model",
     "make_round_config",
+    "run_initial",
     "run_local_only",
     "site_trainers",
 ]
@@ -242,3 +246,66 @@ def run_local_only(
                 for trainer in trainers.values():
                     trainer.close()
             return rec.wrap_up(out, f"{scenario.name} local-only", scenario.rounds, t0, glob, log)
+
+
+def run_initial(
+    scenario: Scenario,
+    out_dir: str | Path,
+    *,
+    db_url: str | None = None,
+    init_model: str | Path | None = None,
+    run_config: Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Score the initial model at every site without training it: the reference of a study's arms.
+
+    Each site evaluates the initial model with the round config of the run's *last* round (its stage,
+    so in a curriculum ending in ``vl`` the risk metrics exist), with the same code as every other arm.
+    Recorded as the one round of a run of its own (round 1: the registry numbers rounds from 1; no
+    training, so no training metrics and no ε spent).
+
+    Args:
+        scenario: the federation (its sites, model and schedule).
+        out_dir: the run directory.
+        db_url: registry URL or SQLite path (default ``out_dir/registry.db``).
+        init_model: the initial model package (default: built from the scenario into ``out_dir/initial_model``).
+        run_config: extra keys for the registry run's config (e.g. a study's cell tag under ``"study"``).
+        progress: line printer (default ``print``).
+
+    Returns:
+        ``{"run_id", "status", "rounds_done" (1), "seconds", "out_dir", "global"}``.
+    """
+    log = progress or print
+    t0 = time.perf_counter()
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    db = db_url or str(out / "registry.db")
+    with simulation_env(out):
+        sites = prepare_sites(scenario, out, log)
+        model_dir = (
+            Path(init_model) if init_model is not None else initial_model(scenario, sites, out / "initial_model")
+        )
+        trainers = site_trainers(sites, model_dir, out / "state", scenario.holdout_fraction, scenario.min_eval_studies)
+        config = {
+            "kind": "initial",
+            "scenario": scenario.to_dict(),
+            "server": scenario.server.to_dict(),
+            "initial_model": str(model_dir),
+            **(run_config or {}),
+        }
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        w0 = model_to_arrays(next(iter(trainers.values())).model)
+        rc = make_round_config(scenario.server, scenario.rounds)
+        with Registry(db) as reg:
+            rec = Recorder(reg, f"{scenario.name}/initial", config, scenario.seed)
+            try:
+                glob = rec.round(1, {k: t.evaluate(w0, rc) for k, t in trainers.items()})
+            except BaseException:
+                rec.finish("failed")
+                raise
+            finally:
+                for trainer in trainers.values():
+                    trainer.close()
+            shown = ", ".join(f"{n} {glob[n]:.4g}" for n in ("val_loss", "val_auc", "val_dice_found") if n in glob)
+            log(f"initial model scored by {len(trainers)} site(s), stage {rc.stage}: {shown}")
+            return rec.wrap_up(out, f"{scenario.name} initial model", 1, t0, glob, log)

@@ -12,7 +12,7 @@
                                                   # (relative to this file; default: one built per seed)
 
     [grid]
-    strategies = ["local", "fedavg", "fedavgm", "centralised"]
+    strategies = ["initial", "local", "fedavg", "fedavgm", "centralised"]
     fedavgm_server_lr = [0.5, 1.0]          # the FedAvgM sweep (DP off), every lr × momentum
     fedavgm_momentum = [0.5, 0.9]
     dp = ["none", "sample", "client"]       # sample: DP-SGD at the sites; client: DP-FedAvgM noise
@@ -30,6 +30,8 @@
 
 Grid rules (:func:`expand_grid`), for each seed, in this order:
 
+* ``initial``: the starting model scored by every site without any training (the reference a
+  fine-tuning study is measured against; with a model built from scratch, what chance looks like);
 * ``local``: DP off; DP-SGD at each ε when ``local`` is in ``dp_strategies`` (client-level DP has no
   meaning without aggregation);
 * ``fedavg`` (FedAvg: server lr 1, momentum 0): DP off, then each DP kind × ε (if in ``dp_strategies``);
@@ -58,7 +60,7 @@ from simulations.scenario import read_toml
 
 __all__ = ["DP_KINDS", "STRATEGIES", "Cell", "StudyConfig", "expand_grid"]
 
-STRATEGIES: Final = ("local", "fedavg", "fedavgm", "centralised")
+STRATEGIES: Final = ("initial", "local", "fedavg", "fedavgm", "centralised")
 DP_KINDS: Final = ("none", "sample", "client")
 #: TOML table -> keys (StudyConfig field names).
 _TABLES: Final = {
@@ -92,7 +94,7 @@ class Cell:
     """One grid cell: an ordinary run (federated, local-only or centralised).
 
     Attributes:
-        strategy: ``local``, ``fedavg``, ``fedavgm`` or ``centralised``.
+        strategy: ``initial`` (no training), ``local``, ``fedavg``, ``fedavgm`` or ``centralised``.
         server_lr: server learning rate η (1 for FedAvg; 0 where no server step exists).
         server_momentum: server momentum β (0 for FedAvg and the baselines).
         dp: ``none``, ``sample`` (DP-SGD at the sites) or ``client`` (DP-FedAvgM).
@@ -124,8 +126,8 @@ class Cell:
             )
         if self.dp == "client" and self.strategy in ("local", "centralised"):
             raise ValueError(f"client-level DP needs aggregation; strategy {self.strategy!r} has none")
-        if self.strategy == "centralised" and self.dp != "none":
-            raise ValueError("the centralised baseline runs without DP")
+        if self.strategy in ("centralised", "initial") and self.dp != "none":
+            raise ValueError(f"the {self.strategy} baseline runs without DP")
 
     @property
     def federated(self) -> bool:
@@ -177,7 +179,7 @@ class StudyConfig:
     rounds: int | None = None
     bootstrap: int = 2000
     init_model: Path | None = None
-    strategies: tuple[str, ...] = STRATEGIES
+    strategies: tuple[str, ...] = ("local", "fedavg", "fedavgm", "centralised")
     fedavgm_server_lr: tuple[float, ...] = (1.0,)
     fedavgm_momentum: tuple[float, ...] = (0.9,)
     dp: tuple[str, ...] = ("none",)
@@ -315,7 +317,9 @@ def expand_grid(study: StudyConfig) -> list[Cell]:
             return [Cell(strategy, lr, m, k, e, seed) for k in kinds for e in study.epsilons]
 
         for strategy in study.strategies:
-            if strategy == "local":
+            if strategy == "initial":
+                cells.append(Cell("initial", seed=seed))
+            elif strategy == "local":
                 cells += [
                     Cell("local", seed=seed),
                     *dp_cells("local", 0.0, 0.0, [k for k in dp_kinds if k == "sample"]),

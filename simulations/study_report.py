@@ -12,6 +12,7 @@ comparisons and the gaps as numbers (NaN as null).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,10 @@ def plot_convergence(arms: dict[str, list[StudyRun]], path: Path, title: str) ->
             if runs[0].cell.dp != "none":
                 continue
             rounds, mean, sd = curves(runs, metric)
+            if runs[0].cell.strategy == "initial":  # one scoring, no rounds: a reference line
+                if mean:
+                    ax.axhline(mean[0], color="0.3", linestyle=":", label=f"{arm_label(runs[0].cell)}")
+                continue
             if not rounds:
                 continue
             line = ax.plot(rounds, mean, marker="o", label=f"{arm_label(runs[0].cell)} (n={len(runs)})")[0]
@@ -73,8 +78,39 @@ def plot_convergence(arms: dict[str, list[StudyRun]], path: Path, title: str) ->
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
+    for ax in axes:  # curriculum phases: a dashed line where each stage begins, its name at the top
+        for i, (rnd, stage) in enumerate(_phase_starts(arms)):
+            if i:
+                ax.axvline(rnd - 0.5, color="0.6", linestyle="--", linewidth=0.8)
+            x = rnd - 0.45 if i else rnd
+            ax.text(x, 0.98, stage, transform=ax.get_xaxis_transform(), va="top", fontsize=7, color="0.4")
     fig.suptitle(f"{title}: global validation metrics (mean ± sd over seeds)")
     save_figure(fig, path, rect=(0, 0.12, 1, 1))
+
+
+def _phase_starts(arms: dict[str, list[StudyRun]]) -> list[tuple[int, str]]:
+    """``(first round, stage)`` per curriculum phase; empty without a curriculum."""
+    phases = next((r.curriculum for runs in arms.values() for r in runs if r.curriculum), [])
+    starts, rnd = [], 1
+    for p in phases:
+        starts.append((rnd, str(p.get("stage", "?"))))
+        rnd += int(p.get("rounds", 0))
+    return starts
+
+
+def schedule_text(runs: Sequence[StudyRun]) -> str:
+    """The training schedule in words, e.g. ``4 rounds: seg 2 × 8 local steps (batch 4, 32³ patches), vl 2 × 4``."""
+    first = next((r for r in runs if r.cell.strategy != "initial"), runs[0])
+    rounds = first.tag.get("rounds")
+    if not first.curriculum:
+        return f"{rounds} rounds of {first.tag.get('local_steps')} local steps"
+    parts = []
+    for p in first.curriculum:
+        patch = int(p.get("seg_patch") or 0)
+        extra = f", {patch}³ patches" if p.get("stage") == "seg" and patch else ""
+        steps = f"{p.get('rounds')} × {p.get('local_steps')} local steps"
+        parts.append(f"{p.get('stage')} {steps} (batch {p.get('batch_size')}{extra})")
+    return f"{rounds} rounds, a curriculum: " + ", ".join(parts)
 
 
 def plot_privacy_utility(rows: list[dict[str, Any]], path: Path, title: str, metric: str) -> None:
@@ -275,6 +311,14 @@ def _few_seeds_note(arms: dict[str, list[StudyRun]]) -> str:
     )
 
 
+def _init_note(runs: Sequence[StudyRun]) -> str:
+    """Where the arms started from, when the study named one model package for all of them."""
+    inits = {str(r.tag.get("init_model")) for r in runs if r.tag.get("init_model")}
+    if len(inits) != 1 or any(f"init{os.sep}seed_" in p for p in inits):
+        return ""
+    return f" Every arm starts from the same model package, `{Path(next(iter(inits))).name}`."
+
+
 def _evaluation_note(runs: Sequence[StudyRun]) -> str:
     """What the sites' evaluation metrics were computed on."""
     frac = max(float(r.tag.get("holdout_fraction") or 0.0) for r in runs)
@@ -332,8 +376,8 @@ def write_report(
     lines = [
         f"# Study {name}",
         "",
-        f"{len(runs)} finished runs in {len(arms)} arms, read from `{source}` only; {first.tag.get('rounds')} rounds "
-        f"of {first.tag.get('local_steps')} local steps; sites: {sites}.",
+        f"{len(runs)} finished runs in {len(arms)} arms, read from `{source}` only; {schedule_text(runs)}; "
+        f"sites: {sites}.{_init_note(runs)}",
         "",
         "How to read the intervals: only whole-split scalar metrics leave a site (no per-study prediction reaches "
         "the registry), and the sites of one run share its model, so the replicate is the seed: a run's site values "

@@ -50,7 +50,9 @@ def comparisons(arms: dict[str, list[StudyRun]]) -> list[tuple[str, str]]:
 
     In order: each FedAvgM arm (DP off, no cross-site penalty) − FedAvg; FedAvg − centralised; each such
     FedAvgM arm − centralised; local-only − centralised; each DP arm − the same arm with DP off; each DG,
-    group-DRO or site-DRO arm − FedAvgM with the same server lr and momentum (DP off, no penalty).
+    group-DRO or site-DRO arm − FedAvgM with the same server lr and momentum (DP off, no penalty); then,
+    when the study scored its starting model, centralised, FedAvg, each such FedAvgM arm and local-only
+    − the initial model (what the training itself changed).
     """
     cells = {arm: runs[0].cell for arm, runs in arms.items()}
     plain_fedavgm = [a for a, c in cells.items() if c.strategy == "fedavgm" and c.dp == "none" and not is_dg(c)]
@@ -58,6 +60,7 @@ def comparisons(arms: dict[str, list[StudyRun]]) -> list[tuple[str, str]]:
     pairs += [("fedavg", "centralised"), *((a, "centralised") for a in plain_fedavgm), ("local", "centralised")]
     pairs += [(a, dp_reference(c)) for a, c in cells.items() if c.dp != "none" and not is_dg(c)]
     pairs += [(a, dg_reference(c)) for a, c in cells.items() if is_dg(c)]
+    pairs += [(a, "initial") for a in ("centralised", "fedavg", *plain_fedavgm, "local")]
     return list(dict.fromkeys((a, b) for a, b in pairs if a in arms and b in arms and a != b))
 
 

@@ -16,6 +16,7 @@ rounds, the sites by path, and server settings:
 
 * ``fedavg``: strategy ``fedavg`` (server lr 1, no momentum); ``fedavgm``: the cell's lr and momentum;
 * ``local`` / ``centralised``: :mod:`simulations.local_only` / :mod:`simulations.centralised`;
+* ``initial``: :func:`simulations.local_only.run_initial` (the starting model scored, no training);
 * DP off: no clipping, no noise, no DP-SGD;
 * ``client`` at ε: clip ``client_clip_norm``, σ = the smallest noise keeping ``rounds`` sampled-Gaussian
   steps at ``q = expected sampled/total`` sites (``fraction_train`` for Poisson sampling) under ε
@@ -63,7 +64,7 @@ from server.registry import Registry
 from server.registry_schema import Run
 from server.run_lock import RunDirLock
 from simulations.centralised import run_centralised
-from simulations.local_only import initial_model, run_local_only
+from simulations.local_only import initial_model, run_initial, run_local_only
 from simulations.scenario import Scenario, SiteSpec
 from simulations.simulate import prepare_sites, run_simulation, simulation_env
 from simulations.study_config import Cell, StudyConfig
@@ -261,6 +262,8 @@ def _run_cell(
             scenario, cell_dir, db_url=db, init_model=init, run_config={"study": tag},
             dg_penalty=cell.dg_penalty, dro_step=cell.dro_step, progress=log,
         )  # fmt: skip
+    if cell.strategy == "initial":
+        return run_initial(scenario, cell_dir, db_url=db, init_model=init, run_config={"study": tag}, progress=log)
     if cell.strategy == "centralised":
         return run_centralised(scenario, cell_dir, db_url=db, init_model=init, run_config={"study": tag}, progress=log)
     resume = (cell_dir / RUN_FILE).exists()

@@ -66,6 +66,8 @@ class StudyRun:
         tag: the whole study tag of the run config.
         rounds: round -> scope -> metric name -> value.
         privacy: the run's privacy-ledger rows.
+        curriculum: the run's curriculum phases as its server config holds them (``stage``, ``rounds``,
+            ``local_steps``, ``batch_size``, ``seg_patch``...); empty for a run without one.
     """
 
     run_id: int
@@ -75,6 +77,7 @@ class StudyRun:
     tag: dict[str, Any]
     rounds: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
     privacy: list[dict[str, Any]] = field(default_factory=list)
+    curriculum: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def final_round(self) -> int:
@@ -239,6 +242,9 @@ def load_study(registry: Registry, study: str | None = None) -> tuple[str, list[
         for m in registry.metrics(run["id"]):
             sr.rounds.setdefault(m["round"], {}).setdefault(m["scope"], {})[m["name"]] = float(m["value"])
         sr.privacy = registry.privacy(run["id"])
+        server = run["config"].get("server")
+        phases = server.get("curriculum") if isinstance(server, dict) else None
+        sr.curriculum = [dict(p) for p in phases or () if isinstance(p, dict)]
         out.append(sr)
     out.sort(key=lambda r: (r.cell.arm, r.cell.seed))
     return study, out
@@ -376,7 +382,8 @@ def cohort_kinds(runs: Iterable[StudyRun]) -> list[str]:
 
 def arm_label(cell: Cell) -> str:
     """A readable name of an arm, e.g. ``FedAvgM (η=1, β=0.9), client DP ε=2``."""
-    name = {"local": "local-only", "fedavg": "FedAvg", "centralised": "centralised"}.get(cell.strategy, "")
+    names = {"initial": "initial model (no training)", "local": "local-only", "fedavg": "FedAvg"}
+    name = {**names, "centralised": "centralised"}.get(cell.strategy, "")
     if cell.strategy == "fedavgm":
         name = f"FedAvgM (η={cell.server_lr:g}, β={cell.server_momentum:g})"
     if cell.dp != "none":

@@ -65,3 +65,33 @@ def test_centralised_run_uses_the_federated_step_budget(scenario: Scenario, tmp_
         assert {"val_loss", "train_loss"} <= {m["name"] for m in rows if m["scope"] == "global"}
     with pytest.raises(ValueError, match="DP-SGD"):
         run_centralised(scenario.with_server(dp_sgd=True), tmp_path / "dp")
+
+
+def test_initial_model_is_scored_untrained(scenario: Scenario, tmp_path: Path) -> None:
+    from federation.arrays import model_to_arrays
+    from simulations.local_only import make_round_config, run_initial, site_trainers
+
+    lines: list[str] = []
+    res = run_initial(scenario, tmp_path / "init", run_config={"study": {"tag": 2}}, progress=lines.append)
+    assert res["status"] == "finished" and res["rounds_done"] == 1
+    assert any(line.startswith("initial model scored by 2 site(s), stage vl") for line in lines)
+    package = tmp_path / "init" / "initial_model"
+    with Registry(tmp_path / "init" / "registry.db") as reg:
+        run = reg.run(res["run_id"])
+        assert run["config"]["kind"] == "initial" and run["config"]["study"] == {"tag": 2}
+        rows = reg.metrics(res["run_id"])
+        assert {m["round"] for m in rows} == {1} and {m["scope"] for m in rows} == {"global", "site:scr", "site:ref"}
+        recorded = {m["name"]: m["value"] for m in rows if m["scope"] == "site:ref"}
+    assert "train_loss" not in recorded and "update_norm" not in recorded  # nothing was trained
+    # the same numbers as the site scoring the package itself, with the last round's settings
+    trainers = site_trainers(
+        {"ref": tmp_path / "init" / "sites" / "ref"}, package, tmp_path / "state", scenario.holdout_fraction
+    )
+    n, direct = trainers["ref"].evaluate(
+        model_to_arrays(trainers["ref"].model), make_round_config(scenario.server, scenario.rounds)
+    )
+    trainers["ref"].close()
+    assert recorded["val_loss"] == pytest.approx(direct["val_loss"], rel=1e-6)
+    # one local round from the same package moves the score: the reference is the untrained model
+    local = run_local_only(scenario, tmp_path / "local", init_model=package, progress=lambda _: None)
+    assert local["global"]["val_loss"] != pytest.approx(res["global"]["val_loss"], rel=1e-6)

@@ -113,6 +113,21 @@ def test_shipped_studies_parse() -> None:
         assert {c.strategy for c in s.cells()} == {"local", "fedavg", "fedavgm", "centralised"}
         assert any(c.dg_penalty for c in s.cells())
     assert len(small.cells()) == 30
+    v2 = StudyConfig.from_toml(STUDIES / "screening_vs_referral_v2.toml")
+    cells = v2.cells()
+    assert len(v2.seeds) >= 3 and {c.strategy for c in cells} == {
+        "initial",
+        "local",
+        "fedavg",
+        "fedavgm",
+        "centralised",
+    }
+    assert {(c.dp, c.epsilon) for c in cells} == {
+        ("none", 0.0),
+        *((k, e) for k in ("sample", "client") for e in (2, 8)),
+    }
+    assert any(c.site_dro_step for c in cells) and v2.init_model is not None
+    assert [p.stage for p in study_run.base_scenario(v2).server.phases] == ["seg", "vl"]
 
 
 def test_cell_scenarios_pick_the_noise_for_epsilon(tmp_path: Path) -> None:
@@ -426,3 +441,42 @@ def test_every_cell_starts_from_the_study_init_model(tmp_path: Path, monkeypatch
     result = study_run.run_study(s, tmp_path / "study", only=["fedavg-s*", "centralised-s0"], progress=lambda _: None)
     assert result["failed"] == {} and set(inits) == {"fedavg-s0", "fedavg-s1", "fedavg-s2", "centralised-s0"}
     assert set(inits.values()) == {MODEL.resolve()} and not (tmp_path / "study" / "init").exists()
+
+
+def test_report_names_the_curriculum_and_compares_with_the_initial_model(tmp_path: Path) -> None:
+    phases = [
+        {"stage": "seg", "rounds": 2, "local_steps": 8, "batch_size": 4, "seg_patch": 32},
+        {"stage": "vl", "rounds": 1, "local_steps": 4, "batch_size": 2, "seg_patch": 0},
+    ]
+    values = {("initial", 0): 0.6, ("initial", 1): 0.6, ("fedavg", 0): 0.7, ("fedavg", 1): 0.9}
+    with Registry(tmp_path / "registry.db") as reg:
+        for (strategy, seed), auc in values.items():
+            cell = Cell(strategy, 1.0 if strategy == "fedavg" else 0.0, seed=seed)
+            tag = {"study": "cur", "cell": cell.to_dict(), "sites": COHORTS, "rounds": 3, "local_steps": 4}
+            tag["init_model"] = "/models/lungvl-tiny-v1"
+            run = reg.start_run(f"cur:{cell.cell_id}", {"study": tag, "server": {"curriculum": phases}}, seed=seed)
+            for rnd in (1,) if strategy == "initial" else (1, 2, 3):
+                for site in COHORTS:
+                    reg.record_metrics(run, rnd, f"site:{site}", {"val_auc": auc})
+                reg.record_metrics(run, rnd, "global", {"val_auc": auc, "val_loss": 1.0})
+            reg.finish_run(run, "finished")
+    md = write_report(tmp_path, n_boot=100).read_text()
+    assert "3 rounds, a curriculum: seg 2 × 8 local steps (batch 4, 32³ patches), vl 1 × 4 local steps (batch 2)" in md
+    assert "Every arm starts from the same model package, `lungvl-tiny-v1`." in md
+    row = _row(md, "Paired comparisons", "FedAvg")
+    assert row[1] == "initial model (no training)" and row[2] == "malignancy AUC"
+    mean, low, high, n = _parse(row[3])
+    assert (mean, n) == (pytest.approx(0.2), 2) and low < 0.2 < high  # per seed +0.1 and +0.3
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert any(c["arm"] == "fedavg" and c["reference"] == "initial" for c in doc["paired"])
+    assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+def test_initial_arm_is_one_untrained_cell_per_seed() -> None:
+    s = study(strategies=["initial", "fedavg"], dp=["none", "sample"], epsilons=[8.0], dp_strategies=["fedavg"])
+    assert [c.cell_id for c in s.cells()] == [
+        "initial-s0", "fedavg-s0", "fedavg-sample8-s0", "initial-s1", "fedavg-s1", "fedavg-sample8-s1"
+    ]  # fmt: skip
+    assert not Cell("initial").federated and Cell("initial").arm == "initial"
+    with pytest.raises(ValueError, match="the initial baseline runs without DP"):
+        Cell("initial", dp="sample", epsilon=2.0)
