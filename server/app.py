@@ -18,7 +18,8 @@ of the app Flower installed under ``$FLWR_HOME/apps/``), never against the curre
 - ``num-server-rounds``: overrides the server TOML's ``rounds`` (0 = keep it);
 - ``max-consecutive-failed-rounds``: after this many failed rounds in a row the run is aborted, recorded
   ``failed`` and the ServerApp raises (:class:`~server.round_types.RunAborted`), so Flower reports the
-  run failed too (default 3; 0 = never abort).
+  run failed too (0 = never abort). Empty or absent: the server TOML's ``[strategy] max_failed_rounds``
+  (default 3), which is also what ``lungvl server start`` and ``lungvl simulate`` use.
 
 Per closed round ``n`` (``completed`` or ``failed``: a failed round is charged to ε too) it writes
 ``<run-dir>/checkpoints/round_<n>/``: the global weights as a lungvl checkpoint (``save_checkpoint``),
@@ -105,6 +106,8 @@ Log = Callable[[str], None]
 
 def _count(run_config: Mapping[str, UserConfigValue], key: str, default: int) -> int:
     value = run_config.get(key, default)
+    if value == "":  # the app's pyproject leaves it empty: the server TOML's value
+        return default
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"run config {key!r} must be an integer >= 0, got {value!r}")
     return value
@@ -153,7 +156,7 @@ class ServerRunSpec:
             registry=registry,
             run_name=str(run_config.get("run-name") or run_dir.resolve().name),
             resume=bool(run_config.get("resume", False)),
-            max_failed_rounds=_count(run_config, "max-consecutive-failed-rounds", DEFAULT_MAX_FAILED_ROUNDS),
+            max_failed_rounds=_count(run_config, "max-consecutive-failed-rounds", config.max_failed_rounds),
             model_preset=str(run_config.get("model-preset") or "tiny"),
             model_config=under(base, model_config) if model_config else None,
         )

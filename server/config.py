@@ -33,6 +33,7 @@ import numpy as np
 from federation.protocol import RoundConfig
 from lungvl_model.config_file import read_toml
 from server.curriculum import LR_SCHEDULES, CurriculumPhase, phase_at, phase_starts, scheduled_lr
+from server.round_types import DEFAULT_MAX_FAILED_ROUNDS
 
 __all__ = ["CURRICULUM", "SITE_SAMPLINGS", "STRATEGIES", "TABLES", "TABLE_KEYS", "ServerConfig", "round_seed"]
 
@@ -45,7 +46,7 @@ SITE_SAMPLINGS: Final = ("poisson", "fixed")
 TABLE_KEYS: Final[dict[str, frozenset[str]]] = {
     "strategy": frozenset(
         {"rounds", "fraction_train", "fraction_evaluate", "min_sites", "strategy", "server_lr", "server_momentum",
-         "max_update_norm", "site_sampling", "seed", "round_timeout_s", "site_dro_step"}
+         "max_update_norm", "site_sampling", "seed", "round_timeout_s", "site_dro_step", "max_failed_rounds"}
     ),
     "dp": frozenset(
         {"clip_norm", "client_noise_multiplier", "target_epsilon", "delta", "accountant", "reproducible_noise",
@@ -160,6 +161,8 @@ class ServerConfig:
             log-weights on their reported training losses; the round's aggregate weights each site by
             its softmax weight (0 = off). Not with ``dp_sgd`` (DP-SGD sites withhold their losses) nor
             with client-level DP (the normalised weights couple the sites).
+        max_failed_rounds: abort the run (recorded ``failed``) after this many failed rounds in a row
+            (0 = never). Flower's run config key ``max-consecutive-failed-rounds`` overrides it.
     """
 
     rounds: int = 10
@@ -195,6 +198,7 @@ class ServerConfig:
     seed: int = 0
     round_timeout_s: float = 3600.0
     site_dro_step: float = 0.0
+    max_failed_rounds: int = DEFAULT_MAX_FAILED_ROUNDS
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -207,6 +211,10 @@ class ServerConfig:
                 raise ValueError(f"ServerConfig.{f.name} must be finite, got {value!r}")
             if f.type == "bool" and not isinstance(value, bool):
                 raise ValueError(f"ServerConfig.{f.name} must be true or false, got {value!r}")
+        if self.max_failed_rounds < 0:
+            raise ValueError(
+                f"ServerConfig.max_failed_rounds must be >= 0 (0 = never abort), got {self.max_failed_rounds}"
+            )
         if self.rounds < 1 or self.min_sites < 1:
             raise ValueError(f"ServerConfig: rounds and min_sites must be >= 1, got {self.rounds}, {self.min_sites}")
         if not 0 < self.fraction_train <= 1 or not 0 <= self.fraction_evaluate <= 1:

@@ -112,6 +112,24 @@ def test_run_config_paths_resolve_against_the_app(tmp_path: Path) -> None:
         ServerRunSpec.from_run_config({**rc, "max-consecutive-failed-rounds": -1}, base=tmp_path)
 
 
+def test_failed_round_limit_comes_from_the_server_toml_unless_the_run_config_sets_it(tmp_path: Path) -> None:
+    (tmp_path / "s.toml").write_text("[strategy]\nrounds = 4\nmax_failed_rounds = 5\n")
+    rc = {"server-config": "s.toml", "init-model": "/abs/model"}
+    assert ServerRunSpec.from_run_config(rc, base=tmp_path).max_failed_rounds == 5
+    assert (
+        ServerRunSpec.from_run_config({**rc, "max-consecutive-failed-rounds": ""}, base=tmp_path).max_failed_rounds == 5
+    )
+    assert (
+        ServerRunSpec.from_run_config({**rc, "max-consecutive-failed-rounds": 0}, base=tmp_path).max_failed_rounds == 0
+    )
+    (tmp_path / "bad.toml").write_text("[strategy]\nmax_failed_rounds = -2\n")
+    with pytest.raises(ValueError, match=r"max_failed_rounds must be >= 0 \(0 = never abort\), got -2"):
+        ServerRunSpec.from_run_config({**rc, "server-config": "bad.toml"}, base=tmp_path)
+    cfg = ServerConfig.from_toml(ROOT / "infra" / "server.toml")
+    assert cfg.max_failed_rounds == 3 and ServerConfig.from_mapping(cfg.to_tables()).max_failed_rounds == 3
+    assert cfg.to_tables()["strategy"]["max_failed_rounds"] == 3
+
+
 def test_app_dir_is_the_flower_app_this_code_runs_from() -> None:
     assert app_dir() == ROOT  # the repository's pyproject.toml has a [tool.flwr.app] table
 
