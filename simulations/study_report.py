@@ -45,7 +45,10 @@ from simulations.study_stats import (
 
 __all__ = ["CURVE_METRICS", "write_report"]
 
-CURVE_METRICS = (("val_loss", "validation loss"), ("val_auc", "malignancy AUC"), ("val_lung_rads_acc", "Lung-RADS acc"))
+CURVE_METRICS = (
+    ("val_loss", "validation loss"), ("val_auc", "malignancy AUC"), ("val_lung_rads_acc", "Lung-RADS acc"),
+    ("val_dice_found", "Dice on found nodules"),
+)  # fmt: skip
 _SLICES = ("thin", "medium", "thick")
 
 
@@ -78,7 +81,10 @@ def plot_convergence(arms: dict[str, list[StudyRun]], path: Path, title: str) ->
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
+    last = max((rnd for runs in arms.values() for r in runs for rnd in r.rounds), default=1)
     for ax in axes:  # curriculum phases: a dashed line where each stage begins, its name at the top
+        ax.set_xlim(0.5, last + 0.5)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         for i, (rnd, stage) in enumerate(_phase_starts(arms)):
             if i:
                 ax.axvline(rnd - 0.5, color="0.6", linestyle="--", linewidth=0.8)
