@@ -39,9 +39,9 @@ from lungvl_model.training.loop import build_optimizer, cycle, make_loader, reso
 from lungvl_model.training.stages import seg_crops
 from server.config import round_seed
 from server.registry import Registry
-from simulations.local_only import Recorder, initial_model, make_round_config, site_trainers
+from simulations.local_only import Recorder, baseline_sites, make_round_config
 from simulations.scenario import Scenario
-from simulations.simulate import prepare_sites, simulation_env
+from simulations.simulate import simulation_env
 
 __all__ = ["run_centralised", "steps_per_round"]
 
@@ -153,13 +153,7 @@ def run_centralised(
     out.mkdir(parents=True, exist_ok=True)
     db = db_url or str(out / "registry.db")
     with simulation_env(out):
-        sites = prepare_sites(scenario, out, log)
-        model_dir = (
-            Path(init_model) if init_model is not None else initial_model(scenario, sites, out / "initial_model")
-        )
-        evaluators = site_trainers(
-            sites, model_dir, out / "state", scenario.holdout_fraction, scenario.min_eval_studies
-        )
+        sites, model_dir, evaluators = baseline_sites(scenario, out, init_model, log)
         model, _ = load_checkpoint(model_dir)
         dev = resolve_device(device)
         model.to(dev)

@@ -46,6 +46,7 @@ from simulations.simulate import plot_convergence, prepare_sites, simulation_env
 
 __all__ = [
     "Recorder",
+    "baseline_sites",
     "initial_model",
     "make_round_config",
     "run_initial",
@@ -88,6 +89,26 @@ def site_trainers(
         )
         for name, site_dir in sites.items()
     }
+
+
+def baseline_sites(
+    scenario: Scenario, out: Path, init_model: str | Path | None, log: Progress
+) -> tuple[dict[str, Path], Path, dict[str, SiteTrainer]]:
+    """A baseline run's sites: generated or found, the initial model package, one trainer per site.
+
+    Args:
+        scenario: the federation.
+        out: the run directory (generated sites, ``initial_model`` when none is given, ``state/<site>``).
+        init_model: the initial model package (None: built from the scenario into ``out/initial_model``).
+        log: line printer.
+
+    Returns:
+        ``(site dirs, model_dir, {site name: SiteTrainer})`` (trainers hold the scenario's hold-out settings).
+    """
+    sites = prepare_sites(scenario, out, log)
+    model_dir = Path(init_model) if init_model is not None else initial_model(scenario, sites, out / "initial_model")
+    trainers = site_trainers(sites, model_dir, out / "state", scenario.holdout_fraction, scenario.min_eval_studies)
+    return dict(sites), model_dir, trainers
 
 
 def make_round_config(server: ServerConfig, rnd: int, *, dg_penalty: float = 0.0, dro_step: float = 0.0) -> RoundConfig:
@@ -204,11 +225,7 @@ def run_local_only(
     if scenario.server.client_dp:
         log("local-only: client-level DP does not apply (nothing is aggregated); ignoring client_noise_multiplier")
     with simulation_env(out):
-        sites = prepare_sites(scenario, out, log)
-        model_dir = (
-            Path(init_model) if init_model is not None else initial_model(scenario, sites, out / "initial_model")
-        )
-        trainers = site_trainers(sites, model_dir, out / "state", scenario.holdout_fraction, scenario.min_eval_studies)
+        _, model_dir, trainers = baseline_sites(scenario, out, init_model, log)
         config = {
             "kind": "local_only",
             "scenario": scenario.to_dict(),
@@ -281,11 +298,7 @@ def run_initial(
     out.mkdir(parents=True, exist_ok=True)
     db = db_url or str(out / "registry.db")
     with simulation_env(out):
-        sites = prepare_sites(scenario, out, log)
-        model_dir = (
-            Path(init_model) if init_model is not None else initial_model(scenario, sites, out / "initial_model")
-        )
-        trainers = site_trainers(sites, model_dir, out / "state", scenario.holdout_fraction, scenario.min_eval_studies)
+        _, model_dir, trainers = baseline_sites(scenario, out, init_model, log)
         config = {
             "kind": "initial",
             "scenario": scenario.to_dict(),
