@@ -11,6 +11,7 @@ import numpy as np
 import typer
 
 from lungvl.console import err, out, print_error, progress_callback
+from lungvl.params import CHECKED_HELP
 
 
 def _fmt(v: Any) -> str:
@@ -79,6 +80,12 @@ def results_markdown(res: dict[str, Any], peer: dict[str, Any] | None) -> str:
             f"| unsupported facts / contradictions per report | {facts['unsupported_per_report']:.3f} / "
             f"{facts['contradictions_per_report']:.3f} ({int(facts['n_reports'])} reports) |" + (" |" if peer else "")
         )
+    resampled = o.get("finding_sentences_resampled")
+    if resampled is not None and resampled == resampled:  # NaN: no finding sentence written
+        lines.append(
+            f"| finding sentences chosen among sampled ones (the greedy one faulted by the fact check) | "
+            f"{resampled:.3f} |" + (" |" if peer else "")
+        )
     rc = o.get("risk_coverage")
     if rc:
         lines.append(
@@ -131,6 +138,12 @@ def evaluate(
         help="also write each test study's DICOM SEG + Comprehensive 3D SR (and report.json) under "
         "DIR/<site>/<study_uid>/, with DIR/index.json; the studies are explained again for it",
     ),
+    checked_candidates: int = typer.Option(
+        24,
+        "--checked-candidates",
+        min=0,
+        help=CHECKED_HELP,
+    ),
 ) -> None:
     """Score a checkpoint; writes metrics.json, results.md, lung_rads_confusion.png and risk_coverage.png."""
     from lungvl_model.evaluation.evaluate import evaluate as run
@@ -138,6 +151,7 @@ def evaluate(
     from lungvl_model.evaluation.risk_coverage import RiskCoverage, plot_risk_coverage
     from lungvl_model.inference.calibration import load_state, save_state
     from lungvl_model.inference.candidate_filter import load_from_checkpoint
+    from lungvl_model.inference.narrative import CheckedDecoding
     from lungvl_model.models.nodule_risk import load_nodule_risk
     from lungvl_model.training.checkpoint import load_checkpoint
     from lungvl_model.training.peer import dynunet_seg_fn, load_dynunet
@@ -169,7 +183,10 @@ def evaluate(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     with progress_callback("evaluate") as cb:
-        res = run(model, site_dirs, validation_dirs=validation, calibration=state, progress=cb, **kwargs)
+        res = run(
+            model, site_dirs, validation_dirs=validation, calibration=state, progress=cb,
+            checked=CheckedDecoding(candidates=checked_candidates), **kwargs,
+        )  # fmt: skip
     fitted = res.pop("calibration_state", None)
     peer = None
     if seg_peer is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from lungvl.console import err, out
+from lungvl.params import CHECKED_HELP
 
 
 def _load_study(site: Path | None, study: str | None, dicom: Path | None):  # noqa: ANN202
@@ -41,12 +42,14 @@ def explain(
     prior: str | None = typer.Option(None, "--prior", help="prior StudyInstanceUID (in --site) or a series folder"),
     ask: str | None = typer.Option(None, "--ask", help='e.g. "what about nodule 2?"'),
     threshold: float | None = typer.Option(None, "--threshold", help="override the deferral entropy threshold"),
+    checked_candidates: int = typer.Option(24, "--checked-candidates", min=0, help=CHECKED_HELP),
 ) -> None:
     """Write report.json, report.md, nodule_<k>.png overlays, seg.dcm (DICOM SEG) and sr.dcm (TID 1500 SR)."""
     from lungvl_model.export.provenance import model_identity
     from lungvl_model.inference.calibration import load_state
     from lungvl_model.inference.candidate_filter import load_from_checkpoint
     from lungvl_model.inference.explain import explain_study
+    from lungvl_model.inference.narrative import CheckedDecoding
     from lungvl_model.inference.render import write_explanation
     from lungvl_model.models.nodule_risk import load_nodule_risk
     from lungvl_model.shipped import shipped_model_dir
@@ -71,6 +74,7 @@ def explain(
         calibration=calibration,
         candidate_filter=flt,
         nodule_risk=risk[0] if risk is not None else None,
+        checked=CheckedDecoding(candidates=checked_candidates),
     )
     exp.provenance = {
         **model_identity(model_dir, meta, model.config),

@@ -30,6 +30,12 @@ SYNTH_COHORTS: tuple[str, ...] = ("screening", "referral", "low_resource")
 PEERS: tuple[str, ...] = ("dynunet",)
 
 #: what ``-`` means where a file is read or written
+#: Help of ``--checked-candidates`` (explain, evaluate): lungvl_model.inference.narrative.CheckedDecoding.
+CHECKED_HELP = (
+    "finding sentences sampled when the greedy one states a fact the fact check contradicts or cannot support; "
+    "the one with the fewest faults is kept (0: greedy only)"
+)
+
 STDIN = "-"
 STDIN_NAME = "standard input"
 

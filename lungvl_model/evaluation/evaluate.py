@@ -46,6 +46,7 @@ from lungvl_model.inference.candidate_filter import CandidateFilter
 from lungvl_model.inference.deferral import DeferralSignals
 from lungvl_model.inference.explain import Explanation, explain_study
 from lungvl_model.inference.fact_check import fact_count_metrics
+from lungvl_model.inference.narrative import CheckedDecoding
 from lungvl_model.models.nodule_risk import NoduleRiskHead
 from lungvl_model.text.labeler import label_report
 from lungvl_model.text.report_labels import concept_f1
@@ -148,6 +149,9 @@ def score_study(exp: Explanation, entry: StudyEntry, volume: Any) -> dict[str, A
     fc = exp.fact_check
     v["fact_unsupported"] = fc.n_unsupported if fc is not None else math.nan
     v["fact_contradictions"] = fc.n_contradictions if fc is not None else math.nan
+    finding = [s for s in exp.sentences if s.section == "findings" and s.nodule is not None]
+    v["finding_sentences"] = len(finding)
+    v["finding_sentences_resampled"] = sum(s.decoding.startswith("sampled") for s in finding)
     v["signals"] = exp.signals.to_dict() if exp.signals is not None else None
     v["deferral_score"] = exp.deferral_score
     v["sentences"] = [
@@ -196,6 +200,10 @@ def aggregate(results: Sequence[StudyResult]) -> dict[str, Any]:
     out["auc_nodule_level_head"] = _auc_ci(pairs[:, 2], pairs[:, 0])
     out["auc_nodule_level_brock_measured"] = _auc_ci(pairs[:, 2], pairs[:, 1])
     out["facts"] = fact_count_metrics(col("fact_unsupported").tolist(), col("fact_contradictions").tolist())
+    written = float(np.nansum(col("finding_sentences")))
+    out["finding_sentences_resampled"] = (
+        float(np.nansum(col("finding_sentences_resampled"))) / written if written else math.nan
+    )
     ok = np.isfinite(y)
     p = np.clip(col("model_malignancy")[ok], 0, 1)
     out["ece_model_malignancy"] = expected_calibration_error(y[ok].astype(int), p) if ok.any() else math.nan
@@ -326,6 +334,7 @@ def evaluate(
     max_deferral_rate: float = 0.3,
     progress: Progress | None = None,
     seg_fn: Callable[..., Any] | None = None,
+    checked: CheckedDecoding | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on the labelled, usable studies of ``site_dirs``.
 
@@ -342,6 +351,8 @@ def evaluate(
         max_deferral_rate: deferral budget when fitting on ``validation_dirs``.
         progress: ``progress(done, total, study_uid)``.
         seg_fn: optional replacement segmenter (for the DynUNet anchor), see ``explain_study``.
+        checked: fact-checked N-best decoding of finding sentences (default ``CheckedDecoding()``; see
+            ``explain_study``).
 
     Returns:
         ``{"overall": metrics, "by_cohort": {...}, "by_slice": {...}, "studies": [...]}`` (+ ``calibration``,
@@ -353,6 +364,7 @@ def evaluate(
         "with_text": seg_fn is None,
         "candidate_filter": candidate_filter,
         "nodule_risk": nodule_risk,
+        "checked": checked,
     }
     out: dict[str, Any] = {}
     if validation_dirs:

@@ -34,7 +34,7 @@ from lungvl_model.inference.candidate_filter import CandidateFilter
 from lungvl_model.inference.candidate_filter import score_findings as score_candidates
 from lungvl_model.inference.deferral import DeferralSignals
 from lungvl_model.inference.exam_facts import ExamFacts, exam_sentences
-from lungvl_model.inference.fact_check import FactCheck
+from lungvl_model.inference.fact_check import FactCheck, check_report
 from lungvl_model.inference.finding_risk import clinical_rules, nodule_risk_scores
 from lungvl_model.inference.findings import (
     Finding,
@@ -47,6 +47,7 @@ from lungvl_model.inference.findings import (
     suppress_duplicates,
 )
 from lungvl_model.inference.narrative import (
+    CheckedDecoding,
     Sentence,
     build_sentences,
     compose_report,
@@ -226,6 +227,7 @@ def explain_study(
     candidate_filter: CandidateFilter | None = None,
     nodule_risk: NoduleRiskHead | None = None,
     site: Mapping[str, Any] | None = None,
+    checked: CheckedDecoding | None = None,
 ) -> Explanation:
     """Run the whole explanation pipeline on one study.
 
@@ -251,6 +253,8 @@ def explain_study(
         nodule_risk: the checkpoint's nodule-level risk head: each finding's malignancy and the study's
             noisy-OR, which is then the report's malignancy probability (None: the study head's).
         site: the study's site metadata for the exam facts (age, sex, smoking, protocol; see ``ExamFacts``).
+        checked: fact-checked N-best decoding of the finding sentences (default
+            :class:`~.narrative.CheckedDecoding`; ``CheckedDecoding(candidates=0)``: greedy only).
 
     Returns:
         The explanation.
@@ -287,9 +291,25 @@ def explain_study(
     exam = exam_sentences(facts)  # from the header and site metadata only, never generated
     text, sentences, found, impression = "", [], [], []
     if with_text:
+
+        def verify(texts: list[str], index: int | None, section: str) -> tuple[int, int, int, int]:
+            probes = [
+                Sentence(text=t, tokens=(0, 0), mean_entropy=0.0, confidence=1.0, key=True, low_confidence=False,
+                         nodule=index, section=section)
+                for t in texts
+            ]  # fmt: skip
+            check = check_report(probes, findings, facts, rule_lung_rads=rule, has_prior=prior is not None)
+            kinds = [v.verdict for v in check.verdicts]
+            said = {v.fact for v in check.verdicts if v.verdict == "supported" and v.finding in (index, None)}
+            if index is not None:  # a finding sentence states its finding's size and lobe
+                missing = len({"size", "lobe"} - said)
+            else:  # an impression of a study with findings states at least one of them
+                missing = int(bool(findings) and not said & {"size", "lobe", "type", "lung_rads"})
+            return kinds.count("contradiction"), kinds.count("unsupported"), missing, kinds.count("supported")
+
         found, impression = write_findings_report(
             model, vis, vt, layout, findings, grid=grid, volume=volume, grid_shape=shape, threshold=thr,
-            max_new_tokens=n_new,
+            max_new_tokens=n_new, verify=verify, checked=checked,
         )  # fmt: skip
         sentences = found + impression
         text = compose_report(exam, found, impression)

@@ -18,6 +18,7 @@ their attention heatmap alone (box: the heatmap above half its maximum, in LPS m
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -53,6 +54,9 @@ class Sentence:
         section: ``"findings"`` or ``"impression"`` (``""`` for a free-text generation).
         attention_box_lps: LPS box of the cross-attention heatmap (the refinement of a finding sentence).
         attention_heatmap: ``(D, H, W)`` mean cross-attention heatmap of its tokens, not serialised.
+        decoding: how it was chosen: ``"greedy"``, or for a finding sentence (or an IMPRESSION) whose
+            greedy text the fact check faulted, ``"sampled k/n"`` (candidate k of n sampled ones;
+            :class:`CheckedDecoding`) or ``"greedy (n sampled, none better)"``.
     """
 
     text: str
@@ -67,6 +71,7 @@ class Sentence:
     section: str = ""
     attention_box_lps: list[list[float]] | None = None
     attention_heatmap: np.ndarray | None = field(default=None, repr=False)
+    decoding: str = "greedy"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -178,6 +183,86 @@ def finding_mask_on_grid(finding: Finding, grid: GridMap, shape: tuple[int, int,
     return out
 
 
+#: ``(sentence texts, finding index or None, section) -> (contradicted, unsupported, missing, supported)``:
+#: the fact counts of the sentences read as statements about that finding (None: grounded by what they say)
+#: in that section (the explanation's fact check, :mod:`.fact_check`); ``missing``: key facts a complete
+#: text would state and these do not (e.g. a finding sentence without the finding's size or lobe).
+SentenceVerifier = Callable[[list[str], int | None, str], tuple[int, int, int, int]]
+
+
+@dataclass(frozen=True)
+class CheckedDecoding:
+    """Fact-checked N-best decoding of the finding sentences.
+
+    The greedy sentence is kept when the fact check finds nothing wrong or missing in it. Otherwise
+    ``candidates`` sentences are sampled from the same slot (``softmax(logits / temperature)`` over the
+    ``top_k`` most likely tokens, one seeded generator per explanation, so an explanation is reproducible)
+    and the one with the fewest contradicted facts, then the fewest unsupported facts, then the fewest
+    missing key facts (a sentence that says less is not preferred for saying less), then the most
+    supported facts, then the lowest mean entropy is kept; the greedy sentence wins ties. Every candidate
+    is the decoder's own text: nothing is edited or templated, so a finding none of whose candidates is right keeps its
+    faulted sentence, and the report review defers it as before. The IMPRESSION (all its sentences
+    together, decoded from every finding slot) is chosen the same way.
+
+    Attributes:
+        candidates: sentences sampled when the greedy one is faulted (0: greedy only).
+        temperature: sampling temperature (> 0).
+        top_k: sample among the k most likely tokens (0: all).
+        seed: seed of the sampling generator.
+    """
+
+    candidates: int = 24
+    temperature: float = 0.8
+    top_k: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 0:
+            raise ValueError(f"CheckedDecoding.candidates must be an integer >= 0, got {self.candidates!r}")
+        if not self.temperature > 0 or not math.isfinite(self.temperature):
+            raise ValueError(f"CheckedDecoding.temperature must be > 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"CheckedDecoding.top_k must be an integer >= 0, got {self.top_k!r}")
+
+
+def _generation_row(gen: Generation, row: int) -> Generation:
+    """Row ``row`` of a batched generation, as a batch of one."""
+    keep = slice(row, row + 1)
+    rs = None if gen.repeat_stopped is None else gen.repeat_stopped[keep]
+    return Generation(
+        tokens=gen.tokens[keep], token_probs=gen.token_probs[keep], entropy=gen.entropy[keep],
+        cross_attention=gen.cross_attention[keep], mask=gen.mask[keep], finished=gen.finished[keep],
+        repeat_stopped=rs,
+    )  # fmt: skip
+
+
+def pick_checked(counts: list[tuple[int, int, int, int]], entropies: list[float]) -> int:
+    """The candidate :class:`CheckedDecoding` keeps (its docstring gives the order).
+
+    Args:
+        counts: ``(contradicted, unsupported, missing, supported)`` of each candidate, the greedy one first.
+        entropies: each candidate's mean token entropy (nats), in the same order.
+
+    Returns:
+        The index of the chosen candidate (0, the greedy one, on ties).
+
+    Raises:
+        ValueError: empty or unequal lists.
+    """
+    if not counts or len(counts) != len(entropies):
+        raise ValueError(f"pick_checked needs one entropy per fact count, got {len(counts)} and {len(entropies)}")
+
+    def key(rank: int) -> tuple[int, int, int, int, float, int]:
+        c, u, m, sup = counts[rank]
+        return (c, u, m, -sup, 0.0 if rank == 0 else entropies[rank], rank)
+
+    return min(range(len(counts)), key=key)
+
+
+def _mean_entropy(sentences: list[Sentence]) -> float:
+    return float(np.mean([s.mean_entropy for s in sentences])) if sentences else math.inf
+
+
 def finding_attributes(finding: Finding) -> list[float]:
     """The slot attribute row (``NODULE_ATTRIBUTES``) of a measured finding; margin is not measured.
 
@@ -214,6 +299,8 @@ def write_findings_report(
     grid_shape: tuple[int, int, int],
     threshold: float,
     max_new_tokens: int,
+    verify: SentenceVerifier | None = None,
+    checked: CheckedDecoding | None = None,
 ) -> tuple[list[Sentence], list[Sentence]]:
     """FINDINGS one finding at a time (ranked order), then the IMPRESSION from all finding slots.
 
@@ -228,6 +315,9 @@ def write_findings_report(
         grid_shape: model input ``(D, H, W)``.
         threshold: the per-sentence entropy deferral threshold (nats).
         max_new_tokens: most tokens per generated sequence.
+        verify: the fact check of a finding sentence; with it, a faulted greedy finding sentence is
+            replaced by the best of ``checked.candidates`` sampled ones (:class:`CheckedDecoding`).
+        checked: the N-best settings (default :class:`CheckedDecoding`).
 
     Returns:
         ``(finding sentences, impression sentences)``: one sentence per slotted finding (none for a
@@ -249,32 +339,63 @@ def write_findings_report(
         )
     p = slots.shape[1]
 
-    def decode(select: list[int], section: str, kind: str) -> list[Sentence]:
+    nbest = checked or CheckedDecoding()
+    sampler = torch.Generator(device="cpu").manual_seed(nbest.seed)
+
+    def decode(select: list[int], section: str, kind: str, rows: int = 0) -> list[list[Sentence]]:
+        """Greedy sentences (``rows = 0``), or ``rows`` sampled generations; one sentence list per row."""
         sel = torch.zeros(1, p, dtype=torch.bool, device=device)
         sel[0, select] = True
         memory, mem_mask = slot_memory(slots, visual_tokens, sel)
         with torch.no_grad():
             prefix = model.slots.prefix(slots, sel, torch.tensor([SEQUENCE_KINDS.index(kind)], device=device))
-        gen = model.decoder.generate(memory, max_new_tokens=max_new_tokens, visual_mask=mem_mask, prefix=prefix)
+        if rows:
+            memory, mem_mask, prefix = memory.repeat(rows, 1, 1), mem_mask.repeat(rows, 1), prefix.repeat(rows, 1)
+            gen = model.decoder.generate(
+                memory, max_new_tokens=max_new_tokens, visual_mask=mem_mask, prefix=prefix,
+                temperature=nbest.temperature, top_k=nbest.top_k, generator=sampler,
+            )  # fmt: skip
+        else:
+            gen = model.decoder.generate(memory, max_new_tokens=max_new_tokens, visual_mask=mem_mask, prefix=prefix)
         gen = replace(gen, cross_attention=gen.cross_attention[..., p:])  # attention over the visual tokens
-        _, sents = build_sentences(
-            gen, model.tokenizer, layout, grid_shape, threshold=threshold, grid=grid, volume=volume
-        )
-        for s in sents:
-            s.section = section
-        return sents
+        out = []
+        for r in range(max(1, rows)):
+            _, sents = build_sentences(
+                _generation_row(gen, r), model.tokenizer, layout, grid_shape, threshold=threshold, grid=grid,
+                volume=volume,
+            )  # fmt: skip
+            for s in sents:
+                s.section = section
+            out.append(sents)
+        return out
+
+    def best(select: list[int], section: str, kind: str, index: int | None, limit: int | None) -> list[Sentence]:
+        """The greedy sentences, or when the fact check faults them the best sampled ones."""
+        chosen = decode(select, section, kind)[0][:limit]
+        if verify is None or not nbest.candidates or not chosen:
+            return chosen
+        counts = [verify([c.text for c in chosen], index, section)]
+        if counts[0][:3] == (0, 0, 0):  # nothing contradicted, unsupported or missing
+            return chosen
+        options = [chosen, *(row[:limit] for row in decode(select, section, kind, rows=nbest.candidates) if row)]
+        counts += [verify([c.text for c in o], index, section) for o in options[1:]]
+        rank = pick_checked(counts, [_mean_entropy(o) for o in options])
+        label = f"sampled {rank}/{len(options) - 1}" if rank else f"greedy ({len(options) - 1} sampled, none better)"
+        for c in options[rank]:
+            c.decoding = label
+        return options[rank]
 
     finding_sentences: list[Sentence] = []
     if not kept:
-        finding_sentences = decode([p - 1], "findings", "negative")[:1]
+        finding_sentences = decode([p - 1], "findings", "negative")[0][:1]
     for i, f in enumerate(kept):
-        for s in decode([i], "findings", "finding")[:1]:  # one sentence per finding
+        for s in best([i], "findings", "finding", f.index, 1):  # one sentence per finding
             s.attention_heatmap, s.attention_box_lps = s.heatmap, s.box_lps
             s.heatmap = masks[i].astype(np.float32)
             s.box_lps = heatmap_box(s.heatmap, grid, volume)
             s.nodule = f.index
             finding_sentences.append(s)
-    impression = decode(list(range(len(kept))) or [p - 1], "impression", "impression")
+    impression = best(list(range(len(kept))) or [p - 1], "impression", "impression", None, None)
     return finding_sentences, impression
 
 

@@ -6,7 +6,8 @@ nothing supports (a patient age the header does not hold, a nodule where none wa
 prior) is removed from the report and listed; a contradiction (a size, lobe, type or category that disagrees
 with the finding the sentence grounds) stays visible and defers the report. The deferral decision combines the
 fact check with the other signals (:class:`~lungvl_model.inference.deferral.DeferralSignals`) under the
-checkpoint's calibrated policy, or, uncalibrated, the hard rules plus the per-sentence entropy threshold.
+checkpoint's calibrated policy, or, uncalibrated, the hard rules plus the per-sentence entropy threshold; a
+FINDINGS sentence that does not state its finding's size and lobe also defers the report.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from lungvl_model.inference.fact_check import FactCheck, check_report
 from lungvl_model.inference.findings import Finding
 from lungvl_model.inference.narrative import Sentence
 
-__all__ = ["Review", "policy_for", "review_report"]
+__all__ = ["KEY_FINDING_FACTS", "Review", "incomplete_finding_sentences", "policy_for", "review_report"]
 
 
 @dataclass
@@ -107,5 +108,36 @@ def review_report(
         malignancy_probability=min(max(float(malignancy_probability), 0.0), 1.0),
     )
     defer, reasons = decide(signals, policy)
-    reasons = check.defer_reasons + [r for r in reasons if not r.startswith("text–finding contradictions")]
-    return Review(check, kept, removed, signals, defer or check.defer, reasons, deferral_score(signals, policy))
+    incomplete = incomplete_finding_sentences(sentences, check)
+    reasons = check.defer_reasons + incomplete + [r for r in reasons if not r.startswith("text–finding contradictions")]
+    return Review(
+        check,
+        kept,
+        removed,
+        signals,
+        defer or check.defer or bool(incomplete),
+        reasons,
+        deferral_score(signals, policy),
+    )
+
+
+#: What a FINDINGS sentence must state about its finding for the report to go out without a radiologist.
+KEY_FINDING_FACTS = ("size", "lobe")
+
+
+def incomplete_finding_sentences(sentences: Sequence[Sentence], check: FactCheck) -> list[str]:
+    """One deferral reason per FINDINGS sentence that does not state its finding's size and lobe.
+
+    A finding sentence is the report's description of a kept finding; one that leaves out where it is or how
+    big it is (a vague or garbled sentence, even a true one) does not describe the finding, so the report
+    goes to a radiologist.
+    """
+    out = []
+    for s, c in zip(sentences, check.sentences, strict=True):
+        if s.section != "findings" or s.nodule is None or not c.kept:
+            continue
+        said = {v.fact for v in c.verdicts}  # a contradicted size or lobe defers as a contradiction already
+        missing = [f for f in KEY_FINDING_FACTS if f not in said]
+        if missing:
+            out.append(f"the sentence about nodule {s.nodule} does not state its {' and '.join(missing)}: {s.text!r}")
+    return out

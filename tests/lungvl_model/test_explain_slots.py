@@ -9,10 +9,12 @@ import torch
 from lungvl_model.data.volume import CTVolume
 from lungvl_model.inference.findings import Finding, GridMap
 from lungvl_model.inference.narrative import (
+    CheckedDecoding,
     Sentence,
     compose_report,
     finding_attributes,
     finding_mask_on_grid,
+    pick_checked,
     write_findings_report,
 )
 from lungvl_model.models.lungvl import LungVLModel
@@ -105,3 +107,50 @@ def test_compose_report() -> None:
     text = compose_report(["62-year-old female."], [s("A 6 mm nodule."), s("A 4 mm nodule.")], [s("1. Lung-RADS 2.")])
     assert text == "EXAM: 62-year-old female.\nFINDINGS:\nA 6 mm nodule. A 4 mm nodule.\nIMPRESSION:\n1. Lung-RADS 2."
     assert compose_report([], [s("No nodules.")], []) == "FINDINGS:\nNo nodules.\nIMPRESSION:\n"
+
+
+def test_pick_checked_prefers_fewer_faults_then_support_then_entropy() -> None:
+    # greedy: a contradiction; 1: still one; 2 and 3: clean and complete with equal support, 3 surer
+    assert pick_checked([(1, 0, 0, 2), (1, 0, 0, 3), (0, 0, 0, 3), (0, 0, 0, 3)], [0.1, 0.9, 0.8, 0.2]) == 3
+    assert pick_checked([(0, 1, 0, 0), (0, 2, 0, 5)], [0.5, 0.1]) == 0  # more unsupported facts never win
+    assert pick_checked([(0, 1, 0, 0), (0, 1, 0, 1)], [0.5, 0.9]) == 1  # same faults, more support
+    assert pick_checked([(0, 0, 2, 1), (0, 0, 0, 3)], [0.1, 0.9]) == 1  # saying less is not a virtue
+    assert pick_checked([(1, 0, 0, 0), (1, 0, 0, 0)], [9.0, 0.1]) == 0  # a tie keeps the greedy text
+    with pytest.raises(ValueError, match="one entropy per fact count, got 2 and 1"):
+        pick_checked([(0, 0, 0, 0), (0, 0, 0, 0)], [0.1])
+    with pytest.raises(ValueError, match="candidates must be an integer >= 0, got -1"):
+        CheckedDecoding(candidates=-1)
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        CheckedDecoding(temperature=0)
+
+
+def test_faulted_sentences_are_replaced_by_sampled_ones_reproducibly() -> None:
+    tok = train_tokenizer(TEXTS, vocab_size=300)
+    torch.manual_seed(0)
+    model = LungVLModel(SMALL, tok).eval()  # untrained: samples differ from the greedy text
+    volume = CTVolume(hu=np.zeros(SHAPE, np.float32), spacing=(4.0, 4.0, 4.0))
+    grid = GridMap(src_spacing=(4.0, 4.0, 4.0), dst_spacing=(4.0, 4.0, 4.0), start=(0.0, 0.0, 0.0))
+    findings = [_finding(1, (20, 4, 4), np.ones((2, 2, 2), bool), 8.0)]
+    with torch.no_grad():
+        vis = model.encode_image(torch.rand(1, 1, *SHAPE))
+        vt, layout = model.tokens(vis)
+    kw = {"grid": grid, "volume": volume, "grid_shape": SHAPE, "threshold": 1.5, "max_new_tokens": 8}
+    found0, impression0 = write_findings_report(model, vis, vt, layout, findings, **kw)
+    greedy = {found0[0].text, " ".join(s.text for s in impression0)}
+    calls: list[tuple[list[str], int | None, str]] = []
+
+    def verify(texts: list[str], index: int | None, section: str) -> tuple[int, int, int, int]:
+        calls.append((texts, index, section))  # the greedy texts "contradict" the finding
+        return (1, 0, 0, 0) if " ".join(texts) in greedy else (0, 0, 0, 1)
+
+    found, impression = write_findings_report(model, vis, vt, layout, findings, verify=verify, **kw)
+    assert found[0].text not in greedy and found[0].decoding.startswith("sampled ") and found[0].nodule == 1
+    assert calls[0] == ([found0[0].text], 1, "findings") and calls[9][1:] == (None, "impression")
+    assert len(calls) == 2 * (1 + 8)  # each: the greedy text, then 8 samples
+    assert impression and all(s.decoding.startswith("sampled ") for s in impression)
+    again, _ = write_findings_report(model, vis, vt, layout, findings, verify=verify, **kw)
+    assert again[0].text == found[0].text  # one seeded generator per explanation
+    clean, _ = write_findings_report(model, vis, vt, layout, findings, verify=lambda t, i, s: (0, 0, 0, 1), **kw)
+    assert clean[0].text == found0[0].text and clean[0].decoding == "greedy"  # nothing faulted: nothing sampled
+    off, _ = write_findings_report(model, vis, vt, layout, findings, verify=verify, checked=CheckedDecoding(0), **kw)
+    assert off[0].text == found0[0].text

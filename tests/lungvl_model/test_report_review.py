@@ -79,3 +79,22 @@ def test_uncalibrated_policy_uses_the_entropy_threshold() -> None:
     s = [_sentence("A 9 x 7 mm solid nodule in the right upper lobe.", nodule=1, entropy=2.0)]
     r = _review(s, policy=policy_for(None, 1.5))
     assert r.defer and any("entropy" in x for x in r.reasons)
+
+
+def test_a_finding_sentence_without_its_size_or_lobe_defers() -> None:
+    vague = _sentence("A solid nodule in the left upper emphysema.", nodule=1)
+    vague.section = "findings"
+    r = _review([vague])
+    assert r.defer and r.signals.contradictions == 0 and r.kept == [vague]
+    assert any(x.startswith("the sentence about nodule 1 does not state its size and lobe") for x in r.reasons), (
+        r.reasons
+    )
+    complete = _sentence("A 9 x 7 mm solid nodule in the right upper lobe.", nodule=1)
+    complete.section = "findings"
+    assert not _review([complete]).defer
+    in_impression = _sentence("Solid nodule.", nodule=1)
+    in_impression.section = "impression"  # the rule is about the FINDINGS description
+    assert not any("does not state" in x for x in _review([in_impression]).reasons)
+    wrong_lobe = _sentence("A 9 x 7 mm solid nodule in the left lower lobe.", nodule=1)
+    wrong_lobe.section = "findings"  # a stated but wrong lobe is a contradiction, not an omission
+    assert not any("does not state" in x for x in _review([wrong_lobe]).reasons)
