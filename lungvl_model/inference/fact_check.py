@@ -6,7 +6,8 @@ labeler :mod:`lungvl_model.text`; patient, technique, prior and count statements
 
 * **supported**: a source gives it and agrees;
 * **contradiction**: a source disagrees (a size, lobe, type, calcification or Lung-RADS category that is not
-  the grounded finding's or the rule engine's; "no nodules" while findings are kept; a wrong count; an age,
+  the grounded finding's or the rule engine's; a Lung-RADS category stated with another category's descriptor,
+  "Lung-RADS 4A: negative"; "no nodules" while findings are kept; a wrong count; an age,
   sex, smoking history or technique value the exam facts give otherwise; "no prior" when there is one);
 * **unsupported**: no source gives it (a nodule no finding matches, or any nodule when none is kept; a patient
   or technique fact :class:`~lungvl_model.inference.exam_facts.ExamFacts` does not hold; a comparison with a
@@ -114,7 +115,12 @@ class FactCheck:
         """One line per contradiction, naming the sentence and both values."""
         out = []
         for v in self.verdicts:
-            if v.verdict == "contradiction":
+            if v.verdict == "contradiction" and v.fact == "lung_rads_descriptor":
+                out.append(
+                    f"sentence {v.sentence + 1} {self.sentences[v.sentence].text!r} writes Lung-RADS {v.stated!r}: "
+                    f"that descriptor is category {v.measured}'s"
+                )
+            elif v.verdict == "contradiction":
                 where = f" (nodule {v.finding})" if v.finding is not None else ""
                 out.append(
                     f"sentence {v.sentence + 1} {self.sentences[v.sentence].text!r} states {v.fact} {v.stated!r}, "
@@ -186,6 +192,7 @@ def _check_sentence(
         out += [V.stated_verdict(i, st, exam, cfg) for st in facts]
         if future:
             continue
+        out += [V.descriptor_verdict(i, st) for st in FP.lung_rads_descriptor_facts(t)]
         for st in FP.prior_facts(t, sec):
             if st.value:
                 prior_claims.append(t[st.span[0] : st.span[1]].strip() or "comparison")

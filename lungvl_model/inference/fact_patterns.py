@@ -29,6 +29,7 @@ __all__ = [
     "date_facts",
     "is_future",
     "kernel_family",
+    "lung_rads_descriptor_facts",
     "negation_qualifier",
     "ordinal_reference",
     "otherwise_clear",
@@ -405,6 +406,39 @@ COUNT_RE = re.compile(
 )
 _COUNT_STOP = re.compile(r"\b(?:of|the|in|and|or|with|from|to|these|those|no|not|than|nodules?)\b", _I)
 _SUBSET_RE = re.compile(r"\b(?:additional|other|further|more|smaller|larger|new|another)\b", _I)
+
+
+#: Lung-RADS v2022 category descriptors (``../shared/clinical``), longest first, and the categories each names.
+LUNG_RADS_DESCRIPTORS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("very suspicious", frozenset({"4B", "4X"})),
+    ("probably benign", frozenset({"3"})),
+    ("benign appearance or behavior", frozenset({"2"})),
+    ("benign appearance or behaviour", frozenset({"2"})),
+    ("benign", frozenset({"2"})),
+    ("suspicious", frozenset({"4A"})),
+    ("negative", frozenset({"1"})),
+    ("incomplete", frozenset({"0"})),
+)
+LUNG_RADS_DESCRIPTOR_RE = re.compile(
+    r"\blung[\s-]?rads\s{0,2}(?:v?\d{4}\s{0,2})?(?:category\s{0,2}|cat\.?\s{0,2})?(?P<cat>[0-4][abx]?)(?:\s{0,2}s)?\b"
+    r"\s{0,2}[:,\u2013\u2014-]?\s{0,2}\(?(?P<desc>very\s+suspicious|probably\s+benign|benign\s+appearance"
+    r"\s+or\s+behaviou?r|benign|suspicious|negative|incomplete)\b",
+    _I,
+)
+
+
+def lung_rads_descriptor_facts(s: str) -> list[Stated]:
+    """A Lung-RADS category stated with its descriptor: value ``(category, descriptor, categories it names)``.
+
+    "Lung-RADS category 4A: suspicious" is consistent; "Lung-RADS 4A: negative" names category 1 in its own
+    words. Only the descriptor right after the category is read ("Lung-RADS 2, benign appearance or behavior").
+    """
+    out: list[Stated] = []
+    for m in LUNG_RADS_DESCRIPTOR_RE.finditer(s):
+        desc = " ".join(m.group("desc").lower().split())
+        names = next(c for d, c in LUNG_RADS_DESCRIPTORS if desc.startswith(d))
+        out.append(Stated("lung_rads_descriptor", (m.group("cat").upper(), desc, names), m.span()))
+    return out
 
 
 def count_facts(s: str) -> list[Stated]:

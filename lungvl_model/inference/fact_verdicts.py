@@ -28,6 +28,7 @@ __all__ = [
     "comparison_verdict",
     "count_verdicts",
     "date_verdicts",
+    "descriptor_verdict",
     "lung_rads_verdict",
     "nodule_verdicts",
     "presence_verdicts",
@@ -96,7 +97,8 @@ class FactVerdict:
 
     Attributes:
         sentence: index of the sentence.
-        fact: what kind of fact (``size``, ``lobe``, ``type``, ``calcified``, ``lung_rads``, ``nodule``,
+        fact: what kind of fact (``size``, ``lobe``, ``type``, ``calcified``, ``lung_rads``,
+            ``lung_rads_descriptor`` (the category its descriptor names), ``nodule``,
             ``nodule_present``, ``nodule_count``, ``comparison``, ``prior``, ``prior_date``, ``study_date``, or a
             :class:`~lungvl_model.inference.fact_patterns.Stated` fact).
         verdict: ``supported`` | ``unsupported`` | ``contradiction``.
@@ -300,6 +302,17 @@ def count_verdicts(i: int, text: str, findings: Sequence[Finding]) -> list[FactV
             ok = n == total or (bool(lobes) and n == in_lobes)
         out.append(FactVerdict(i, "nodule_count", "supported" if ok else "contradiction", st.value, total))
     return out
+
+
+def descriptor_verdict(i: int, st: FP.Stated) -> FactVerdict:
+    """A Lung-RADS category and the descriptor written with it must name the same category.
+
+    ``st`` is a :func:`~lungvl_model.inference.fact_patterns.lung_rads_descriptor_facts` fact; the sentence
+    contradicts itself when the descriptor belongs to another category ("Lung-RADS 4A: negative").
+    """
+    cat, desc, names = st.value
+    verdict = "supported" if cat in names else "contradiction"
+    return FactVerdict(i, "lung_rads_descriptor", verdict, f"{cat}: {desc}", "/".join(sorted(names)))
 
 
 def lung_rads_verdict(i: int, stated: str, grounded: list[Finding], rule: str | None) -> FactVerdict:

@@ -143,6 +143,7 @@ def test_faulted_sentences_are_replaced_by_sampled_ones_reproducibly() -> None:
         calls.append((texts, index, section))  # the greedy texts "contradict" the finding
         return (1, 0, 0, 0) if " ".join(texts) in greedy else (0, 0, 0, 1)
 
+    kw["checked"] = CheckedDecoding(candidates=8)
     found, impression = write_findings_report(model, vis, vt, layout, findings, verify=verify, **kw)
     assert found[0].text not in greedy and found[0].decoding.startswith("sampled ") and found[0].nodule == 1
     assert calls[0] == ([found0[0].text], 1, "findings") and calls[9][1:] == (None, "impression")
@@ -152,5 +153,6 @@ def test_faulted_sentences_are_replaced_by_sampled_ones_reproducibly() -> None:
     assert again[0].text == found[0].text  # one seeded generator per explanation
     clean, _ = write_findings_report(model, vis, vt, layout, findings, verify=lambda t, i, s: (0, 0, 0, 1), **kw)
     assert clean[0].text == found0[0].text and clean[0].decoding == "greedy"  # nothing faulted: nothing sampled
-    off, _ = write_findings_report(model, vis, vt, layout, findings, verify=verify, checked=CheckedDecoding(0), **kw)
+    kw["checked"] = CheckedDecoding(candidates=0)
+    off, _ = write_findings_report(model, vis, vt, layout, findings, verify=verify, **kw)
     assert off[0].text == found0[0].text

@@ -86,7 +86,11 @@ CASES: list[tuple[str, dict[str, str], int | None]] = [
     ("A 24 mm part-solid nodule in the right lower lobe.", {"size": S, "lobe": S, "type": C}, 4),
     ("A 9 mm calcified nodule in the right upper lobe.", {"size": S, "lobe": S, "calcified": C}, 1),
     ("Lung-RADS 4B.", {"lung_rads": S}, None),
-    ("Lung-RADS category 2: benign appearance or behavior.", {"lung_rads": C}, None),
+    ("Lung-RADS category 2: benign appearance or behavior.", {"lung_rads": C, "lung_rads_descriptor": S}, None),
+    # the category and the descriptor written with it must name the same category
+    ("Lung-RADS category 4B: negative.", {"lung_rads": S, "lung_rads_descriptor": C}, None),
+    ("Lung-RADS 4B - very suspicious.", {"lung_rads": S, "lung_rads_descriptor": S}, None),
+    ("Lung-RADS 4B: probably benign appearance.", {"lung_rads": S, "lung_rads_descriptor": C}, None),
     ("9 mm solid nodule in the right upper lobe, Lung-RADS 4A.", {"size": S, "lobe": S, "type": S, "lung_rads": S}, 1),
     # presence and counts
     ("No pulmonary nodules.", {"nodule_present": C}, None),
@@ -347,3 +351,11 @@ def test_synthetic_reports_agree_with_their_own_truth():
         fc = check_report(split_report(wrong), findings, exam, rule_lung_rads=rule, has_prior=has_prior)
         caught += fc.n_contradictions + fc.n_unsupported > 0
     assert with_nodules >= 20 and caught >= 0.9 * with_nodules, (caught, with_nodules)
+
+
+def test_descriptor_contradiction_names_the_category_it_belongs_to() -> None:
+    fc = check_report(["2. Lung-RADS category 4B: negative."], FINDINGS, EXAM, rule_lung_rads=RULE, has_prior=False)
+    assert fc.defer and fc.defer_reasons == [
+        "sentence 1 '2. Lung-RADS category 4B: negative.' writes Lung-RADS '4B: negative': that descriptor is "
+        "category 1's"
+    ]
