@@ -131,7 +131,12 @@ def run_subprocess(
     if interrupt_after is None:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(env))
         return Outcome(proc.returncode, proc.stdout + proc.stderr)
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(env))
+    # A test run started in the background of a non-interactive shell (`pytest ... &`) inherits SIGINT ignored, and
+    # so would the child: give it the default disposition, as a terminal's foreground process has.
+    child = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(env),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     time.sleep(interrupt_after)
     child.send_signal(signal.SIGINT)
     try:
