@@ -16,7 +16,8 @@ def train(
         ...,
         "--stage",
         click_type=choice(TRAIN_STAGES),
-        help="training stage; risk: the nodule risk head (needs --init); candidates: the candidate filter",
+        help="training stage; findings: finding sentences from slot attributes (needs --init; decoder and slots "
+        "only); risk: the nodule risk head (needs --init); candidates: the candidate filter",
     ),
     preset: str = typer.Option("tiny", "--preset", click_type=choice(PRESETS), help="model size (ignored with --init)"),
     out_dir: Path = typer.Option(..., "--out", help="output directory"),

@@ -19,7 +19,7 @@ import click
 from click.shell_completion import CompletionItem
 
 #: ``lungvl train --stage``: the training stages (lungvl_model.training.config.STAGE_NAMES) and the two heads
-TRAIN_STAGES: tuple[str, ...] = ("text", "ssl", "seg", "vl", "risk", "candidates")
+TRAIN_STAGES: tuple[str, ...] = ("text", "ssl", "seg", "vl", "findings", "risk", "candidates")
 #: ``lungvl bench train --stage`` (lungvl_model.benchmarks.train_bench)
 BENCH_STAGES: tuple[str, ...] = ("seg", "vl")
 #: model presets (lungvl_model.models.config.PRESETS)

@@ -6,7 +6,7 @@ import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-STAGE_NAMES = ("text", "ssl", "seg", "vl")
+STAGE_NAMES = ("text", "ssl", "seg", "vl", "findings")
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,8 @@ class TrainConfig:
     """How one training stage runs.
 
     Attributes:
-        stage: ``"text"`` (report warm-up), ``"ssl"``, ``"seg"`` or ``"vl"``.
+        stage: ``"text"`` (report warm-up), ``"ssl"``, ``"seg"``, ``"vl"`` or ``"findings"`` (finding
+            sentences from slot attributes, :mod:`lungvl_model.training.findings_text`).
         max_steps: optimisation steps.
         batch_size: studies per step.
         lr: peak learning rate (AdamW, linear warm-up then cosine decay).

@@ -1,8 +1,12 @@
 """``lungvl train``: one stage on one or more site directories, from a preset or a previous stage.
 
-Stages chain through checkpoints: ``text`` (report warm-up, optional) → ``ssl`` → ``seg`` → ``vl``;
-each ``--init`` is the previous stage's checkpoint directory. The first stage of a central run trains
-the report tokenizer on the given sites' reports (:func:`build_model`): central training runs where
+Stages chain through checkpoints: ``text`` (report warm-up, optional) → ``ssl`` → ``seg`` → ``vl`` →
+``findings`` (finding sentences from slot attributes, :mod:`~lungvl_model.training.findings_text`);
+each ``--init`` is the previous stage's checkpoint directory. ``findings`` changes only the decoder and
+the slot encoder, so it carries the init checkpoint's encoder-bound heads (nodule risk, candidate
+filter) over.
+
+The first stage of a central run trains the report tokenizer on the given sites' reports (:func:`build_model`): central training runs where
 the data is, and its tokenizer, like its weights, stays there. Later stages reuse the checkpoint's
 tokenizer. A model that other sites receive (the federation's initial model) is built by
 :func:`build_public_model`: its tokenizer is trained on the public synthetic report corpus only.
@@ -15,6 +19,7 @@ Outputs in ``out_dir``: ``checkpoint/`` (see :mod:`lungvl_model.training.checkpo
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,18 +31,23 @@ from lungvl_model.data.catalogue import build_catalogue
 from lungvl_model.data.crops import ForegroundCrops
 from lungvl_model.data.dataset import SiteDataset
 from lungvl_model.data.synth.reports import public_report_corpus
+from lungvl_model.inference.candidate_filter import FILENAME as CANDIDATE_FILTER_FILE
 from lungvl_model.models.config import LungVLConfig
 from lungvl_model.models.lungvl import LungVLModel
+from lungvl_model.models.nodule_risk import RISK_FILES
 from lungvl_model.models.report_pretrain import pretrain_reports
 from lungvl_model.text.tokenizer import train_tokenizer
 from lungvl_model.training.checkpoint import load_checkpoint, save_checkpoint
 from lungvl_model.training.config import TrainConfig
+from lungvl_model.training.findings_text import run_findings_text
 from lungvl_model.training.loop import StepCallback, TrainResult, seed_everything, train_stage
 
 Log = Callable[[str], None]
 
 #: The corpus the federation's initial model trains its tokenizer on (checkpoint meta ``tokenizer_corpus``).
 PUBLIC_TOKENIZER_CORPUS = "lungvl synthetic report generator (public)"
+#: Files beside a checkpoint that depend on its encoder only, carried over by stages that keep the encoder.
+CARRIED_FILES: tuple[str, ...] = (*RISK_FILES, CANDIDATE_FILTER_FILE)
 #: Reports of :func:`~lungvl_model.data.synth.reports.public_report_corpus` behind that tokenizer.
 PUBLIC_CORPUS_REPORTS = 2000
 
@@ -204,6 +214,12 @@ def run_stage(
         )
         result = TrainResult(stage="text", steps=train.max_steps, history=history)
         metrics: dict[str, Any] = {"summary": summary, "history": history}
+    elif train.stage == "findings":
+        if init is None:
+            raise ValueError("the findings stage needs --init: a checkpoint whose encoder gives the visual tokens")
+        dataset = SiteDataset(site_dirs, cfg.input)
+        result, agreement = run_findings_text(model, dataset, train, on_step=on_step, log=log)
+        metrics = {"summary": {**result.summary(), **agreement}, "history": result.history}
     else:
         dataset = SiteDataset(site_dirs, cfg.input, require_report=train.stage == "vl")
         log(f"stage {train.stage}: {len(dataset)} studies from {len(site_dirs)} site(s), input {cfg.input.size}")
@@ -223,6 +239,12 @@ def run_stage(
             "sites": resolved["sites"],
         },
     )
+    if train.stage == "findings" and init is not None:
+        carried = [n for n in CARRIED_FILES if (Path(init) / n).is_file()]
+        for name in carried:
+            shutil.copy2(Path(init) / name, ckpt / name)
+        if carried:
+            log(f"carried over from {init} (encoder unchanged): {', '.join(carried)}")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     if metrics["history"]:
         plot_history(metrics["history"], out / "loss_curve.png", f"stage {train.stage}")

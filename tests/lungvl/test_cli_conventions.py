@@ -84,7 +84,7 @@ def test_device_accepts_an_index(tmp_path, capsys):
 
 def test_help_lists_the_choices():
     text = _help("train")
-    assert "[text|ssl|seg|vl|risk|candidates]" in text
+    assert "[text|ssl|seg|vl|findings|risk|candidates]" in text
     assert "[tiny|base]" in text and "[auto|cpu|cuda|cuda:N]" in text and "[dynunet]" in text
     assert "[screening|referral|low_resource]" in _help("data", "synth")
     assert "[seg|vl]" in _help("bench", "train")

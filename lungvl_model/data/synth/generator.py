@@ -352,7 +352,18 @@ def place_case_nodules(
     return centres, misses
 
 
-def _nodule_row(study_uid: str, series_uid: str, s: NoduleState, centroid_lps: np.ndarray) -> dict[str, Any]:
+def nodule_row(study_uid: str, series_uid: str, s: NoduleState, centroid_lps: np.ndarray) -> dict[str, Any]:
+    """The labels.csv row (``level = "nodule"``) of a nodule state, as a generated site writes it.
+
+    Args:
+        study_uid: its study.
+        series_uid: its series.
+        s: the nodule on that study.
+        centroid_lps: ``(3,)`` its centroid, LPS mm.
+
+    Returns:
+        Column name -> value (None where unknown, e.g. ``growth_mm`` without a prior).
+    """
     spec = s.spec
     return {
         "study_uid": study_uid,
@@ -464,7 +475,7 @@ def _write_case(
         text = write_report(case, states, profile, np.random.default_rng([stream, 7]), prior=prior, images=out.images)
         records.append(ReportRecord(study_uid, text, study_date.strftime("%Y%m%d"), None if prior else prior_uid))
         rows.append(_study_row(case, study_uid, series_uid, states, prior))
-        rows += [_nodule_row(study_uid, series_uid, s, out.centroids_lps[s.spec.nodule_id]) for s in states]
+        rows += [nodule_row(study_uid, series_uid, s, out.centroids_lps[s.spec.nodule_id]) for s in states]
         info["sigma"].append(scan.noise_sigma_hu)
         info["thickness"].append(scan.slice_thickness_mm)
         info["contrast"].append(scan.contrast)

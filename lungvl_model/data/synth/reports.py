@@ -17,6 +17,7 @@ vocabulary every site receives.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,10 +30,12 @@ __all__ = [
     "CATEGORY_WORDS",
     "LOBE_NAMES",
     "PUBLIC_CORPUS_SEED_BASE",
+    "PublicReport",
     "emphysema_sentence",
     "lobe_phrase",
     "nodule_sentence",
     "public_report_corpus",
+    "public_reports",
     "size_phrase",
     "write_report",
 ]
@@ -304,15 +307,22 @@ def write_report(
     return "\n".join(lines)
 
 
-def public_report_corpus(n: int = 2000, seed: int = 0, cohorts: Sequence[str] | None = None) -> list[str]:
-    """``n`` reports of synthetic patients, written by :func:`write_report` without rendering a volume.
+@dataclass(frozen=True)
+class PublicReport:
+    """One report of the public synthetic corpus and the true nodules it describes (largest first as written)."""
 
-    The corpus depends only on this code and ``seed``: no site's data. It is what the federation's
-    initial model trains its report tokenizer on (:func:`lungvl_model.training.stages.build_public_model`).
-    Patients are drawn as a generated site draws them (:func:`~.patients.sample_patient`, at site seed
-    ``PUBLIC_CORPUS_SEED_BASE + seed``), cycling over ``cohorts``; a patient with a prior study gives its
-    prior report then its current one. The image numbers a rendered study would cite for its nodules
-    ("(image 57)") are drawn at random instead.
+    text: str
+    states: list[NoduleState]
+
+
+def public_reports(n: int = 2000, seed: int = 0, cohorts: Sequence[str] | None = None) -> list[PublicReport]:
+    """``n`` reports of synthetic patients with their nodules, written by :func:`write_report` without rendering.
+
+    The corpus depends only on this code and ``seed``: no site's data. Patients are drawn as a generated
+    site draws them (:func:`~.patients.sample_patient`, at site seed ``PUBLIC_CORPUS_SEED_BASE + seed``),
+    cycling over ``cohorts``; a patient with a prior study gives its prior report then its current one.
+    The image numbers a rendered study would cite for its nodules ("(image 57)") are drawn at random
+    instead.
 
     Args:
         n: reports to write (>= 1).
@@ -320,21 +330,21 @@ def public_report_corpus(n: int = 2000, seed: int = 0, cohorts: Sequence[str] | 
         cohorts: cohort profiles to draw from (default: all of :data:`~.cohorts.PROFILES`).
 
     Returns:
-        ``n`` report texts.
+        ``n`` reports.
 
     Raises:
         ValueError: ``n < 1`` or an unknown cohort.
     """
     if n < 1:
-        raise ValueError(f"public_report_corpus needs n >= 1, got {n}")
+        raise ValueError(f"public_reports needs n >= 1, got {n}")
     names = list(PROFILES) if cohorts is None else list(cohorts)
     unknown = [c for c in names if c not in PROFILES]
     if unknown or not names:
         raise ValueError(f"unknown cohort(s) {unknown or names}, expected some of {sorted(PROFILES)}")
     profiles = [PROFILES[c] for c in names]
-    texts: list[str] = []
+    out: list[PublicReport] = []
     index = 0
-    while len(texts) < n:
+    while len(out) < n:
         profile = profiles[index % len(profiles)]
         case = sample_patient(profile, PUBLIC_CORPUS_SEED_BASE + seed, index)
         index += 1
@@ -344,5 +354,14 @@ def public_report_corpus(n: int = 2000, seed: int = 0, cohorts: Sequence[str] | 
             slices = np.random.default_rng([stream, 11]).integers(8, 160, size=len(states))
             images = {s.spec.nodule_id: int(k) for s, k in zip(states, slices, strict=True)}
             rng = np.random.default_rng([stream, 7])  # the stream a generated study's report uses
-            texts.append(write_report(case, states, profile, rng, prior=prior, images=images))
-    return texts[:n]
+            out.append(PublicReport(write_report(case, states, profile, rng, prior=prior, images=images), states))
+    return out[:n]
+
+
+def public_report_corpus(n: int = 2000, seed: int = 0, cohorts: Sequence[str] | None = None) -> list[str]:
+    """The texts of :func:`public_reports` (same arguments, same errors).
+
+    It is what the federation's initial model trains its report tokenizer on
+    (:func:`lungvl_model.training.stages.build_public_model`).
+    """
+    return [r.text for r in public_reports(n, seed, cohorts)]
