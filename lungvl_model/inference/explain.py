@@ -298,7 +298,9 @@ def explain_study(
                          nodule=index, section=section)
                 for t in texts
             ]  # fmt: skip
-            check = check_report(probes, findings, facts, rule_lung_rads=rule, has_prior=prior is not None)
+            check = check_report(
+                probes, findings, facts, rule_lung_rads=rule, has_prior=prior is not None, emphysema_index=emph
+            )
             kinds = [v.verdict for v in check.verdicts]
             said = {v.fact for v in check.verdicts if v.verdict == "supported" and v.finding in (index, None)}
             if index is not None:  # a finding sentence states its finding's size and lobe
@@ -364,6 +366,7 @@ def explain_study(
         review = review_report(
             sentences, findings, facts, rule_lung_rads=rule, rule_inputs=rule_inputs, model_lung_rads=model_cat,
             has_prior=prior is not None, malignancy_probability=mal_p, policy=policy_for(calibration, thr),
+            emphysema_index=emph,
         )  # fmt: skip
         reasons += review.reasons
         flags += review.removal_notes

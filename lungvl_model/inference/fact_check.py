@@ -8,10 +8,12 @@ labeler :mod:`lungvl_model.text`; patient, technique, prior and count statements
 * **contradiction**: a source disagrees (a size, lobe, type, calcification or Lung-RADS category that is not
   the grounded finding's or the rule engine's; a Lung-RADS category stated with another category's descriptor,
   "Lung-RADS 4A: negative"; "no nodules" while findings are kept; a wrong count; an age,
-  sex, smoking history or technique value the exam facts give otherwise; "no prior" when there is one);
+  sex, smoking history or technique value the exam facts give otherwise; "no prior" when there is one; "no
+  emphysema" where the measured LAA-950 is above the rule engine's threshold);
 * **unsupported**: no source gives it (a nodule no finding matches, or any nodule when none is kept; a patient
   or technique fact :class:`~lungvl_model.inference.exam_facts.ExamFacts` does not hold; a comparison with a
-  prior, or a prior date, when there is no prior).
+  prior, or a prior date, when there is no prior; emphysema stated where the measured LAA-950 is below the
+  rule engine's threshold, or when none was measured).
 
 Sentences with an unsupported fact are dropped from the cleaned text; contradictions are kept (a radiologist
 must see them) and force deferral. A nodule sentence is *grounded* to the finding whose ``index`` is its
@@ -164,7 +166,7 @@ def split_report(text: str) -> list[ReportSentence]:
 
 def _check_sentence(
     i: int, unit: Any, findings: Sequence[Finding], exam: ExamFacts, rule: str | None, has_prior: bool,
-    cfg: FactCheckConfig,
+    cfg: FactCheckConfig, laa950: float | None,
 ) -> SentenceCheck:  # fmt: skip
     text = unit if isinstance(unit, str) else str(unit.text)
     given = None if isinstance(unit, str) else getattr(unit, "nodule", None)
@@ -181,6 +183,8 @@ def _check_sentence(
     out += V.presence_verdicts(i, " ".join(mined), labels, findings)
     if labels.lung_rads is not None:
         out.append(V.lung_rads_verdict(i, labels.lung_rads, grounded, rule))
+    if labels.emphysema is not None:
+        out.append(V.emphysema_verdict(i, labels.emphysema, laa950))
     prior_claims: list[str] = [n.comparison for n in labels.nodules if n.comparison]
     if labels.comparison and not labels.nodules:
         prior_claims.append(labels.comparison)
@@ -215,6 +219,7 @@ def check_report(
     rule_lung_rads: str | None,
     has_prior: bool,
     tolerance: FactCheckConfig | None = None,
+    emphysema_index: float | None = None,
 ) -> FactCheck:
     """Read every sentence back and give each fact it states a verdict.
 
@@ -228,6 +233,8 @@ def check_report(
         rule_lung_rads: the rule engine's exam category (None: not computed).
         has_prior: a prior study was compared.
         tolerance: tolerances (default :class:`FactCheckConfig`).
+        emphysema_index: the measured LAA-950 (None: unknown, and any statement about emphysema is
+            unsupported).
 
     Returns:
         The verdicts, per sentence.
@@ -243,7 +250,10 @@ def check_report(
     too_long = report_size_problem("".join(texts))
     if too_long is not None:
         raise ValueError(too_long)
-    checks = [_check_sentence(i, s, findings, exam, rule_lung_rads, has_prior, cfg) for i, s in enumerate(sentences)]
+    checks = [
+        _check_sentence(i, s, findings, exam, rule_lung_rads, has_prior, cfg, emphysema_index)
+        for i, s in enumerate(sentences)
+    ]
     return FactCheck(tuple(checks))
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from lungvl_model.clinical.lung_rads import category_rank
 from lungvl_model.inference import fact_patterns as FP
+from lungvl_model.inference.anatomy import EMPHYSEMA_LAA
 from lungvl_model.inference.exam_facts import ExamFacts
 from lungvl_model.inference.findings import Finding
 from lungvl_model.text import labeler_patterns as LP
@@ -29,6 +30,7 @@ __all__ = [
     "count_verdicts",
     "date_verdicts",
     "descriptor_verdict",
+    "emphysema_verdict",
     "lung_rads_verdict",
     "nodule_verdicts",
     "presence_verdicts",
@@ -313,6 +315,23 @@ def descriptor_verdict(i: int, st: FP.Stated) -> FactVerdict:
     cat, desc, names = st.value
     verdict = "supported" if cat in names else "contradiction"
     return FactVerdict(i, "lung_rads_descriptor", verdict, f"{cat}: {desc}", "/".join(sorted(names)))
+
+
+def emphysema_verdict(i: int, stated: bool, laa950: float | None) -> FactVerdict:
+    """A stated emphysema (or its absence) against the measured emphysema index.
+
+    The source is LAA-950 (the lung fraction below −950 HU, :func:`~lungvl_model.inference.anatomy.emphysema_index`)
+    read against :data:`~lungvl_model.inference.anatomy.EMPHYSEMA_LAA`, the threshold the rule engine uses.
+    Emphysema stated where the index is below it is *unsupported* (mild emphysema can sit below any LAA
+    threshold, so it is not called wrong, but nothing measured backs it: the sentence is dropped); "no
+    emphysema" where the index is above it is a *contradiction*; no index (no lungs found): unsupported.
+    """
+    if laa950 is None or not math.isfinite(laa950):
+        return FactVerdict(i, "emphysema", "unsupported", stated, None)
+    measured = laa950 > EMPHYSEMA_LAA
+    if stated == measured:
+        return FactVerdict(i, "emphysema", "supported", stated, round(laa950, 4))
+    return FactVerdict(i, "emphysema", "unsupported" if stated else "contradiction", stated, round(laa950, 4))
 
 
 def lung_rads_verdict(i: int, stated: str, grounded: list[Finding], rule: str | None) -> FactVerdict:

@@ -78,6 +78,7 @@ def review_report(
     has_prior: bool,
     malignancy_probability: float,
     policy: DeferralPolicy,
+    emphysema_index: float | None = None,
 ) -> Review:
     """Fact-check the generated sentences, drop the unsupported ones and decide on deferral.
 
@@ -92,11 +93,14 @@ def review_report(
         has_prior: a prior study was compared.
         malignancy_probability: the report's calibrated malignancy probability.
         policy: the deferral policy (:func:`policy_for`).
+        emphysema_index: the measured LAA-950, the source of emphysema statements (None: unknown).
 
     Returns:
         The :class:`Review`.
     """
-    check = check_report(sentences, findings, exam, rule_lung_rads=rule_lung_rads, has_prior=has_prior)
+    check = check_report(
+        sentences, findings, exam, rule_lung_rads=rule_lung_rads, has_prior=has_prior, emphysema_index=emphysema_index
+    )
     kept = [s for s, c in zip(sentences, check.sentences, strict=True) if c.kept]
     removed = [s for s, c in zip(sentences, check.sentences, strict=True) if not c.kept]
     signals = DeferralSignals(

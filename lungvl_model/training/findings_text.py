@@ -7,8 +7,9 @@ slot's. This stage trains the decoder and the slot encoder (nothing else) on man
 (:func:`~lungvl_model.data.synth.reports.public_reports`): each report's nodule rows become slot
 attributes (:func:`~lungvl_model.data.targets.nodule_attributes`) and its sentences the targets
 (:func:`~lungvl_model.models.lungvl.slot_sequences`: one sentence per finding from its slot alone, the
-negative sentence from the "no finding" slot, the IMPRESSION from all slots). The texts come from code, not
-from any site.
+negative sentence from the "no finding" slot, the IMPRESSION from all slots), less what no slot attribute
+determines (:func:`slot_text`: the emphysema item of an IMPRESSION). The texts come from code, not from any
+site.
 
 What the slot and the decoder see besides the attributes is drawn from the sites' studies through the
 frozen encoder (:func:`study_bank`): the memory's visual tokens are those of a random study, and each
@@ -29,9 +30,10 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -55,10 +57,12 @@ __all__ = [
     "HELD_OUT_SEED",
     "NO_MASK_PROB",
     "FindingsExample",
+    "UNSLOTTED",
     "StudyBank",
     "findings_examples",
     "run_findings_text",
     "sentence_agreement",
+    "slot_text",
     "study_bank",
 ]
 
@@ -73,6 +77,28 @@ SIZE_TOLERANCE = 0.15
 
 _COL_D, _COL_L = NODULE_ATTRIBUTES.index("log_diameter"), NODULE_ATTRIBUTES.index("lobe")
 _LABELER_LOBE = {"lingula": "LUL"}  # the labeler reads the lingula as part of the LUL
+
+
+#: Statements no slot attribute determines (the impression of a synthetic report names the patient's emphysema):
+#: dropped from the targets, so the decoder does not learn to write them at their base rate.
+UNSLOTTED = re.compile(r"\bemphysema", re.IGNORECASE)
+_ITEM = re.compile(r"^\s*\d+\.\s+")
+
+
+def slot_text(text: str) -> str:
+    """``text`` without the statements :data:`UNSLOTTED` matches, a numbered list renumbered.
+
+    Args:
+        text: a target sentence, or an IMPRESSION as numbered lines ("1. ...", "2. ...", one per line).
+
+    Returns:
+        The text the slots determine ("" when nothing is left).
+    """
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if lines and all(_ITEM.match(ln) for ln in lines):
+        kept = [_ITEM.sub("", ln) for ln in lines if not UNSLOTTED.search(ln)]
+        return "\n".join(f"{i}. {ln}" for i, ln in enumerate(kept, start=1))
+    return " ".join(s for s in re.split(r"(?<=\.)\s+", text.strip()) if s and not UNSLOTTED.search(s))
 
 
 @dataclass(frozen=True)
@@ -114,7 +140,10 @@ def findings_examples(n_reports: int, *, seed: int, kinds: Sequence[str] = ("fin
         attrs, ids = nodule_attributes(rows)
         a = torch.tensor(attrs, dtype=torch.float32)
         v = torch.tensor(ids) != 0
-        out += [FindingsExample(a, v, q) for q in slot_sequences(rep.text, a, v, len(rep.states)) if q.kind in kinds]
+        for q in slot_sequences(rep.text, a, v, len(rep.states)):
+            text = slot_text(q.text)
+            if q.kind in kinds and text:
+                out.append(FindingsExample(a, v, replace(q, text=text)))
     return out
 
 

@@ -6,10 +6,11 @@ each ``--init`` is the previous stage's checkpoint directory. ``findings`` chang
 the slot encoder, so it carries the init checkpoint's encoder-bound heads (nodule risk, candidate
 filter) over.
 
-The first stage of a central run trains the report tokenizer on the given sites' reports (:func:`build_model`): central training runs where
-the data is, and its tokenizer, like its weights, stays there. Later stages reuse the checkpoint's
-tokenizer. A model that other sites receive (the federation's initial model) is built by
-:func:`build_public_model`: its tokenizer is trained on the public synthetic report corpus only.
+The first stage of a central run trains the report tokenizer on the given sites' reports
+(:func:`build_model`): central training runs where the data is, and its tokenizer, like its weights, stays
+there. Later stages reuse the checkpoint's tokenizer. A model that other sites receive (the federation's
+initial model) is built by :func:`build_public_model`: its tokenizer is trained on the public synthetic report
+corpus only.
 
 Outputs in ``out_dir``: ``checkpoint/`` (see :mod:`lungvl_model.training.checkpoint`), ``config.json``
 (resolved model + training config, sites, init), ``metrics.json`` (summary and per-step history) and

@@ -291,3 +291,15 @@ def test_site_check_json_to_standard_output(tmp_path: Path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["summary"]["usable"] == 2  # stdout is the JSON alone
     assert "2 usable" in res.stderr  # the tables went to stderr
+
+
+def test_progress_prints_lines_without_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    from lungvl.console import progress_callback
+
+    with progress_callback("job") as cb:
+        for i in range(1, 101):
+            cb(i, 100, f"loss {i}")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("job ") and "━" not in ln]
+    # one line at each tenth of the way (the first step included), the bar itself at the end
+    assert [ln.split()[1] for ln in lines] == ["1/100", *(f"{k}/100" for k in range(10, 100, 10))]
+    assert lines[-1].endswith("loss 90")

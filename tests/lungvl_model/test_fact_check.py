@@ -314,13 +314,17 @@ def _synthetic_reports(n: int):
                         prior_mean_diameter_mm=s.prior_mean_mm, growth_mm=s.growth_mm)
                 for k, s in enumerate(states, start=1)
             ]  # fmt: skip
-            out.append((text, findings, exam, exam_category(states), has_prior))
+            laa950 = 0.10 if case.emphysema.kind != "none" else 0.01  # an LAA-950 either side of EMPHYSEMA_LAA
+            out.append((text, findings, exam, exam_category(states), has_prior, laa950))
     return out[:n]
 
 
 def test_synthetic_reports_agree_with_their_own_truth():
     reports = _synthetic_reports(120)
-    checks = [check_report(split_report(t), f, e, rule_lung_rads=r, has_prior=p) for t, f, e, r, p in reports]
+    checks = [
+        check_report(split_report(t), f, e, rule_lung_rads=r, has_prior=p, emphysema_index=laa)
+        for t, f, e, r, p, laa in reports
+    ]
     m = fact_metrics(checks)
     assert m["contradictions_per_report"] == 0.0, [c.defer_reasons for c in checks if c.defer]
     assert m["unsupported_per_report"] == 0.0
@@ -336,6 +340,7 @@ def test_synthetic_reports_agree_with_their_own_truth():
         "kernel",
         "contrast",
         "prior",
+        "emphysema",
     }
     # the same reports with every lobe named as another one: the check must see it (a nodule moved onto another
     # finding of similar size and type in that lobe may go unseen, so not every report need be caught)
@@ -343,12 +348,14 @@ def test_synthetic_reports_agree_with_their_own_truth():
     names = {v: k for k, v in LOBE_NAMES.items()}
     lobe_re = re.compile("|".join([*LOBE_NAMES.values(), *LOBE_NAMES]))
     caught = with_nodules = 0
-    for text, findings, exam, rule, has_prior in reports:
+    for text, findings, exam, rule, has_prior, laa in reports:
         if not findings:
             continue
         with_nodules += 1
         wrong = lobe_re.sub(lambda m: LOBE_NAMES[swap[names.get(m.group(), m.group())]], text)
-        fc = check_report(split_report(wrong), findings, exam, rule_lung_rads=rule, has_prior=has_prior)
+        fc = check_report(
+            split_report(wrong), findings, exam, rule_lung_rads=rule, has_prior=has_prior, emphysema_index=laa
+        )
         caught += fc.n_contradictions + fc.n_unsupported > 0
     assert with_nodules >= 20 and caught >= 0.9 * with_nodules, (caught, with_nodules)
 
@@ -359,3 +366,26 @@ def test_descriptor_contradiction_names_the_category_it_belongs_to() -> None:
         "sentence 1 '2. Lung-RADS category 4B: negative.' writes Lung-RADS '4B: negative': that descriptor is "
         "category 1's"
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "laa950", "verdict"),
+    [
+        ("Centrilobular emphysema.", 0.12, "supported"),
+        ("Mild paraseptal emphysema in the upper lobes.", 0.03, "unsupported"),  # nothing measured backs it
+        ("Centrilobular emphysema.", None, "unsupported"),
+        ("No emphysema.", 0.03, "supported"),
+        ("No emphysema.", 0.12, "contradiction"),
+    ],
+)
+def test_emphysema_statements_against_the_measured_index(text: str, laa950: float | None, verdict: str) -> None:
+    fc = check_report([text], FINDINGS, EXAM, rule_lung_rads=RULE, has_prior=False, emphysema_index=laa950)
+    got = [v for v in fc.verdicts if v.fact == "emphysema"]
+    assert [v.verdict for v in got] == [verdict]
+    assert fc.kept_sentences == ([] if verdict == "unsupported" else [text])
+    # the impression's numbered item is read the same way (a synthetic report's "2. Paraseptal emphysema.")
+    item = check_report(
+        [Generated("2. Paraseptal emphysema.", section="impression")], FINDINGS, EXAM, rule_lung_rads=RULE,
+        has_prior=False, emphysema_index=0.02,
+    )  # fmt: skip
+    assert [v.verdict for v in item.verdicts if v.fact == "emphysema"] == ["unsupported"]

@@ -24,6 +24,7 @@ from lungvl_model.training.findings_text import (
     _slot_inputs,
     findings_examples,
     run_findings_text,
+    slot_text,
 )
 from lungvl_model.training.stages import CARRIED_FILES, run_stage
 
@@ -53,12 +54,28 @@ def test_examples_state_their_slot_attributes() -> None:
             n += 1
             lobe_ok += bool(nods) and nods[0].lobe == {"lingula": "LUL"}.get(lobe, lobe)
             size_ok += bool(nods) and nods[0].size_mm is not None and abs(nods[0].size_mm - diam) <= 0.25 * diam
+    assert not any("emphysema" in e.sequence.text.lower() for e in ex)  # no slot attribute says it
     # the targets name their own slot's lobe and size (stated sizes are longest x short axis: within 25 %)
     assert n >= 30 and lobe_ok == n and size_ok == n
     negatives = [e.sequence for e in findings_examples(40, seed=3, kinds=("negative",))]
     assert negatives == [e.sequence for e in ex if e.sequence.kind == "negative"] and negatives
     with pytest.raises(ValueError, match="report"):
         findings_examples(2, seed=0, kinds=("report",))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1. 5 mm solid nodule in the RLL.\n2. Centrilobular emphysema.\n3. Lung-RADS 2: benign appearance.",
+         "1. 5 mm solid nodule in the RLL.\n2. Lung-RADS 2: benign appearance."),
+        ("1. No suspicious pulmonary nodules.\n2. Lung-RADS 1: negative.",
+         "1. No suspicious pulmonary nodules.\n2. Lung-RADS 1: negative."),
+        ("A 6 mm nodule in the LUL. Mild emphysema is present. No effusion.", "A 6 mm nodule in the LUL. No effusion."),
+        ("1. Paraseptal emphysema.", ""),
+    ],
+)  # fmt: skip
+def test_slot_text_drops_what_no_slot_says(text: str, expected: str) -> None:
+    assert slot_text(text) == expected
 
 
 def test_slot_inputs_pool_a_bank_vector_or_nothing() -> None:
