@@ -48,7 +48,11 @@ def train(
         None, "--input-size", help="D H W (multiples of 16); default: the preset's input size"
     ),
     stage: str = typer.Option(
-        "vl", "--stage", click_type=choice(BENCH_STAGES), help="seg: like-for-like step only; vl: also the full VL step"
+        "vl",
+        "--stage",
+        click_type=choice(BENCH_STAGES),
+        help="seg: like-for-like step only; vl: also the full VL step; fine: the native-resolution detector "
+        "on its training patch",
     ),
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast on CUDA"),
     dp: bool = typer.Option(

@@ -25,7 +25,8 @@ def _fmt(v: Any) -> str:
 
 
 ROWS = (
-    ("Dice (native resolution)", "dice"),
+    ("Dice (native resolution, per study)", "dice"),
+    ("Dice per found nodule (native resolution)", "dice_found_nodules"),
     ("HD95 mm", "hd95_mm"),
     ("malignancy AUC: lungvl study head", "auc_model_malignancy"),
     ("malignancy AUC: nodule-level head, noisy-OR per study", "auc_nodule_malignancy"),
@@ -46,7 +47,9 @@ ROWS = (
 
 #: Rows that measure the segmenter's findings: the only ones the DynUNet anchor column reports (the
 #: anchor replaces segmentation only; the risk heads and report text stay lungvl's).
-SEGMENTER_ROWS = frozenset({"dice", "hd95_mm", "auc_brock_true", "auc_brock_measured", "accuracy_lung_rads_rule"})
+SEGMENTER_ROWS = frozenset(
+    {"dice", "dice_found_nodules", "hd95_mm", "auc_brock_true", "auc_brock_measured", "accuracy_lung_rads_rule"}
+)
 
 
 def results_markdown(res: dict[str, Any], peer: dict[str, Any] | None) -> str:
@@ -150,9 +153,8 @@ def evaluate(
     from lungvl_model.evaluation.plots import plot_confusion
     from lungvl_model.evaluation.risk_coverage import RiskCoverage, plot_risk_coverage
     from lungvl_model.inference.calibration import load_state, save_state
-    from lungvl_model.inference.candidate_filter import load_from_checkpoint
+    from lungvl_model.inference.checkpoint_parts import explain_parts
     from lungvl_model.inference.narrative import CheckedDecoding
-    from lungvl_model.models.nodule_risk import load_nodule_risk
     from lungvl_model.training.checkpoint import load_checkpoint
     from lungvl_model.training.peer import dynunet_seg_fn, load_dynunet
 
@@ -176,11 +178,7 @@ def evaluate(
         raise typer.Exit(2)
     model, meta = load_checkpoint(model_dir)
     state = load_state(model_dir)
-    risk = load_nodule_risk(model_dir)
-    kwargs = {
-        "candidate_filter": load_from_checkpoint(model_dir),
-        "nodule_risk": risk[0] if risk is not None else None,
-    }
+    kwargs = explain_parts(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with progress_callback("evaluate") as cb:
         res = run(
@@ -192,7 +190,10 @@ def evaluate(
     if seg_peer is not None:
         net, _ = load_dynunet(seg_peer)
         with progress_callback("evaluate DynUNet anchor") as cb:
-            peer = run(model, site_dirs, calibration=fitted or state, progress=cb, seg_fn=dynunet_seg_fn(net), **kwargs)
+            peer = run(
+                model, site_dirs, calibration=fitted or state, progress=cb, seg_fn=dynunet_seg_fn(net),
+                **{**kwargs, "fine_detector": None},  # the anchor's own candidates only
+            )  # fmt: skip
     if calibrate and fitted is not None:
         path = save_state(model_dir, fitted)
         err.print(

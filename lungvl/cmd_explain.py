@@ -47,11 +47,10 @@ def explain(
     """Write report.json, report.md, nodule_<k>.png overlays, seg.dcm (DICOM SEG) and sr.dcm (TID 1500 SR)."""
     from lungvl_model.export.provenance import model_identity
     from lungvl_model.inference.calibration import load_state
-    from lungvl_model.inference.candidate_filter import load_from_checkpoint
+    from lungvl_model.inference.checkpoint_parts import explain_parts
     from lungvl_model.inference.explain import explain_study
     from lungvl_model.inference.narrative import CheckedDecoding
     from lungvl_model.inference.render import write_explanation
-    from lungvl_model.models.nodule_risk import load_nodule_risk
     from lungvl_model.shipped import shipped_model_dir
     from lungvl_model.training.checkpoint import load_checkpoint
 
@@ -62,9 +61,8 @@ def explain(
     if prior is not None:
         p = Path(prior)
         prior_vol = (_load_study(None, None, p) if p.is_dir() else _load_study(site, prior, None))[0]
-    risk = load_nodule_risk(model_dir)
+    parts = explain_parts(model_dir)
     calibration = load_state(model_dir)
-    flt = load_from_checkpoint(model_dir)
     exp = explain_study(
         model,
         volume,
@@ -72,15 +70,13 @@ def explain(
         ask=ask,
         threshold=threshold,
         calibration=calibration,
-        candidate_filter=flt,
-        nodule_risk=risk[0] if risk is not None else None,
         checked=CheckedDecoding(candidates=checked_candidates),
+        **parts,
     )
     exp.provenance = {
         **model_identity(model_dir, meta, model.config),
         "calibration": calibration is not None,
-        "candidate_filter": flt is not None,
-        "nodule_risk": risk is not None,
+        **{name: part is not None for name, part in parts.items()},
     }
     # seg.dcm (kept findings) and sr.dcm (TID 1500 measurement report) beside report.json
     paths = write_explanation(exp, volume, out_dir, source_files=files)

@@ -17,7 +17,8 @@ def train(
         "--stage",
         click_type=choice(TRAIN_STAGES),
         help="training stage; findings: finding sentences from slot attributes (needs --init; decoder and slots "
-        "only); risk: the nodule risk head (needs --init); candidates: the candidate filter",
+        "only); risk: the nodule risk head (needs --init); candidates: the candidate filter; detector: the "
+        "native-resolution nodule detector (written beside --out's checkpoint files)",
     ),
     preset: str = typer.Option("tiny", "--preset", click_type=choice(PRESETS), help="model size (ignored with --init)"),
     out_dir: Path = typer.Option(..., "--out", help="output directory"),
@@ -56,6 +57,9 @@ def train(
         return
     if stage == "candidates":
         _train_candidates(site_dirs, out_dir, seed)
+        return
+    if stage == "detector":
+        _train_detector(site_dirs, out_dir, init=init, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed)
         return
     try:
         cfg = TrainConfig(
@@ -112,13 +116,12 @@ def _train_risk(site_dirs: list[Path], out_dir: Path, init: Path | None, seed: i
 def _train_candidates(site_dirs: list[Path], out_dir: Path, seed: int) -> None:
     """``--stage candidates``: the nodule-candidate filter, written to ``--out``/candidate_filter.json.
 
-    Point ``--out`` at the checkpoint directory the filter belongs beside. Site directories with LIDC
-    XML give hard negatives only (never their nodules); the others are synthetic sites with masks.
+    Point ``--out`` at the checkpoint directory the filter belongs beside. LIDC case folders and sites
+    imported from one give hard negatives only (never their nodules); the others are synthetic sites with masks.
     """
-    from lungvl_model.data.lidc import find_lidc_xml
-    from lungvl_model.training.candidate_filter import train_candidate_filter
+    from lungvl_model.training.candidate_filter import is_lidc_site, train_candidate_filter
 
-    lidc = [d for d in site_dirs if find_lidc_xml(d)]
+    lidc = [d for d in site_dirs if is_lidc_site(d)]
     sites = [d for d in site_dirs if d not in lidc]
     if not sites:
         print_error("--stage candidates needs at least one synthetic site directory (nodule masks) for positives")
@@ -131,3 +134,37 @@ def _train_candidates(site_dirs: list[Path], out_dir: Path, seed: int) -> None:
         print_error(e)
         raise typer.Exit(2) from e
     err.print({k: v for k, v in flt.metrics.items() if k in ("kind", "oof_auc", "oof_sensitivity")}, highlight=False)
+
+
+def _train_detector(
+    site_dirs: list[Path], out_dir: Path, *, init: Path | None, max_steps: int, batch_size: int, lr: float, seed: int
+) -> None:
+    """``--stage detector``: the native-resolution nodule detector, written to ``--out``/fine_detector.{pt,json}.
+
+    Point ``--out`` at the checkpoint directory the detector belongs beside. LIDC case folders and sites
+    imported from one give negative patches only (never their nodules); the others are synthetic sites
+    with masks. ``--init`` continues from the fine detector stored in that checkpoint folder.
+    """
+    from lungvl_model.training.candidate_filter import is_lidc_site
+    from lungvl_model.training.fine_detector import DetectorTrainConfig, run_detector_stage
+
+    lidc = [d for d in site_dirs if is_lidc_site(d)]
+    sites = [d for d in site_dirs if d not in lidc]
+    try:
+        train = DetectorTrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed)
+        if not sites:
+            raise ValueError("--stage detector needs at least one synthetic site directory (nodule masks)")
+        with progress_callback("train detector") as cb:
+            metrics = run_detector_stage(
+                sites,
+                out_dir,
+                lidc_dirs=lidc,
+                train=train,
+                init_dir=init,
+                on_step=lambda step, total, m: cb(step, total, f"loss {m.get('loss', float('nan')):.3f}"),
+                log=lambda m: err.print(m, highlight=False, markup=False),
+            )
+    except ValueError as e:
+        print_error(e)
+        raise typer.Exit(2) from e
+    err.print({k: v for k, v in metrics.items() if k.startswith("held_out")}, highlight=False)

@@ -18,10 +18,11 @@ from pathlib import Path
 import click
 from click.shell_completion import CompletionItem
 
-#: ``lungvl train --stage``: the training stages (lungvl_model.training.config.STAGE_NAMES) and the two heads
-TRAIN_STAGES: tuple[str, ...] = ("text", "ssl", "seg", "vl", "findings", "risk", "candidates")
+#: ``lungvl train --stage``: the training stages (lungvl_model.training.config.STAGE_NAMES), the two heads and
+#: the native-resolution detector
+TRAIN_STAGES: tuple[str, ...] = ("text", "ssl", "seg", "vl", "findings", "risk", "candidates", "detector")
 #: ``lungvl bench train --stage`` (lungvl_model.benchmarks.train_bench)
-BENCH_STAGES: tuple[str, ...] = ("seg", "vl")
+BENCH_STAGES: tuple[str, ...] = ("seg", "vl", "fine")
 #: model presets (lungvl_model.models.config.PRESETS)
 PRESETS: tuple[str, ...] = ("tiny", "base")
 #: synthetic cohort profiles (lungvl_model.data.synth.cohorts.PROFILES)

@@ -217,28 +217,25 @@ def held_out_site(out: Path, seed: int) -> Path:
 def explain_held_out(checkpoint: Path, held: Path, out_dir: Path, log: Progress, *, label: str) -> dict[str, Any]:
     """Explain the held-out study with the most nodules with ``checkpoint`` into ``out_dir``.
 
-    The checkpoint's calibration, candidate filter and nodule-risk head are used when it has them (the
+    The checkpoint's calibration, candidate filter, fine detector and nodule-risk head are used when it has them (the
     shipped model does; the demo's federated micro model does not).
     """
     from lungvl_model.inference.calibration import load_state
-    from lungvl_model.inference.candidate_filter import load_from_checkpoint
+    from lungvl_model.inference.checkpoint_parts import explain_parts
     from lungvl_model.inference.explain import explain_study
     from lungvl_model.inference.render import write_explanation
-    from lungvl_model.models.nodule_risk import load_nodule_risk
     from lungvl_model.training.checkpoint import load_checkpoint
 
     cat = build_catalogue(held)
     entry = max(cat.usable, key=lambda e: len(e.nodule_labels))
     assert entry.series is not None
     model, _ = load_checkpoint(checkpoint)
-    risk = load_nodule_risk(checkpoint)
     vol = read_series(entry.series.files)
     exp = explain_study(
         model,
         vol,
         calibration=load_state(checkpoint),
-        candidate_filter=load_from_checkpoint(checkpoint),
-        nodule_risk=risk[0] if risk is not None else None,
+        **explain_parts(checkpoint),
     )
     paths = write_explanation(exp, vol, out_dir, source_files=entry.series.files)
     log(

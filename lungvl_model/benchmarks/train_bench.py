@@ -8,6 +8,10 @@
   risk heads on top), when ``stage="vl"``;
 * ``DynUNet``: :func:`~lungvl_model.models.peers.build_dynunet_peer` with ``filters=config.vision.channels``
   and the same :class:`~lungvl_model.losses.segmentation.SegmentationLoss` as LungVL's seg stage,
+* with ``stage="fine"`` instead: ``LungVL (fine)``, the cascade's native-resolution detector
+  (:class:`~lungvl_model.models.fine_detector.FineDetector`, its default config) on its training patch
+  (``patch``³) with its training loss, against a DynUNet of the detector's widths
+  with the same loss,
 
 on one synthetic batch (a sphere nodule in a noisy chest phantom, HU-windowed to ``[0, 1]`` like the
 real preprocessing). Each model runs in a fresh ``spawn`` child process doing exactly the same
@@ -47,6 +51,7 @@ import torch
 
 from lungvl_model.losses.segmentation import SegmentationLoss
 from lungvl_model.models.config import LungVLConfig, get_preset
+from lungvl_model.models.fine_detector import FineDetector, FineDetectorConfig
 from lungvl_model.models.lungvl import LungVLModel
 from lungvl_model.models.peers import build_dynunet_peer
 from lungvl_model.text.tokenizer import train_tokenizer
@@ -67,7 +72,7 @@ __all__ = [
 
 PEER_NAME = "DynUNet"
 _LUNGVL_NAME = "LungVL ({stage})"
-_STAGES = ("seg", "vl")
+_STAGES = ("seg", "vl", "fine")
 _STRIDE = 16  # five scales: D, H, W must be divisible by 2**4
 _MB = float(2**20)
 
@@ -90,7 +95,7 @@ class BenchRow:
     """One model's training step.
 
     Attributes:
-        name: ``"LungVL (seg)"``, ``"LungVL (vl)"`` or ``"DynUNet"``.
+        name: ``"LungVL (seg)"``, ``"LungVL (vl)"``, ``"LungVL (fine)"`` or ``"DynUNet"``.
         params: parameters of the whole model.
         step_s: median seconds of forward + backward + AdamW step over the timed steps.
         volumes_per_s: ``batch_size / step_s``.
@@ -318,7 +323,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         device,
     )
     is_peer = spec["model"] == PEER_NAME
-    tokenizer = None if is_peer else train_tokenizer(list(SYNTH_REPORTS) * 4, vocab_size=config.text.vocab_size)
+    fine = spec["stage"] == "fine"
+    tokenizer = None if is_peer or fine else train_tokenizer(list(SYNTH_REPORTS) * 4, vocab_size=config.text.vocab_size)
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -328,12 +334,21 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     model: torch.nn.Module
     loss_fn: Callable[[], torch.Tensor]
-    if is_peer:
-        model = build_dynunet_peer(config.vision.in_channels, 1, config.vision.channels).to(device)
+    fine_cfg = FineDetectorConfig()
+    if fine:  # the detector's training loss (fine_detector.DetectorTrainConfig defaults), for both rows
+        seg_loss = SegmentationLoss(boundary_weight=0.0, pos_weight=3.0).to(device)
+    else:
         seg_loss = SegmentationLoss(dice_weight=1.0, boundary_weight=0.05).to(device)  # as LungVLModel's
+    if is_peer or fine:
+        if is_peer:
+            widths = fine_cfg.vision.channels if fine else config.vision.channels
+            model = build_dynunet_peer(config.vision.in_channels, 1, widths).to(device)
+        else:
+            model = FineDetector(fine_cfg).to(device)
+        net = model
 
         def loss_fn() -> torch.Tensor:
-            return seg_loss(model(batch["image"]).float(), batch["seg"], batch["has_mask"])
+            return seg_loss(net(batch["image"]).float(), batch["seg"], batch["has_mask"])
 
         ckpt = False
     else:
@@ -346,7 +361,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             return lungvl(batch, stage=spec["stage"]).loss
 
     model.train()
-    optimizer = build_optimizer(model, TrainConfig(stage="seg" if is_peer else spec["stage"]))
+    optimizer = build_optimizer(model, TrainConfig(stage="seg" if is_peer or fine else spec["stage"]))
     amp = bool(spec["bf16"] and cuda)
     times: list[float] = []
     for i in range(spec["warmup"] + spec["steps"]):
@@ -430,21 +445,25 @@ def bench_train(
         warmup: untimed steps before them.
         batch_size: volumes per step.
         stage: ``"seg"`` measures LungVL's segmentation step only (like for like with the peer);
-            ``"vl"`` also measures the full end-to-end step as a second LungVL row.
+            ``"vl"`` also measures the full end-to-end step as a second LungVL row; ``"fine"`` the
+            native-resolution detector's step against a DynUNet of its widths on its patch.
         bf16: bf16 autocast on CUDA (ignored on CPU).
-        input_size: ``(D, H, W)``, multiples of 16; defaults to the preset's ``config.input.size``.
+        input_size: ``(D, H, W)``, multiples of 16; defaults to the preset's ``config.input.size`` (``"fine"``:
+            the detector's training patch).
         seed: seed of weights and synthetic batch (the same for every model).
         log: optional progress callback, called before each model.
 
     Returns:
-        A :class:`BenchResult` with the rows ``DynUNet``, ``LungVL (seg)`` [, ``LungVL (vl)``].
+        A :class:`BenchResult` with the rows ``DynUNet``, ``LungVL (seg)`` [, ``LungVL (vl)``] (``"fine"``:
+        ``DynUNet``, ``LungVL (fine)``).
 
     Raises:
         ValueError: on an invalid argument (the offending value is named).
         KeyError: on an unknown preset.
     """
     config = get_preset(preset)
-    size = tuple(int(s) for s in (input_size if input_size is not None else config.input.size or ()))
+    default = (FineDetectorConfig().patch,) * 3 if stage == "fine" else config.input.size or ()
+    size = tuple(int(s) for s in (input_size if input_size is not None else default))
     _check_args(stage, steps, warmup, batch_size, size)
     config = replace(config, input=replace(config.input, size=size))
     dev = resolve_device(device)
@@ -456,9 +475,9 @@ def bench_train(
         "batch_size": batch_size,
         "bf16": bf16,
         "seed": seed,
-        "stage": "seg",
+        "stage": "fine" if stage == "fine" else "seg",
     }
-    runs = [{**spec, "model": PEER_NAME}, {**spec, "model": _LUNGVL_NAME.format(stage="seg")}]
+    runs = [{**spec, "model": PEER_NAME}, {**spec, "model": _LUNGVL_NAME.format(stage=spec["stage"])}]
     if stage == "vl":
         runs.append({**spec, "model": _LUNGVL_NAME.format(stage="vl"), "stage": "vl"})
     ctx = multiprocessing.get_context("spawn")

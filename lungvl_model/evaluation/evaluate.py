@@ -33,9 +33,15 @@ from lungvl_model.evaluation.classification_metrics import (
     expected_calibration_error,
     roc_auc,
 )
-from lungvl_model.evaluation.froc import froc_from_studies
+from lungvl_model.evaluation.froc import froc_from_studies, operating_threshold
 from lungvl_model.evaluation.risk_coverage import aurc, risk_coverage_curve, selective_error
-from lungvl_model.evaluation.segmentation_metrics import detection_summary, dice, hd95, match_detections
+from lungvl_model.evaluation.segmentation_metrics import (
+    detection_summary,
+    dice,
+    found_nodule_dice,
+    hd95,
+    match_detections,
+)
 from lungvl_model.evaluation.text_metrics import bleu4, rouge_l_corpus
 from lungvl_model.inference.calibration import (
     CalibrationRecord,
@@ -47,6 +53,7 @@ from lungvl_model.inference.deferral import DeferralSignals
 from lungvl_model.inference.explain import Explanation, explain_study
 from lungvl_model.inference.fact_check import fact_count_metrics
 from lungvl_model.inference.narrative import CheckedDecoding
+from lungvl_model.models.fine_detector import FineDetector
 from lungvl_model.models.nodule_risk import NoduleRiskHead
 from lungvl_model.text.labeler import label_report
 from lungvl_model.text.report_labels import concept_f1
@@ -108,6 +115,7 @@ def score_study(exp: Explanation, entry: StudyEntry, volume: Any) -> dict[str, A
     if entry.mask is not None:
         ref = read_label_nifti(entry.mask, volume) > 0
         v["dice"] = dice(pred, ref)
+        v["found_dice"] = found_nodule_dice(pred, ref).dices
         v["hd95"] = hd95(pred, ref, volume.spacing) if pred.any() and ref.any() else math.nan
     ref_pts, ref_diam = reference_nodules(entry)
     det = match_detections([f.centroid_lps for f in exp.findings], ref_pts, ref_diam)
@@ -182,6 +190,9 @@ def aggregate(results: Sequence[StudyResult]) -> dict[str, Any]:
     if not vals:
         return out
     out["dice"] = float(np.nanmean(col("dice"))) if np.isfinite(col("dice")).any() else math.nan
+    found = [d for v in vals for d in v.get("found_dice", [])]
+    out["dice_found_nodules"] = float(np.mean(found)) if found else math.nan
+    out["n_found_nodules_segmented"] = len(found)
     out["hd95_mm"] = float(np.nanmean(col("hd95"))) if np.isfinite(col("hd95")).any() else math.nan
     out["detection"] = detection_summary([v["detection"] for v in vals])
     fr = [v["froc"] for v in vals if "froc" in v]
@@ -291,14 +302,21 @@ def calibration_records(results: Sequence[StudyResult]) -> list[CalibrationRecor
 
 
 def fit_on_validation(
-    results: Sequence[StudyResult], *, max_deferral_rate: float = 0.3, target_error: float = 0.1
+    results: Sequence[StudyResult],
+    *,
+    max_deferral_rate: float = 0.3,
+    target_error: float = 0.1,
+    finding_fp_per_scan: float | None = None,
 ) -> CalibrationState:
-    """Temperatures, the deferral policy and the sentence-entropy threshold from validation studies.
+    """Temperatures, the deferral policy, the sentence-entropy threshold and the finding threshold from validation.
 
     Args:
         results: scored validation studies (never training or test studies).
         max_deferral_rate: the deferral budget on validation.
         target_error: error rate of kept key sentences the entropy threshold aims at.
+        finding_fp_per_scan: when given (the candidates were scored by a candidate filter), the
+            finding threshold is the validation scans' FROC operating point with at most this many
+            false positives per scan (:func:`~lungvl_model.evaluation.froc.operating_threshold`).
 
     Raises:
         ValueError: no validation study has logits, signals and a reference Lung-RADS category.
@@ -317,6 +335,15 @@ def fit_on_validation(
             target_error=target_error,
         )
     state = fit_calibration(records, max_deferral_rate=max_deferral_rate, sentence_entropy_threshold=thr)
+    fr = [r.values["froc"] for r in results if "froc" in r.values]
+    if finding_fp_per_scan is not None and any(f["candidates"] for f in fr):
+        t = operating_threshold(
+            [f["candidates"] for f in fr],
+            [np.asarray(f["ref_points"], float).reshape(-1, 3) for f in fr],
+            [np.asarray(f["ref_diameters"], float) for f in fr],
+            max_fp_per_scan=finding_fp_per_scan,
+        )
+        state = dataclasses.replace(state, finding_threshold=min(1.0, max(0.0, t)))
     sites = sorted({r.site for r in results})
     fitted_on = {"validation_sites": sites, "validation_studies": len(records), "key_sentences": len(sent)}
     return dataclasses.replace(state, metrics={**state.metrics, "fitted_on": fitted_on})
@@ -330,8 +357,10 @@ def evaluate(
     validation_dirs: Sequence[str | Path] = (),
     calibration: CalibrationState | None = None,
     candidate_filter: CandidateFilter | None = None,
+    fine_detector: FineDetector | None = None,
     nodule_risk: NoduleRiskHead | None = None,
     max_deferral_rate: float = 0.3,
+    finding_fp_per_scan: float = 1.0,
     progress: Progress | None = None,
     seg_fn: Callable[..., Any] | None = None,
     checked: CheckedDecoding | None = None,
@@ -347,8 +376,11 @@ def evaluate(
             ``calibration_state``, a :class:`CalibrationState`) and the test sites are explained with them.
         calibration: a stored calibration to explain with (ignored when ``validation_dirs`` is given).
         candidate_filter: the checkpoint's nodule-candidate filter (None: every refined candidate is kept).
+        fine_detector: the checkpoint's native-resolution detector (None: coarse candidates only).
         nodule_risk: the checkpoint's nodule-level risk head (None: no nodule-level malignancy).
         max_deferral_rate: deferral budget when fitting on ``validation_dirs``.
+        finding_fp_per_scan: false positives per validation scan at the fitted finding threshold (with a
+            candidate filter; LUNA16's headline operating point is 1).
         progress: ``progress(done, total, study_uid)``.
         seg_fn: optional replacement segmenter (for the DynUNet anchor), see ``explain_study``.
         checked: fact-checked N-best decoding of finding sentences (default ``CheckedDecoding()``; see
@@ -363,6 +395,7 @@ def evaluate(
         "seg_fn": seg_fn,
         "with_text": seg_fn is None,
         "candidate_filter": candidate_filter,
+        "fine_detector": fine_detector,
         "nodule_risk": nodule_risk,
         "checked": checked,
     }
@@ -373,7 +406,11 @@ def evaluate(
             for r in _run_studies(model, validation_dirs, {**base, "calibration": None}, progress)
             if "error" not in r.values
         ]
-        calibration = fit_on_validation(val, max_deferral_rate=max_deferral_rate)
+        calibration = fit_on_validation(
+            val,
+            max_deferral_rate=max_deferral_rate,
+            finding_fp_per_scan=finding_fp_per_scan if candidate_filter is not None else None,
+        )
         out["calibration_state"] = calibration
         out["calibration"] = {"validation_studies": len(val), **calibration.to_dict()}
     results = _run_studies(model, site_dirs, {**base, "calibration": calibration}, progress)

@@ -305,3 +305,56 @@ def froc_from_studies(
     pts = [np.asarray([c[0] for c in cs], float).reshape(-1, 3) for cs in candidates]
     scores = [np.asarray([c[1] for c in cs], float) for cs in candidates]
     return froc(pts, scores, ref_points, ref_diameters, **kwargs)
+
+
+def operating_threshold(
+    candidates: Sequence[Sequence[tuple[Sequence[float], float]]],
+    ref_points: Sequence[Any],
+    ref_diameters: Sequence[Any],
+    *,
+    max_fp_per_scan: float = 1.0,
+) -> float:
+    """The lowest candidate score threshold whose false positives per scan stay within ``max_fp_per_scan``.
+
+    The FROC operating point of a set of (validation) scans: keeping candidates with ``score >= t``
+    gives the highest sensitivity that the budget allows (hits and false positives as in
+    :func:`froc`, tied scores entering together).
+
+    Args:
+        candidates: per scan, ``[((x, y, z) LPS mm, score), ...]``.
+        ref_points: per scan, ``(R_i, 3)`` reference centroids.
+        ref_diameters: per scan, ``(R_i,)`` reference diameters.
+        max_fp_per_scan: the false-positive budget (average per scan, >= 0).
+
+    Returns:
+        The threshold; ``inf`` when even the highest-scored false positive breaks the budget and no
+        nodule scores above it, the lowest candidate score when every candidate fits the budget.
+
+    Raises:
+        FrocInputError: on malformed inputs (naming the scan) or a negative budget.
+    """
+    if not (np.isfinite(max_fp_per_scan) and max_fp_per_scan >= 0):
+        raise FrocInputError(f"max_fp_per_scan must be a finite number >= 0, got {max_fp_per_scan!r}")
+    if not (len(candidates) == len(ref_points) == len(ref_diameters)):
+        raise FrocInputError(
+            f"got {len(candidates)} candidate lists, {len(ref_points)} reference point sets and "
+            f"{len(ref_diameters)} diameter sets: one of each per scan"
+        )
+    if not candidates:
+        raise FrocInputError("no scans")
+    outcomes = []
+    for i, (cs, rp, rd) in enumerate(zip(candidates, ref_points, ref_diameters, strict=True)):
+        pts = _points([c[0] for c in cs], "candidate points", i)
+        scores = _values([c[1] for c in cs], "candidate scores", i, len(pts))
+        ref = _points(rp, "reference points", i)
+        diam = _values(rd, "reference diameters", i, len(ref), non_negative=True)
+        outcomes.append(_ScanOutcome(*match_scan(pts, scores, ref, diam)))
+    fps = np.concatenate([o.fp_scores for o in outcomes])
+    nod = np.concatenate([o.nodule_scores for o in outcomes])
+    budget = int(np.floor(max_fp_per_scan * len(outcomes) + 1e-9))
+    best = np.inf
+    for t in np.unique(np.concatenate([nod[np.isfinite(nod)], fps]))[::-1]:  # descending
+        if int((fps >= t).sum()) > budget:
+            break
+        best = float(t)
+    return best

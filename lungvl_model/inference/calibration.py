@@ -2,8 +2,9 @@
 
 ``calibration.json`` is a versioned document (:data:`SCHEMA_VERSION`)::
 
-    {"kind": "lungvl-calibration", "schema_version": 2,
+    {"kind": "lungvl-calibration", "schema_version": 3,
      "sentence_entropy_threshold": 1.2 | null,          # the historical per-sentence threshold (nats)
+     "finding_threshold": 0.31 | null,                  # candidate-filter score a finding must reach (v3)
      "temperatures": {"malignancy": 1.7, "lung_rads": 2.3},
      "deferral_policy": {...} | null,                    # DeferralPolicy.to_dict()
      "validation_split": {"study_count": 120, "validation_fraction": 0.15, "test_fraction": 0.2,
@@ -11,7 +12,8 @@
      "metrics": {...}, "details": {...}}                 # before/after numbers; free-form extras
 
 It is written atomically (temporary file + ``os.replace``). A file of the first format, a JSON object
-holding ``sentence_entropy_threshold`` and free-form details, still loads (temperatures 1, no policy).
+holding ``sentence_entropy_threshold`` and free-form details, still loads (temperatures 1, no policy); a
+version-2 document has no ``finding_threshold`` (None: the candidate filter's own operating point).
 Anything else that is not this document raises :class:`~lungvl_model.errors.CorruptStateError` naming
 the file and the key.
 
@@ -62,7 +64,7 @@ __all__ = [
 ]
 
 CALIBRATION_FILE = "calibration.json"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 KIND = "lungvl-calibration"
 _LEGACY_INF = 1e9  # how an infinite (never defer) sentence threshold is stored, as in the first format
 
@@ -116,6 +118,9 @@ class CalibrationState:
         lung_rads_temperature: divides ``RiskOutput.lung_rads_logits``.
         deferral_policy: the fitted policy (None: not fitted).
         validation_split: the data it was fitted on (None: unknown, e.g. a first-format file).
+        finding_threshold: the candidate-filter score a finding must reach to be reported: the
+            validation scans' FROC operating point (:func:`~lungvl_model.evaluation.froc.operating_threshold`);
+            None: the filter's own threshold (fitted for 95 % sensitivity on its training seeds).
         metrics: JSON-ready numbers before/after calibration.
         details: JSON-ready free-form extras (e.g. what ``evaluate --calibrate`` counted).
     """
@@ -125,6 +130,7 @@ class CalibrationState:
     lung_rads_temperature: float = 1.0
     deferral_policy: DeferralPolicy | None = None
     validation_split: ValidationSplitInfo | None = None
+    finding_threshold: float | None = None
     metrics: Mapping[str, Any] = field(default_factory=dict)
     details: Mapping[str, Any] = field(default_factory=dict)
 
@@ -133,6 +139,9 @@ class CalibrationState:
         t = self.sentence_entropy_threshold
         if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t)):
             raise ValueError(f"sentence_entropy_threshold must be a finite number or null, got {t!r}")
+        f = self.finding_threshold
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int | float) or not 0.0 <= f <= 1.0):
+            raise ValueError(f"finding_threshold must be a number in [0, 1] or null, got {f!r}")
         _temperature("malignancy_temperature", self.malignancy_temperature)
         _temperature("lung_rads_temperature", self.lung_rads_temperature)
         if self.deferral_policy is not None and not isinstance(self.deferral_policy, DeferralPolicy):
@@ -157,6 +166,7 @@ class CalibrationState:
             "kind": KIND,
             "schema_version": SCHEMA_VERSION,
             "sentence_entropy_threshold": self.sentence_entropy_threshold,
+            "finding_threshold": self.finding_threshold,
             "temperatures": {"malignancy": self.malignancy_temperature, "lung_rads": self.lung_rads_temperature},
             "deferral_policy": None if self.deferral_policy is None else self.deferral_policy.to_dict(),
             "validation_split": None if self.validation_split is None else self.validation_split.to_dict(),
@@ -220,6 +230,8 @@ def _parse(doc: Any) -> CalibrationState:
         raise ValueError(f"kind: expected {KIND!r}, got {doc.get('kind')!r}")
     expected = {"kind", "schema_version", "sentence_entropy_threshold", "temperatures", "deferral_policy",
                 "validation_split", "metrics", "details"}  # fmt: skip
+    if version >= 3:
+        expected.add("finding_threshold")
     missing, unknown = sorted(expected - set(doc)), sorted(set(doc) - expected)
     if missing:
         raise ValueError(f"{', '.join(missing)}: missing")
@@ -230,6 +242,7 @@ def _parse(doc: Any) -> CalibrationState:
         raise ValueError(f"temperatures: expected {{'malignancy', 'lung_rads'}}, got {temps!r}")
     kwargs: dict[str, Any] = {
         "sentence_entropy_threshold": doc["sentence_entropy_threshold"],
+        "finding_threshold": doc.get("finding_threshold"),
         "malignancy_temperature": temps["malignancy"],
         "lung_rads_temperature": temps["lung_rads"],
         "metrics": doc["metrics"],

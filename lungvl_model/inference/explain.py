@@ -46,6 +46,7 @@ from lungvl_model.inference.findings import (
     refine_candidate,
     suppress_duplicates,
 )
+from lungvl_model.inference.fine_detection import REFINE_MARGIN_MM, detect, fine_candidates, to_fine_grid
 from lungvl_model.inference.narrative import (
     CheckedDecoding,
     Sentence,
@@ -55,6 +56,7 @@ from lungvl_model.inference.narrative import (
     write_findings_report,
 )
 from lungvl_model.inference.report_review import policy_for, review_report
+from lungvl_model.models.fine_detector import FineDetector
 from lungvl_model.models.fusion import TokenLayout
 from lungvl_model.models.nodule_risk import NoduleRiskHead
 from lungvl_model.text.report_sections import decoder_target
@@ -150,8 +152,16 @@ def analyse_candidates(
     prob_threshold: float,
     seg_fn: SegFn | None = None,
     candidate_filter: CandidateFilter | None = None,
+    fine_detector: FineDetector | None = None,
+    keep_threshold: float | None = None,
 ) -> tuple[list[Finding], dict[str, Any]]:
     """Triage + native-resolution analysis of one CT (no generation); returns findings and model state.
+
+    Candidates: the coarse pass's components of ``prob > prob_threshold`` and, with a fine detector,
+    the components of its sliding-window map over the lungs (:mod:`~.fine_detection`; each finding's
+    ``model_probability`` is then its proposer's maximum probability). Every candidate is refined and
+    measured at native resolution; two candidates refined onto the same nodule are suppressed as
+    duplicates.
 
     Args:
         model: the LungVL model.
@@ -165,6 +175,10 @@ def analyse_candidates(
             ``"candidates"`` holds every refined candidate (kept or not) as ``(LPS centroid, nodule
             probability)`` for FROC. None: every refined candidate is kept (suppression by triage
             probability) and ``"candidates"`` holds the triage components.
+        fine_detector: the checkpoint's native-resolution detector
+            (:class:`~lungvl_model.models.fine_detector.FineDetector`); None: coarse candidates only.
+        keep_threshold: with a candidate filter, the score a finding must reach (at least the filter's
+            own threshold): the calibration's validation operating point.
     """
     cfg = model.config
     pre = preprocess(volume, cfg.input)
@@ -178,19 +192,28 @@ def analyse_candidates(
             prob = np.asarray(seg_fn(image), dtype=np.float32)
     lungs = lung_mask(volume.hu)
     measured: list[Finding] = []
-    for cand, p in candidates(prob, prob_threshold):
-        refined = refine_candidate(volume, cand, grid, lungs=lungs)
+    proposals = [(cand, p, grid, None) for cand, p in candidates(prob, prob_threshold)]
+    if fine_detector is not None:
+        fine = to_fine_grid(volume, lungs, fine_detector.config.spacing_mm)
+        fine_prob = detect(fine_detector, fine.hu)
+        fine_cands = fine_candidates(fine_prob, fine.lungs, fine_detector.config.spacing_mm)
+        proposals += [(cand, p, fine.grid, REFINE_MARGIN_MM) for cand, p in fine_cands]
+    for cand, p, on, margin in proposals:
+        refined = refine_candidate(volume, cand, on, margin, lungs=lungs)
         if refined is not None:
             measured.append(measure_finding(volume, *refined, p))
     if candidate_filter is None:
         findings = suppress_duplicates(measured)  # two triage components refined onto the same nodule
         # every triage component (also below the keep threshold) as (LPS centroid, max probability), for FROC
         points = candidate_points(volume, prob, grid, min(prob_threshold, 0.1))
+        if fine_detector is not None:  # the fine candidates too, scored by their proposer
+            points = [(f.centroid_lps, f.model_probability) for f in findings]
     else:
         score_candidates(measured, volume, lungs, candidate_filter)  # sets nodule_probability
         scored = suppress_duplicates(measured, [f.nodule_probability or 0.0 for f in measured])
         points = [(f.centroid_lps, float(f.nodule_probability or 0.0)) for f in scored]
-        findings = [f for f in scored if (f.nodule_probability or 0.0) >= candidate_filter.threshold]
+        keep = max(candidate_filter.threshold, keep_threshold if keep_threshold is not None else 0.0)
+        findings = [f for f in scored if (f.nodule_probability or 0.0) >= keep]
     for f in findings:
         f.lobe = lobe_from_position(volume, np.asarray(f.centroid_zyx), lungs)
         f.juxtapleural = is_juxtapleural(f.full_mask(volume.shape), lungs, volume.spacing)
@@ -225,6 +248,7 @@ def explain_study(
     with_text: bool = True,
     calibration: CalibrationState | None = None,
     candidate_filter: CandidateFilter | None = None,
+    fine_detector: FineDetector | None = None,
     nodule_risk: NoduleRiskHead | None = None,
     site: Mapping[str, Any] | None = None,
     checked: CheckedDecoding | None = None,
@@ -248,8 +272,10 @@ def explain_study(
         max_new_tokens: generation length (default: the decoder's context).
         seg_fn: replacement segmenter for the triage pass (see :func:`analyse_candidates`).
         with_text: generate the explanation (False: findings and heads only, e.g. for a segmentation anchor).
-        calibration: the checkpoint's calibration (temperatures, deferral policy, entropy threshold).
+        calibration: the checkpoint's calibration (temperatures, deferral policy, entropy threshold, finding
+            threshold).
         candidate_filter: the checkpoint's nodule-candidate filter (None: every refined candidate is kept).
+        fine_detector: the checkpoint's native-resolution detector (None: coarse candidates only).
         nodule_risk: the checkpoint's nodule-level risk head: each finding's malignancy and the study's
             noisy-OR, which is then the report's malignancy probability (None: the study head's).
         site: the study's site metadata for the exam facts (age, sex, smoking, protocol; see ``ExamFacts``).
@@ -264,12 +290,15 @@ def explain_study(
     if threshold is None and calibration is not None:
         threshold = calibration.sentence_entropy_threshold
     thr = float(cfg.heads.deferral_entropy if threshold is None else threshold)
-    findings, st = analyse_candidates(model, volume, prob_threshold, seg_fn, candidate_filter)
+    keep = calibration.finding_threshold if calibration is not None else None
+    findings, st = analyse_candidates(model, volume, prob_threshold, seg_fn, candidate_filter, fine_detector, keep)
     patient = patient_info(volume)
     emph = emphysema_index(volume.hu, st["lungs"])
     flags: list[str] = []
     if prior is not None:
-        prior_findings, _ = analyse_candidates(model, prior, prob_threshold, seg_fn, candidate_filter)
+        prior_findings, _ = analyse_candidates(
+            model, prior, prob_threshold, seg_fn, candidate_filter, fine_detector, keep
+        )
         shift = volume.voxel_to_lps(body_center(volume.hu)) - prior.voxel_to_lps(body_center(prior.hu))
         match_prior(findings, prior_findings, shift)
     vis, grid, shape = st["vis"], st["grid"], st["shape"]

@@ -76,10 +76,11 @@ class Finding:
     """One measured nodule.
 
     Attributes mirror the labels.csv nodule columns; ``mask``/``offset`` hold the native-resolution
-    mask crop (not serialised). ``model_probability`` is the triage's maximum probability over the
-    candidate; ``nodule_probability`` the candidate filter's score
-    (:mod:`lungvl_model.inference.candidate_filter`), None when no filter ran; ``malignancy_probability`` the
-    nodule-level risk head's (:mod:`lungvl_model.models.nodule_risk`), None when the checkpoint has none.
+    mask crop (not serialised). ``model_probability`` is the maximum probability of the candidate's
+    proposer over it (the coarse triage map, or the fine detector's map for a fine candidate);
+    ``nodule_probability`` the candidate filter's score (:mod:`lungvl_model.inference.candidate_filter`),
+    None when no filter ran; ``malignancy_probability`` the nodule-level risk head's
+    (:mod:`lungvl_model.models.nodule_risk`), None when the checkpoint has none.
     """
 
     centroid_zyx: tuple[float, float, float]

@@ -289,14 +289,62 @@ def read_synthetic_site(site_dir: str | Path) -> list[tuple[str, CTVolume, np.nd
     return out
 
 
+def is_lidc_site(directory: str | Path) -> bool:
+    """True for a LIDC case folder (reader XML below it) or a site imported from one (``site.toml`` cohort ``lidc``).
+
+    Such folders give negatives only: the case is an evaluation case, its nodule never a training row.
+    """
+    from lungvl_model.data.lidc import find_lidc_xml
+    from lungvl_model.data.site_layout import SiteManifest
+
+    if find_lidc_xml(directory):
+        return True
+    toml = Path(directory) / "site.toml"
+    try:
+        return toml.is_file() and SiteManifest.from_toml(toml).cohort == "lidc"
+    except (OSError, ValueError):
+        return False
+
+
+def _read_imported_lidc(site_dir: Path) -> tuple[CTVolume, list[np.ndarray], np.ndarray]:
+    """An imported LIDC site (``lungvl data import-lidc``): CT, labelled nodule centroids ``(z, y, x)``, label map."""
+    from lungvl_model.data.catalogue import build_catalogue
+    from lungvl_model.data.dicom_io import read_series
+    from lungvl_model.data.nifti_io import read_label_nifti
+
+    usable = [e for e in build_catalogue(site_dir).usable if e.series is not None]
+    if not usable:
+        raise ValueError(f"{site_dir}: no usable CT series in this LIDC site")
+    e = usable[0]
+    assert e.series is not None
+    vol = read_series(e.series.files)
+    lab = np.asarray(read_label_nifti(e.mask, vol)) if e.mask is not None else np.zeros(vol.shape, np.uint8)
+    marks = []
+    for r in e.nodule_labels:
+        try:
+            lps = np.array([float(r[k]) for k in ("centroid_x_mm", "centroid_y_mm", "centroid_z_mm")])
+        except (KeyError, ValueError):
+            continue
+        if np.all(np.isfinite(lps)):
+            marks.append(np.asarray(vol.lps_to_voxel(lps), float))
+    return vol, marks, lab
+
+
 def read_lidc(lidc_dir: str | Path) -> tuple[CTVolume, list[np.ndarray], np.ndarray]:
-    """The first LIDC case below ``lidc_dir``: CT, every reader mark's ``(z, y, x)`` and the consensus label map."""
+    """The first LIDC case below ``lidc_dir``: CT, every reader mark's ``(z, y, x)`` and the consensus label map.
+
+    ``lidc_dir`` is a case folder with the readers' XML, or a site imported from one (its labels.csv
+    centroids stand for the marks).
+    """
     from lungvl_model.data.dicom_io import read_series, scan_dicom_tree
     from lungvl_model.data.lidc import find_lidc_xml
     from lungvl_model.data.lidc_consensus import annotate_series, reader_nodules, slice_sop_uids
     from lungvl_model.data.lidc_xml import parse_lidc_xml
 
-    xml = find_lidc_xml(lidc_dir)[0]
+    found = find_lidc_xml(lidc_dir)
+    if not found:
+        return _read_imported_lidc(Path(lidc_dir))
+    xml = found[0]
     info = list(scan_dicom_tree(xml.parent).series.values())[0]
     vol = read_series(info.files)
     sops = slice_sop_uids(info.files, vol)

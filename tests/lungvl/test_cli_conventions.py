@@ -47,7 +47,7 @@ def test_choice_lists_match_their_owners():
     from lungvl_model.models.config import PRESETS
     from lungvl_model.training.config import STAGE_NAMES
 
-    assert params.TRAIN_STAGES == (*STAGE_NAMES, "risk", "candidates")
+    assert params.TRAIN_STAGES == (*STAGE_NAMES, "risk", "candidates", "detector")
     assert params.PRESETS == tuple(PRESETS)
     assert params.SYNTH_COHORTS == tuple(PROFILES)
     assert params.BENCH_STAGES == tuple(train_bench._STAGES)
@@ -84,10 +84,10 @@ def test_device_accepts_an_index(tmp_path, capsys):
 
 def test_help_lists_the_choices():
     text = _help("train")
-    assert "[text|ssl|seg|vl|findings|risk|candidates]" in text
+    assert "[text|ssl|seg|vl|findings|risk|candidates|detector]" in text
     assert "[tiny|base]" in text and "[auto|cpu|cuda|cuda:N]" in text and "[dynunet]" in text
     assert "[screening|referral|low_resource]" in _help("data", "synth")
-    assert "[seg|vl]" in _help("bench", "train")
+    assert "[seg|vl|fine]" in _help("bench", "train")
 
 
 def test_an_unknown_option_is_one_line_with_a_suggestion(capsys):

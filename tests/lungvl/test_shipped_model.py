@@ -33,6 +33,16 @@ def test_default_is_the_repository_models_folder(monkeypatch: pytest.MonkeyPatch
             shipped_model_dir()
 
 
+def test_shipped_checkpoint_stays_under_5_mib() -> None:
+    """The issue's budget for the committed model: weights, tokenizer, filter, detector, calibration (not the card)."""
+    folder = Path(__file__).resolve().parents[2] / "models" / SHIPPED_MODEL
+    if not folder.is_dir():
+        pytest.skip("no shipped model in this checkout")
+    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix != ".md"]
+    assert {"model.pt", "candidate_filter.json"} <= {p.name for p in files}
+    assert sum(p.stat().st_size for p in files) <= 5 * 2**20
+
+
 def test_explain_without_model_uses_the_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

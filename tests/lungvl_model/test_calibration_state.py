@@ -48,6 +48,7 @@ def full_state() -> CalibrationState:
         lung_rads_temperature=2.5,
         deferral_policy=DeferralPolicy(learned=learned),
         validation_split=ValidationSplitInfo(study_count=40, validation_fraction=0.15, test_fraction=0.2, salt="s"),
+        finding_threshold=0.31,
         metrics={"malignancy": {"nll_before": 0.7, "nll_after": 0.5}, "ratio": math.nan},
         details={"note": "x"},
     )
@@ -58,14 +59,28 @@ def test_round_trip_is_strict_json_and_atomic(tmp_path: Path) -> None:
     p = save_state(tmp_path, st)
     assert p == tmp_path / CALIBRATION_FILE
     doc = json.loads(p.read_text())  # strict JSON: NaN became null
-    assert doc["schema_version"] == 2 and doc["kind"] == "lungvl-calibration"
+    assert doc["schema_version"] == 3 and doc["kind"] == "lungvl-calibration"
     assert doc["metrics"]["ratio"] is None and doc["temperatures"] == {"malignancy": 1.7, "lung_rads": 2.5}
     back = load_state(tmp_path)
     assert back is not None
     assert back.deferral_policy == st.deferral_policy and back.validation_split == st.validation_split
     assert (back.malignancy_temperature, back.lung_rads_temperature) == (1.7, 2.5)
     assert back.sentence_entropy_threshold == 1.25 and load_threshold(tmp_path) == 1.25
+    assert back.finding_threshold == 0.31
     assert sorted(os.listdir(tmp_path)) == [CALIBRATION_FILE]  # no temporary file left
+
+
+def test_version_2_loads_without_a_finding_threshold(tmp_path: Path) -> None:
+    doc = full_state().to_dict()
+    doc["schema_version"] = 2
+    del doc["finding_threshold"]
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps(doc))
+    back = load_state(tmp_path)
+    assert back is not None and back.finding_threshold is None and back.malignancy_temperature == 1.7
+    doc["finding_threshold"] = 0.2  # a key version 2 never had
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps(doc))
+    with pytest.raises(CorruptStateError, match="finding_threshold: unknown key"):
+        load_state(tmp_path)
 
 
 def test_failed_replace_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,7 +141,9 @@ def _doc(**changes: Any) -> dict[str, Any]:
         (b"[1, 2]", ("top level", "JSON object")),
         (json.dumps({"threshold": 1.0}).encode(), ("schema_version", "not a lungvl calibration")),
         (json.dumps({"sentence_entropy_threshold": "high"}).encode(), ("sentence_entropy_threshold",)),
-        (json.dumps(_doc(schema_version=3)).encode(), ("schema_version", "3")),
+        (json.dumps(_doc(schema_version=4)).encode(), ("schema_version", "4")),
+        (json.dumps(_doc(finding_threshold=KeyError)).encode(), ("finding_threshold: missing",)),
+        (json.dumps(_doc(finding_threshold=1.5)).encode(), ("finding_threshold", "1.5")),
         (json.dumps(_doc(schema_version="2")).encode(), ("schema_version", "'2'")),
         (json.dumps(_doc(kind="lungvl-registry")).encode(), ("kind", "lungvl-registry")),
         (json.dumps(_doc(metrics=KeyError)).encode(), ("metrics: missing",)),
@@ -168,6 +185,8 @@ def test_state_probabilities_by_hand() -> None:
         ({"lung_rads_temperature": 25.0}, "lung_rads_temperature.*25.0"),
         ({"sentence_entropy_threshold": math.inf}, "sentence_entropy_threshold.*inf"),
         ({"metrics": [1]}, "metrics"),
+        ({"finding_threshold": -0.1}, "finding_threshold.*-0.1"),
+        ({"finding_threshold": True}, "finding_threshold"),
     ],
 )
 def test_invalid_state(kw: dict[str, Any], match: str) -> None:

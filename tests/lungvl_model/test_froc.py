@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from lungvl_model.evaluation.froc import LUNA16_FP_RATES, FrocInputError, froc, froc_from_studies, match_scan
+from lungvl_model.evaluation.froc import (
+    LUNA16_FP_RATES,
+    FrocInputError,
+    froc,
+    froc_from_studies,
+    match_scan,
+    operating_threshold,
+)
 
 # Scan 0: nodule A at the origin (10 mm: radius 5), nodule B at x=50 (6 mm: radius 3).
 #   c1 (1,0,0) 0.9 hits A; c2 (0,3,0) 0.4 hits A again (A keeps 0.9); c3 (100,0,0) 0.8 FP;
@@ -126,3 +133,18 @@ def test_invalid_args(kwargs: dict, match: str) -> None:
         froc(args["cand_points"], args["cand_scores"], args["ref_points"], args["ref_diameters"], **kwargs)
     with pytest.raises(FrocInputError, match="at least one scan"):
         froc([], [], [], [])
+
+
+def test_operating_threshold_by_hand() -> None:
+    # scan 1: the nodule hit at 0.9, false positives 0.8 and 0.3; scan 2: the nodule at 0.7, a false positive 0.5
+    cands = [[((0, 0, 0), 0.9), ((50, 0, 0), 0.8), ((0, 50, 0), 0.3)], [((0, 0, 0), 0.7), ((60, 0, 0), 0.5)]]
+    refs, diam = [[[0, 0, 0]], [[0, 0, 0]]], [[10.0], [10.0]]
+    # budget per scan -> false positives allowed over 2 scans: 0 -> 0.9; 1 -> 0.7 (0.8 is in); 2 -> 0.5; 4 -> 0.3
+    got = [operating_threshold(cands, refs, diam, max_fp_per_scan=b) for b in (0.0, 0.5, 1.0, 2.0)]
+    assert got == [0.9, 0.7, 0.5, 0.3]
+    # the top candidate is a false positive and nothing may be: nothing is kept
+    assert operating_threshold([[((50, 0, 0), 0.9)]], [[[0, 0, 0]]], [[10.0]], max_fp_per_scan=0.0) == math.inf
+    with pytest.raises(FrocInputError, match="max_fp_per_scan"):
+        operating_threshold(cands, refs, diam, max_fp_per_scan=-1.0)
+    with pytest.raises(FrocInputError, match="one of each per scan"):
+        operating_threshold(cands, refs[:1], diam, max_fp_per_scan=1.0)
