@@ -22,9 +22,6 @@ Stored beside a checkpoint as ``fine_detector.pt`` (float16 weights: the shipped
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ from torch import nn
 
 from lungvl_model.errors import CorruptStateError
 from lungvl_model.models.config import VisionConfig
+from lungvl_model.models.stored_pair import load_weights, read_pair, write_pair
 from lungvl_model.models.vision import SIZE_DIVISOR, SegmentationHead, VisionEncoder
 
 #: The two files of a stored detector, weights first.
@@ -156,15 +154,11 @@ class FineDetector(nn.Module):
 # --------------------------------------------------------------------------- storage
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def save_fine_detector(directory: str | Path, detector: FineDetector, meta: dict[str, Any] | None = None) -> Path:
     """Write ``fine_detector.pt`` (float16) and ``fine_detector.json`` into a checkpoint directory, atomically.
 
     The JSON (config, ``meta``, sha256 of the weights) is written last, so a reader never sees a JSON
-    whose weights are not in place.
+    whose weights are not in place (:func:`~lungvl_model.models.stored_pair.write_pair`).
 
     Args:
         directory: the checkpoint directory (must exist).
@@ -174,18 +168,9 @@ def save_fine_detector(directory: str | Path, detector: FineDetector, meta: dict
     Returns:
         The path of ``fine_detector.json``.
     """
-    d = Path(directory)
-    if not d.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {d} does not exist")
-    pt, js = d / DETECTOR_FILES[0], d / DETECTOR_FILES[1]
-    tmp = d / (DETECTOR_FILES[0] + ".tmp")
-    torch.save({k: v.detach().to(torch.float16).cpu() for k, v in detector.state_dict().items()}, tmp)
-    os.replace(tmp, pt)
-    doc = {"format": FORMAT_VERSION, "config": detector.config.to_dict(), **(meta or {}), "sha256": _sha256(pt)}
-    tmp = d / (DETECTOR_FILES[1] + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=float), encoding="utf-8")
-    os.replace(tmp, js)
-    return js
+    state = {k: v.detach().to(torch.float16).cpu() for k, v in detector.state_dict().items()}
+    doc = {"format": FORMAT_VERSION, "config": detector.config.to_dict(), **(meta or {})}
+    return write_pair(directory, DETECTOR_FILES, state, doc)
 
 
 def load_fine_detector(directory: str | Path) -> FineDetector | None:
@@ -201,35 +186,18 @@ def load_fine_detector(directory: str | Path) -> FineDetector | None:
         CorruptStateError: naming the file, when one of the two is missing, unreadable, damaged, its
             hash differs from the JSON, or the weights do not fit the config.
     """
-    d = Path(directory)
-    pt, js = d / DETECTOR_FILES[0], d / DETECTOR_FILES[1]
-    if not pt.exists() and not js.exists():
+    found = read_pair(directory, DETECTOR_FILES, "the fine detector")
+    if found is None:
         return None
-    for p in (pt, js):
-        if not p.is_file():
-            raise CorruptStateError(f"{p}: missing (the fine detector needs both {' and '.join(DETECTOR_FILES)})")
-    try:
-        doc = json.loads(js.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptStateError(f"{js}: damaged ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
-        raise CorruptStateError(f"{js}: expected a JSON object with a 'config' object")
+    pt, doc = found
+    js = pt.with_name(DETECTOR_FILES[1])
     if doc.get("format") != FORMAT_VERSION:
         raise CorruptStateError(f"{js}: format {doc.get('format')!r}, this lungvl reads {FORMAT_VERSION}")
-    digest = _sha256(pt)
-    if doc.get("sha256") != digest:
-        raise CorruptStateError(f"{pt}: sha256 {digest[:12]}… differs from {js.name} {str(doc.get('sha256'))[:12]}…")
     try:
         config = FineDetectorConfig.from_dict(doc["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptStateError(f"{js}: not a fine detector config this lungvl can build ({e})") from None
     detector = FineDetector(config)
-    try:
-        state = torch.load(pt, map_location="cpu", weights_only=True)
-        detector.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError...
-        raise CorruptStateError(
-            f"{pt}: damaged or does not fit the config ({type(e).__name__}: {str(e)[:200]})"
-        ) from None
+    load_weights(detector, pt)
     detector.eval()
     return detector

@@ -23,9 +23,6 @@ The head, its config and its training metrics are stored beside a LungVL checkpo
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -46,6 +43,7 @@ from lungvl_model.models.nodule_features import (
     pool_nodule_features,
     region_from_source_mask,
 )
+from lungvl_model.models.stored_pair import load_weights, read_pair, write_pair
 
 __all__ = [
     "RISK_FILES",
@@ -364,15 +362,12 @@ def score_findings(
 # --------------------------------------------------------------------------- storage
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def save_nodule_risk(directory: str | Path, head: NoduleRiskHead, meta: dict[str, Any] | None = None) -> Path:
     """Write ``nodule_risk.pt`` and ``nodule_risk.json`` into a checkpoint directory, atomically.
 
     Each file is written to a temporary name and renamed; the JSON (config, ``meta``, sha256 of the
-    weights) goes last, so a reader never sees a JSON whose weights are not in place.
+    weights) goes last, so a reader never sees a JSON whose weights are not in place
+    (:func:`~lungvl_model.models.stored_pair.write_pair`).
 
     Args:
         directory: the checkpoint directory (must exist).
@@ -382,18 +377,10 @@ def save_nodule_risk(directory: str | Path, head: NoduleRiskHead, meta: dict[str
     Returns:
         The path of ``nodule_risk.json``.
     """
-    d = Path(directory)
-    if not d.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {d} does not exist")
-    pt, js = d / RISK_FILES[0], d / RISK_FILES[1]
-    tmp = d / (RISK_FILES[0] + ".tmp")
-    torch.save({k: v.detach().float().cpu() for k, v in head.state_dict().items()}, tmp)
-    os.replace(tmp, pt)
-    doc = {"format": FORMAT_VERSION, "config": head.config.to_dict(), **(meta or {}), "sha256": _sha256(pt)}
-    tmp = d / (RISK_FILES[1] + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=float), encoding="utf-8")
-    os.replace(tmp, js)
-    return js
+    state = {k: v.detach().float().cpu() for k, v in head.state_dict().items()}
+    return write_pair(
+        directory, RISK_FILES, state, {"format": FORMAT_VERSION, "config": head.config.to_dict(), **(meta or {})}
+    )
 
 
 def load_nodule_risk(directory: str | Path) -> tuple[NoduleRiskHead, dict[str, Any]] | None:
@@ -409,33 +396,17 @@ def load_nodule_risk(directory: str | Path) -> tuple[NoduleRiskHead, dict[str, A
         CorruptStateError: naming the file, when one of the two is missing, unreadable, damaged, its
             hash differs from the JSON, or the weights do not fit the config.
     """
-    d = Path(directory)
-    pt, js = d / RISK_FILES[0], d / RISK_FILES[1]
-    if not pt.exists() and not js.exists():
+    found = read_pair(directory, RISK_FILES, "the nodule risk head")
+    if found is None:
         return None
-    for p in (pt, js):
-        if not p.is_file():
-            raise CorruptStateError(f"{p}: missing (the nodule risk head needs both {' and '.join(RISK_FILES)})")
-    try:
-        doc = json.loads(js.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptStateError(f"{js}: damaged ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
-        raise CorruptStateError(f"{js}: expected a JSON object with a 'config' object")
-    digest = _sha256(pt)
-    if doc.get("sha256") != digest:
-        raise CorruptStateError(f"{pt}: sha256 {digest[:12]}… differs from {js.name} {str(doc.get('sha256'))[:12]}…")
+    pt, doc = found
     try:
         config = NoduleRiskConfig.from_dict(doc["config"])
     except (KeyError, TypeError, ValueError) as e:
-        raise CorruptStateError(f"{js}: not a nodule risk config this lungvl can build ({e})") from None
-    head = NoduleRiskHead(config)
-    try:
-        state = torch.load(pt, map_location="cpu", weights_only=True)
-        head.load_state_dict(state, strict=True)
-    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError...
         raise CorruptStateError(
-            f"{pt}: damaged or does not fit the config ({type(e).__name__}: {str(e)[:200]})"
+            f"{pt.with_name(RISK_FILES[1])}: not a nodule risk config this lungvl can build ({e})"
         ) from None
+    head = NoduleRiskHead(config)
+    load_weights(head, pt)
     head.eval()
     return head, doc
