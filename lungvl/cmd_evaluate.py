@@ -147,6 +147,12 @@ def evaluate(
         min=0,
         help=CHECKED_HELP,
     ),
+    finding_fp_per_scan: float = typer.Option(
+        1.0,
+        "--finding-fp-per-scan",
+        help="with --validation and a candidate filter: the finding threshold is the lowest filter score with at "
+        "most this many false positives per validation scan (LUNA16's headline point is 1)",
+    ),
 ) -> None:
     """Score a checkpoint; writes metrics.json, results.md, lung_rads_confusion.png and risk_coverage.png."""
     from lungvl_model.evaluation.evaluate import evaluate as run
@@ -158,6 +164,9 @@ def evaluate(
     from lungvl_model.training.checkpoint import load_checkpoint
     from lungvl_model.training.peer import dynunet_seg_fn, load_dynunet
 
+    if not (finding_fp_per_scan > 0 and math.isfinite(finding_fp_per_scan)):
+        print_error(f"--finding-fp-per-scan must be a number > 0, got {finding_fp_per_scan!r}")
+        raise typer.Exit(2)
     if calibrate and not validation:
         print_error(
             "--calibrate needs --validation SITE: a calibration fitted on the test studies would grade the "
@@ -176,6 +185,13 @@ def evaluate(
     if overlap:
         print_error(f"--validation site(s) {', '.join(map(str, overlap))} are also test sites; keep them apart")
         raise typer.Exit(2)
+    # said before the run: "--validation A B" makes B a test site (the option takes one value, repeat it)
+    err.print(
+        f"test site(s): {', '.join(map(str, site_dirs))}; validation site(s): "
+        f"{', '.join(map(str, validation)) or 'none'}",
+        highlight=False,
+        markup=False,
+    )
     model, meta = load_checkpoint(model_dir)
     state = load_state(model_dir)
     kwargs = explain_parts(model_dir)
@@ -183,7 +199,8 @@ def evaluate(
     with progress_callback("evaluate") as cb:
         res = run(
             model, site_dirs, validation_dirs=validation, calibration=state, progress=cb,
-            checked=CheckedDecoding(candidates=checked_candidates), **kwargs,
+            checked=CheckedDecoding(candidates=checked_candidates), finding_fp_per_scan=finding_fp_per_scan,
+            **kwargs,
         )  # fmt: skip
     fitted = res.pop("calibration_state", None)
     peer = None

@@ -118,7 +118,11 @@ def _train_candidates(site_dirs: list[Path], out_dir: Path, seed: int) -> None:
 
     Point ``--out`` at the checkpoint directory the filter belongs beside. LIDC case folders and sites
     imported from one give hard negatives only (never their nodules); the others are synthetic sites with masks.
+    When ``--out`` holds a fine detector (``--stage detector``), the filter is fitted on its probability and
+    on its own candidates, as the explanation pipeline will score them: train the detector first.
     """
+    from lungvl_model.errors import CorruptStateError
+    from lungvl_model.models.fine_detector import load_fine_detector
     from lungvl_model.training.candidate_filter import is_lidc_site, train_candidate_filter
 
     lidc = [d for d in site_dirs if is_lidc_site(d)]
@@ -126,10 +130,15 @@ def _train_candidates(site_dirs: list[Path], out_dir: Path, seed: int) -> None:
     if not sites:
         print_error("--stage candidates needs at least one synthetic site directory (nodule masks) for positives")
         raise typer.Exit(2)
+    log = lambda m: err.print(m, highlight=False, markup=False)  # noqa: E731
     try:
-        flt = train_candidate_filter(
-            sites, out_dir, lidc_dirs=lidc, seed=seed, log=lambda m: err.print(m, highlight=False, markup=False)
-        )
+        detector = load_fine_detector(out_dir) if out_dir.is_dir() else None
+        if detector is not None:
+            log(f"{out_dir}: fitting on its fine detector's candidates and probability")
+        flt = train_candidate_filter(sites, out_dir, lidc_dirs=lidc, seed=seed, detector=detector, log=log)
+    except CorruptStateError as e:
+        print_error(e)
+        raise typer.Exit(1) from e
     except ValueError as e:  # e.g. too few studies for a fold with both classes
         print_error(e)
         raise typer.Exit(2) from e

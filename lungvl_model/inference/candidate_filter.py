@@ -55,9 +55,15 @@ if TYPE_CHECKING:
 
 FILENAME = "candidate_filter.json"
 """File name of the filter beside a checkpoint's files."""
-SCHEMA_VERSION = 1
-"""Version of the JSON document."""
+SCHEMA_VERSION = 2
+"""Version of the JSON document (1: no ``triage_source``, read as ``"constant"``)."""
 KINDS = ("logistic", "stumps")
+TRIAGE_SOURCES = ("constant", "fine_detector")
+"""What the ``triage_probability`` feature held when the filter was fitted, and so must hold when it scores:
+``"constant"``: 1.0 for every row (seeded candidates, no proposer model: the filter learned no weight
+for it); ``"fine_detector"``: the checkpoint's fine detector's maximum probability over the refined
+mask (:func:`~lungvl_model.inference.fine_detection.probability_over`), for every candidate whoever
+proposed it."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,7 @@ class CandidateFilter:
             ``base`` and ``stumps`` as ``[feature index, split, value if <= split, value if > split]``.
         threshold: operating threshold on :meth:`predict_proba` (keep ``p >= threshold``).
         metrics: validation numbers recorded at training time (free-form, JSON-ready).
+        triage_source: what its ``triage_probability`` feature holds (one of :data:`TRIAGE_SOURCES`).
     """
 
     config: CandidateFilterConfig
@@ -126,6 +133,13 @@ class CandidateFilter:
     params: dict[str, Any]
     threshold: float = 0.5
     metrics: dict[str, Any] = field(default_factory=dict)
+    triage_source: str = "constant"
+
+    def __post_init__(self) -> None:
+        if self.triage_source not in TRIAGE_SOURCES:
+            raise ValueError(
+                f"CandidateFilter.triage_source must be one of {TRIAGE_SOURCES}, got {self.triage_source!r}"
+            )
 
     def decision_function(self, x: np.ndarray) -> np.ndarray:
         """Logits ``(N,)`` of features ``(N, F)``."""
@@ -155,6 +169,7 @@ class CandidateFilter:
             "feature_names": list(self.feature_names),
             "params": self.params,
             "threshold": float(self.threshold),
+            "triage_source": self.triage_source,
             "metrics": self.metrics,
         }
 
@@ -300,6 +315,7 @@ def score_findings(
     lungs: np.ndarray,
     flt: CandidateFilter,
     config: FeatureConfig | None = None,
+    detector_probability: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Set each finding's ``nodule_probability`` from its features (findings without a mask get 0).
 
@@ -309,17 +325,29 @@ def score_findings(
         lungs: ``(Z, Y, X)`` lung mask of the CT.
         flt: the fitted filter.
         config: feature parameters.
+        detector_probability: ``(N,)`` the fine detector's maximum probability over each finding's mask;
+            required by a filter whose ``triage_source`` is ``"fine_detector"``, ignored otherwise.
 
     Returns:
         ``(N,)`` the probabilities, in the order of ``findings``.
+
+    Raises:
+        ValueError: a fine-detector filter without ``detector_probability`` (or one of another length).
     """
+    if flt.triage_source == "fine_detector":
+        if detector_probability is None or len(detector_probability) != len(findings):
+            raise ValueError(
+                "candidate filter: it was fitted on the fine detector's probability; give one per finding "
+                f"({len(findings)} findings, got {None if detector_probability is None else len(detector_probability)})"
+            )
+        triage = [float(v) for v in detector_probability]
+    else:
+        triage = [1.0] * len(findings)  # what it was fitted on (seeded rows): a constant it learned no weight for
     out = np.zeros(len(findings))
     rows, idx = [], []
     for i, f in enumerate(findings):
         if f.mask is not None and f.mask.any():
-            rows.append(
-                candidate_features(volume.hu, volume.spacing, f.mask, f.offset, lungs, f.model_probability, config)
-            )
+            rows.append(candidate_features(volume.hu, volume.spacing, f.mask, f.offset, lungs, triage[i], config))
             idx.append(i)
     if rows:
         out[idx] = flt.predict_proba(np.stack(rows))
@@ -364,9 +392,14 @@ def load_candidate_filter(path: str | Path) -> CandidateFilter:
     if not isinstance(doc, dict) or doc.get("kind") != "lungvl.candidate_filter":
         raise CorruptStateError(f"{p}: not a candidate filter (key 'kind' is not 'lungvl.candidate_filter')")
     version = _need(doc, "version", p)
-    if version != SCHEMA_VERSION:
+    if version not in (1, SCHEMA_VERSION):
         raise CorruptStateError(
-            f"{p}: candidate filter key 'version' is {version!r}, this lungvl reads {SCHEMA_VERSION}"
+            f"{p}: candidate filter key 'version' is {version!r}, this lungvl reads 1 and {SCHEMA_VERSION}"
+        )
+    source = "constant" if version == 1 else _need(doc, "triage_source", p)
+    if source not in TRIAGE_SOURCES:
+        raise CorruptStateError(
+            f"{p}: candidate filter key 'triage_source' must be one of {TRIAGE_SOURCES}, got {source!r}"
         )
     try:
         cfg = CandidateFilterConfig(**_need(doc, "config", p))
@@ -383,7 +416,7 @@ def load_candidate_filter(path: str | Path) -> CandidateFilter:
     threshold = _need(doc, "threshold", p)
     if not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
         raise CorruptStateError(f"{p}: candidate filter key 'threshold' must be in [0, 1], got {threshold!r}")
-    flt = CandidateFilter(cfg, names, params, float(threshold), dict(doc.get("metrics") or {}))
+    flt = CandidateFilter(cfg, names, params, float(threshold), dict(doc.get("metrics") or {}), source)
     try:
         flt.decision_function(np.zeros((1, len(names))))
     except (TypeError, ValueError, IndexError, KeyError) as e:

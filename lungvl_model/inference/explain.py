@@ -43,10 +43,17 @@ from lungvl_model.inference.findings import (
     candidates,
     match_prior,
     measure_finding,
+    merge_duplicates,
     refine_candidate,
     suppress_duplicates,
 )
-from lungvl_model.inference.fine_detection import REFINE_MARGIN_MM, detect, fine_candidates, to_fine_grid
+from lungvl_model.inference.fine_detection import (
+    REFINE_MARGIN_MM,
+    detect,
+    fine_candidates,
+    probability_over,
+    to_fine_grid,
+)
 from lungvl_model.inference.narrative import (
     CheckedDecoding,
     Sentence,
@@ -190,8 +197,13 @@ def analyse_candidates(
         prob = torch.sigmoid(model.seg_head(vis.scales[0]))[0, 0].float().cpu().numpy()
         if seg_fn is not None:
             prob = np.asarray(seg_fn(image), dtype=np.float32)
+    if candidate_filter is not None and candidate_filter.triage_source == "fine_detector" and fine_detector is None:
+        raise ValueError(
+            "the candidate filter was fitted on a fine detector's probability; the checkpoint has no fine detector"
+        )
     lungs = lung_mask(volume.hu)
     measured: list[Finding] = []
+    detector_p: list[float] = []  # the fine detector's maximum over each measured candidate's mask
     proposals = [(cand, p, grid, None) for cand, p in candidates(prob, prob_threshold)]
     if fine_detector is not None:
         fine = to_fine_grid(volume, lungs, fine_detector.config.spacing_mm)
@@ -202,15 +214,20 @@ def analyse_candidates(
         refined = refine_candidate(volume, cand, on, margin, lungs=lungs)
         if refined is not None:
             measured.append(measure_finding(volume, *refined, p))
+            if fine_detector is not None:
+                detector_p.append(probability_over(fine_prob, fine.grid, refined[0], refined[1]))
     if candidate_filter is None:
         findings = suppress_duplicates(measured)  # two triage components refined onto the same nodule
+        findings = merge_duplicates(findings, measured, volume)
         # every triage component (also below the keep threshold) as (LPS centroid, max probability), for FROC
         points = candidate_points(volume, prob, grid, min(prob_threshold, 0.1))
         if fine_detector is not None:  # the fine candidates too, scored by their proposer
             points = [(f.centroid_lps, f.model_probability) for f in findings]
     else:
-        score_candidates(measured, volume, lungs, candidate_filter)  # sets nodule_probability
+        detector_probability = detector_p if fine_detector is not None else None
+        score_candidates(measured, volume, lungs, candidate_filter, detector_probability=detector_probability)
         scored = suppress_duplicates(measured, [f.nodule_probability or 0.0 for f in measured])
+        scored = merge_duplicates(scored, measured, volume)  # one nodule, two proposals: measured on both masks
         points = [(f.centroid_lps, float(f.nodule_probability or 0.0)) for f in scored]
         keep = max(candidate_filter.threshold, keep_threshold if keep_threshold is not None else 0.0)
         findings = [f for f in scored if (f.nodule_probability or 0.0) >= keep]

@@ -225,6 +225,67 @@ def suppress_duplicates(
     return kept
 
 
+def union_mask(parts: Sequence[Finding]) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The union of findings' mask crops (same source grid) as one crop: ``(mask, offset)``.
+
+    Raises:
+        ValueError: no finding, or one without a mask.
+    """
+    if not parts or any(f.mask is None for f in parts):
+        raise ValueError("union_mask: needs findings that all have masks")
+    lo = np.min([f.offset for f in parts], axis=0)
+    hi = np.max([np.add(f.offset, f.mask.shape) for f in parts if f.mask is not None], axis=0)
+    out = np.zeros(tuple(int(v) for v in hi - lo), bool)
+    for f in parts:
+        assert f.mask is not None
+        s = tuple(slice(int(o - b), int(o - b) + n) for o, b, n in zip(f.offset, lo, f.mask.shape, strict=True))
+        out[s] |= f.mask
+    return out, (int(lo[0]), int(lo[1]), int(lo[2]))
+
+
+def merge_duplicates(
+    kept: Sequence[Finding], measured: Sequence[Finding], volume: CTVolume, max_overlap: float = 0.5
+) -> list[Finding]:
+    """Measure each kept finding on the union of its own mask and its suppressed duplicates' masks.
+
+    Two proposals refined onto one nodule (the coarse triage's and the fine detector's) are each bounded
+    by their proposal's box plus a margin, so each may cut off a different part of a large nodule
+    (LIDC-IDRI-0001's 25 mm nodule: 0.91 and 0.86 of the readers' volume). A suppressed finding is a
+    duplicate of the first (highest-scored) kept one whose mask it overlaps by more than ``max_overlap``
+    of the smaller mask (the centroid-inside rule of :func:`suppress_duplicates` alone, e.g. a vessel
+    stub beside a nodule, does not merge). The merged finding keeps the kept one's proposer probability
+    and filter score; its measurements (and mask) come from the union.
+
+    Args:
+        kept: findings kept by :func:`suppress_duplicates`, by decreasing score.
+        measured: every measured finding (kept and suppressed).
+        volume: the source CT.
+        max_overlap: as :func:`suppress_duplicates`.
+
+    Returns:
+        The kept findings, in the same order, re-measured where they had duplicates.
+    """
+    ids = {id(f) for f in kept}
+    extra: list[list[Finding]] = [[] for _ in kept]
+    for g in measured:
+        if id(g) in ids:
+            continue
+        for i, f in enumerate(kept):
+            if _mask_overlap(f, g) > max_overlap:
+                extra[i].append(g)
+                break
+    out = []
+    for f, dups in zip(kept, extra, strict=True):
+        if not dups or f.mask is None or any(g.mask is None for g in dups):
+            out.append(f)
+            continue
+        mask, offset = union_mask([f, *dups])
+        merged = measure_finding(volume, mask, offset, f.model_probability)
+        merged.nodule_probability = f.nodule_probability
+        out.append(merged)
+    return out
+
+
 def classify_attenuation(mean_mm: float, solid_mm: float, tolerance_mm: float = 0.0) -> str:
     """Nodule type from its solid-component size (≥ 80 % solid, < 20 % or < 1.5 mm non-solid).
 

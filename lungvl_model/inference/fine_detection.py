@@ -178,3 +178,29 @@ def fine_candidates(
     where = ndimage.maximum_position(prob, lab, idx)
     order = [i for i in np.argsort(-peaks, kind="stable") if near[where[i]]][:max_candidates]
     return [(lab == (i + 1), float(peaks[i])) for i in order]
+
+
+def probability_over(prob: np.ndarray, grid: GridMap, mask: np.ndarray, offset: tuple[int, int, int]) -> float:
+    """The detector's maximum probability over a native-resolution mask.
+
+    Each mask voxel is mapped to its nearest voxel of the detector's grid; voxels outside the grid
+    (the lung box) count 0.
+
+    Args:
+        prob: ``(D, H, W)`` detector probabilities (:func:`detect`).
+        grid: the detector grid's map to the CT (:attr:`FineGrid.grid`).
+        mask: ``(dz, dy, dx)`` bool mask crop on the CT's grid.
+        offset: the crop's ``(z, y, x)`` offset in the CT.
+
+    Returns:
+        The maximum in ``[0, 1]``; 0.0 for an empty mask or one wholly outside the grid.
+    """
+    pts = np.argwhere(np.asarray(mask, bool))
+    if pts.size == 0:
+        return 0.0
+    idx = np.rint(grid.src_to_model(pts + np.asarray(offset))).astype(np.int64)
+    inside = np.all((idx >= 0) & (idx < np.asarray(prob.shape)), axis=1)
+    if not inside.any():
+        return 0.0
+    i = idx[inside]
+    return float(prob[i[:, 0], i[:, 1], i[:, 2]].max())

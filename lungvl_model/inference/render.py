@@ -25,6 +25,16 @@ def _heat_on_slice(exp: Explanation, heat: np.ndarray, volume: CTVolume, axis: i
     return ndimage.map_coordinates(heat, [g[..., 0], g[..., 1], g[..., 2]], order=1, mode="constant", cval=0.0)
 
 
+def coronal_origin(volume: CTVolume) -> str:
+    """Matplotlib ``origin`` that puts the patient's head at the top of a coronal slice.
+
+    Rows of a coronal slice are the CT's slice index z; when z runs towards the head (the slice axis'
+    LPS S component is positive, the usual ascending-z series) row 0 is the feet and must be drawn at the
+    bottom (``"lower"``); a series stored head first keeps ``"upper"``.
+    """
+    return "lower" if float(volume.affine_zyx()[2, 0]) > 0 else "upper"
+
+
 def write_overlays(exp: Explanation, volume: CTVolume, out_dir: Path) -> list[Path]:
     """Axial and coronal PNG through each nodule: CT (lung window), mask contour, sentence heatmap."""
     import matplotlib
@@ -45,10 +55,13 @@ def write_overlays(exp: Explanation, volume: CTVolume, out_dir: Path) -> list[Pa
             ct = np.take(volume.hu, idx, axis=axis)
             m = np.take(full, idx, axis=axis)
             aspect = volume.spacing[0] / volume.spacing[2] if axis == 1 else volume.spacing[1] / volume.spacing[2]
-            ax.imshow(np.clip(ct, -1350, 150), cmap="gray", vmin=-1350, vmax=150, aspect=aspect)
+            origin = coronal_origin(volume) if axis == 1 else "upper"  # axial: anterior up, patient's left right
+            ax.imshow(np.clip(ct, -1350, 150), cmap="gray", vmin=-1350, vmax=150, aspect=aspect, origin=origin)
             if heat is not None:
                 h = _heat_on_slice(exp, heat, volume, axis, idx)
-                ax.imshow(np.ma.masked_less(h, 0.2), cmap="jet", alpha=0.35, vmin=0, vmax=1, aspect=aspect)
+                ax.imshow(
+                    np.ma.masked_less(h, 0.2), cmap="jet", alpha=0.35, vmin=0, vmax=1, aspect=aspect, origin=origin
+                )
             if m.any():
                 ax.contour(m, levels=[0.5], colors="red", linewidths=0.8)
             ax.set_title(f"nodule {f.index} {name}", fontsize=9)

@@ -47,6 +47,15 @@ from lungvl_model.inference.candidate_filter import (
     save_candidate_filter,
 )
 from lungvl_model.inference.findings import GridMap, refine_candidate
+from lungvl_model.inference.fine_detection import (
+    REFINE_MARGIN_MM,
+    FineGrid,
+    detect,
+    fine_candidates,
+    probability_over,
+    to_fine_grid,
+)
+from lungvl_model.models.fine_detector import FineDetector
 
 Log = Callable[[str], None]
 #: Fewer nodule rows than this: the threshold for 95 % sensitivity rests on one or two nodules (a
@@ -193,6 +202,7 @@ def seed_rows(
     group: str,
     grid: GridMap,
     features: FeatureConfig | None = None,
+    detector: DetectorMap | None = None,
 ) -> CandidateSet:
     """Refine each seed candidate and compute its features.
 
@@ -203,6 +213,9 @@ def seed_rows(
         group: study identifier.
         grid: the triage grid.
         features: feature parameters.
+        detector: the fine detector's map of this CT: ``triage_probability`` is its maximum over each
+            refined mask (as :func:`~lungvl_model.inference.explain.analyse_candidates` gives it). None:
+            1.0 for every row (the filter learns no weight for a constant).
 
     Returns:
         The refined candidates' rows.
@@ -216,9 +229,8 @@ def seed_rows(
             continue
         mask, off = refined
         t1 = time.perf_counter()
-        # no triage model here: triage_probability is 1.0 for every row, so the filter learns no weight
-        # for it (standardised, it is constant); retrain on real triage outputs to use it
-        rows.append(candidate_features(volume.hu, volume.spacing, mask, off, lungs, 1.0, features))
+        triage = detector.over(mask, off) if detector is not None else 1.0
+        rows.append(candidate_features(volume.hu, volume.spacing, mask, off, lungs, triage, features))
         secs.append(time.perf_counter() - t1)
         ys.append(label)
         kinds.append(kind)
@@ -239,6 +251,7 @@ def synthetic_study_rows(
     rng: np.random.Generator,
     config: SeedConfig,
     anatomy_points: Sequence[tuple[tuple[int, int, int], str]] = (),
+    detector: FineDetector | None = None,
 ) -> CandidateSet:
     """Positive and hard-negative rows of one synthetic study.
 
@@ -251,8 +264,11 @@ def synthetic_study_rows(
         anatomy_points: named hard negatives ``((z, y, x), structure)`` (the generator's sidecar,
             :func:`~lungvl_model.data.synth.hard_negatives.read_hard_negatives`); seeded as kind
             ``anatomy_<structure>`` where ``exclusion_mm`` from every nodule.
+        detector: the checkpoint's fine detector: every row's ``triage_probability`` is its maximum
+            over the refined mask, and its own candidates are rows too (:func:`detector_rows`).
     """
     lungs = lung_mask(volume.hu)
+    dmap = DetectorMap.of(detector, volume, lungs) if detector is not None else None
     grid, shape = triage_grid(volume, config.grid_mm)
     nod = labels > 0
     far = (
@@ -271,7 +287,88 @@ def synthetic_study_rows(
     for p, structure in anatomy_points:
         if far[p]:
             seeds.append((point_candidate(p, grid, shape), "anatomy_" + structure, 0))
-    return seed_rows(volume, lungs, seeds, group, grid)
+    out = seed_rows(volume, lungs, seeds, group, grid, detector=dmap)
+    if dmap is not None:
+        out.extend(detector_rows(volume, lungs, dmap, group, nod, far))
+    return out
+
+
+@dataclass
+class DetectorMap:
+    """The fine detector's probability map of one CT.
+
+    Attributes:
+        fine: the CT's lung box on the detector's grid.
+        prob: ``(D, H, W)`` probabilities on it.
+        spacing_mm: the detector's voxel size.
+    """
+
+    fine: FineGrid
+    prob: np.ndarray
+    spacing_mm: float
+
+    @classmethod
+    def of(cls, detector: FineDetector, volume: CTVolume, lungs: np.ndarray) -> DetectorMap:
+        """Run ``detector`` over ``volume``'s lungs."""
+        fine = to_fine_grid(volume, lungs, detector.config.spacing_mm)
+        return cls(fine, detect(detector, fine.hu), detector.config.spacing_mm)
+
+    def over(self, mask: np.ndarray, offset: tuple[int, int, int]) -> float:
+        """Maximum probability over a native mask crop (:func:`~.fine_detection.probability_over`)."""
+        return probability_over(self.prob, self.fine.grid, mask, offset)
+
+
+def detector_rows(
+    volume: CTVolume,
+    lungs: np.ndarray,
+    dmap: DetectorMap,
+    group: str,
+    nodules: np.ndarray,
+    far: np.ndarray,
+    prefix: str = "",
+) -> CandidateSet:
+    """Rows of the detector's own candidates, refined as the explanation pipeline refines them.
+
+    A refined candidate that overlaps a nodule voxel is kind ``detector_nodule`` (label 1); one whose
+    centroid is ``far`` from every nodule is kind ``detector`` (label 0); the others (beside a nodule,
+    not on it) give no row.
+
+    Args:
+        volume: the CT.
+        lungs: its lung mask.
+        dmap: the detector's map of it.
+        group: study identifier.
+        nodules: ``(Z, Y, X)`` bool nodule voxels (all False for a negatives-only case).
+        far: ``(Z, Y, X)`` bool where a negative may lie.
+        prefix: prepended to the kinds (``"lidc_"``).
+    """
+    rows, ys, kinds, secs = [], [], [], []
+    cands = fine_candidates(dmap.prob, dmap.fine.lungs, dmap.spacing_mm)
+    for cand, _peak in cands:
+        refined = refine_candidate(volume, cand, dmap.fine.grid, REFINE_MARGIN_MM, lungs=lungs)
+        if refined is None:
+            continue
+        mask, off = refined
+        box = tuple(slice(o, o + n) for o, n in zip(off, mask.shape, strict=True))
+        if (mask & nodules[box]).any():
+            label, kind = 1, "detector_nodule"
+        elif far[tuple(np.rint(np.argwhere(mask).mean(0) + np.asarray(off)).astype(int))]:
+            label, kind = 0, "detector"
+        else:
+            continue
+        t1 = time.perf_counter()
+        rows.append(candidate_features(volume.hu, volume.spacing, mask, off, lungs, dmap.over(mask, off)))
+        secs.append(time.perf_counter() - t1)
+        ys.append(label)
+        kinds.append(prefix + kind)
+    return CandidateSet(
+        np.asarray(rows, float).reshape(-1, len(FEATURE_NAMES)),
+        np.asarray(ys, float),
+        np.asarray(kinds, dtype=object),
+        np.asarray([group] * len(ys), dtype=object),
+        {prefix + "detector": len(cands)},
+        secs,
+    )
 
 
 def read_synthetic_site(site_dir: str | Path) -> list[tuple[str, CTVolume, np.ndarray]]:
@@ -384,12 +481,22 @@ def lidc_negative_rows(
     config: SeedConfig,
     lungs: np.ndarray | None = None,
     group: str = "lidc",
+    detector: FineDetector | None = None,
 ) -> CandidateSet:
-    """Hard-negative rows of a real CT, seeded only where ``far & allowed``."""
+    """Hard-negative rows of a real CT, seeded only where ``far & allowed``.
+
+    With a fine detector, ``triage_probability`` is its maximum over each refined mask, and its own
+    candidates whose centroid lies where ``far & allowed`` are rows too (kind ``lidc_detector``).
+    """
     lungs = lung_mask(volume.hu) if lungs is None else lungs
+    dmap = DetectorMap.of(detector, volume, lungs) if detector is not None else None
     grid, shape = triage_grid(volume, config.grid_mm)
     pts = negative_points(volume, lungs, far, rng, config, allowed)
-    return seed_rows(volume, lungs, [(point_candidate(p, grid, shape), "lidc_" + k, 0) for p, k in pts], group, grid)
+    seeds = [(point_candidate(p, grid, shape), "lidc_" + k, 0) for p, k in pts]
+    out = seed_rows(volume, lungs, seeds, group, grid, detector=dmap)
+    if dmap is not None:
+        out.extend(detector_rows(volume, lungs, dmap, group, np.zeros(volume.shape, bool), far & allowed, "lidc_"))
+    return out
 
 
 def grouped_oof(
@@ -466,6 +573,7 @@ def train_candidate_filter(
     seed: int = 0,
     seeds: SeedConfig | None = None,
     config: CandidateFilterConfig | None = None,
+    detector: FineDetector | None = None,
     log: Log | None = None,
 ) -> CandidateFilter:
     """Build training rows (synthetic sites + LIDC negatives of the training slabs), fit, save.
@@ -477,6 +585,8 @@ def train_candidate_filter(
         seed: random seed of the negative points.
         seeds: seeding parameters.
         config: classifier hyper-parameters.
+        detector: the fine detector of the checkpoint the filter belongs beside: the filter is then
+            fitted on its probability (``triage_source`` ``"fine_detector"``) and on its own candidates.
         log: progress messages.
 
     Returns:
@@ -488,14 +598,14 @@ def train_candidate_filter(
     data = CandidateSet()
     for site in site_dirs:
         for uid, vol, lab in read_synthetic_site(site):
-            data.extend(synthetic_study_rows(vol, lab, uid, rng, sc, read_hard_negatives(site, vol)))
+            data.extend(synthetic_study_rows(vol, lab, uid, rng, sc, read_hard_negatives(site, vol), detector))
         say(f"{site}: {len(data.y)} candidates so far ({int(data.y.sum())} nodules)")
     for d in lidc_dirs:
         vol, marks, lab = read_lidc(d)
         far = lidc_far_mask(vol, marks, lab, sc.exclusion_mm)
         train_slabs, _ = lidc_slabs(vol)
         lidc_cfg = SeedConfig(**{**asdict(sc), "negatives_per_kind": 4 * sc.negatives_per_kind})
-        data.extend(lidc_negative_rows(vol, far, train_slabs, rng, lidc_cfg, group=f"lidc:{d}"))
+        data.extend(lidc_negative_rows(vol, far, train_slabs, rng, lidc_cfg, group=f"lidc:{d}", detector=detector))
         say(f"{d}: {len(data.y)} candidates so far")
     flt = fit_from_rows(data, config)
     if flt.metrics["n_positive"] < MIN_POSITIVES:
@@ -503,6 +613,8 @@ def train_candidate_filter(
             f"warning: only {flt.metrics['n_positive']} nodule rows; the operating threshold rests on a few "
             f"nodules (>= {MIN_POSITIVES} advised: add sites with nodules)"
         )
+    if detector is not None:
+        flt.triage_source = "fine_detector"
     flt.metrics["seeds"] = data.seeds
     flt.metrics["rows_by_kind"] = {str(k): int((data.kind == k).sum()) for k in np.unique(data.kind)}
     save_candidate_filter(flt, Path(out_dir) / "candidate_filter.json")

@@ -262,6 +262,12 @@ def _cli_cases() -> list[Case]:
             2,
             ("nomodel",),
         ),
+        (
+            "evaluate-fp-per-scan-zero",
+            argv("evaluate", "{tmp}", "--out", "{tmp}/o", "--finding-fp-per-scan", "0"),
+            2,
+            ("--finding-fp-per-scan", "0"),
+        ),
         ("import-lidc-missing", argv("data", "import-lidc", "{tmp}/nolidc", "--out", "{tmp}/o"), 2, ("nolidc",)),
         ("import-lidc-empty", argv("data", "import-lidc", "{tmp}", "--out", "{tmp}/o"), 2, ("no LIDC-IDRI XML",)),
         ("status-missing-db", argv("server", "status", "--db", "{tmp}/none.db"), 2, ("none.db",)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -210,10 +211,8 @@ def _chest() -> tuple[CTVolume, np.ndarray, np.ndarray]:
     return CTVolume(hu, (1.25, 1.25, 1.25)), ball, tube
 
 
-def test_analyse_candidates_filter_drops_the_tube_keeps_the_ball() -> None:
-    from lungvl_model.inference.explain import analyse_candidates
-
-    vol, ball, tube = _chest()
+def _coarse_seg_fn(ball: np.ndarray, tube: np.ndarray) -> Callable[[torch.Tensor], np.ndarray]:
+    """A triage map of :func:`_chest` on the 5 mm grid: 0.9 on the ball and on a 12-voxel piece of the tube."""
 
     def seg_fn(image: torch.Tensor) -> np.ndarray:
         prob = np.zeros(tuple(image.shape[2:]), np.float32)
@@ -221,6 +220,15 @@ def test_analyse_candidates_filter_drops_the_tube_keeps_the_ball() -> None:
             g = np.unique(np.rint(np.argwhere(m) * 1.25 / 5.0).astype(int), axis=0)
             prob[g[:, 0], g[:, 1], g[:, 2]] = 0.9
         return prob
+
+    return seg_fn
+
+
+def test_analyse_candidates_filter_drops_the_tube_keeps_the_ball() -> None:
+    from lungvl_model.inference.explain import analyse_candidates
+
+    vol, ball, tube = _chest()
+    seg_fn = _coarse_seg_fn(ball, tube)
 
     # a hand-set filter: round (elongation ~1) is a nodule, elongated (> 1.6) is not
     w = np.zeros(len(FEATURE_NAMES))

@@ -147,3 +147,15 @@ def test_evaluate_end_to_end(trained) -> None:
     assert 0.0 <= o["bleu4"] <= 1.0 and 0.0 <= o["rouge_l"] <= 1.0
     assert sum(map(sum, o["lung_rads_confusion"])) == o["n_studies"]
     assert "referral" in res["by_cohort"]
+
+
+def test_coronal_overlay_puts_the_head_at_the_top() -> None:
+    import numpy as np
+
+    from lungvl_model.data.volume import CTVolume
+    from lungvl_model.inference.render import coronal_origin
+
+    hu = np.zeros((4, 4, 4), np.float32)
+    assert coronal_origin(CTVolume(hu, (2.0, 1.0, 1.0))) == "lower"  # z towards the head: row 0 is the feet
+    feet_last = np.diag([1.0, 1.0, -1.0])  # the slice axis (third column) points to the feet
+    assert coronal_origin(CTVolume(hu, (2.0, 1.0, 1.0), direction=feet_last)) == "upper"

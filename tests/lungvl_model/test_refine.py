@@ -15,8 +15,10 @@ from lungvl_model.inference.findings import (
     GridMap,
     candidate_points,
     measure_finding,
+    merge_duplicates,
     refine_candidate,
     suppress_duplicates,
+    union_mask,
 )
 from lungvl_model.inference.refine import (
     RefineConfig,
@@ -278,6 +280,41 @@ def test_nms_without_masks_uses_diameter_sphere() -> None:
     assert suppress_duplicates([a, b]) == [a]  # 4 mm < a's longest diameter / 2
     b.centroid_lps = (a.centroid_lps[0] + 30.0, a.centroid_lps[1], a.centroid_lps[2])
     assert suppress_duplicates([a, b]) == [a, b]
+
+
+def test_union_mask_by_hand() -> None:
+    a = _finding((2, 2, 2), _cube(3), 0.9)  # voxels 2..4
+    b = _finding((3, 4, 2), _cube(2), 0.5)  # z 3..4, y 4..5, x 2..3
+    mask, offset = union_mask([a, b])
+    assert offset == (2, 2, 2) and mask.shape == (3, 4, 3)
+    assert int(mask.sum()) == 27 + 8 - 4  # the overlap z 3..4, y 4, x 2..3 counted once
+    assert mask[1:3, 3, 0:2].all() and not mask[0, 3, 0]
+    with pytest.raises(ValueError, match="union_mask"):
+        union_mask([])
+
+
+def test_merge_duplicates_measures_the_union_of_true_duplicates_only() -> None:
+    hu = np.full((40, 40, 40), -900.0, np.float32)
+    hu[5:15, 5:15, 5:15] = 40.0  # a 10 mm cube "nodule"
+    vol = CTVolume(hu, (1.0, 1.0, 1.0))
+    left = np.zeros((10, 10, 10), bool)
+    left[:, :, :7] = True  # one proposal's refinement cut it at x = 12
+    right = np.zeros((10, 10, 10), bool)
+    right[:, :, 3:] = True  # the other's at x = 8
+    a, b = measure_finding(vol, left, (5, 5, 5), 0.9), measure_finding(vol, right, (5, 5, 5), 0.8)
+    a.nodule_probability = 0.7
+    far = measure_finding(vol, _cube(2), (30, 30, 30), 0.4)
+    kept = suppress_duplicates([a, b, far])
+    assert kept == [a, far]
+    merged = merge_duplicates(kept, [a, b, far], vol)
+    assert merged[1] is far  # nothing to merge
+    assert merged[0].volume_mm3 > a.volume_mm3 and merged[0].mask is not None and int(merged[0].mask.sum()) == 1000
+    assert merged[0].nodule_probability == 0.7 and merged[0].model_probability == 0.9
+    # only an overlap above max_overlap of the smaller mask merges: a 2x2x2 block across a's cut (x 11..12,
+    # half of it in a's mask) is beside the nodule's proposal, not a duplicate; across it by 3/4 it is
+    half = measure_finding(vol, _cube(2), (9, 9, 11), 0.3)
+    assert merge_duplicates([a], [a, half], vol)[0] is a
+    assert merge_duplicates([a], [a, half], vol, max_overlap=0.4)[0].mask.sum() == 700 + 4
 
 
 def test_candidate_points_weighted_centroid_in_lps() -> None:
