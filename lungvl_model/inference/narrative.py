@@ -18,6 +18,7 @@ their attention heatmap alone (box: the heatmap above half its maximum, in LPS m
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -78,6 +79,18 @@ class Sentence:
         return {k: v for k, v in self.__dict__.items() if k not in ("heatmap", "attention_heatmap")}
 
 
+_BARE_MARKER = re.compile(r"\s*(?:\d{1,2}[.)]|[-*•])\s*")
+
+
+def is_bare_marker(text: str) -> bool:
+    """True for a "sentence" that is only a list marker ("1.", "2)", "-").
+
+    That is what is left of an IMPRESSION item when the decoder's repeat of it is cut off (greedy "1. 1."
+    stops at the repeat); it states nothing and is not part of the report.
+    """
+    return _BARE_MARKER.fullmatch(text) is not None
+
+
 def is_key_sentence(text: str) -> bool:
     """True when the labeler reads a clinical fact from the sentence."""
     lab = label_report(text)
@@ -130,7 +143,7 @@ def build_sentences(
         if b <= a:
             continue
         sent = text[cs:ce].strip()
-        if not sent:
+        if not sent or is_bare_marker(sent):
             continue
         h = ent[a:b].mean().item()
         heat = None
@@ -372,8 +385,8 @@ def write_findings_report(
     def best(select: list[int], section: str, kind: str, index: int | None, limit: int | None) -> list[Sentence]:
         """The greedy sentences, or when the fact check faults them the best sampled ones."""
         chosen = decode(select, section, kind)[0][:limit]
-        if verify is None or not nbest.candidates or not chosen:
-            return chosen
+        if verify is None or not nbest.candidates:
+            return chosen  # (an empty greedy text, e.g. an IMPRESSION cut to a bare "1.", is checked: it misses facts)
         counts = [verify([c.text for c in chosen], index, section)]
         if counts[0][:3] == (0, 0, 0):  # nothing contradicted, unsupported or missing
             return chosen

@@ -14,6 +14,7 @@ from lungvl_model.inference.narrative import (
     compose_report,
     finding_attributes,
     finding_mask_on_grid,
+    is_bare_marker,
     pick_checked,
     write_findings_report,
 )
@@ -107,6 +108,13 @@ def test_compose_report() -> None:
     text = compose_report(["62-year-old female."], [s("A 6 mm nodule."), s("A 4 mm nodule.")], [s("1. Lung-RADS 2.")])
     assert text == "EXAM: 62-year-old female.\nFINDINGS:\nA 6 mm nodule. A 4 mm nodule.\nIMPRESSION:\n1. Lung-RADS 2."
     assert compose_report([], [s("No nodules.")], []) == "FINDINGS:\nNo nodules.\nIMPRESSION:\n"
+
+
+def test_bare_list_markers_are_not_sentences() -> None:
+    for t in ("1.", " 2) ", "-", "12."):
+        assert is_bare_marker(t), t
+    for t in ("1. 5 mm solid nodule in the LUL.", "No pulmonary nodules.", "1.5", "A."):
+        assert not is_bare_marker(t), t
 
 
 def test_pick_checked_prefers_fewer_faults_then_support_then_entropy() -> None:
