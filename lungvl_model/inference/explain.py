@@ -47,13 +47,7 @@ from lungvl_model.inference.findings import (
     refine_candidate,
     suppress_duplicates,
 )
-from lungvl_model.inference.fine_detection import (
-    REFINE_MARGIN_MM,
-    detect,
-    fine_candidates,
-    probability_over,
-    to_fine_grid,
-)
+from lungvl_model.inference.fine_detection import REFINE_MARGIN_MM, DetectorMap
 from lungvl_model.inference.narrative import (
     CheckedDecoding,
     Sentence,
@@ -205,17 +199,15 @@ def analyse_candidates(
     measured: list[Finding] = []
     detector_p: list[float] = []  # the fine detector's maximum over each measured candidate's mask
     proposals = [(cand, p, grid, None) for cand, p in candidates(prob, prob_threshold)]
-    if fine_detector is not None:
-        fine = to_fine_grid(volume, lungs, fine_detector.config.spacing_mm)
-        fine_prob = detect(fine_detector, fine.hu)
-        fine_cands = fine_candidates(fine_prob, fine.lungs, fine_detector.config.spacing_mm)
-        proposals += [(cand, p, fine.grid, REFINE_MARGIN_MM) for cand, p in fine_cands]
+    dmap = DetectorMap.of(fine_detector, volume, lungs) if fine_detector is not None else None
+    if dmap is not None:
+        proposals += [(cand, p, dmap.fine.grid, REFINE_MARGIN_MM) for cand, p in dmap.candidates()]
     for cand, p, on, margin in proposals:
         refined = refine_candidate(volume, cand, on, margin, lungs=lungs)
         if refined is not None:
             measured.append(measure_finding(volume, *refined, p))
-            if fine_detector is not None:
-                detector_p.append(probability_over(fine_prob, fine.grid, refined[0], refined[1]))
+            if dmap is not None:
+                detector_p.append(dmap.over(*refined))
     if candidate_filter is None:
         findings = suppress_duplicates(measured)  # two triage components refined onto the same nodule
         findings = merge_duplicates(findings, measured, volume)
@@ -224,7 +216,7 @@ def analyse_candidates(
         if fine_detector is not None:  # the fine candidates too, scored by their proposer
             points = [(f.centroid_lps, f.model_probability) for f in findings]
     else:
-        detector_probability = detector_p if fine_detector is not None else None
+        detector_probability = detector_p if dmap is not None else None
         score_candidates(measured, volume, lungs, candidate_filter, detector_probability=detector_probability)
         scored = suppress_duplicates(measured, [f.nodule_probability or 0.0 for f in measured])
         scored = merge_duplicates(scored, measured, volume)  # one nodule, two proposals: measured on both masks

@@ -252,8 +252,8 @@ def merge_duplicates(
     by their proposal's box plus a margin, so each may cut off a different part of a large nodule
     (LIDC-IDRI-0001's 25 mm nodule: 0.91 and 0.86 of the readers' volume). A suppressed finding is a
     duplicate of the first (highest-scored) kept one whose mask it overlaps by more than ``max_overlap``
-    of the smaller mask (the centroid-inside rule of :func:`suppress_duplicates` alone, e.g. a vessel
-    stub beside a nodule, does not merge). The merged finding keeps the kept one's proposer probability
+    of the smaller mask (the centroid-inside rule of :func:`suppress_duplicates` alone, e.g. a short vessel
+    segment beside a nodule, does not merge). The merged finding keeps the kept one's proposer probability
     and filter score; its measurements (and mask) come from the union.
 
     Args:

@@ -204,3 +204,35 @@ def probability_over(prob: np.ndarray, grid: GridMap, mask: np.ndarray, offset: 
         return 0.0
     i = idx[inside]
     return float(prob[i[:, 0], i[:, 1], i[:, 2]].max())
+
+
+@dataclass
+class DetectorMap:
+    """The fine detector's probability map of one CT: what the pipeline proposes and scores with.
+
+    One place for the explanation pipeline and the candidate filter's training, so the filter is fitted on
+    exactly the values it will be given.
+
+    Attributes:
+        fine: the CT's lung box on the detector's grid.
+        prob: ``(D, H, W)`` probabilities on it.
+        spacing_mm: the detector's voxel size.
+    """
+
+    fine: FineGrid
+    prob: np.ndarray
+    spacing_mm: float
+
+    @classmethod
+    def of(cls, detector: FineDetector, volume: CTVolume, lungs: np.ndarray) -> DetectorMap:
+        """Run ``detector`` by sliding window over ``volume``'s lungs (``lungs``: its lung mask)."""
+        fine = to_fine_grid(volume, lungs, detector.config.spacing_mm)
+        return cls(fine, detect(detector, fine.hu), detector.config.spacing_mm)
+
+    def candidates(self) -> list[tuple[np.ndarray, float]]:
+        """Its proposals (:func:`fine_candidates` with the defaults), masks on :attr:`fine`'s grid."""
+        return fine_candidates(self.prob, self.fine.lungs, self.spacing_mm)
+
+    def over(self, mask: np.ndarray, offset: tuple[int, int, int]) -> float:
+        """Maximum probability over a native mask crop (:func:`probability_over`)."""
+        return probability_over(self.prob, self.fine.grid, mask, offset)

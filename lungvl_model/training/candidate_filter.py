@@ -51,14 +51,7 @@ from lungvl_model.inference.candidate_filter import (
     save_candidate_filter,
 )
 from lungvl_model.inference.findings import GridMap, refine_candidate
-from lungvl_model.inference.fine_detection import (
-    REFINE_MARGIN_MM,
-    FineGrid,
-    detect,
-    fine_candidates,
-    probability_over,
-    to_fine_grid,
-)
+from lungvl_model.inference.fine_detection import REFINE_MARGIN_MM, DetectorMap
 from lungvl_model.models.fine_detector import FineDetector
 
 Log = Callable[[str], None]
@@ -297,31 +290,6 @@ def synthetic_study_rows(
     return out
 
 
-@dataclass
-class DetectorMap:
-    """The fine detector's probability map of one CT.
-
-    Attributes:
-        fine: the CT's lung box on the detector's grid.
-        prob: ``(D, H, W)`` probabilities on it.
-        spacing_mm: the detector's voxel size.
-    """
-
-    fine: FineGrid
-    prob: np.ndarray
-    spacing_mm: float
-
-    @classmethod
-    def of(cls, detector: FineDetector, volume: CTVolume, lungs: np.ndarray) -> DetectorMap:
-        """Run ``detector`` over ``volume``'s lungs."""
-        fine = to_fine_grid(volume, lungs, detector.config.spacing_mm)
-        return cls(fine, detect(detector, fine.hu), detector.config.spacing_mm)
-
-    def over(self, mask: np.ndarray, offset: tuple[int, int, int]) -> float:
-        """Maximum probability over a native mask crop (:func:`~.fine_detection.probability_over`)."""
-        return probability_over(self.prob, self.fine.grid, mask, offset)
-
-
 def detector_rows(
     volume: CTVolume,
     lungs: np.ndarray,
@@ -347,7 +315,7 @@ def detector_rows(
         prefix: prepended to the kinds (``"lidc_"``).
     """
     rows, ys, kinds, secs = [], [], [], []
-    cands = fine_candidates(dmap.prob, dmap.fine.lungs, dmap.spacing_mm)
+    cands = dmap.candidates()
     for cand, _peak in cands:
         refined = refine_candidate(volume, cand, dmap.fine.grid, REFINE_MARGIN_MM, lungs=lungs)
         if refined is None:

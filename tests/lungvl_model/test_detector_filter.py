@@ -92,14 +92,14 @@ def test_scoring_feeds_what_the_filter_was_fitted_on() -> None:
 
 def test_analyse_candidates_scores_every_candidate_by_the_detector_map(monkeypatch: pytest.MonkeyPatch) -> None:
     """A coarse candidate on the ball and one on the tube; the detector map lights the ball only."""
-    from lungvl_model.inference import explain
+    from lungvl_model.inference import explain, fine_detection
 
     vol, ball, tube = _chest()
     fine = to_fine_grid(vol, lung_mask(vol.hu), 2.0)
     hand = np.zeros(fine.hu.shape, np.float32)
     c = np.rint(fine.grid.src_to_model(np.array([24.0, 48.0, 38.0]))).astype(int)
     hand[c[0], c[1], c[2]] = 0.45  # below the proposal threshold: no fine candidate, only the map
-    monkeypatch.setattr(explain, "detect", lambda _det, hu: hand if hu.shape == hand.shape else None)
+    monkeypatch.setattr(fine_detection, "detect", lambda _det, hu: hand if hu.shape == hand.shape else None)
 
     seg_fn = _coarse_seg_fn(ball, tube)
     det = SimpleNamespace(config=SimpleNamespace(spacing_mm=2.0))
@@ -124,7 +124,8 @@ def test_explain_parts_refuses_a_detector_filter_without_its_detector(tmp_path: 
 
 
 def test_detector_rows_label_by_overlap_and_distance() -> None:
-    from lungvl_model.training.candidate_filter import DetectorMap, detector_rows
+    from lungvl_model.inference.fine_detection import DetectorMap
+    from lungvl_model.training.candidate_filter import detector_rows
 
     vol, ball, tube = _chest()
     lungs = lung_mask(vol.hu)
