@@ -5,7 +5,8 @@ several signals (:class:`DeferralSignals`):
 
 * **hard rules** (:class:`DeferralPolicy`): any text–finding contradiction or unsupported fact found by
   the fact check, and a model Lung-RADS that disagrees with the rule engine, defer outright (each can be
-  relaxed or switched off in the policy);
+  relaxed or switched off in the policy; the disagreement rule is switched off by :func:`fit_policy` when
+  the validation reports show it uninformative or alone over the deferral budget);
 * a **learned score** for the rest (:class:`LearnedScore`): an L2-regularised logistic regression of
   "the report is wrong" on standardised features (key-sentence entropy, borderline size, calibrated
   malignancy probability and its uncertainty), fitted on the validation split by :func:`fit_policy` and
@@ -37,6 +38,7 @@ __all__ = [
     "LearnedScore",
     "decide",
     "deferral_score",
+    "disagreement_rule_holds",
     "features",
     "fit_policy",
     "hard_reasons",
@@ -365,11 +367,12 @@ def fit_policy(
 ) -> tuple[DeferralPolicy, dict[str, Any]]:
     """Fit the learned score and its threshold on validation reports.
 
-    The hard rules of ``base`` (default :class:`DeferralPolicy`) are applied first. The logistic score is
-    fitted on the reports they keep (it needs at least one right and one wrong report there; else the
-    policy has no learned score). Its threshold is the candidate (a score value, or "never") that gives the
-    lowest error among all kept validation reports, with total deferrals (hard + learned) at most
-    ``floor(max_deferral_rate * N)``; ties go to fewer deferrals.
+    The hard rules of ``base`` (default :class:`DeferralPolicy`) are applied first; the Lung-RADS
+    disagreement rule only where the validation reports support it (:func:`disagreement_rule_holds`).
+    The logistic score is fitted on the reports they keep (it needs at least one right and one wrong
+    report there; else the policy has no learned score). Its threshold is the candidate (a score value,
+    or "never") that gives the lowest error among all kept validation reports, with total deferrals
+    (hard + learned) at most ``floor(max_deferral_rate * N)``; ties go to fewer deferrals.
 
     Args:
         signals: ``N`` reports' signals.
@@ -380,7 +383,8 @@ def fit_policy(
 
     Returns:
         ``(policy, summary)``; ``summary`` holds ``n``, ``n_hard``, ``n_learned``, ``deferral_rate``,
-        ``error_all``, ``error_kept`` and ``note`` (why there is no learned score or threshold, or "").
+        ``error_all``, ``error_kept``, ``lung_rads_disagreement`` (the rule's validation check) and
+        ``note`` (why there is no learned score or threshold, or "").
 
     Raises:
         ValueError: ``N == 0``, a length mismatch, non-boolean ``wrong``, or invalid ``l2`` / rate.
@@ -394,10 +398,20 @@ def fit_policy(
     _number("l2", l2, 0.0, math.inf)
     policy = dataclasses.replace(base or DeferralPolicy(), max_deferral_rate=max_deferral_rate, learned=None)
     n = y.size
+    disagreement: dict[str, Any] = {"rule": policy.defer_on_lung_rads_disagreement}
+    if policy.defer_on_lung_rads_disagreement:
+        keep, disagreement = disagreement_rule_holds(signals, y, max_deferral_rate)
+        policy = dataclasses.replace(policy, defer_on_lung_rads_disagreement=keep)
     hard = np.array([bool(hard_reasons(s, policy)) for s in signals])
     budget = math.floor(max_deferral_rate * n + 1e-9) - int(hard.sum())
     rest = ~hard
-    summary: dict[str, Any] = {"n": n, "n_hard": int(hard.sum()), "error_all": float(y.mean()), "note": ""}
+    summary: dict[str, Any] = {
+        "n": n,
+        "n_hard": int(hard.sum()),
+        "error_all": float(y.mean()),
+        "note": "",
+        "lung_rads_disagreement": disagreement,
+    }
     learned_defer = np.zeros(n, dtype=bool)
     if y[rest].all() or not y[rest].any():
         summary["note"] = "the reports kept by the hard rules are all right or all wrong: no learned score"
@@ -442,6 +456,52 @@ def fit_policy(
         error_kept=_kept_error(y, deferred),
     )
     return policy, summary
+
+
+def disagreement_rule_holds(
+    signals: Sequence[DeferralSignals], wrong: np.ndarray, max_deferral_rate: float
+) -> tuple[bool, dict[str, Any]]:
+    """Whether the "model Lung-RADS disagrees with the rule engine" hard rule earns its place on validation.
+
+    The rule stays on unless the validation reports show it is uninformative or alone over budget: it is
+    switched off when the reports that disagree are not more often wrong than those that agree (a model
+    head that gives every study one category disagrees with the rule engine on nearly every report, right
+    or wrong), or when it alone would defer more than ``max_deferral_rate`` of them. With no disagreement
+    on validation there is no evidence against it and it stays on.
+
+    Args:
+        signals: ``N`` validation reports' signals.
+        wrong: ``(N,)`` bool, the report is wrong.
+        max_deferral_rate: the deferral budget in (0, 1].
+
+    Returns:
+        ``(keep, summary)``; ``summary`` holds ``rule`` (the decision), ``disagreeing``, ``n``, the error
+        among disagreeing and agreeing reports (NaN when none) and ``why``.
+    """
+    dis = np.array([bool(s.lung_rads_disagreement) for s in signals])
+    y = np.asarray(wrong, dtype=bool)
+    n_dis = int(dis.sum())
+    err_dis = float(y[dis].mean()) if n_dis else math.nan
+    err_agree = float(y[~dis].mean()) if n_dis < y.size else math.nan
+    out: dict[str, Any] = {
+        "n": int(y.size),
+        "disagreeing": n_dis,
+        "error_disagreeing": err_dis,
+        "error_agreeing": err_agree,
+    }
+    if n_dis == 0:
+        return True, {**out, "rule": True, "why": "no validation report disagrees: kept"}
+    if n_dis > math.floor(max_deferral_rate * y.size + 1e-9):
+        why = f"it alone defers {n_dis} of {y.size} validation reports, over the {max_deferral_rate:g} budget: off"
+        return False, {**out, "rule": False, "why": why}
+    if n_dis == y.size or not err_dis > err_agree:
+        why = (
+            f"disagreeing reports are wrong {err_dis:.2f} of the time, agreeing ones {err_agree:.2f}: "
+            "uninformative, off"
+        )
+        return False, {**out, "rule": False, "why": why}
+    why = f"disagreeing reports are wrong {err_dis:.2f} of the time, agreeing ones {err_agree:.2f}: kept"
+    return True, {**out, "rule": True, "why": why}
 
 
 def _kept_error(wrong: np.ndarray, deferred: np.ndarray) -> float:

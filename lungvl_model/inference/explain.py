@@ -57,6 +57,7 @@ from lungvl_model.inference.narrative import (
     write_findings_report,
 )
 from lungvl_model.inference.report_review import policy_for, review_report
+from lungvl_model.inference.size_constraint import restated_start
 from lungvl_model.models.fine_detector import FineDetector
 from lungvl_model.models.fusion import TokenLayout
 from lungvl_model.models.nodule_risk import NoduleRiskHead
@@ -330,15 +331,21 @@ def explain_study(
     text, sentences, found, impression = "", [], [], []
     if with_text:
 
-        def verify(texts: list[str], index: int | None, section: str) -> tuple[int, int, int, int]:
+        def read_back(texts: list[str], index: int | None, section: str) -> FactCheck:
             probes = [
                 Sentence(text=t, tokens=(0, 0), mean_entropy=0.0, confidence=1.0, key=True, low_confidence=False,
                          nodule=index, section=section)
                 for t in texts
             ]  # fmt: skip
-            check = check_report(
+            return check_report(
                 probes, findings, facts, rule_lung_rads=rule, has_prior=prior is not None, emphysema_index=emph
             )
+
+        def restate(texts: list[str], index: int | None, section: str) -> str | None:
+            return restated_start(texts, read_back(texts, index, section), findings)
+
+        def verify(texts: list[str], index: int | None, section: str) -> tuple[int, int, int, int]:
+            check = read_back(texts, index, section)
             kinds = [v.verdict for v in check.verdicts]
             said = {v.fact for v in check.verdicts if v.verdict == "supported" and v.finding in (index, None)}
             if index is not None:  # a finding sentence states its finding's size and lobe
@@ -349,7 +356,7 @@ def explain_study(
 
         found, impression = write_findings_report(
             model, vis, vt, layout, findings, grid=grid, volume=volume, grid_shape=shape, threshold=thr,
-            max_new_tokens=n_new, verify=verify, checked=checked,
+            max_new_tokens=n_new, verify=verify, checked=checked, restate=restate,
         )  # fmt: skip
         sentences = found + impression
         text = compose_report(exam, found, impression)

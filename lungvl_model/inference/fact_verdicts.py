@@ -133,9 +133,14 @@ def _stated_types(n: LabeledNodule, text: str) -> str | None:
 
 
 def _size_match(dims: tuple[float, ...], f: Finding, cfg: FactCheckConfig) -> tuple[bool, Any]:
-    """Whether stated dims match finding ``f``, and the measured value(s) compared."""
+    """Whether stated dims match finding ``f``, and the measured value(s) compared.
+
+    One number is a nodule's size: its mean diameter (Lung-RADS v2022) or its longest diameter (the common
+    habit), never the short axis alone (a 31 x 26 mm nodule is not "a 23 mm nodule"). Two numbers are the
+    longest and short axes.
+    """
     if len(dims) == 1:
-        measured = (f.longest_diameter_mm, f.short_axis_mm, f.mean_diameter_mm)
+        measured = (f.longest_diameter_mm, f.mean_diameter_mm)
         best = min(measured, key=lambda m: abs(m - dims[0]))
         return cfg.size_close(dims[0], best), round(best, 1)
     big, small = max(dims), min(dims)

@@ -202,6 +202,15 @@ def finding_mask_on_grid(finding: Finding, grid: GridMap, shape: tuple[int, int,
 #: text would state and these do not (e.g. a finding sentence without the finding's size or lobe).
 SentenceVerifier = Callable[[list[str], int | None, str], tuple[int, int, int, int]]
 
+#: ``(sentence texts, finding index or None, section) -> forced beginning or None``: where to restart a text
+#: whose stated size the fact check contradicts (the text up to that size, rewritten to the grounded
+#: finding's measurement; :func:`~lungvl_model.inference.size_constraint.restate_size`), None when no
+#: contradicted size can be restated.
+SizeRestater = Callable[[list[str], int | None, str], str | None]
+
+#: Size-constrained re-decodings tried per finding sentence or IMPRESSION (one per contradicted size).
+MAX_RESTATED_SIZES = 3
+
 
 @dataclass(frozen=True)
 class CheckedDecoding:
@@ -314,6 +323,7 @@ def write_findings_report(
     max_new_tokens: int,
     verify: SentenceVerifier | None = None,
     checked: CheckedDecoding | None = None,
+    restate: SizeRestater | None = None,
 ) -> tuple[list[Sentence], list[Sentence]]:
     """FINDINGS one finding at a time (ranked order), then the IMPRESSION from all finding slots.
 
@@ -331,6 +341,11 @@ def write_findings_report(
         verify: the fact check of a finding sentence; with it, a faulted greedy finding sentence is
             replaced by the best of ``checked.candidates`` sampled ones (:class:`CheckedDecoding`).
         checked: the N-best settings (default :class:`CheckedDecoding`).
+        restate: with ``verify``: when the best sentence still states a size the fact check contradicts, it
+            is decoded again with its beginning forced up to that size, restated as the measurement (in
+            the unit and precision the decoder wrote; :mod:`~lungvl_model.inference.size_constraint`), the
+            rest written by the decoder; the re-decoded text competes with the others by the same order
+            (``decoding`` ``"size-constrained"``). At most :data:`MAX_RESTATED_SIZES` re-decodings.
 
     Returns:
         ``(finding sentences, impression sentences)``: one sentence per slotted finding (none for a
@@ -355,8 +370,10 @@ def write_findings_report(
     nbest = checked or CheckedDecoding()
     sampler = torch.Generator(device="cpu").manual_seed(nbest.seed)
 
-    def decode(select: list[int], section: str, kind: str, rows: int = 0) -> list[list[Sentence]]:
-        """Greedy sentences (``rows = 0``), or ``rows`` sampled generations; one sentence list per row."""
+    def decode(
+        select: list[int], section: str, kind: str, rows: int = 0, forced: list[int] | None = None
+    ) -> list[list[Sentence]]:
+        """Greedy sentences (``rows = 0``, after the ``forced`` ids if any), or ``rows`` sampled generations."""
         sel = torch.zeros(1, p, dtype=torch.bool, device=device)
         sel[0, select] = True
         memory, mem_mask = slot_memory(slots, visual_tokens, sel)
@@ -369,7 +386,10 @@ def write_findings_report(
                 temperature=nbest.temperature, top_k=nbest.top_k, generator=sampler,
             )  # fmt: skip
         else:
-            gen = model.decoder.generate(memory, max_new_tokens=max_new_tokens, visual_mask=mem_mask, prefix=prefix)
+            gen = model.decoder.generate(
+                memory, max_new_tokens=max_new_tokens, visual_mask=mem_mask, prefix=prefix,
+                forced=None if forced is None else [forced],
+            )  # fmt: skip
         gen = replace(gen, cross_attention=gen.cross_attention[..., p:])  # attention over the visual tokens
         out = []
         for r in range(max(1, rows)):
@@ -383,19 +403,41 @@ def write_findings_report(
         return out
 
     def best(select: list[int], section: str, kind: str, index: int | None, limit: int | None) -> list[Sentence]:
-        """The greedy sentences, or when the fact check faults them the best sampled ones."""
+        """The greedy sentences, or when the fact check faults them the best sampled or size-constrained ones."""
         chosen = decode(select, section, kind)[0][:limit]
-        if verify is None or not nbest.candidates:
+        if verify is None or not (nbest.candidates or restate):
             return chosen  # (an empty greedy text, e.g. an IMPRESSION cut to a bare "1.", is checked: it misses facts)
         counts = [verify([c.text for c in chosen], index, section)]
         if counts[0][:3] == (0, 0, 0):  # nothing contradicted, unsupported or missing
             return chosen
-        options = [chosen, *(row[:limit] for row in decode(select, section, kind, rows=nbest.candidates) if row)]
-        counts += [verify([c.text for c in o], index, section) for o in options[1:]]
+        options, labels = [chosen], ["greedy"]
+        if nbest.candidates:
+            options += [row[:limit] for row in decode(select, section, kind, rows=nbest.candidates) if row]
+            counts += [verify([c.text for c in o], index, section) for o in options[1:]]
+            n_sampled = len(options) - 1
+            labels = [
+                f"greedy ({n_sampled} sampled, none better)",
+                *(f"sampled {r}/{n_sampled}" for r in range(1, len(options))),
+            ]
         rank = pick_checked(counts, [_mean_entropy(o) for o in options])
-        label = f"sampled {rank}/{len(options) - 1}" if rank else f"greedy ({len(options) - 1} sampled, none better)"
+        current = options[rank]
+        for _ in range(MAX_RESTATED_SIZES if restate is not None and counts[rank][0] else 0):
+            assert restate is not None
+            start = restate([c.text for c in current], index, section)
+            ids = model.tokenizer(start, add_special_tokens=False)["input_ids"] if start else []
+            if not ids or len(ids) >= max_new_tokens:
+                break
+            current = decode(select, section, kind, forced=list(ids))[0][:limit]
+            if not current:
+                break
+            options.append(current)
+            counts.append(verify([c.text for c in current], index, section))
+            labels.append("size-constrained")
+            if not counts[-1][0]:
+                break
+        rank = pick_checked(counts, [_mean_entropy(o) for o in options])
         for c in options[rank]:
-            c.decoding = label
+            c.decoding = labels[rank]
         return options[rank]
 
     finding_sentences: list[Sentence] = []

@@ -11,7 +11,7 @@ per-sentence confidence).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,6 +306,7 @@ class ReportDecoder(nn.Module):
         no_repeat_ngram: int = 3,
         stop_repeated_sentence: bool = True,
         prefix: Tensor | None = None,
+        forced: Sequence[Sequence[int]] | None = None,
     ) -> Generation:
         """Write reports token by token (greedy when ``temperature == 0``, else sampling).
 
@@ -329,6 +330,9 @@ class ReportDecoder(nn.Module):
             no_repeat_ngram: n of the n-gram blocking (0 switches it off; 1 would ban every used token).
             stop_repeated_sentence: stop a row when a sentence repeats.
             prefix: (B, E) vector added to the ``<bos>`` embedding (see :meth:`forward`).
+            forced: per row, the ids of its first generated tokens (constrained decoding: a row goes on
+                from them by the rule above); their probabilities and entropies are still the model's.
+                The forced ids are exempt from the n-gram ban but count for later steps.
 
         Returns:
             :class:`Generation`.
@@ -344,6 +348,12 @@ class ReportDecoder(nn.Module):
         eos = self.eos_id if eos_id is None else eos_id
         device = next(self.parameters()).device
         b = batch_size if visual_tokens is None else visual_tokens.shape[0]
+        force = [list(f) for f in forced] if forced is not None else [[] for _ in range(b)]
+        vocab = self.lm.config.vocab_size
+        if len(force) != b or any(not 0 <= t < vocab for f in force for t in f):
+            raise ValueError(f"forced must hold one list of ids in [0, {vocab}) per row ({b}), got {forced!r}")
+        if max(map(len, force), default=0) > max_new_tokens:
+            raise ValueError(f"forced ids ({max(map(len, force))}) exceed max_new_tokens={max_new_tokens}")
         ids = torch.full((b, 1), bos, dtype=torch.long, device=device)
         self._check(ids, visual_tokens)
         done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -357,7 +367,7 @@ class ReportDecoder(nn.Module):
         self.eval()
         try:
             with attention_implementation(self, "eager"):
-                for _ in range(max_new_tokens):
+                for step in range(max_new_tokens):
                     out = self._transformer(ids, None, visual_tokens, visual_mask, visual_tokens is not None, prefix)
                     logits = self.lm.lm_head(out.last_hidden_state[:, -1]).float()  # (B, V)
                     logp = F.log_softmax(logits, dim=-1)
@@ -369,6 +379,9 @@ class ReportDecoder(nn.Module):
                             if bans:
                                 choice[r, bans] = float("-inf")
                     tok = _choose(choice, temperature, top_k, generator)
+                    for r, f in enumerate(force):
+                        if step < len(f):
+                            tok[r] = f[step]
                     live = ~done
                     tok = torch.where(live, tok, torch.full_like(tok, self.pad_id))
                     p = logp.gather(1, tok[:, None])[:, 0].exp()

@@ -3,8 +3,10 @@
 Per finding, :class:`NoduleRiskHead` predicts a malignancy logit from the nodule's pooled fine features,
 its measured Brock inputs (and the patient's where known) and the Brock model 2b logit of those inputs
 (:mod:`lungvl_model.models.nodule_features`), never from the generated text. With ``residual=True``
-(the default) the head outputs ``brock_logit + correction`` and the correction's last layer starts at
-zero, so an untrained head *is* Brock and training moves away from it only where the data says so.
+(the default) the head outputs ``brock_logit + correction_scale * correction`` and the correction's last
+layer starts at zero, so an untrained head *is* Brock and training moves away from it only where the data
+says so; ``correction_scale`` is chosen out of fold on the training nodules, so a correction that does
+not help held-out nodules is shrunk towards Brock (to Brock itself at 0).
 
 Measured on held-out synthetic studies (133 nodules, 21 malignant; encoder of a short ssl or seg
 run): the residual head with the native margin profile reached a per-nodule AUC of
@@ -82,6 +84,9 @@ class NoduleRiskConfig:
         use_margin: feed the margin profile.
         neighbourhood: pooling cube half-width around the nodule centre (model voxels).
         empty_study_probability: study risk when it has no finding.
+        correction_scale: residual mode only: logit = Brock logit + ``correction_scale`` × correction, in
+            [0, 1]. Training picks it out of fold (:func:`~lungvl_model.training.nodule_risk.choose_correction_scale`):
+            0 when the learned correction does not rank held-out nodules better than Brock alone.
     """
 
     feature_channels: int = 32
@@ -95,6 +100,7 @@ class NoduleRiskConfig:
     use_margin: bool = True
     neighbourhood: int = 1
     empty_study_probability: float = 0.0
+    correction_scale: float = 1.0
 
     def __post_init__(self) -> None:
         """Validate.
@@ -128,6 +134,12 @@ class NoduleRiskConfig:
             raise ValueError(
                 f"NoduleRiskConfig.empty_study_probability must be in [0, 1), got {self.empty_study_probability}"
             )
+        scale = self.correction_scale
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0.0 <= float(scale) <= 1.0:
+            raise ValueError(f"NoduleRiskConfig.correction_scale must be a number in [0, 1], got {scale!r}")
+        if not self.residual and scale != 1.0:
+            raise ValueError(f"correction_scale applies to the residual head only, got {scale!r} with residual=False")
+        object.__setattr__(self, "correction_scale", float(scale))
 
     @property
     def pooled_dim(self) -> int:
@@ -168,7 +180,7 @@ class NoduleRiskOutput:
 
     Attributes:
         logit: ``(N,)`` malignancy logit.
-        correction: ``(N,)`` the MLP's output (``logit - brock_logit`` when residual).
+        correction: ``(N,)`` the MLP's output (``(logit - brock_logit) / correction_scale`` when residual).
         brock_logit: ``(N,)`` the Brock logit it was given.
     """
 
@@ -253,7 +265,7 @@ class NoduleRiskHead(nn.Module):
         if self.config.use_features:
             parts.insert(0, z[:, :k])
         correction = self.mlp(torch.cat(parts, dim=1))[:, 0]
-        logit = brock_logit + correction if self.config.residual else correction
+        logit = brock_logit + self.config.correction_scale * correction if self.config.residual else correction
         return NoduleRiskOutput(logit=logit, correction=correction, brock_logit=brock_logit)
 
 

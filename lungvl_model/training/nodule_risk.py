@@ -3,13 +3,16 @@
 Examples: :func:`~lungvl_model.training.nodule_examples.collect_examples` (labelled nodules with
 pooled features, true and measured inputs). Training uses either or both input copies of each nodule
 (``RiskTrainConfig.inputs``). Loss: BCE with ``pos_weight`` (``n_negative / n_positive`` by default),
-full batch, AdamW, seeded. :func:`run_risk_stage` (``lungvl train --stage risk --init CKPT``) copies
+full batch, AdamW, seeded. The residual head's ``correction_scale`` is chosen out of fold
+(:func:`choose_correction_scale`: folds by study, ranked by the held-out AUC on the measured inputs) before
+the final head is trained on every nodule. :func:`run_risk_stage` (``lungvl train --stage risk --init CKPT``) copies
 the checkpoint to ``<out>/checkpoint``, trains, and stores ``nodule_risk.pt`` + ``nodule_risk.json``
 there; :func:`score_table` gives per-nodule and per-study (noisy-OR) AUCs with bootstrap intervals.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -48,12 +51,14 @@ __all__ = [
     "RiskTrainConfig",
     "StudyRecord",
     "baseline_scores",
+    "choose_correction_scale",
     "collect_examples",
     "example_tensors",
     "load_frozen_encoder",
     "predict",
     "run_risk_stage",
     "score_table",
+    "study_folds",
     "train_nodule_risk",
     "true_inputs",
 ]
@@ -61,6 +66,8 @@ __all__ = [
 Progress = Callable[[int, int, dict[str, float]], None]
 Log = Callable[[str], None]
 INPUT_KINDS = ("true", "measured", "both")
+#: Correction scales tried out of fold (0 = Brock alone).
+SCALE_GRID: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,9 @@ class RiskTrainConfig:
         pos_weight: BCE weight of malignant nodules; None = ``n_negative / n_positive``.
         inputs: which Brock inputs each nodule contributes: ``true`` (labels.csv), ``measured``
             (inference measurements) or ``both`` (two examples per nodule).
-        seed: seed of the initialisation and dropout.
+        seed: seed of the initialisation and dropout (and of the study folds).
+        cv_folds: folds (by study) of the out-of-fold choice of the residual head's ``correction_scale``
+            (:func:`choose_correction_scale`); 0 keeps the head config's scale.
     """
 
     epochs: int = 300
@@ -83,6 +92,7 @@ class RiskTrainConfig:
     pos_weight: float | None = None
     inputs: str = "both"
     seed: int = 0
+    cv_folds: int = 5
 
     def __post_init__(self) -> None:
         """Validate.
@@ -100,6 +110,13 @@ class RiskTrainConfig:
             raise ValueError(f"RiskTrainConfig.pos_weight must be > 0 or None, got {self.pos_weight}")
         if self.inputs not in INPUT_KINDS:
             raise ValueError(f"RiskTrainConfig.inputs must be one of {INPUT_KINDS}, got {self.inputs!r}")
+        if (
+            isinstance(self.cv_folds, bool)
+            or not isinstance(self.cv_folds, int)
+            or self.cv_folds in (1,)
+            or self.cv_folds < 0
+        ):
+            raise ValueError(f"RiskTrainConfig.cv_folds must be 0 or an integer >= 2, got {self.cv_folds!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict."""
@@ -204,6 +221,84 @@ def train_nodule_risk(
     return head, metrics
 
 
+def study_folds(examples: Sequence[NoduleExample], folds: int, seed: int) -> np.ndarray:
+    """Fold index ``(N,)`` of each example: the studies shuffled (seeded) and dealt round-robin.
+
+    All nodules of a study share its fold, so a held-out fold holds whole studies.
+    """
+    uids = sorted({ex.study_uid for ex in examples})
+    order = np.random.default_rng(seed).permutation(len(uids))
+    fold_of = {uids[j]: rank % folds for rank, j in enumerate(order)}
+    return np.asarray([fold_of[ex.study_uid] for ex in examples], dtype=int)
+
+
+def choose_correction_scale(
+    examples: Sequence[NoduleExample],
+    head_config: NoduleRiskConfig,
+    train: RiskTrainConfig,
+    *,
+    grid: Sequence[float] = SCALE_GRID,
+) -> tuple[float, dict[str, Any]]:
+    """Pick the residual head's ``correction_scale`` by the out-of-fold AUC on the measured inputs.
+
+    For each of ``train.cv_folds`` folds (whole studies, :func:`study_folds`), a head is trained on the other
+    folds and its correction predicted for the held-out nodules' *measured* inputs (what inference sees).
+    Each scale ``a`` of ``grid`` scores ``brock_logit + a * correction``; the scale with the highest
+    out-of-fold AUC wins, the smaller scale on ties, so Brock (``a = 0``) is kept unless the correction
+    ranks held-out nodules better.
+
+    Args:
+        examples: the training nodules.
+        head_config: a residual head config.
+        train: training settings (``cv_folds`` >= 2).
+        grid: scales to try, each in [0, 1].
+
+    Returns:
+        ``(scale, summary)``; ``summary`` has ``folds``, ``nodules`` (with measured inputs), ``auc`` per
+        scale, ``brock_auc``, ``chosen`` and ``note`` (why the choice was skipped, else "").
+
+    Raises:
+        ValueError: a free (non-residual) head, ``cv_folds`` < 2, or a scale outside [0, 1].
+    """
+    if not head_config.residual:
+        raise ValueError("choose_correction_scale needs a residual head (NoduleRiskConfig.residual=True)")
+    if train.cv_folds < 2:
+        raise ValueError(f"choose_correction_scale needs RiskTrainConfig.cv_folds >= 2, got {train.cv_folds}")
+    if not grid or any(not 0.0 <= a <= 1.0 for a in grid):
+        raise ValueError(f"choose_correction_scale: every scale must be in [0, 1], got {list(grid)}")
+    measured = [i for i, ex in enumerate(examples) if ex.measured_inputs is not None]
+    summary: dict[str, Any] = {"folds": train.cv_folds, "nodules": len(measured), "note": ""}
+    fold = study_folds(examples, train.cv_folds, train.seed)
+    y_all = np.asarray([ex.malignant for ex in examples], int)
+    correction = np.full(len(examples), np.nan)
+    brock = np.full(len(examples), np.nan)
+    for k in range(train.cv_folds):
+        fit_on = [ex for ex, f in zip(examples, fold, strict=True) if f != k]
+        held = [i for i in measured if fold[i] == k]
+        if not held:
+            continue
+        ys = {ex.malignant for ex in fit_on}
+        if ys != {0, 1}:
+            summary["note"] = f"fold {k}: its training part holds one class only; scale kept"
+            return head_config.correction_scale, summary
+        head, _ = train_nodule_risk(fit_on, head_config, train)
+        x, b, bl, _, src = example_tensors([examples[i] for i in held], "measured")
+        with torch.no_grad():
+            out = head(x, b, bl)
+        rows = [held[j] for j in src]
+        correction[rows] = out.correction.numpy()
+        brock[rows] = bl.numpy()
+    ok = np.isfinite(correction)
+    y = y_all[ok]
+    if len(np.unique(y)) < 2:
+        summary["note"] = "the held-out measured nodules hold one class only; scale kept"
+        return head_config.correction_scale, summary
+    aucs = {float(a): roc_auc(y, brock[ok] + a * correction[ok]) for a in sorted(set(grid))}
+    chosen = max(aucs, key=lambda a: (aucs[a], -a))
+    summary.update(auc=aucs, brock_auc=roc_auc(y, brock[ok]), chosen=chosen)
+    return chosen, summary
+
+
 def predict(head: NoduleRiskHead, examples: Sequence[NoduleExample], which: str) -> np.ndarray:
     """Head probabilities ``(N,)`` with the ``true`` or ``measured`` inputs (NaN where missing)."""
     out = np.full(len(examples), np.nan)
@@ -297,11 +392,24 @@ def run_risk_stage(
     data = collect_examples(encoder, model_cfg.input, site_dirs, config=hc, measured=train.inputs != "true")
     for s in data.skipped[:20]:
         log(f"skipped {s}")
-    head, fit = train_nodule_risk(data.examples, hc, train, progress=on_step)
+    cv: dict[str, Any] = {"note": "cv_folds = 0: the config's scale kept"}
+    scale = hc.correction_scale
+    if hc.residual and train.cv_folds:
+        scale, cv = choose_correction_scale(data.examples, hc, train)
+        log(
+            f"correction scale {scale:g} (out-of-fold AUC on measured inputs: "
+            + ", ".join(f"{a:g}: {v:.3f}" for a, v in cv.get("auc", {}).items())
+            + f"; Brock {cv.get('brock_auc', math.nan):.3f}) {cv['note']}".rstrip()
+        )
+    head, fit = train_nodule_risk(
+        data.examples, dataclasses.replace(hc, correction_scale=1.0) if hc.residual else hc, train, progress=on_step
+    )
+    head.config = dataclasses.replace(head.config, correction_scale=scale) if hc.residual else head.config
     scores = {**baseline_scores(data), "head_measured": predict(head, data.examples, "measured")}
     metrics = {
         "stage": "risk",
         "summary": fit,
+        "correction_scale": {"scale": scale, **cv},
         "in_sample": score_table(data, scores, hc.empty_study_probability),
         "nodules": len(data.examples),
         "studies": len(data.studies),

@@ -258,3 +258,27 @@ def test_prefix_conditions_the_first_token_and_generation(decoder, batch):
     assert torch.equal(logits[:, :-1].argmax(-1)[m], gen.tokens[m])  # generation used the same prefix
     with pytest.raises(ValueError, match="prefix must be"):
         decoder(ids, am, vis, prefix=torch.zeros(1, CFG.n_embd))
+
+
+def test_generate_forced_ids_then_greedy_continuation(decoder, tok, batch):
+    _, vis = batch
+    start = tok("A 12 x 8 mm", add_special_tokens=False)["input_ids"]
+    gen = decoder.generate(vis, max_new_tokens=12, forced=[start, start[:2]], no_repeat_ngram=0,
+                           stop_repeated_sentence=False)  # fmt: skip
+    assert gen.tokens[0, : len(start)].tolist() == start and gen.tokens[1, :2].tolist() == start[:2]
+    # the forced tokens keep the model's own probabilities; after them every token is the argmax
+    ids = torch.cat([torch.full((2, 1), decoder.bos_id), gen.tokens], 1)
+    with torch.no_grad(), attention_implementation(decoder, "eager"):
+        logp = decoder(ids, visual_tokens=vis).logits[:, :-1].log_softmax(-1)
+    m = gen.mask
+    torch.testing.assert_close(logp.gather(2, gen.tokens[..., None])[..., 0].exp()[m], gen.token_probs[m])
+    free = torch.zeros_like(m)
+    free[0, len(start) :], free[1, 2:] = True, True
+    assert torch.equal(logp.argmax(-1)[m & free], gen.tokens[m & free])
+    assert not torch.equal(logp.argmax(-1)[0, : len(start)], gen.tokens[0, : len(start)])  # really forced
+    with pytest.raises(ValueError, match="one list of ids"):
+        decoder.generate(vis, max_new_tokens=12, forced=[start])
+    with pytest.raises(ValueError, match="one list of ids"):
+        decoder.generate(vis, max_new_tokens=12, forced=[[10**6], []])
+    with pytest.raises(ValueError, match="exceed max_new_tokens=2"):
+        decoder.generate(vis, max_new_tokens=2, forced=[start, []])

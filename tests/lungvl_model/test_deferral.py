@@ -24,6 +24,7 @@ from lungvl_model.inference.deferral import (
     LearnedScore,
     decide,
     deferral_score,
+    disagreement_rule_holds,
     features,
     fit_policy,
 )
@@ -292,7 +293,16 @@ def test_fit_defers_exactly_the_wrong_high_entropy_reports() -> None:
         "error_all": 0.2,
         "error_kept": 0.0,
         "note": "",
+        "lung_rads_disagreement": {
+            "n": 10,
+            "disagreeing": 0,
+            "error_disagreeing": summary["lung_rads_disagreement"]["error_disagreeing"],
+            "error_agreeing": 0.2,
+            "rule": True,
+            "why": "no validation report disagrees: kept",
+        },
     }
+    assert math.isnan(summary["lung_rads_disagreement"]["error_disagreeing"])
     assert decide(sig(max_key_entropy=1.9), policy)[0] and not decide(sig(max_key_entropy=0.8), policy)[0]
 
 
@@ -304,6 +314,25 @@ def test_fit_counts_hard_rules_in_the_budget() -> None:
     _, summary = fit_policy(signals, wrong, max_deferral_rate=0.34)  # floor(2.04) - 2 = 0 left
     assert summary["n_learned"] == 0 and "budget" in summary["note"]
     assert summary["deferral_rate"] == pytest.approx(2 / 6)
+
+
+def test_disagreement_rule_kept_only_where_validation_supports_it() -> None:
+    agree, disagree = sig(), sig(lung_rads_disagreement=True)
+    # informative: 2 of 2 disagreeing wrong, 1 of 8 agreeing wrong, 2 <= floor(0.3 * 10)
+    keep, why = disagreement_rule_holds([disagree] * 2 + [agree] * 8, np.array([1, 1, 1] + [0] * 7, bool), 0.3)
+    assert keep and why["error_disagreeing"] == 1.0 and why["error_agreeing"] == 0.125 and "kept" in why["why"]
+    # a head giving one category to every study disagrees everywhere: over budget, off
+    keep, why = disagreement_rule_holds([disagree] * 10, np.array([1] * 7 + [0] * 3, bool), 0.3)
+    assert not keep and "alone defers 10 of 10" in why["why"]
+    # within budget but no more often wrong than the agreeing reports: off
+    keep, why = disagreement_rule_holds([disagree] * 2 + [agree] * 8, np.array([1, 0] + [1] * 4 + [0] * 4, bool), 0.3)
+    assert not keep and "uninformative" in why["why"]
+    # fitted policy: the rule is off, so a disagreeing report is not deferred for it
+    policy, summary = fit_policy([disagree] * 10, [True] * 7 + [False] * 3, max_deferral_rate=0.3)
+    assert not policy.defer_on_lung_rads_disagreement and summary["n_hard"] == 0
+    assert decide(disagree, policy) == (False, [])
+    policy, _ = fit_policy([disagree] * 2 + [agree] * 8, [True] * 3 + [False] * 7, max_deferral_rate=0.3)
+    assert policy.defer_on_lung_rads_disagreement and decide(disagree, policy)[0]
 
 
 def test_fit_without_both_outcomes_has_no_learned_score() -> None:

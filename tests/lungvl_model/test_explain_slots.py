@@ -164,3 +164,37 @@ def test_faulted_sentences_are_replaced_by_sampled_ones_reproducibly() -> None:
     kw["checked"] = CheckedDecoding(candidates=0)
     off, _ = write_findings_report(model, vis, vt, layout, findings, verify=verify, **kw)
     assert off[0].text == found0[0].text
+
+
+def test_contradicted_size_is_decoded_again_from_the_restated_size() -> None:
+    tok = train_tokenizer(TEXTS, vocab_size=300)
+    torch.manual_seed(0)
+    model = LungVLModel(SMALL, tok).eval()
+    volume = CTVolume(hu=np.zeros(SHAPE, np.float32), spacing=(4.0, 4.0, 4.0))
+    grid = GridMap(src_spacing=(4.0, 4.0, 4.0), dst_spacing=(4.0, 4.0, 4.0), start=(0.0, 0.0, 0.0))
+    findings = [_finding(1, (20, 4, 4), np.ones((2, 2, 2), bool), 8.0)]
+    with torch.no_grad():
+        vis = model.encode_image(torch.rand(1, 1, *SHAPE))
+        vt, layout = model.tokens(vis)
+    kw = {"grid": grid, "volume": volume, "grid_shape": SHAPE, "threshold": 1.5, "max_new_tokens": 10}
+    restated: list[tuple[list[str], int | None, str]] = []
+
+    def verify(texts: list[str], index: int | None, section: str) -> tuple[int, int, int, int]:
+        return (0, 0, 0, 2) if " ".join(texts).startswith("A 8 mm") else (1, 0, 0, 0)
+
+    def restate(texts: list[str], index: int | None, section: str) -> str | None:
+        restated.append((texts, index, section))
+        return "A 8 mm"
+
+    kw["checked"] = CheckedDecoding(candidates=0)
+    found, impression = write_findings_report(model, vis, vt, layout, findings, verify=verify, restate=restate, **kw)
+    assert found[0].text.startswith("A 8 mm") and found[0].decoding == "size-constrained" and found[0].nodule == 1
+    assert impression[0].text.startswith("A 8 mm") and impression[0].decoding == "size-constrained"
+    assert [r[1:] for r in restated] == [(1, "findings"), (None, "impression")]  # fixed at the first try
+    # a restated text that is no better than the others is not preferred: the greedy text stays
+    never, _ = write_findings_report(
+        model, vis, vt, layout, findings, verify=lambda t, i, s: (1, 0, 0, 0), restate=restate, **kw
+    )
+    plain, _ = write_findings_report(model, vis, vt, layout, findings, **kw)
+    assert never[0].text == plain[0].text and never[0].decoding == "greedy"
+    assert len(restated) == 2 + 2 * 3  # MAX_RESTATED_SIZES tries each, none fixing the contradiction

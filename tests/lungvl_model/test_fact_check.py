@@ -80,6 +80,9 @@ CASES: list[tuple[str, dict[str, str], int | None]] = [
     ("A 27.6 mm nodule in the right lower lobe.", {"size": S, "lobe": S}, 4),  # 15 % of 24 = 3.6
     ("A 27.7 mm nodule in the right lower lobe.", {"size": C, "lobe": S}, 4),
     ("9 x 3 mm solid nodule in the right upper lobe.", {"size": C, "lobe": S, "type": S}, 1),  # short axis 7
+    # one number is the mean or longest diameter, never the short axis alone (24 x 20, mean 22)
+    ("An 18 mm solid nodule in the right lower lobe.", {"size": C, "lobe": S, "type": S}, 4),
+    ("A 19 mm solid nodule in the right lower lobe.", {"size": S, "lobe": S, "type": S}, 4),  # 15 % of 22 = 3.3
     # wrong lobe, type, calcification, category
     ("8 mm solid nodule in the left lower lobe.", {"size": S, "lobe": C, "type": S}, 1),
     ("A 9 mm ground-glass nodule in the right upper lobe.", {"size": S, "lobe": S, "type": C}, 1),

@@ -35,7 +35,9 @@ from lungvl_model.models.nodule_risk import (
 from lungvl_model.training.nodule_risk import (
     NoduleExample,
     RiskTrainConfig,
+    choose_correction_scale,
     predict,
+    study_folds,
     train_nodule_risk,
     true_inputs,
 )
@@ -365,3 +367,75 @@ def test_score_findings_untrained_residual_head_reports_brock_and_its_noisy_or()
     assert probs == pytest.approx(expected, rel=1e-5)
     assert study == pytest.approx(1 - (1 - expected[0]) * (1 - expected[1]), rel=1e-5)
     assert score_findings(head, _maps(), grid, hu, (2.5, 2.5, 2.5), []) == ([], 0.0)
+
+
+def test_correction_scale_shrinks_the_residual_by_hand() -> None:
+    torch.manual_seed(0)
+    cfg = NoduleRiskConfig(feature_channels=4, feature_scales=2, hidden=8, use_features=True, correction_scale=0.25)
+    head = NoduleRiskHead(cfg).eval()
+    last = head.mlp[-1]
+    assert isinstance(last, torch.nn.Linear)
+    with torch.no_grad():
+        last.bias.fill_(2.0)  # correction = 2 for every nodule
+    logit = torch.tensor([-1.0, 0.5])
+    out = head(torch.zeros(2, cfg.feature_dim), torch.zeros(2, BROCK_DIM), logit)
+    assert out.correction.tolist() == [2.0, 2.0]
+    assert out.logit.tolist() == [-0.5, 1.0]  # brock + 0.25 * 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"correction_scale": 1.5}, "correction_scale must be a number in \\[0, 1\\], got 1.5"),
+        ({"correction_scale": -0.1}, "correction_scale"),
+        ({"correction_scale": True}, "correction_scale"),
+        ({"correction_scale": 0.5, "residual": False}, "residual head only"),
+    ],
+)
+def test_invalid_correction_scale(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        NoduleRiskConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def _brock_examples(n: int, seed: int, *, signal_in: str) -> list[NoduleExample]:
+    """Nodules of 8 per study; malignancy follows the diameter (Brock) or feature 0 (``signal_in``)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        f = rng.normal(size=2).astype(np.float32)
+        d = float(rng.uniform(4.0, 30.0))
+        x = NoduleInputs(d, d, "solid", False, 1, age=62.0, female=False)
+        score = (d - 17.0) / 4.0 if signal_in == "brock" else 3.0 * float(f[0])
+        mal = int(rng.random() < 1.0 / (1.0 + math.exp(-score)))
+        out.append(NoduleExample(f"1.2.{i // 8}", "site", i % 8 + 1, mal, f, x, x))
+    return out
+
+
+_CV_CFG = NoduleRiskConfig(
+    feature_channels=1, feature_scales=1, hidden=8, dropout=0.0, margin_shells_mm=(), use_features=True
+)
+_CV_TRAIN = RiskTrainConfig(epochs=150, lr=1e-2, weight_decay=0.0, inputs="measured", seed=0, cv_folds=4)
+
+
+def test_correction_scale_kept_at_brock_when_the_features_are_noise() -> None:
+    # an overfitting correction on noise features ranks held-out nodules worse than Brock alone
+    scale, cv = choose_correction_scale(_brock_examples(160, 0, signal_in="brock"), _CV_CFG, _CV_TRAIN)
+    assert cv["brock_auc"] > 0.8 and cv["auc"][0.0] == cv["brock_auc"]
+    assert scale < 0.5 and cv["auc"][scale] >= cv["auc"][1.0]
+
+
+def test_correction_scale_uses_the_correction_when_it_carries_the_signal() -> None:
+    scale, cv = choose_correction_scale(_brock_examples(160, 1, signal_in="features"), _CV_CFG, _CV_TRAIN)
+    assert cv["brock_auc"] < 0.65  # diameter says nothing here
+    assert scale >= 0.5 and cv["auc"][scale] > 0.8
+    assert study_folds(_brock_examples(16, 0, signal_in="brock"), 2, 0).tolist().count(0) == 8  # by study
+
+
+def test_choose_correction_scale_rejects_bad_settings() -> None:
+    ex = _brock_examples(40, 0, signal_in="brock")
+    with pytest.raises(ValueError, match="residual head"):
+        choose_correction_scale(
+            ex, NoduleRiskConfig(feature_channels=1, feature_scales=1, hidden=8, residual=False), _CV_TRAIN
+        )
+    with pytest.raises(ValueError, match="cv_folds"):
+        RiskTrainConfig(cv_folds=1)
