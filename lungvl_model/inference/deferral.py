@@ -9,9 +9,10 @@ several signals (:class:`DeferralSignals`):
   the validation reports show it uninformative or alone over the deferral budget);
 * a **learned score** for the rest (:class:`LearnedScore`): an L2-regularised logistic regression of
   "the report is wrong" on standardised features (key-sentence entropy, borderline size, calibrated
-  malignancy probability and its uncertainty), fitted on the validation split by :func:`fit_policy` and
-  thresholded so that at most ``max_deferral_rate`` of the validation reports are deferred, hard rules
-  included, while the error among the kept reports is as low as possible.
+  malignancy probability and its uncertainty, the weakest kept finding's candidate-filter score), fitted
+  on the validation split by :func:`fit_policy` and thresholded so that at most ``max_deferral_rate`` of
+  the validation reports are deferred, hard rules included, while the error among the kept reports is as
+  low as possible.
 
 The borderline-size signal comes from :func:`lungvl_model.clinical.borderline.borderline_size_mm`.
 
@@ -52,14 +53,17 @@ FEATURES: tuple[str, ...] = (
     "borderline_mm",
     "malignancy_probability",
     "malignancy_uncertainty",
+    "weakest_finding_score",
 )
-"""Inputs of the learned score, in order (see :func:`features`)."""
+"""Inputs of the learned score, in order (see :func:`features`). A score fitted before a feature was added
+names the ones it was fitted on (:attr:`LearnedScore.feature_names`) and reads only those."""
 
 _FEATURE_TEXT = {
     "max_key_entropy": ("max key-sentence entropy", " nats"),
     "borderline_mm": ("distance to the nearest Lung-RADS size threshold", " mm"),
     "malignancy_probability": ("calibrated malignancy probability", ""),
     "malignancy_uncertainty": ("malignancy uncertainty 1-|2p-1|", ""),
+    "weakest_finding_score": ("lowest candidate-filter score of a kept finding", ""),
 }
 
 #: Score of a report deferred by a hard rule in :func:`deferral_score` (above any learned probability).
@@ -95,6 +99,9 @@ class DeferralSignals:
         contradictions: text–finding contradictions (fact check).
         borderline_mm: ``lungvl_model.clinical.borderline.borderline_size_mm`` of the findings (``inf``: none applies).
         malignancy_probability: calibrated malignancy probability (temperature-scaled head).
+        weakest_finding_score: the lowest candidate-filter score among the kept findings (1 when none is
+            kept or the checkpoint has no filter): a finding kept just above the operating point is the
+            likeliest false positive, and one false positive changes the exam's Lung-RADS category.
     """
 
     max_key_entropy: float
@@ -103,6 +110,7 @@ class DeferralSignals:
     contradictions: int
     borderline_mm: float
     malignancy_probability: float
+    weakest_finding_score: float = 1.0
 
     def __post_init__(self) -> None:
         """Validate the fields (``ValueError`` naming the field and value)."""
@@ -113,6 +121,7 @@ class DeferralSignals:
         _nonneg_int("contradictions", self.contradictions)
         _number("borderline_mm", self.borderline_mm, 0.0, math.inf, allow_inf=True)
         _number("malignancy_probability", self.malignancy_probability, 0.0, 1.0)
+        _number("weakest_finding_score", self.weakest_finding_score, 0.0, 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (``borderline_mm = inf`` as ``None``)."""
@@ -123,19 +132,29 @@ class DeferralSignals:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DeferralSignals:
-        """Inverse of :meth:`to_dict` (``ValueError`` naming a missing or unknown key)."""
+        """Inverse of :meth:`to_dict` (``ValueError`` naming a missing or unknown key).
+
+        Signals written before ``weakest_finding_score`` existed read it as 1.
+        """
+        if isinstance(d, Mapping) and "weakest_finding_score" not in d:
+            d = {**d, "weakest_finding_score": 1.0}
         data = _exact_keys("signals", d, {f.name for f in dataclasses.fields(cls)})
         if data["borderline_mm"] is None:
             data["borderline_mm"] = math.inf
         return cls(**data)
 
 
-def features(signals: DeferralSignals) -> np.ndarray:
-    """The learned score's inputs, ``(len(FEATURES),)``, in the order of :data:`FEATURES`."""
+def features(signals: DeferralSignals, names: Sequence[str] = FEATURES) -> np.ndarray:
+    """The learned score's inputs ``(len(names),)``, in the order of ``names`` (default :data:`FEATURES`)."""
     p = signals.malignancy_probability
-    return np.array(
-        [signals.max_key_entropy, min(signals.borderline_mm, BORDERLINE_CAP_MM), p, 1.0 - abs(2.0 * p - 1.0)]
-    )
+    value = {
+        "max_key_entropy": signals.max_key_entropy,
+        "borderline_mm": min(signals.borderline_mm, BORDERLINE_CAP_MM),
+        "malignancy_probability": p,
+        "malignancy_uncertainty": 1.0 - abs(2.0 * p - 1.0),
+        "weakest_finding_score": signals.weakest_finding_score,
+    }
+    return np.array([value[n] for n in names])
 
 
 # --------------------------------------------------------------------------------------------- policy
@@ -169,7 +188,8 @@ class LearnedScore:
         bias: intercept.
         threshold: defer when ``p >= threshold``; ``None``: never (no budget left, or nothing gained).
         l2: the L2 penalty used (on the mean log-loss).
-        feature_names: :data:`FEATURES` at fitting time (checked on load).
+        feature_names: the features it was fitted on, in :data:`FEATURES` order (a score fitted before a
+            feature was added lacks it; checked on load).
     """
 
     mean: tuple[float, ...]
@@ -182,9 +202,14 @@ class LearnedScore:
 
     def __post_init__(self) -> None:
         """Validate the fields (``ValueError`` naming the field and value)."""
-        if tuple(self.feature_names) != FEATURES:
-            raise ValueError(f"feature_names must be {list(FEATURES)}, got {list(self.feature_names)!r}")
-        n = len(FEATURES)
+        names = tuple(self.feature_names)
+        if not names or any(n not in FEATURES for n in names) or list(names) != sorted(names, key=FEATURES.index):
+            raise ValueError(
+                f"feature_names must be distinct names of {list(FEATURES)} in that order, got {list(names)!r}"
+            )
+        if len(set(names)) != len(names):
+            raise ValueError(f"feature_names must be distinct, got {list(names)!r}")
+        n = len(names)
         object.__setattr__(self, "mean", _vector("mean", self.mean, n))
         object.__setattr__(self, "scale", _vector("scale", self.scale, n))
         object.__setattr__(self, "weight", _vector("weight", self.weight, n))
@@ -198,7 +223,7 @@ class LearnedScore:
 
     def logit(self, signals: DeferralSignals) -> float:
         """The score's log-odds for one report."""
-        z = (features(signals) - np.asarray(self.mean)) / np.asarray(self.scale)
+        z = (features(signals, self.feature_names) - np.asarray(self.mean)) / np.asarray(self.scale)
         return float(self.bias + np.dot(self.weight, z))
 
     def probability(self, signals: DeferralSignals) -> float:
@@ -295,13 +320,13 @@ def hard_reasons(signals: DeferralSignals, policy: DeferralPolicy) -> list[str]:
 
 def _learned_reason(signals: DeferralSignals, learned: LearnedScore, p: float) -> str:
     assert learned.threshold is not None
-    x = features(signals)
+    x = features(signals, learned.feature_names)
     contrib = np.asarray(learned.weight) * (x - np.asarray(learned.mean)) / np.asarray(learned.scale)
     parts = []
     for i in np.argsort(-contrib):
         if contrib[i] <= 0:
             break
-        label, unit = _FEATURE_TEXT[FEATURES[i]]
+        label, unit = _FEATURE_TEXT[learned.feature_names[i]]
         parts.append(
             f"{label} {x[i]:.3g}{unit} (validation mean {learned.mean[i]:.3g}{unit}, {contrib[i]:+.2f} log-odds)"
         )

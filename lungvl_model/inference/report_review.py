@@ -110,6 +110,10 @@ def review_report(
         contradictions=check.n_contradictions,
         borderline_mm=borderline_size_mm(rule_inputs),
         malignancy_probability=min(max(float(malignancy_probability), 0.0), 1.0),
+        weakest_finding_score=min(
+            (min(max(float(f.nodule_probability), 0.0), 1.0) for f in findings if f.nodule_probability is not None),
+            default=1.0,
+        ),
     )
     defer, reasons = decide(signals, policy)
     incomplete = incomplete_finding_sentences(sentences, check)

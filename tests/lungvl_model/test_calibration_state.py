@@ -40,7 +40,12 @@ def sig(**kw: Any) -> DeferralSignals:
 
 def full_state() -> CalibrationState:
     learned = LearnedScore(
-        mean=(1, 2, 3, 4), scale=(1, 1, 2, 2), weight=(0.5, -0.2, 0, 1), bias=-1.0, threshold=0.4, l2=0.1
+        mean=(1, 2, 3, 4, 0.8),
+        scale=(1, 1, 2, 2, 0.1),
+        weight=(0.5, -0.2, 0, 1, -0.3),
+        bias=-1.0,
+        threshold=0.4,
+        l2=0.1,
     )  # type: ignore[arg-type]
     return CalibrationState(
         sentence_entropy_threshold=1.25,

@@ -18,6 +18,7 @@ from lungvl_model.clinical.borderline import (
 from lungvl_model.clinical.lung_rads import NoduleFinding, UncoveredFindingError, categorize_nodule
 from lungvl_model.inference.deferral import (
     BORDERLINE_CAP_MM,
+    FEATURES,
     HARD_RULE_SCORE,
     DeferralPolicy,
     DeferralSignals,
@@ -202,13 +203,15 @@ def test_invalid_policy(kw: dict[str, Any], match: str) -> None:
 
 
 def test_invalid_learned_score() -> None:
-    ok = dict(mean=(0.0,) * 4, scale=(1.0,) * 4, weight=(1.0,) * 4, bias=0.0, threshold=0.5, l2=0.1)
+    ok = dict(mean=(0.0,) * 5, scale=(1.0,) * 5, weight=(1.0,) * 5, bias=0.0, threshold=0.5, l2=0.1)
     LearnedScore(**ok)  # type: ignore[arg-type]
     for key, bad, match in [
-        ("scale", (1.0, 0.0, 1.0, 1.0), "scale must be > 0"),
-        ("weight", (1.0, 2.0), "weight must be a list of 4"),
+        ("scale", (1.0, 0.0, 1.0, 1.0, 1.0), "scale must be > 0"),
+        ("weight", (1.0, 2.0), "weight must be a list of 5"),
         ("threshold", 1.5, "threshold.*1.5"),
-        ("feature_names", ("a", "b", "c", "d"), "feature_names"),
+        ("feature_names", ("a", "b", "c", "d", "e"), "feature_names"),
+        ("feature_names", tuple(reversed(FEATURES)), "in that order"),
+        ("feature_names", (FEATURES[0],) * 5, "distinct"),
     ]:
         with pytest.raises(ValueError, match=match):
             LearnedScore(**{**ok, key: bad})  # type: ignore[arg-type]
@@ -217,8 +220,10 @@ def test_invalid_learned_score() -> None:
 def test_signals_and_policy_json_round_trip() -> None:
     s = sig(borderline_mm=math.inf, contradictions=2)
     assert DeferralSignals.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    old = {k: v for k, v in s.to_dict().items() if k != "weakest_finding_score"}  # written before it existed
+    assert DeferralSignals.from_dict(old).weakest_finding_score == 1.0
     learned = LearnedScore(
-        mean=(1, 2, 3, 4), scale=(1, 1, 2, 2), weight=(0.5, -0.2, 0, 1), bias=-1.0, threshold=0.4, l2=0.1
+        mean=(1, 2, 3, 4, 0.5), scale=(1, 1, 2, 2, 1), weight=(0.5, -0.2, 0, 1, -1), bias=-1.0, threshold=0.4, l2=0.1
     )  # type: ignore[arg-type]
     p = DeferralPolicy(max_unsupported_facts=None, entropy_threshold=1.5, max_deferral_rate=0.25, learned=learned)
     assert DeferralPolicy.from_dict(json.loads(json.dumps(p.to_dict()))) == p
@@ -231,8 +236,9 @@ def test_signals_and_policy_json_round_trip() -> None:
 
 
 def test_features() -> None:
-    f = features(sig(max_key_entropy=1.25, borderline_mm=0.75, malignancy_probability=0.8))
-    assert f.tolist() == pytest.approx([1.25, 0.75, 0.8, 0.4])
+    f = features(sig(max_key_entropy=1.25, borderline_mm=0.75, malignancy_probability=0.8, weakest_finding_score=0.6))
+    assert f.tolist() == pytest.approx([1.25, 0.75, 0.8, 0.4, 0.6])
+    assert features(sig(malignancy_probability=0.8), ("malignancy_uncertainty",)).tolist() == pytest.approx([0.4])
     assert features(sig(borderline_mm=math.inf))[1] == BORDERLINE_CAP_MM
 
 
@@ -253,7 +259,8 @@ def test_hard_rules_name_signal_value_and_threshold() -> None:
 
 
 def test_learned_rule_by_hand() -> None:
-    # standardised entropy only: p = sigmoid(2 * (entropy - 1)); threshold 0.5 <=> entropy >= 1
+    # standardised entropy only: p = sigmoid(2 * (entropy - 1)); threshold 0.5 <=> entropy >= 1. A score
+    # fitted before weakest_finding_score existed (four features) reads only its four.
     learned = LearnedScore(
         mean=(1.0, 0.0, 0.0, 0.0),
         scale=(1.0, 1.0, 1.0, 1.0),
@@ -261,6 +268,7 @@ def test_learned_rule_by_hand() -> None:
         bias=0.0,
         threshold=0.5,
         l2=0.1,
+        feature_names=FEATURES[:4],
     )
     policy = DeferralPolicy(learned=learned)
     assert learned.probability(sig(max_key_entropy=1.5)) == pytest.approx(1 / (1 + math.exp(-1.0)))
@@ -333,6 +341,18 @@ def test_disagreement_rule_kept_only_where_validation_supports_it() -> None:
     assert decide(disagree, policy) == (False, [])
     policy, _ = fit_policy([disagree] * 2 + [agree] * 8, [True] * 3 + [False] * 7, max_deferral_rate=0.3)
     assert policy.defer_on_lung_rads_disagreement and decide(disagree, policy)[0]
+
+
+def test_weakest_finding_score_enters_the_learned_score_and_its_reason() -> None:
+    # wrong reports are those whose weakest kept finding scored just above the operating point
+    score = [0.95, 0.9, 0.92, 0.97, 0.99, 0.93, 0.55, 0.52, 0.91, 0.94]
+    wrong = [False] * 6 + [True, True] + [False] * 2
+    policy, summary = fit_policy([sig(weakest_finding_score=v) for v in score], wrong, max_deferral_rate=0.3)
+    assert policy.learned is not None and policy.learned.weight[FEATURES.index("weakest_finding_score")] < 0
+    assert summary["n_learned"] == 2 and summary["error_kept"] == 0.0
+    defer, why = decide(sig(weakest_finding_score=0.5), policy)
+    assert defer and "lowest candidate-filter score of a kept finding 0.5" in why[0]
+    assert not decide(sig(weakest_finding_score=0.96), policy)[0]
 
 
 def test_fit_without_both_outcomes_has_no_learned_score() -> None:

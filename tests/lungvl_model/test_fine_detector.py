@@ -246,6 +246,17 @@ def test_subsolid_nodules_are_drawn_more_often_and_init_continues() -> None:
     solid = prepare_study("solid", vol, ball.astype(np.uint8), SMALL, tr, rng)
     sub = prepare_study("ggn", CTVolume(ggn, vol.spacing), ball.astype(np.uint8), SMALL, tr, rng)
     assert solid.nodule_weights.tolist() == [1.0] and sub.nodule_weights.tolist() == [4.0]
+    # a 5 mm ball (equivalent diameter under small_mm = 8) is drawn small_weight times as often, on top
+    zz, yy, xx = np.indices(vol.shape)
+    small = ((zz - 24) ** 2 + (yy - 48) ** 2 + (xx - 38) ** 2) * 1.25**2 <= 2.5**2
+    hu_small = vol.hu.copy()
+    hu_small[ball & ~small] = -850.0  # lung around it
+    small_vol = CTVolume(hu_small, vol.spacing)
+    assert prepare_study("s", small_vol, small.astype(np.uint8), SMALL, tr, rng).nodule_weights.tolist() == [3.0]
+    plain = DetectorTrainConfig(small_weight=1.0)
+    assert prepare_study("s", small_vol, small.astype(np.uint8), SMALL, plain, rng).nodule_weights.tolist() == [1.0]
+    with pytest.raises(ValueError, match="small_weight must be > 0, got 0"):
+        DetectorTrainConfig(small_weight=0)
     tr1 = DetectorTrainConfig(batch_size=400, fg_prob=0.99, hard_prob=0.0, subsolid_weight=4.0)
     x, y, kinds = sample_batch([solid, sub], SMALL.patch, tr1, np.random.default_rng(1))
     # which study a nodule patch came from: the ground-glass ball is darker

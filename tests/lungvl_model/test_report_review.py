@@ -98,3 +98,17 @@ def test_a_finding_sentence_without_its_size_or_lobe_defers() -> None:
     wrong_lobe = _sentence("A 9 x 7 mm solid nodule in the left lower lobe.", nodule=1)
     wrong_lobe.section = "findings"  # a stated but wrong lobe is a contradiction, not an omission
     assert not any("does not state" in x for x in _review([wrong_lobe]).reasons)
+
+
+def test_weakest_finding_score_signal() -> None:
+    s = [_sentence("A 9 x 7 mm solid nodule in the right upper lobe.", nodule=1), _sentence("Lung-RADS 4A.")]
+    assert _review(s).signals.weakest_finding_score == 1.0  # no candidate filter: no score
+    weak, strong = _finding(), _finding()
+    weak.nodule_probability, strong.nodule_probability = 0.55, 0.97
+    strong.index = 2
+    args = {
+        "rule_lung_rads": "4A", "rule_inputs": RULE_INPUTS, "model_lung_rads": "4A", "has_prior": False,
+        "malignancy_probability": 0.2, "policy": DeferralPolicy(),
+    }  # fmt: skip
+    r = review_report(s, [weak, strong], EXAM, **args)  # type: ignore[arg-type]
+    assert r.signals.weakest_finding_score == 0.55
