@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -132,17 +134,24 @@ def test_pick_checked_prefers_fewer_faults_then_support_then_entropy() -> None:
         CheckedDecoding(temperature=0)
 
 
-def test_faulted_sentences_are_replaced_by_sampled_ones_reproducibly() -> None:
+def _one_finding_study(
+    max_new_tokens: int,
+) -> tuple[LungVLModel, Any, torch.Tensor, Any, list[Finding], dict[str, Any]]:
+    """An untrained model (samples differ from the greedy text), one study with one finding, the write kwargs."""
     tok = train_tokenizer(TEXTS, vocab_size=300)
     torch.manual_seed(0)
-    model = LungVLModel(SMALL, tok).eval()  # untrained: samples differ from the greedy text
+    model = LungVLModel(SMALL, tok).eval()
     volume = CTVolume(hu=np.zeros(SHAPE, np.float32), spacing=(4.0, 4.0, 4.0))
     grid = GridMap(src_spacing=(4.0, 4.0, 4.0), dst_spacing=(4.0, 4.0, 4.0), start=(0.0, 0.0, 0.0))
-    findings = [_finding(1, (20, 4, 4), np.ones((2, 2, 2), bool), 8.0)]
     with torch.no_grad():
         vis = model.encode_image(torch.rand(1, 1, *SHAPE))
         vt, layout = model.tokens(vis)
-    kw = {"grid": grid, "volume": volume, "grid_shape": SHAPE, "threshold": 1.5, "max_new_tokens": 8}
+    kw = {"grid": grid, "volume": volume, "grid_shape": SHAPE, "threshold": 1.5, "max_new_tokens": max_new_tokens}
+    return model, vis, vt, layout, [_finding(1, (20, 4, 4), np.ones((2, 2, 2), bool), 8.0)], kw
+
+
+def test_faulted_sentences_are_replaced_by_sampled_ones_reproducibly() -> None:
+    model, vis, vt, layout, findings, kw = _one_finding_study(8)
     found0, impression0 = write_findings_report(model, vis, vt, layout, findings, **kw)
     greedy = {found0[0].text, " ".join(s.text for s in impression0)}
     calls: list[tuple[list[str], int | None, str]] = []
@@ -167,16 +176,7 @@ def test_faulted_sentences_are_replaced_by_sampled_ones_reproducibly() -> None:
 
 
 def test_contradicted_size_is_decoded_again_from_the_restated_size() -> None:
-    tok = train_tokenizer(TEXTS, vocab_size=300)
-    torch.manual_seed(0)
-    model = LungVLModel(SMALL, tok).eval()
-    volume = CTVolume(hu=np.zeros(SHAPE, np.float32), spacing=(4.0, 4.0, 4.0))
-    grid = GridMap(src_spacing=(4.0, 4.0, 4.0), dst_spacing=(4.0, 4.0, 4.0), start=(0.0, 0.0, 0.0))
-    findings = [_finding(1, (20, 4, 4), np.ones((2, 2, 2), bool), 8.0)]
-    with torch.no_grad():
-        vis = model.encode_image(torch.rand(1, 1, *SHAPE))
-        vt, layout = model.tokens(vis)
-    kw = {"grid": grid, "volume": volume, "grid_shape": SHAPE, "threshold": 1.5, "max_new_tokens": 10}
+    model, vis, vt, layout, findings, kw = _one_finding_study(10)
     restated: list[tuple[list[str], int | None, str]] = []
 
     def verify(texts: list[str], index: int | None, section: str) -> tuple[int, int, int, int]:
