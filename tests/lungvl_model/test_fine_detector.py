@@ -252,9 +252,10 @@ def test_subsolid_nodules_are_drawn_more_often_and_init_continues() -> None:
     hu_small = vol.hu.copy()
     hu_small[ball & ~small] = -850.0  # lung around it
     small_vol = CTVolume(hu_small, vol.spacing)
-    assert prepare_study("s", small_vol, small.astype(np.uint8), SMALL, tr, rng).nodule_weights.tolist() == [3.0]
-    plain = DetectorTrainConfig(small_weight=1.0)
-    assert prepare_study("s", small_vol, small.astype(np.uint8), SMALL, plain, rng).nodule_weights.tolist() == [1.0]
+    assert prepare_study("s", small_vol, small.astype(np.uint8), SMALL, tr, rng).nodule_weights.tolist() == [1.0]
+    heavy = DetectorTrainConfig(small_weight=3.0)
+    assert prepare_study("s", small_vol, small.astype(np.uint8), SMALL, heavy, rng).nodule_weights.tolist() == [3.0]
+    assert prepare_study("b", vol, ball.astype(np.uint8), SMALL, heavy, rng).nodule_weights.tolist() == [1.0]  # 10 mm
     with pytest.raises(ValueError, match="small_weight must be > 0, got 0"):
         DetectorTrainConfig(small_weight=0)
     tr1 = DetectorTrainConfig(batch_size=400, fg_prob=0.99, hard_prob=0.0, subsolid_weight=4.0)
