@@ -301,22 +301,49 @@ def calibration_records(results: Sequence[StudyResult]) -> list[CalibrationRecor
     return records
 
 
+def fit_finding_threshold(results: Sequence[StudyResult], finding_fp_per_scan: float) -> float | None:
+    """The validation scans' FROC operating point (candidate-filter score).
+
+    The score with at most ``finding_fp_per_scan`` false positives per scan
+    (:func:`~lungvl_model.evaluation.froc.operating_threshold`).
+
+    Args:
+        results: validation studies explained without a finding threshold (every filtered candidate scored).
+        finding_fp_per_scan: false positives per scan allowed (> 0).
+
+    Returns:
+        The threshold in [0, 1], or None when no validation study has a candidate.
+    """
+    fr = [r.values["froc"] for r in results if "froc" in r.values]
+    if not any(f["candidates"] for f in fr):
+        return None
+    t = operating_threshold(
+        [f["candidates"] for f in fr],
+        [np.asarray(f["ref_points"], float).reshape(-1, 3) for f in fr],
+        [np.asarray(f["ref_diameters"], float) for f in fr],
+        max_fp_per_scan=finding_fp_per_scan,
+    )
+    return min(1.0, max(0.0, t))
+
+
 def fit_on_validation(
     results: Sequence[StudyResult],
     *,
     max_deferral_rate: float = 0.3,
     target_error: float = 0.1,
     finding_fp_per_scan: float | None = None,
+    finding_threshold: float | None = None,
 ) -> CalibrationState:
     """Temperatures, the deferral policy, the sentence-entropy threshold and the finding threshold from validation.
 
     Args:
-        results: scored validation studies (never training or test studies).
+        results: scored validation studies (never training or test studies), explained at the operating
+            point the calibration will be used at (their reports are what the deferral policy is fitted on).
         max_deferral_rate: the deferral budget on validation.
         target_error: error rate of kept key sentences the entropy threshold aims at.
         finding_fp_per_scan: when given (the candidates were scored by a candidate filter), the
-            finding threshold is the validation scans' FROC operating point with at most this many
-            false positives per scan (:func:`~lungvl_model.evaluation.froc.operating_threshold`).
+            finding threshold is fitted on ``results`` (:func:`fit_finding_threshold`).
+        finding_threshold: a finding threshold fitted before (stored as it is; takes precedence).
 
     Raises:
         ValueError: no validation study has logits, signals and a reference Lung-RADS category.
@@ -335,15 +362,10 @@ def fit_on_validation(
             target_error=target_error,
         )
     state = fit_calibration(records, max_deferral_rate=max_deferral_rate, sentence_entropy_threshold=thr)
-    fr = [r.values["froc"] for r in results if "froc" in r.values]
-    if finding_fp_per_scan is not None and any(f["candidates"] for f in fr):
-        t = operating_threshold(
-            [f["candidates"] for f in fr],
-            [np.asarray(f["ref_points"], float).reshape(-1, 3) for f in fr],
-            [np.asarray(f["ref_diameters"], float) for f in fr],
-            max_fp_per_scan=finding_fp_per_scan,
-        )
-        state = dataclasses.replace(state, finding_threshold=min(1.0, max(0.0, t)))
+    if finding_threshold is None and finding_fp_per_scan is not None:
+        finding_threshold = fit_finding_threshold(results, finding_fp_per_scan)
+    if finding_threshold is not None:
+        state = dataclasses.replace(state, finding_threshold=finding_threshold)
     sites = sorted({r.site for r in results})
     fitted_on = {"validation_sites": sites, "validation_studies": len(records), "key_sentences": len(sent)}
     return dataclasses.replace(state, metrics={**state.metrics, "fitted_on": fitted_on})
@@ -374,6 +396,9 @@ def evaluate(
         validation_dirs: validation sites, neither training nor test: when given, the heads' temperatures, the
             deferral policy and the sentence-entropy threshold are fitted on them first (returned under
             ``calibration_state``, a :class:`CalibrationState`) and the test sites are explained with them.
+            With a candidate filter they are explained twice: findings only, every filtered candidate
+            scored, for the finding threshold (FROC operating point); then in full at that threshold, so
+            the deferral policy is fitted on reports written at the operating point it will be used at.
         calibration: a stored calibration to explain with (ignored when ``validation_dirs`` is given).
         candidate_filter: the checkpoint's nodule-candidate filter (None: every refined candidate is kept).
         fine_detector: the checkpoint's native-resolution detector (None: coarse candidates only).
@@ -401,16 +426,20 @@ def evaluate(
     }
     out: dict[str, Any] = {}
     if validation_dirs:
+        point = None
+        if candidate_filter is not None:  # pass 1: the operating point, from every filtered candidate
+            scan = {**base, "calibration": None, "with_text": False}
+            point = fit_finding_threshold(
+                [r for r in _run_studies(model, validation_dirs, scan, progress) if "error" not in r.values],
+                finding_fp_per_scan,
+            )
+        at_point = CalibrationState(finding_threshold=point) if point is not None else None
         val = [
             r
-            for r in _run_studies(model, validation_dirs, {**base, "calibration": None}, progress)
+            for r in _run_studies(model, validation_dirs, {**base, "calibration": at_point}, progress)
             if "error" not in r.values
         ]
-        calibration = fit_on_validation(
-            val,
-            max_deferral_rate=max_deferral_rate,
-            finding_fp_per_scan=finding_fp_per_scan if candidate_filter is not None else None,
-        )
+        calibration = fit_on_validation(val, max_deferral_rate=max_deferral_rate, finding_threshold=point)
         out["calibration_state"] = calibration
         out["calibration"] = {"validation_studies": len(val), **calibration.to_dict()}
     results = _run_studies(model, site_dirs, {**base, "calibration": calibration}, progress)
