@@ -57,7 +57,8 @@ class Sentence:
         attention_heatmap: ``(D, H, W)`` mean cross-attention heatmap of its tokens, not serialised.
         decoding: how it was chosen: ``"greedy"``, or for a finding sentence (or an IMPRESSION) whose
             greedy text the fact check faulted, ``"sampled k/n"`` (candidate k of n sampled ones;
-            :class:`CheckedDecoding`) or ``"greedy (n sampled, none better)"``.
+            :class:`CheckedDecoding`), ``"greedy (n sampled, none better)"``, or ``"size-constrained"`` (re-decoded
+            from a contradicted size restated as measured; :func:`write_findings_report`).
     """
 
     text: str
