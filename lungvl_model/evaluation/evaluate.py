@@ -331,7 +331,6 @@ def fit_on_validation(
     *,
     max_deferral_rate: float = 0.3,
     target_error: float = 0.1,
-    finding_fp_per_scan: float | None = None,
     finding_threshold: float | None = None,
 ) -> CalibrationState:
     """Temperatures, the deferral policy, the sentence-entropy threshold and the finding threshold from validation.
@@ -341,9 +340,8 @@ def fit_on_validation(
             point the calibration will be used at (their reports are what the deferral policy is fitted on).
         max_deferral_rate: the deferral budget on validation.
         target_error: error rate of kept key sentences the entropy threshold aims at.
-        finding_fp_per_scan: when given (the candidates were scored by a candidate filter), the
-            finding threshold is fitted on ``results`` (:func:`fit_finding_threshold`).
-        finding_threshold: a finding threshold fitted before (stored as it is; takes precedence).
+        finding_threshold: the finding threshold they were explained at (:func:`fit_finding_threshold` on a
+            findings-only pass), stored as it is; None: none (no candidate filter).
 
     Raises:
         ValueError: no validation study has logits, signals and a reference Lung-RADS category.
@@ -362,8 +360,6 @@ def fit_on_validation(
             target_error=target_error,
         )
     state = fit_calibration(records, max_deferral_rate=max_deferral_rate, sentence_entropy_threshold=thr)
-    if finding_threshold is None and finding_fp_per_scan is not None:
-        finding_threshold = fit_finding_threshold(results, finding_fp_per_scan)
     if finding_threshold is not None:
         state = dataclasses.replace(state, finding_threshold=finding_threshold)
     sites = sorted({r.site for r in results})
