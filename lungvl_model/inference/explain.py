@@ -35,6 +35,7 @@ from lungvl_model.inference.candidate_filter import score_findings as score_cand
 from lungvl_model.inference.deferral import DeferralSignals
 from lungvl_model.inference.exam_facts import ExamFacts, exam_sentences
 from lungvl_model.inference.fact_check import FactCheck, check_report
+from lungvl_model.inference.fact_constraint import restated_start
 from lungvl_model.inference.finding_risk import clinical_rules, nodule_risk_scores
 from lungvl_model.inference.findings import (
     Finding,
@@ -54,10 +55,10 @@ from lungvl_model.inference.narrative import (
     build_sentences,
     compose_report,
     generate_for_study,
+    link_by_attention,
     write_findings_report,
 )
 from lungvl_model.inference.report_review import policy_for, review_report
-from lungvl_model.inference.size_constraint import restated_start
 from lungvl_model.models.fine_detector import FineDetector
 from lungvl_model.models.fusion import TokenLayout
 from lungvl_model.models.nodule_risk import NoduleRiskHead
@@ -231,20 +232,6 @@ def analyse_candidates(
     return findings, state
 
 
-def _link_sentences(sentences: list[Sentence], findings: list[Finding]) -> None:
-    for s in sentences:
-        if s.box_lps is None or not findings:
-            continue
-        lo, hi = np.asarray(s.box_lps[0]), np.asarray(s.box_lps[1])
-        centre = (lo + hi) / 2
-        inside = [
-            f for f in findings if np.all(np.asarray(f.centroid_lps) >= lo) and np.all(np.asarray(f.centroid_lps) <= hi)
-        ]
-        pool = inside
-        if pool:
-            s.nodule = min(pool, key=lambda f: np.linalg.norm(np.asarray(f.centroid_lps) - centre)).index
-
-
 def explain_study(
     model: Any,
     volume: CTVolume,
@@ -331,22 +318,23 @@ def explain_study(
     text, sentences, found, impression = "", [], [], []
     if with_text:
 
-        def read_back(texts: list[str], index: int | None, section: str) -> FactCheck:
+        def read_back(candidate: list[Sentence], section: str) -> FactCheck:
             probes = [
-                Sentence(text=t, tokens=(0, 0), mean_entropy=0.0, confidence=1.0, key=True, low_confidence=False,
-                         nodule=index, section=section)
-                for t in texts
+                Sentence(text=c.text, tokens=(0, 0), mean_entropy=0.0, confidence=1.0, key=True, low_confidence=False,
+                         nodule=c.nodule, section=section)
+                for c in candidate
             ]  # fmt: skip
             return check_report(
                 probes, findings, facts, rule_lung_rads=rule, has_prior=prior is not None, emphysema_index=emph
             )
 
-        def restate(texts: list[str], index: int | None, section: str) -> str | None:
-            return restated_start(texts, read_back(texts, index, section), findings)
+        def restate(candidate: list[Sentence], section: str) -> str | None:
+            return restated_start([c.text for c in candidate], read_back(candidate, section), findings)
 
-        def verify(texts: list[str], index: int | None, section: str) -> tuple[int, int, int, int]:
-            check = read_back(texts, index, section)
+        def verify(candidate: list[Sentence], section: str) -> tuple[int, int, int, int]:
+            check = read_back(candidate, section)
             kinds = [v.verdict for v in check.verdicts]
+            index = candidate[0].nodule if section == "findings" and candidate else None
             said = {v.fact for v in check.verdicts if v.verdict == "supported" and v.finding in (index, None)}
             if index is not None:  # a finding sentence states its finding's size and lobe
                 missing = len({"size", "lobe"} - said)
@@ -365,7 +353,7 @@ def explain_study(
         emb = model.embed_text(enc["input_ids"].to(device), enc["attention_mask"].to(device))
         risk = model.heads(vis.pooled, emb)
     spic_p = float(torch.sigmoid(risk.spiculated_logit)[0])
-    _link_sentences([s for s in sentences if s.nodule is None], findings)  # finding sentences: by construction
+    link_by_attention(sentences, findings)  # finding sentences: by construction; the IMPRESSION: while decoding
     mal_logit = float(risk.malignancy_logit[0])
     lr_logits = risk.lung_rads_logits[0].float().cpu().numpy()
     if calibration is not None:

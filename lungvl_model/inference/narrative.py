@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -57,8 +57,8 @@ class Sentence:
         attention_heatmap: ``(D, H, W)`` mean cross-attention heatmap of its tokens, not serialised.
         decoding: how it was chosen: ``"greedy"``, or for a finding sentence (or an IMPRESSION) whose
             greedy text the fact check faulted, ``"sampled k/n"`` (candidate k of n sampled ones;
-            :class:`CheckedDecoding`), ``"greedy (n sampled, none better)"``, or ``"size-constrained"`` (re-decoded
-            from a contradicted size restated as measured; :func:`write_findings_report`).
+            :class:`CheckedDecoding`), ``"greedy (n sampled, none better)"``, or ``"fact-constrained"`` (re-decoded
+            from a contradicted size, lobe or category restated as measured; :func:`write_findings_report`).
     """
 
     text: str
@@ -197,20 +197,43 @@ def finding_mask_on_grid(finding: Finding, grid: GridMap, shape: tuple[int, int,
     return out
 
 
-#: ``(sentence texts, finding index or None, section) -> (contradicted, unsupported, missing, supported)``:
-#: the fact counts of the sentences read as statements about that finding (None: grounded by what they say)
-#: in that section (the explanation's fact check, :mod:`.fact_check`); ``missing``: key facts a complete
-#: text would state and these do not (e.g. a finding sentence without the finding's size or lobe).
-SentenceVerifier = Callable[[list[str], int | None, str], tuple[int, int, int, int]]
+#: ``(candidate sentences, section) -> (contradicted, unsupported, missing, supported)``: the fact counts of the
+#: sentences, each read as a statement about its ``nodule`` (the finding a finding sentence is written from;
+#: for the IMPRESSION the finding its attention points at, :func:`link_by_attention`, or None: grounded by what
+#: it says), exactly as the explanation's final fact check reads them (:mod:`.fact_check`); ``missing``: key
+#: facts a complete text would state and these do not (e.g. a finding sentence without the finding's size or lobe).
+SentenceVerifier = Callable[[list["Sentence"], str], tuple[int, int, int, int]]
 
-#: ``(sentence texts, finding index or None, section) -> forced beginning or None``: where to restart a text
-#: whose stated size the fact check contradicts (the text up to that size, rewritten to the grounded
-#: finding's measurement; :func:`~lungvl_model.inference.size_constraint.restate_size`), None when no
-#: contradicted size can be restated.
-SizeRestater = Callable[[list[str], int | None, str], str | None]
+#: ``(candidate sentences, section) -> forced beginning or None``: where to restart a text that states a
+#: fact the fact check contradicts (the text up to that fact, rewritten as measured;
+#: :func:`~lungvl_model.inference.fact_constraint.restated_start`), None when no contradicted fact can be
+#: restated.
+FactRestater = Callable[[list["Sentence"], str], str | None]
 
-#: Size-constrained re-decodings tried per finding sentence or IMPRESSION (one per contradicted size).
-MAX_RESTATED_SIZES = 3
+#: Fact-constrained re-decodings tried per finding sentence or IMPRESSION (one per contradicted fact).
+MAX_RESTATED_FACTS = 3
+
+
+def link_by_attention(sentences: Sequence[Sentence], findings: Sequence[Finding]) -> None:
+    """Ground each sentence without a ``nodule`` to the finding its attention box points at.
+
+    The finding whose centroid lies inside the sentence's ``box_lps``, the one closest to the box centre; a
+    sentence whose box holds no finding's centroid stays ungrounded (None).
+
+    Args:
+        sentences: sentences with ``box_lps`` (set in place).
+        findings: the kept findings (``centroid_lps``, ``index``).
+    """
+    for s in sentences:
+        if s.nodule is not None or s.box_lps is None or not findings:
+            continue
+        lo, hi = np.asarray(s.box_lps[0]), np.asarray(s.box_lps[1])
+        centre = (lo + hi) / 2
+        inside = [
+            f for f in findings if np.all(np.asarray(f.centroid_lps) >= lo) and np.all(np.asarray(f.centroid_lps) <= hi)
+        ]
+        if inside:
+            s.nodule = min(inside, key=lambda f: np.linalg.norm(np.asarray(f.centroid_lps) - centre)).index
 
 
 @dataclass(frozen=True)
@@ -324,7 +347,7 @@ def write_findings_report(
     max_new_tokens: int,
     verify: SentenceVerifier | None = None,
     checked: CheckedDecoding | None = None,
-    restate: SizeRestater | None = None,
+    restate: FactRestater | None = None,
 ) -> tuple[list[Sentence], list[Sentence]]:
     """FINDINGS one finding at a time (ranked order), then the IMPRESSION from all finding slots.
 
@@ -339,14 +362,16 @@ def write_findings_report(
         grid_shape: model input ``(D, H, W)``.
         threshold: the per-sentence entropy deferral threshold (nats).
         max_new_tokens: most tokens per generated sequence.
-        verify: the fact check of a finding sentence; with it, a faulted greedy finding sentence is
-            replaced by the best of ``checked.candidates`` sampled ones (:class:`CheckedDecoding`).
+        verify: the fact check of a candidate text (its sentences grounded as the final check grounds
+            them: a finding sentence to its finding, an IMPRESSION sentence by :func:`link_by_attention`);
+            with it, a faulted greedy text is replaced by the best of ``checked.candidates`` sampled ones
+            (:class:`CheckedDecoding`).
         checked: the N-best settings (default :class:`CheckedDecoding`).
-        restate: with ``verify``: when the best sentence still states a size the fact check contradicts, it
-            is decoded again with its beginning forced up to that size, restated as the measurement (in
-            the unit and precision the decoder wrote; :mod:`~lungvl_model.inference.size_constraint`), the
+        restate: with ``verify``: when the best text still states a size, lobe or Lung-RADS category the fact
+            check contradicts, it is decoded again with its beginning forced up to that fact, restated as
+            measured (in the form the decoder wrote; :mod:`~lungvl_model.inference.fact_constraint`), the
             rest written by the decoder; the re-decoded text competes with the others by the same order
-            (``decoding`` ``"size-constrained"``). At most :data:`MAX_RESTATED_SIZES` re-decodings.
+            (``decoding`` ``"fact-constrained"``). At most :data:`MAX_RESTATED_FACTS` re-decodings.
 
     Returns:
         ``(finding sentences, impression sentences)``: one sentence per slotted finding (none for a
@@ -400,21 +425,23 @@ def write_findings_report(
             )  # fmt: skip
             for s in sents:
                 s.section = section
+                s.nodule = kept[select[0]].index if kind == "finding" else None
+            link_by_attention(sents, findings)  # IMPRESSION sentences: grounded as the final fact check grounds them
             out.append(sents)
         return out
 
-    def best(select: list[int], section: str, kind: str, index: int | None, limit: int | None) -> list[Sentence]:
-        """The greedy sentences, or when the fact check faults them the best sampled or size-constrained ones."""
+    def best(select: list[int], section: str, kind: str, limit: int | None) -> list[Sentence]:
+        """The greedy sentences, or when the fact check faults them the best sampled or fact-constrained ones."""
         chosen = decode(select, section, kind)[0][:limit]
         if verify is None or not (nbest.candidates or restate):
             return chosen  # (an empty greedy text, e.g. an IMPRESSION cut to a bare "1.", is checked: it misses facts)
-        counts = [verify([c.text for c in chosen], index, section)]
+        counts = [verify(chosen, section)]
         if counts[0][:3] == (0, 0, 0):  # nothing contradicted, unsupported or missing
             return chosen
         options, labels = [chosen], ["greedy"]
         if nbest.candidates:
             options += [row[:limit] for row in decode(select, section, kind, rows=nbest.candidates) if row]
-            counts += [verify([c.text for c in o], index, section) for o in options[1:]]
+            counts += [verify(o, section) for o in options[1:]]
             n_sampled = len(options) - 1
             labels = [
                 f"greedy ({n_sampled} sampled, none better)",
@@ -422,9 +449,9 @@ def write_findings_report(
             ]
         rank = pick_checked(counts, [_mean_entropy(o) for o in options])
         current = options[rank]
-        for _ in range(MAX_RESTATED_SIZES if restate is not None and counts[rank][0] else 0):
+        for _ in range(MAX_RESTATED_FACTS if restate is not None and counts[rank][0] else 0):
             assert restate is not None
-            start = restate([c.text for c in current], index, section)
+            start = restate(current, section)
             ids = model.tokenizer(start, add_special_tokens=False)["input_ids"] if start else []
             if not ids or len(ids) >= max_new_tokens:
                 break
@@ -432,8 +459,8 @@ def write_findings_report(
             if not current:
                 break
             options.append(current)
-            counts.append(verify([c.text for c in current], index, section))
-            labels.append("size-constrained")
+            counts.append(verify(current, section))
+            labels.append("fact-constrained")
             if not counts[-1][0]:
                 break
         rank = pick_checked(counts, [_mean_entropy(o) for o in options])
@@ -444,14 +471,13 @@ def write_findings_report(
     finding_sentences: list[Sentence] = []
     if not kept:
         finding_sentences = decode([p - 1], "findings", "negative")[0][:1]
-    for i, f in enumerate(kept):
-        for s in best([i], "findings", "finding", f.index, 1):  # one sentence per finding
+    for i in range(len(kept)):
+        for s in best([i], "findings", "finding", 1):  # one sentence per finding
             s.attention_heatmap, s.attention_box_lps = s.heatmap, s.box_lps
             s.heatmap = masks[i].astype(np.float32)
             s.box_lps = heatmap_box(s.heatmap, grid, volume)
-            s.nodule = f.index
             finding_sentences.append(s)
-    impression = best(list(range(len(kept))) or [p - 1], "impression", "impression", None, None)
+    impression = best(list(range(len(kept))) or [p - 1], "impression", "impression", None)
     return finding_sentences, impression
 
 

@@ -17,6 +17,7 @@ from lungvl_model.inference.narrative import (
     finding_attributes,
     finding_mask_on_grid,
     is_bare_marker,
+    link_by_attention,
     pick_checked,
     write_findings_report,
 )
@@ -98,7 +99,14 @@ def test_one_sentence_per_finding_grounded_on_its_mask(model: LungVLModel) -> No
         assert s.box_lps == [[float(v) for v in np.minimum(lo, hi)], [float(v) for v in np.maximum(lo, hi)]]
         assert s.attention_heatmap is not None and s.attention_heatmap.shape == SHAPE  # the refinement
         assert "heatmap" not in s.to_dict() and "attention_heatmap" not in s.to_dict()
-    assert impression and all(s.section == "impression" and s.nodule is None for s in impression)
+    assert impression and all(s.section == "impression" for s in impression)
+    for s in impression:  # grounded by its attention box while decoding, as the final fact check grounds it
+        lo, hi = (np.asarray(b) for b in s.box_lps or [[np.inf] * 3, [-np.inf] * 3])
+        inside = [f for f in findings if np.all(lo <= f.centroid_lps) and np.all(np.asarray(f.centroid_lps) <= hi)]
+        near = min(
+            inside, key=lambda f: float(np.linalg.norm(np.asarray(f.centroid_lps) - (lo + hi) / 2)), default=None
+        )
+        assert s.nodule == (near.index if near is not None else None)
     negative, _ = write_findings_report(model, vis, vt, layout, [], **kw)
     assert len(negative) == 1 and negative[0].nodule is None and negative[0].section == "findings"
 
@@ -154,47 +162,72 @@ def test_faulted_sentences_are_replaced_by_sampled_ones_reproducibly() -> None:
     model, vis, vt, layout, findings, kw = _one_finding_study(8)
     found0, impression0 = write_findings_report(model, vis, vt, layout, findings, **kw)
     greedy = {found0[0].text, " ".join(s.text for s in impression0)}
-    calls: list[tuple[list[str], int | None, str]] = []
+    calls: list[tuple[list[str], list[int | None], str]] = []
 
-    def verify(texts: list[str], index: int | None, section: str) -> tuple[int, int, int, int]:
-        calls.append((texts, index, section))  # the greedy texts "contradict" the finding
+    def verify(cands: list[Sentence], section: str) -> tuple[int, int, int, int]:
+        texts = [c.text for c in cands]
+        calls.append((texts, [c.nodule for c in cands], section))  # the greedy texts "contradict" the finding
         return (1, 0, 0, 0) if " ".join(texts) in greedy else (0, 0, 0, 1)
 
     kw["checked"] = CheckedDecoding(candidates=8)
     found, impression = write_findings_report(model, vis, vt, layout, findings, verify=verify, **kw)
     assert found[0].text not in greedy and found[0].decoding.startswith("sampled ") and found[0].nodule == 1
-    assert calls[0] == ([found0[0].text], 1, "findings") and calls[9][1:] == (None, "impression")
+    assert calls[0] == ([found0[0].text], [1], "findings") and calls[9][2] == "impression"
+    # the IMPRESSION is checked grounded as the final fact check grounds it: by its attention box
+    assert calls[9][:2] == ([s.text for s in impression0], [s.nodule for s in impression0])
     assert len(calls) == 2 * (1 + 8)  # each: the greedy text, then 8 samples
     assert impression and all(s.decoding.startswith("sampled ") for s in impression)
     again, _ = write_findings_report(model, vis, vt, layout, findings, verify=verify, **kw)
     assert again[0].text == found[0].text  # one seeded generator per explanation
-    clean, _ = write_findings_report(model, vis, vt, layout, findings, verify=lambda t, i, s: (0, 0, 0, 1), **kw)
+    clean, _ = write_findings_report(model, vis, vt, layout, findings, verify=lambda c, s: (0, 0, 0, 1), **kw)
     assert clean[0].text == found0[0].text and clean[0].decoding == "greedy"  # nothing faulted: nothing sampled
     kw["checked"] = CheckedDecoding(candidates=0)
     off, _ = write_findings_report(model, vis, vt, layout, findings, verify=verify, **kw)
     assert off[0].text == found0[0].text
 
 
-def test_contradicted_size_is_decoded_again_from_the_restated_size() -> None:
+def test_link_by_attention_grounds_to_the_closest_centroid_in_the_box() -> None:
+    def sentence(box: list[list[float]] | None, nodule: int | None = None) -> Sentence:
+        return Sentence(text="x", tokens=(0, 1), mean_entropy=0.0, confidence=1.0, key=True, low_confidence=False,
+                        box_lps=box, nodule=nodule)  # fmt: skip
+
+    a = _finding(1, (20, 4, 4), np.ones((2, 2, 2), bool), 8.0)
+    b = _finding(2, (20, 4, 4), np.ones((2, 2, 2), bool), 6.0)
+    a.centroid_lps, b.centroid_lps = (10.0, 10.0, 10.0), (30.0, 10.0, 10.0)
+    wide, left, away, fixed, none = (
+        sentence([[0.0, 0.0, 0.0], [36.0, 20.0, 20.0]]),  # both inside, centre x 18: a (10) is closer than b (30)
+        sentence([[0.0, 0.0, 0.0], [15.0, 20.0, 20.0]]),
+        sentence([[50.0, 0.0, 0.0], [60.0, 20.0, 20.0]]),
+        sentence([[0.0, 0.0, 0.0], [15.0, 20.0, 20.0]], nodule=2),
+        sentence(None),
+    )
+    link_by_attention([wide, left, away, fixed, none], [a, b])
+    assert (wide.nodule, left.nodule, away.nodule, fixed.nodule, none.nodule) == (1, 1, None, 2, None)
+    shifted = sentence([[6.0, 0.0, 0.0], [40.0, 20.0, 20.0]])  # centre x 23: b (30) is closer than a (10)
+    link_by_attention([shifted], [a, b])
+    assert shifted.nodule == 2
+
+
+def test_contradicted_fact_is_decoded_again_from_the_restated_fact() -> None:
     model, vis, vt, layout, findings, kw = _one_finding_study(10)
     restated: list[tuple[list[str], int | None, str]] = []
 
-    def verify(texts: list[str], index: int | None, section: str) -> tuple[int, int, int, int]:
-        return (0, 0, 0, 2) if " ".join(texts).startswith("A 8 mm") else (1, 0, 0, 0)
+    def verify(cands: list[Sentence], section: str) -> tuple[int, int, int, int]:
+        return (0, 0, 0, 2) if " ".join(c.text for c in cands).startswith("A 8 mm") else (1, 0, 0, 0)
 
-    def restate(texts: list[str], index: int | None, section: str) -> str | None:
-        restated.append((texts, index, section))
+    def restate(cands: list[Sentence], section: str) -> str | None:
+        restated.append(([c.text for c in cands], cands[0].nodule if section == "findings" else None, section))
         return "A 8 mm"
 
     kw["checked"] = CheckedDecoding(candidates=0)
     found, impression = write_findings_report(model, vis, vt, layout, findings, verify=verify, restate=restate, **kw)
-    assert found[0].text.startswith("A 8 mm") and found[0].decoding == "size-constrained" and found[0].nodule == 1
-    assert impression[0].text.startswith("A 8 mm") and impression[0].decoding == "size-constrained"
+    assert found[0].text.startswith("A 8 mm") and found[0].decoding == "fact-constrained" and found[0].nodule == 1
+    assert impression[0].text.startswith("A 8 mm") and impression[0].decoding == "fact-constrained"
     assert [r[1:] for r in restated] == [(1, "findings"), (None, "impression")]  # fixed at the first try
     # a restated text that is no better than the others is not preferred: the greedy text stays
     never, _ = write_findings_report(
-        model, vis, vt, layout, findings, verify=lambda t, i, s: (1, 0, 0, 0), restate=restate, **kw
+        model, vis, vt, layout, findings, verify=lambda c, s: (1, 0, 0, 0), restate=restate, **kw
     )
     plain, _ = write_findings_report(model, vis, vt, layout, findings, **kw)
     assert never[0].text == plain[0].text and never[0].decoding == "greedy"
-    assert len(restated) == 2 + 2 * 3  # MAX_RESTATED_SIZES tries each, none fixing the contradiction
+    assert len(restated) == 2 + 2 * 3  # MAX_RESTATED_FACTS tries each, none fixing the contradiction

@@ -1,10 +1,17 @@
-"""Size-constrained decoding: finding a contradicted size in a text and restating it as measured."""
+"""Fact-constrained decoding: finding a contradicted size, lobe or category in a text and restating it as measured."""
 
 from __future__ import annotations
 
 import pytest
 
-from lungvl_model.inference.size_constraint import find_stated_size, format_like, restate_size, restated_start
+from lungvl_model.inference.fact_constraint import (
+    find_stated_size,
+    format_like,
+    restate_lobe,
+    restate_lung_rads,
+    restate_size,
+    restated_start,
+)
 
 
 def test_find_stated_size_by_value_and_unit() -> None:
@@ -51,6 +58,33 @@ def test_restate_size_cuts_after_the_rewritten_size() -> None:
     assert restate_size(text, (23.0,), (23.3,)) is None  # rewriting changes nothing
 
 
+def test_restate_lobe_keeps_the_written_form() -> None:
+    text = "1. 11 mm solid nodule in the LUL, concerning for malignancy. 2. Lung-RADS 4A."
+    assert restate_lobe(text, "LUL", "RLL") == "1. 11 mm solid nodule in the RLL"
+    assert restate_lobe("A nodule in the left upper lobe measuring 9 mm.", "LUL", "RML") == (
+        "A nodule in the right middle lobe"
+    )
+    assert restate_lobe("Left upper lobe: 9 mm nodule.", "LUL", "RUL") == "Right upper lobe"
+    assert restate_lobe("A nodule in the lt. upper lobe.", "LUL", "LLL") == "A nodule in the left lower lobe"
+    # the first mention of the contradicted lobe, whichever form
+    assert restate_lobe("RUL and left upper lobe nodules; the LUL one grew.", "LUL", "LLL") == (
+        "RUL and left lower lobe"
+    )
+    assert restate_lobe(text, "RUL", "RLL") is None  # not stated
+    assert restate_lobe("A nodule in the lingula.", "LUL", "RLL") is None  # no one-to-one rewrite
+    assert restate_lobe(text, "LUL", "LUL") is None  # nothing to change
+    assert restate_lobe(text, "LUL", "") is None and restate_lobe(text, "XYZ", "RLL") is None
+
+
+def test_restate_lung_rads_rewrites_the_category_only() -> None:
+    assert restate_lung_rads("3. Lung-RADS 4A: suspicious.", "4A", "3") == "3. Lung-RADS 3"
+    assert restate_lung_rads("Lung-RADS category 4B, very suspicious.", "4B", "4X") == "Lung-RADS category 4X"
+    assert restate_lung_rads("Lung-RADS v2022 category 2.", "2", "4a") == "Lung-RADS v2022 category 4A"
+    assert restate_lung_rads("Lung-RADS 4A.", "4A", "4A") is None
+    assert restate_lung_rads("Lung-RADS 3.", "4A", "2") is None  # not the stated category
+    assert restate_lung_rads("A 4 mm nodule.", "4A", "2") is None
+
+
 def test_restated_start_from_the_fact_check() -> None:
     from lungvl_model.inference.exam_facts import ExamFacts
     from lungvl_model.inference.fact_check import check_report
@@ -66,4 +100,11 @@ def test_restated_start_from_the_fact_check() -> None:
     assert start(texts) == "1. A 9 x 7 mm solid nodule in the right upper lobe. 2. A 2.2 cm"
     assert start(["A 24 x 10 mm solid nodule in the right lower lobe."]) == "A 24 x 20 mm"
     assert start(["A 22 mm solid nodule in the right lower lobe."]) is None  # nothing contradicted
-    assert start(["Lung-RADS 3."]) is None
+    # the first contradicted fact of a sentence, whichever kind; a lobe as the grounded finding's
+    assert start(["A 22 mm solid nodule in the LUL, Lung-RADS 4B."]) == "A 22 mm solid nodule in the RLL"
+    assert start(["A 15 mm solid nodule in the left upper lobe."]) == "A 4 mm"  # grounded to finding 3 (LUL, 4 mm)
+    assert start(["1. A 22 mm solid nodule in the right lower lobe.", "2. Lung-RADS 3."]) == (
+        "1. A 22 mm solid nodule in the right lower lobe. 2. Lung-RADS 4B"  # the rule engine's category
+    )
+    assert start(["A 22 mm solid nodule in the right lower lobe, which is ground-glass."]) is None  # a type: left
+    assert start(["Lung-RADS 4B."]) is None

@@ -1,0 +1,255 @@
+"""Fact-constrained decoding: where to restart a generated text that states a fact its finding contradicts.
+
+A sentence that states a size, a lobe or a Lung-RADS category the fact check contradicts (``"measuring 23 mm"``
+for a finding of 28.4 mm mean diameter, ``"in the LUL"`` for a finding in the RLL, ``"Lung-RADS 4A"`` where the
+rule engine gives 3) is decoded again with its beginning forced: the text up to that fact, the fact rewritten to
+the grounded finding's (or the rule engine's) value **in the form the decoder chose** (``23 mm`` → ``28 mm``,
+``2.3 cm`` → ``2.8 cm``, ``12 x 9 mm`` → ``14 x 10 mm``, ``LUL`` → ``RLL``, ``left upper lobe`` → ``right
+lower lobe``, ``Lung-RADS category 4A`` → ``Lung-RADS category 3``), and the decoder writes the rest itself
+(:meth:`lungvl_model.models.decoder.ReportDecoder.generate` ``forced``). The decoder decides which facts are
+stated, where and how; only a contradicted value is constrained to the measurement. Types, calcification and
+lobe phrasings with no one-to-one rewrite (the lingula, "upper right lobe", translated abbreviations) are
+left to the N-best choice and to deferral.
+
+The size restated is the one the report conventions use (:mod:`lungvl_model.data.synth.reports`, and
+Lung-RADS v2022): one number is the mean diameter, two are the longest and short-axis diameters.
+
+Pure functions, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lungvl_model.inference.fact_check import FactCheck
+from lungvl_model.inference.findings import Finding
+from lungvl_model.text import labeler_patterns as LP
+
+__all__ = [
+    "LOBE_WORDS",
+    "SIZE_RE",
+    "StatedSize",
+    "find_stated_size",
+    "format_like",
+    "restate_lobe",
+    "restate_lung_rads",
+    "restate_size",
+    "restated_start",
+]
+
+#: Lobe codes spelled out, as reports write them.
+LOBE_WORDS: dict[str, str] = {
+    "RUL": "right upper lobe",
+    "RML": "right middle lobe",
+    "RLL": "right lower lobe",
+    "LUL": "left upper lobe",
+    "LLL": "left lower lobe",
+}
+
+#: A size with its unit: ``23 mm``, ``2.3 cm``, ``12 x 9 mm``, ``12x9mm``, ``12 × 9 mm``.
+SIZE_RE = re.compile(
+    r"(?<![\d.])(?P<a>\d{1,3}(?:\.\d{1,2})?)(?:\s*[x×]\s*(?P<b>\d{1,3}(?:\.\d{1,2})?))?\s*(?P<unit>mm|cm)\b",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class StatedSize:
+    """One size written in a text.
+
+    Attributes:
+        start: index of its first digit.
+        end: index just after its unit.
+        values: the numbers as written (one, or long and short).
+        unit: ``mm`` or ``cm`` (lower case).
+    """
+
+    start: int
+    end: int
+    values: tuple[str, ...]
+    unit: str
+
+    @property
+    def mm(self) -> tuple[float, ...]:
+        """The numbers in millimetres."""
+        f = 10.0 if self.unit == "cm" else 1.0
+        return tuple(float(v) * f for v in self.values)
+
+
+def find_stated_size(text: str, stated_mm: Sequence[float], *, tol_mm: float = 0.05) -> StatedSize | None:
+    """The first size in ``text`` whose numbers are ``stated_mm`` (as the report labeler read them).
+
+    Args:
+        text: one sentence or a whole generated text.
+        stated_mm: the size read back, in mm (one number, or two in any order).
+        tol_mm: how close a written number must be to a stated one.
+
+    Returns:
+        The size, or None when no size of the text has those numbers.
+    """
+    want = sorted(float(v) for v in stated_mm)
+    for m in SIZE_RE.finditer(text):
+        values = tuple(v for v in (m.group("a"), m.group("b")) if v is not None)
+        size = StatedSize(m.start(), m.end(), values, m.group("unit").lower())
+        got = sorted(size.mm)
+        if len(got) == len(want) and all(abs(g - w) <= tol_mm for g, w in zip(got, want, strict=True)):
+            return size
+    return None
+
+
+def format_like(written: str, unit: str, value_mm: float) -> str:
+    """``value_mm`` written as ``written`` was: same unit, same number of decimals (cm: at least one).
+
+    Args:
+        written: a number as the decoder wrote it (``"23"``, ``"2.3"``, ``"5.5"``).
+        unit: ``mm`` or ``cm``.
+        value_mm: the measurement in mm (> 0).
+
+    Returns:
+        The number's text, never below the smallest value the precision can write (``1``, ``0.1``).
+
+    Raises:
+        ValueError: a measurement that is not a finite number > 0, or an unknown unit.
+    """
+    if not (math.isfinite(value_mm) and value_mm > 0):
+        raise ValueError(f"format_like: value_mm must be a finite number > 0, got {value_mm!r}")
+    if unit not in ("mm", "cm"):
+        raise ValueError(f"format_like: unit must be 'mm' or 'cm', got {unit!r}")
+    decimals = len(written.split(".")[1]) if "." in written else 0
+    if unit == "cm":
+        decimals = max(decimals, 1)
+    value = value_mm / 10.0 if unit == "cm" else value_mm
+    smallest = 10.0**-decimals
+    return f"{max(round(value, decimals), smallest):.{decimals}f}"
+
+
+def restate_size(text: str, stated_mm: Sequence[float], target_mm: Sequence[float]) -> str | None:
+    """The beginning of ``text`` up to its stated size, with the size rewritten to ``target_mm``.
+
+    Args:
+        text: the generated text (a sentence, or an IMPRESSION's sentences joined by spaces).
+        stated_mm: the contradicted size as read back (mm; one or two numbers).
+        target_mm: the measurement to state instead: one number (mean diameter) or two (longest, short
+            axis), matched to the stated numbers by size (the larger written number gets the larger value).
+
+    Returns:
+        ``text[:start] + rewritten size + unit`` (the unit as written), or None when the stated size is not
+        in the text, the counts differ, or rewriting changes nothing.
+
+    Raises:
+        ValueError: a target that is not a finite number > 0.
+    """
+    size = find_stated_size(text, stated_mm)
+    if size is None or len(target_mm) != len(size.values):
+        return None
+    order = sorted(range(len(size.values)), key=lambda i: size.mm[i])
+    targets = sorted(float(t) for t in target_mm)
+    new = list(size.values)
+    for rank, i in enumerate(order):
+        new[i] = format_like(size.values[i], size.unit, targets[rank])
+    if tuple(new) == size.values:
+        return None
+    written = text[size.start : size.end]
+    unit = written[-2:]
+    body = " x ".join(new) if len(new) == 2 else new[0]
+    spaced = " " if re.search(r"\d\s+(mm|cm)$", written, re.IGNORECASE) else ""
+    return f"{text[: size.start]}{body}{spaced}{unit}"
+
+
+def restate_lobe(text: str, stated: str, target: str) -> str | None:
+    """The beginning of ``text`` up to its first mention of lobe ``stated``, rewritten as lobe ``target``.
+
+    An abbreviation is rewritten as an abbreviation (``LUL`` → ``RLL``), a spelled-out lobe as spelled out
+    (``left upper lobe`` → ``right lower lobe``, keeping an initial capital). Other phrasings are not rewritten.
+
+    Args:
+        text: the generated text.
+        stated: the contradicted lobe code as read back (``RUL`` ... ``LLL``).
+        target: the grounded finding's lobe code.
+
+    Returns:
+        ``text[:start] + rewritten lobe``, or None when no such mention of ``stated`` is found, a code is not a
+        lobe, or ``stated == target``.
+    """
+    if stated not in LOBE_WORDS or target not in LOBE_WORDS or stated == target:
+        return None
+    hits: list[tuple[int, int, str]] = []
+    for m in LP.LOBE_ABBR_RE.finditer(text):
+        if m.group("abbr").upper() == stated:
+            hits.append((m.start(), m.end(), target))
+    for m in LP.LOBE_SIDE_RE.finditer(text):
+        side = "R" if m.group("side").lower().startswith("r") else "L"
+        if LP.LOBE_CODE.get((side, m.group("pos").lower())) == stated and m.group(0).lower().endswith("lobe"):
+            words = LOBE_WORDS[target]
+            hits.append((m.start(), m.end(), words[0].upper() + words[1:] if m.group(0)[0].isupper() else words))
+    if not hits:
+        return None
+    start, _, new = min(hits)
+    return f"{text[:start]}{new}"
+
+
+def restate_lung_rads(text: str, stated: str, target: str) -> str | None:
+    """The beginning of ``text`` up to its first Lung-RADS category ``stated``, rewritten as ``target``.
+
+    Args:
+        text: the generated text.
+        stated: the contradicted category as read back (``"4A"``).
+        target: the rule engine's category (``"3"``).
+
+    Returns:
+        ``text`` up to the category's first character, then ``target`` (the ``S`` modifier, if written, is
+        left to the decoder), or None when no such category is written or ``stated == target``.
+    """
+    if stated.upper() == target.upper():
+        return None
+    for m in LP.LUNG_RADS_RE.finditer(text):
+        if (m.group("cat") + (m.group("sub") or "")).upper() == stated.upper():
+            return f"{text[: m.start('cat')]}{target.upper()}"
+    return None
+
+
+def _restated(text: str, fact: str, stated: object, measured: object, f: Finding | None) -> str | None:
+    """One contradicted fact of ``text`` restated (None: not one this module rewrites)."""
+    if fact == "size" and f is not None and isinstance(stated, (list, tuple)):
+        values = tuple(float(x) for x in stated)
+        target = (f.mean_diameter_mm,) if len(values) == 1 else (f.longest_diameter_mm, f.short_axis_mm)
+        if not all(math.isfinite(t) and t > 0 for t in target):
+            return None
+        return restate_size(text, values, target)
+    if fact == "lobe" and f is not None and isinstance(stated, str) and f.lobe:
+        return restate_lobe(text, stated, f.lobe)
+    if fact == "lung_rads" and isinstance(stated, str) and isinstance(measured, str):
+        return restate_lung_rads(text, stated, measured)
+    return None
+
+
+def restated_start(texts: Sequence[str], check: FactCheck, findings: Sequence[Finding]) -> str | None:
+    """Where to restart one generation at its first contradicted fact that can be restated.
+
+    Args:
+        texts: the generation's sentences, in order (joined by single spaces they are its text).
+        check: their fact check (:func:`~lungvl_model.inference.fact_check.check_report`).
+        findings: the measured findings its verdicts name by ``index``.
+
+    Returns:
+        The sentences before the one with the first restatable contradiction, then that sentence up to the
+        contradicted fact that comes first in it, restated (a size as its grounded finding's mean diameter, one
+        number, or longest x short axis, two; a lobe as its finding's; a Lung-RADS category as the rule
+        engine's), all joined by spaces; None when no contradicted fact can be restated.
+    """
+    by_index = {f.index: f for f in findings}
+    starts: list[tuple[int, int, str]] = []
+    for v in check.verdicts:
+        if v.verdict != "contradiction" or not 0 <= v.sentence < len(texts):
+            continue
+        f = by_index.get(v.finding) if v.finding is not None else None
+        start = _restated(texts[v.sentence], v.fact, v.stated, v.measured, f)
+        if start is not None:
+            starts.append((v.sentence, len(start), start))
+    if not starts:
+        return None
+    sentence, _, start = min(starts)
+    return " ".join([*texts[:sentence], start])
