@@ -43,6 +43,17 @@ def train(
         help="share of the seg crops not centred on a nodule that are centred on a hard-negative point (heart "
         "border, hilar vessels, chest wall...: synthetic sites' annotations); the rest lie anywhere",
     ),
+    detector_spacing: float | None = typer.Option(
+        None,
+        "--detector-spacing",
+        help="detector stage: isotropic voxel size (mm) of a new detector's grid (default 2; with --init the "
+        "grid of the detector continued from)",
+    ),
+    detector_small_weight: float = typer.Option(
+        1.0,
+        "--detector-small-weight",
+        help="detector stage: how much more often nodules under 8 mm are drawn as patch centres",
+    ),
 ) -> None:
     """Train one stage; writes checkpoint/, config.json, metrics.json and loss_curve.png to --out."""
     from lungvl_model.models.config import get_preset
@@ -58,8 +69,14 @@ def train(
     if stage == "candidates":
         _train_candidates(site_dirs, out_dir, seed)
         return
+    if stage != "detector" and (detector_spacing is not None or detector_small_weight != 1.0):
+        print_error(f"--detector-spacing and --detector-small-weight apply to --stage detector, not {stage!r}")
+        raise typer.Exit(2)
     if stage == "detector":
-        _train_detector(site_dirs, out_dir, init=init, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed)
+        _train_detector(
+            site_dirs, out_dir, init=init, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
+            spacing_mm=detector_spacing, small_weight=detector_small_weight,
+        )  # fmt: skip
         return
     try:
         cfg = TrainConfig(
@@ -146,21 +163,39 @@ def _train_candidates(site_dirs: list[Path], out_dir: Path, seed: int) -> None:
 
 
 def _train_detector(
-    site_dirs: list[Path], out_dir: Path, *, init: Path | None, max_steps: int, batch_size: int, lr: float, seed: int
+    site_dirs: list[Path],
+    out_dir: Path,
+    *,
+    init: Path | None,
+    max_steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    spacing_mm: float | None = None,
+    small_weight: float = 1.0,
 ) -> None:
     """``--stage detector``: the native-resolution nodule detector, written to ``--out``/fine_detector.{pt,json}.
 
     Point ``--out`` at the checkpoint directory the detector belongs beside. LIDC case folders and sites
     imported from one give negative patches only (never their nodules); the others are synthetic sites
-    with masks. ``--init`` continues from the fine detector stored in that checkpoint folder.
+    with masks. ``--init`` continues from the fine detector stored in that checkpoint folder (on its grid:
+    ``--detector-spacing`` is refused there).
     """
+    from lungvl_model.models.fine_detector import FineDetectorConfig
     from lungvl_model.training.candidate_filter import is_lidc_site
     from lungvl_model.training.fine_detector import DetectorTrainConfig, run_detector_stage
 
     lidc = [d for d in site_dirs if is_lidc_site(d)]
     sites = [d for d in site_dirs if d not in lidc]
     try:
-        train = DetectorTrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed)
+        train = DetectorTrainConfig(
+            max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, small_weight=small_weight
+        )
+        if spacing_mm is not None and init is not None:
+            raise ValueError(
+                f"--detector-spacing {spacing_mm:g} with --init {init}: a continued detector keeps its own grid"
+            )
+        config = None if spacing_mm is None else FineDetectorConfig(spacing_mm=spacing_mm)
         if not sites:
             raise ValueError("--stage detector needs at least one synthetic site directory (nodule masks)")
         with progress_callback("train detector") as cb:
@@ -168,6 +203,7 @@ def _train_detector(
                 sites,
                 out_dir,
                 lidc_dirs=lidc,
+                config=config,
                 train=train,
                 init_dir=init,
                 on_step=lambda step, total, m: cb(step, total, f"loss {m.get('loss', float('nan')):.3f}"),

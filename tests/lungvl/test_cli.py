@@ -108,6 +108,22 @@ def test_train_refuses_a_bad_seg_crop(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "multiples of 16" in res.stderr and "(32, 20, 32)" in res.stderr
 
 
+def test_train_detector_options_are_checked_where_they_enter(tmp_path: Path) -> None:
+    def train(*extra: str) -> tuple[int, str]:
+        res = runner.invoke(app, ["train", str(tmp_path), "--out", str(tmp_path / "o"), *extra])
+        return res.exit_code, " ".join(res.stderr.split())
+
+    code, msg = train("--stage", "seg", "--detector-spacing", "1.5")
+    assert code == 2 and "apply to --stage detector, not 'seg'" in msg
+    code, msg = train("--stage", "detector", "--detector-spacing", "0.1")
+    assert code == 2 and "spacing_mm must be in [0.25, 5] mm, got 0.1" in msg
+    code, msg = train("--stage", "detector", "--detector-small-weight", "0")
+    assert code == 2 and "small_weight must be > 0, got 0.0" in msg
+    code, msg = train("--stage", "detector", "--detector-spacing", "1.5", "--init", str(tmp_path))
+    assert code == 2 and "--detector-spacing 1.5 with --init" in msg and "keeps its own grid" in msg
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
 def test_version() -> None:
     from lungvl_model.version import software_version
 
