@@ -232,6 +232,30 @@ def analyse_candidates(
     return findings, state
 
 
+def decoding_fact_counts(check: FactCheck, nodule: int | None, *, has_findings: bool) -> tuple[int, int, int, int]:
+    """``(contradicted, unsupported, missing, supported)`` facts of one candidate text, for the N-best choice.
+
+    Args:
+        check: the candidate's fact check.
+        nodule: the finding a finding sentence is written from; None for an IMPRESSION.
+        has_findings: the study has kept findings.
+
+    Returns:
+        The counts; ``missing``: a finding sentence that does not state its finding's size and lobe (one each),
+        or an IMPRESSION of a study with findings that states no supported size, lobe, type or Lung-RADS
+        category of any finding (1).
+    """
+    kinds = [v.verdict for v in check.verdicts]
+    supported = [v for v in check.verdicts if v.verdict == "supported"]
+    if nodule is not None:
+        said = {v.fact for v in supported if v.finding in (nodule, None)}
+        missing = len({"size", "lobe"} - said)
+    else:
+        said = {v.fact for v in supported}
+        missing = int(has_findings and not said & {"size", "lobe", "type", "lung_rads"})
+    return kinds.count("contradiction"), kinds.count("unsupported"), missing, kinds.count("supported")
+
+
 def explain_study(
     model: Any,
     volume: CTVolume,
@@ -332,15 +356,8 @@ def explain_study(
             return restated_start([c.text for c in candidate], read_back(candidate, section), findings)
 
         def verify(candidate: list[Sentence], section: str) -> tuple[int, int, int, int]:
-            check = read_back(candidate, section)
-            kinds = [v.verdict for v in check.verdicts]
-            index = candidate[0].nodule if section == "findings" and candidate else None
-            said = {v.fact for v in check.verdicts if v.verdict == "supported" and v.finding in (index, None)}
-            if index is not None:  # a finding sentence states its finding's size and lobe
-                missing = len({"size", "lobe"} - said)
-            else:  # an impression of a study with findings states at least one of them
-                missing = int(bool(findings) and not said & {"size", "lobe", "type", "lung_rads"})
-            return kinds.count("contradiction"), kinds.count("unsupported"), missing, kinds.count("supported")
+            nodule = candidate[0].nodule if section == "findings" and candidate else None
+            return decoding_fact_counts(read_back(candidate, section), nodule, has_findings=bool(findings))
 
         found, impression = write_findings_report(
             model, vis, vt, layout, findings, grid=grid, volume=volume, grid_shape=shape, threshold=thr,

@@ -290,6 +290,14 @@ class ReportDecoder(nn.Module):
         hidden = self.lm.transformer(input_ids, attention_mask=attention_mask).last_hidden_state
         return pool_hidden(hidden, attention_mask, pooling)
 
+    def _repeats(self, sentence_ids: list[int], seen: set[str]) -> bool:
+        """Whether a finished sentence repeats one already in ``seen`` (case and spacing ignored); adds it."""
+        sentence = " ".join(str(self.tokenizer.decode(sentence_ids)).lower().split())
+        if sentence in seen:
+            return True
+        seen.add(sentence)
+        return False
+
     @torch.no_grad()
     def generate(
         self,
@@ -315,6 +323,8 @@ class ReportDecoder(nn.Module):
         that would repeat an n-gram already generated in its row is never chosen
         (:func:`no_repeat_ngram_bans`; ``<eos>`` is never banned), and a row whose new sentence repeats
         an earlier sentence of the row (same text, case and spacing ignored) stops, the repeat masked out.
+        A sentence ends at a sentence-end token that is not a decimal point: a ``.`` between two digits
+        ("1. 1.4 cm") is decided at the next token, so a list number followed by a decimal size is no repeat.
         Probabilities and entropies stay those of the model's unfiltered distribution.
 
         Args:
@@ -361,6 +371,7 @@ class ReportDecoder(nn.Module):
         cut = [-1] * b  # per row: first step of a masked-out repeated sentence
         rows: list[list[int]] = [[] for _ in range(b)]  # generated ids per row
         sentence_start = [0] * b
+        pending = [-1] * b  # per row: index of a sentence-end token whose sentence is decided at the next token
         seen: list[set[str]] = [set() for _ in range(b)]
         steps: dict[str, list[Tensor]] = {"tok": [], "p": [], "h": [], "att": [], "mask": []}
         was_training = self.training
@@ -401,13 +412,24 @@ class ReportDecoder(nn.Module):
                             continue
                         t = int(tok[r])
                         rows[r].append(t)
-                        if not stop_repeated_sentence or t not in self.sentence_end_ids:
+                        if not stop_repeated_sentence:
                             continue
-                        sentence = " ".join(str(self.tokenizer.decode(rows[r][sentence_start[r] :])).lower().split())
-                        if sentence in seen[r]:
-                            cut[r], repeated[r], done[r] = sentence_start[r], True, True  # row index == step
-                        seen[r].add(sentence)
-                        sentence_start[r] = len(rows[r])
+                        if pending[r] >= 0:  # the previous token ended a sentence unless it was a decimal point
+                            end, pending[r] = pending[r], -1
+                            before = str(self.tokenizer.decode(rows[r][sentence_start[r] : end + 1]))
+                            after = str(self.tokenizer.decode(rows[r][sentence_start[r] :]))[len(before) :]
+                            if not (before[-2:-1].isdigit() and after[:1].isdigit()):
+                                if self._repeats(rows[r][sentence_start[r] : end + 1], seen[r]):
+                                    cut[r], repeated[r], done[r] = sentence_start[r], True, True  # row index == step
+                                    continue
+                                sentence_start[r] = end + 1
+                        if t in self.sentence_end_ids:
+                            pending[r] = len(rows[r]) - 1
+                            if bool(done[r]) or step == max_new_tokens - 1:  # no next token: decide now
+                                pending[r] = -1
+                                if self._repeats(rows[r][sentence_start[r] :], seen[r]):
+                                    cut[r], repeated[r], done[r] = sentence_start[r], True, True
+                                sentence_start[r] = len(rows[r])
                     ids = torch.cat([ids, tok[:, None]], dim=1)
                     if bool(done.all()):
                         break

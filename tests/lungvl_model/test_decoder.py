@@ -233,11 +233,24 @@ def test_generate_stops_on_repeated_sentence(decoder, tok, batch):
     loop = decoder.generate(vis, max_new_tokens=10, no_repeat_ngram=0, stop_repeated_sentence=False)
     assert (loop.tokens == dot).all() and loop.mask.all()
     gen = decoder.generate(vis, max_new_tokens=10)
-    # sentence "." then "." again: the repeat is masked out and the row stops there
-    assert gen.tokens.shape[1] == 2 and gen.repeat_stopped.all() and not gen.finished.any()
-    assert gen.mask[:, 0].all() and not gen.mask[:, 1].any()
-    assert (gen.tokens[:, 0] == dot).all() and (gen.tokens[:, 1] == decoder.pad_id).all()
-    assert (gen.entropy[:, 1] == 0).all() and (gen.cross_attention[:, 1] == 0).all()
+    # sentence "." then "." again: a sentence end is decided at the next token (it may be a decimal point), so
+    # the row stops one token later; the repeat and that token are masked out
+    assert gen.tokens.shape[1] == 3 and gen.repeat_stopped.all() and not gen.finished.any()
+    assert gen.mask[:, 0].all() and not gen.mask[:, 1:].any()
+    assert (gen.tokens[:, 0] == dot).all() and (gen.tokens[:, 1:] == decoder.pad_id).all()
+    assert (gen.entropy[:, 1:] == 0).all() and (gen.cross_attention[:, 1:] == 0).all()
+
+
+def test_a_list_number_before_a_decimal_size_is_no_repeated_sentence(decoder, tok, batch):
+    _, vis = batch
+    forced = tok("1. 1.4 cm. 2. 2.5 cm.", add_special_tokens=False)["input_ids"]
+    n = len(forced)
+    gen = decoder.generate(vis[:1], max_new_tokens=n + 2, forced=[forced])
+    assert gen.tokens[0, :n].tolist() == forced and gen.mask[0, :n].all() and not gen.repeat_stopped.any()
+    # a real repeat after a number is still caught: "1. 1." stops at the second "1."
+    looped = tok("1. 1. 2", add_special_tokens=False)["input_ids"]
+    gen = decoder.generate(vis[:1], max_new_tokens=len(looped) + 2, forced=[looped])
+    assert gen.repeat_stopped.all() and gen.mask[0, :2].all() and not gen.mask[0, 2:].any()
 
 
 def test_prefix_conditions_the_first_token_and_generation(decoder, batch):

@@ -108,3 +108,24 @@ def test_restated_start_from_the_fact_check() -> None:
     )
     assert start(["A 22 mm solid nodule in the right lower lobe, which is ground-glass."]) is None  # a type: left
     assert start(["Lung-RADS 4B."]) is None
+
+
+def test_decoding_fact_counts_reads_the_impression_across_findings() -> None:
+    from lungvl_model.inference.exam_facts import ExamFacts
+    from lungvl_model.inference.explain import decoding_fact_counts
+    from lungvl_model.inference.fact_check import check_report
+    from tests.lungvl_model.test_fact_check import FINDINGS, RULE
+
+    def counts(texts: list[str], nodule: int | None) -> tuple[int, int, int, int]:
+        check = check_report(texts, FINDINGS, ExamFacts(), rule_lung_rads=RULE, has_prior=False)
+        return decoding_fact_counts(check, nodule, has_findings=True)
+
+    # an IMPRESSION stating finding 4's size, lobe and type (grounded to it) misses nothing
+    assert counts(["1. 22 mm solid nodule in the right lower lobe."], None) == (0, 0, 0, 3)
+    assert counts(["1. Pulmonary nodules as described."], None)[2] == 1  # no fact of any finding
+    # a finding sentence must state its own finding's size and lobe
+    assert counts(["A solid nodule in the right lower lobe measuring 22 mm."], 4) == (0, 0, 0, 3)
+    assert counts(["A solid nodule in the right lower lobe."], 4)[2] == 1
+    assert counts(["A solid nodule in the left upper lobe measuring 4 mm."], 4)[2] == 2  # finding 3's facts
+    check = check_report(["No pulmonary nodules."], [], ExamFacts(), rule_lung_rads="1", has_prior=False)
+    assert decoding_fact_counts(check, None, has_findings=False)[2] == 0
