@@ -1,15 +1,16 @@
 """Fact-constrained decoding: where to restart a generated text that states a fact its finding contradicts.
 
-A sentence that states a size, a lobe or a Lung-RADS category the fact check contradicts (``"measuring 23 mm"``
-for a finding of 28.4 mm mean diameter, ``"in the LUL"`` for a finding in the RLL, ``"Lung-RADS 4A"`` where the
-rule engine gives 3) is decoded again with its beginning forced: the text up to that fact, the fact rewritten to
-the grounded finding's (or the rule engine's) value **in the form the decoder chose** (``23 mm`` → ``28 mm``,
-``2.3 cm`` → ``2.8 cm``, ``12 x 9 mm`` → ``14 x 10 mm``, ``LUL`` → ``RLL``, ``left upper lobe`` → ``right
-lower lobe``, ``Lung-RADS category 4A`` → ``Lung-RADS category 3``), and the decoder writes the rest itself
-(:meth:`lungvl_model.models.decoder.ReportDecoder.generate` ``forced``). The decoder decides which facts are
-stated, where and how; only a contradicted value is constrained to the measurement. Types, calcification and
-lobe phrasings with no one-to-one rewrite (the lingula, "upper right lobe", translated abbreviations) are
-left to the N-best choice and to deferral.
+A sentence that states a size, a lobe, an attenuation type or a Lung-RADS category the fact check contradicts
+(``"measuring 23 mm"`` for a finding of 28.4 mm mean diameter, ``"in the LUL"`` for a finding in the RLL,
+``"Lung-RADS 4A"`` where the rule engine gives 3) is decoded again with its beginning forced: the text up to that
+fact, the fact rewritten to the grounded finding's (or the rule engine's) value **in the form the decoder chose**
+(``23 mm`` → ``28 mm``, ``2.3 cm`` → ``2.8 cm``, ``12 x 9 mm`` → ``14 x 10 mm``, ``LUL`` → ``RLL``, ``left upper
+lobe`` → ``right lower lobe``, ``solid`` → ``ground-glass``, ``Lung-RADS category 4A`` → ``Lung-RADS category
+3``), and the decoder writes the rest itself (:meth:`lungvl_model.models.decoder.ReportDecoder.generate`
+``forced``). The decoder decides which facts are stated, where and how; only a contradicted value is constrained
+to the measurement. Calcification, comparisons with the prior, Lung-RADS descriptors and lobe phrasings with no
+one-to-one rewrite (the lingula, "upper right lobe", translated abbreviations) are left to the N-best choice and
+to deferral.
 
 The size restated is the one the report conventions use (:mod:`lungvl_model.data.synth.reports`, and
 Lung-RADS v2022): one number is the mean diameter, two are the longest and short-axis diameters.
@@ -37,6 +38,7 @@ __all__ = [
     "restate_lobe",
     "restate_lung_rads",
     "restate_size",
+    "restate_type",
     "restated_start",
 ]
 
@@ -191,6 +193,40 @@ def restate_lobe(text: str, stated: str, target: str) -> str | None:
     return f"{text[:start]}{new}"
 
 
+#: How each attenuation type is written (first match in a text), and how a restated one is written.
+TYPE_PHRASES: dict[str, re.Pattern[str]] = {
+    "solid": re.compile(r"(?<!part-)(?<!part )(?<!semi-)(?<!sub-)(?<!non-)\bsolid\b", re.IGNORECASE),
+    "part_solid": re.compile(r"\bpart[\s-]?solid\b", re.IGNORECASE),
+    "non_solid": re.compile(r"\b(?:(?:pure|non[\s-]?solid)\s+)?ground[\s-]?glass\b|\bnon[\s-]?solid\b", re.IGNORECASE),
+    "subsolid": re.compile(r"\bsub[\s-]?solid\b", re.IGNORECASE),
+}
+TYPE_WORDS: dict[str, str] = {"solid": "solid", "part_solid": "part-solid", "non_solid": "ground-glass"}
+
+
+def restate_type(text: str, stated: str, target: str) -> str | None:
+    """The beginning of ``text`` up to its first phrase of attenuation type ``stated``, rewritten as ``target``.
+
+    ``solid`` / ``part-solid`` / ``ground-glass`` (``pure ground-glass``, ``nonsolid ground-glass`` and ``non-solid``
+    are one non-solid phrase; ``subsolid`` is part-solid or non-solid), keeping an initial capital.
+
+    Args:
+        text: the generated text.
+        stated: the contradicted type as read back (``solid``, ``part_solid``, ``non_solid`` or ``subsolid``).
+        target: the grounded finding's type (``solid``, ``part_solid`` or ``non_solid``).
+
+    Returns:
+        ``text[:start] + rewritten type``, or None when no phrase of ``stated`` is written, a type is unknown, or
+        ``stated == target``.
+    """
+    if stated not in TYPE_PHRASES or target not in TYPE_WORDS or stated == target:
+        return None
+    m = TYPE_PHRASES[stated].search(text)
+    if m is None:
+        return None
+    word = TYPE_WORDS[target]
+    return f"{text[: m.start()]}{word[0].upper() + word[1:] if m.group(0)[0].isupper() else word}"
+
+
 def restate_lung_rads(text: str, stated: str, target: str) -> str | None:
     """The beginning of ``text`` up to its first Lung-RADS category ``stated``, rewritten as ``target``.
 
@@ -221,6 +257,8 @@ def _restated(text: str, fact: str, stated: object, measured: object, f: Finding
         return restate_size(text, values, target)
     if fact == "lobe" and f is not None and isinstance(stated, str) and f.lobe:
         return restate_lobe(text, stated, f.lobe)
+    if fact == "type" and f is not None and isinstance(stated, str):
+        return restate_type(text, stated, f.type)
     if fact == "lung_rads" and isinstance(stated, str) and isinstance(measured, str):
         return restate_lung_rads(text, stated, measured)
     return None

@@ -10,6 +10,7 @@ from lungvl_model.inference.fact_constraint import (
     restate_lobe,
     restate_lung_rads,
     restate_size,
+    restate_type,
     restated_start,
 )
 
@@ -85,6 +86,23 @@ def test_restate_lung_rads_rewrites_the_category_only() -> None:
     assert restate_lung_rads("A 4 mm nodule.", "4A", "2") is None
 
 
+def test_restate_type_keeps_the_written_form() -> None:
+    assert restate_type("1. 8 mm solid nodule in the LUL.", "solid", "non_solid") == "1. 8 mm ground-glass"
+    assert restate_type("Solid nodule, 8 mm.", "solid", "part_solid") == "Part-solid"
+    # a part-solid or non-solid word is not the solid one
+    text = "A part-solid nodule and a nonsolid ground-glass nodule, then a solid one."
+    assert (
+        restate_type(text, "solid", "non_solid")
+        == "A part-solid nodule and a nonsolid ground-glass nodule, then a ground-glass"
+    )
+    assert restate_type(text, "non_solid", "solid") == "A part-solid nodule and a solid"
+    assert restate_type(text, "part_solid", "solid") == "A solid"
+    assert restate_type("A 9 mm subsolid nodule.", "subsolid", "solid") == "A 9 mm solid"
+    assert restate_type("A pure ground-glass nodule.", "non_solid", "part_solid") == "A part-solid"
+    assert restate_type("A 9 mm nodule.", "solid", "non_solid") is None  # no type written
+    assert restate_type(text, "solid", "solid") is None and restate_type(text, "solid", "calcified") is None
+
+
 def test_restated_start_from_the_fact_check() -> None:
     from lungvl_model.inference.exam_facts import ExamFacts
     from lungvl_model.inference.fact_check import check_report
@@ -106,7 +124,8 @@ def test_restated_start_from_the_fact_check() -> None:
     assert start(["1. A 22 mm solid nodule in the right lower lobe.", "2. Lung-RADS 3."]) == (
         "1. A 22 mm solid nodule in the right lower lobe. 2. Lung-RADS 4B"  # the rule engine's category
     )
-    assert start(["A 22 mm solid nodule in the right lower lobe, which is ground-glass."]) is None  # a type: left
+    # finding 2: LLL non-solid 5 x 4 mm; a stated "solid" is restated as ground glass
+    assert start(["A 5 mm solid nodule in the left lower lobe."]) == "A 5 mm ground-glass"
     assert start(["Lung-RADS 4B."]) is None
 
 
