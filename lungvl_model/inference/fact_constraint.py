@@ -30,7 +30,6 @@ from lungvl_model.inference.findings import Finding
 from lungvl_model.text import labeler_patterns as LP
 
 __all__ = [
-    "LOBE_WORDS",
     "SIZE_RE",
     "StatedSize",
     "find_stated_size",
@@ -41,15 +40,6 @@ __all__ = [
     "restate_type",
     "restated_start",
 ]
-
-#: Lobe codes spelled out, as reports write them.
-LOBE_WORDS: dict[str, str] = {
-    "RUL": "right upper lobe",
-    "RML": "right middle lobe",
-    "RLL": "right lower lobe",
-    "LUL": "left upper lobe",
-    "LLL": "left lower lobe",
-}
 
 #: A size with its unit: ``23 mm``, ``2.3 cm``, ``12 x 9 mm``, ``12x9mm``, ``12 × 9 mm``.
 SIZE_RE = re.compile(
@@ -176,7 +166,7 @@ def restate_lobe(text: str, stated: str, target: str) -> str | None:
         ``text[:start] + rewritten lobe``, or None when no such mention of ``stated`` is found, a code is not a
         lobe, or ``stated == target``.
     """
-    if stated not in LOBE_WORDS or target not in LOBE_WORDS or stated == target:
+    if stated not in LP.LOBE_NAMES or target not in LP.LOBE_NAMES or stated == target:
         return None
     hits: list[tuple[int, int, str]] = []
     for m in LP.LOBE_ABBR_RE.finditer(text):
@@ -185,7 +175,7 @@ def restate_lobe(text: str, stated: str, target: str) -> str | None:
     for m in LP.LOBE_SIDE_RE.finditer(text):
         side = "R" if m.group("side").lower().startswith("r") else "L"
         if LP.LOBE_CODE.get((side, m.group("pos").lower())) == stated and m.group(0).lower().endswith("lobe"):
-            words = LOBE_WORDS[target]
+            words = LP.LOBE_NAMES[target]
             hits.append((m.start(), m.end(), words[0].upper() + words[1:] if m.group(0)[0].isupper() else words))
     if not hits:
         return None

@@ -306,6 +306,14 @@ ROMANCE_LOBE_CODE: dict[str, str] = {
 }  # fmt: skip
 LOBE_MIDDLE_RE = re.compile(r"\bmiddle[\s-]+lobe\b", _I)
 LINGULA_RE = re.compile(r"\blingula(?:r)?\b", _I)
+#: Lobe codes spelled out, as reports write them (and as rewritten sizes, lobes and types restate them).
+LOBE_NAMES: dict[str, str] = {
+    "RUL": "right upper lobe",
+    "RML": "right middle lobe",
+    "RLL": "right lower lobe",
+    "LUL": "left upper lobe",
+    "LLL": "left lower lobe",
+}
 LOBE_CODE: dict[tuple[str, str], str] = {
     ("R", "upper"): "RUL",
     ("R", "middle"): "RML",

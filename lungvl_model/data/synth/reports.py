@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lungvl_model.clinical.lung_rads import category_rank, management
+from lungvl_model.text.labeler_patterns import LOBE_NAMES
 
 from .cohorts import PROFILES, CohortProfile
 from .patients import NoduleState, PatientCase, exam_category, nodule_states, sample_patient
@@ -44,13 +45,6 @@ __all__ = [
 #: seeds generated sites use, so the corpus does not reproduce a simulated site's patients and reports.
 PUBLIC_CORPUS_SEED_BASE = 7_340_000_000
 
-LOBE_NAMES: dict[str, str] = {
-    "RUL": "right upper lobe",
-    "RML": "right middle lobe",
-    "RLL": "right lower lobe",
-    "LUL": "left upper lobe",
-    "LLL": "left lower lobe",
-}
 CATEGORY_WORDS: dict[str, str] = {
     "1": "negative",
     "2": "benign appearance or behavior",
