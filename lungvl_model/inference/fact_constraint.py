@@ -8,9 +8,11 @@ fact, the fact rewritten to the grounded finding's (or the rule engine's) value 
 lobe`` → ``right lower lobe``, ``solid`` → ``ground-glass``, ``Lung-RADS category 4A`` → ``Lung-RADS category
 3``), and the decoder writes the rest itself (:meth:`lungvl_model.models.decoder.ReportDecoder.generate`
 ``forced``). The decoder decides which facts are stated, where and how; only a contradicted value is constrained
-to the measurement. Calcification, comparisons with the prior, Lung-RADS descriptors and lobe phrasings with no
-one-to-one rewrite (the lingula, "upper right lobe", translated abbreviations) are left to the N-best choice and
-to deferral.
+to the measurement. A contradicted comparison with the prior is rewritten as the finding's (``enlarged from 1.2
+cm`` → ``stable``, ``stable`` → ``increased from 9 mm``, → ``new``) and a Lung-RADS descriptor that names another
+category as the category's own (``Lung-RADS 3: benign appearance or behavior`` → ``Lung-RADS 3: probably
+benign``). Calcification and lobe phrasings with no one-to-one rewrite (the lingula, "upper right lobe",
+translated abbreviations) are left to the N-best choice and to deferral.
 
 The size restated is the one the report conventions use (:mod:`lungvl_model.data.synth.reports`, and
 Lung-RADS v2022): one number is the mean diameter, two are the longest and short-axis diameters.
@@ -25,15 +27,20 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lungvl_model.inference import fact_patterns as FP
 from lungvl_model.inference.fact_check import FactCheck
 from lungvl_model.inference.findings import Finding
 from lungvl_model.text import labeler_patterns as LP
 
 __all__ = [
+    "COMPARISON_RES",
     "SIZE_RE",
     "StatedSize",
     "find_stated_size",
     "format_like",
+    "comparison_words",
+    "restate_comparison",
+    "restate_descriptor",
     "restate_lobe",
     "restate_lung_rads",
     "restate_size",
@@ -217,8 +224,17 @@ def restate_type(text: str, stated: str, target: str) -> str | None:
     return f"{text[: m.start()]}{word[0].upper() + word[1:] if m.group(0)[0].isupper() else word}"
 
 
+def _capital_like(written: str, word: str) -> str:
+    """``word`` with an initial capital when ``written`` starts with one."""
+    return word[0].upper() + word[1:] if written[:1].isupper() else word
+
+
 def restate_lung_rads(text: str, stated: str, target: str) -> str | None:
     """The beginning of ``text`` up to its first Lung-RADS category ``stated``, rewritten as ``target``.
+
+    When the decoder wrote a descriptor right after the category ("Lung-RADS 2: benign appearance or behavior"),
+    the target's own v2022 descriptor is written too (``LP.LUNG_RADS_WORDS``, with the separator and any ``S``
+    modifier as written): left to the decoder, it goes on with the descriptor it had started.
 
     Args:
         text: the generated text.
@@ -226,15 +242,110 @@ def restate_lung_rads(text: str, stated: str, target: str) -> str | None:
         target: the rule engine's category (``"3"``).
 
     Returns:
-        ``text`` up to the category's first character, then ``target`` (the ``S`` modifier, if written, is
-        left to the decoder), or None when no such category is written or ``stated == target``.
+        ``text`` up to the category's first character, then ``target`` (and its descriptor, as above; an ``S``
+        modifier written without a descriptor is left to the decoder), or None when no such category is written
+        or ``stated == target``.
     """
     if stated.upper() == target.upper():
         return None
     for m in LP.LUNG_RADS_RE.finditer(text):
-        if (m.group("cat") + (m.group("sub") or "")).upper() == stated.upper():
-            return f"{text[: m.start('cat')]}{target.upper()}"
+        if (m.group("cat") + (m.group("sub") or "")).upper() != stated.upper():
+            continue
+        head = f"{text[: m.start('cat')]}{target.upper()}"
+        d = FP.LUNG_RADS_DESCRIPTOR_RE.match(text, m.start())
+        words = LP.LUNG_RADS_WORDS.get(target.upper())
+        if d is None or d.start("cat") != m.start("cat") or words is None:
+            return head
+        return f"{head}{text[d.end('cat') : d.start('desc')]}{_capital_like(d.group('desc'), words)}"
     return None
+
+
+def restate_descriptor(text: str, category: str) -> str | None:
+    """The beginning of ``text`` up to a descriptor that names another category than ``category``, rewritten.
+
+    "Lung-RADS 3: benign appearance or behavior" (the descriptor of category 2) → "Lung-RADS 3: probably benign".
+
+    Args:
+        text: the generated text.
+        category: the category written before the descriptor (``"3"``).
+
+    Returns:
+        ``text`` up to that descriptor, then ``category``'s v2022 descriptor, or None when no such descriptor is
+        written or the category has none.
+    """
+    words = LP.LUNG_RADS_WORDS.get(category.upper())
+    if words is None:
+        return None
+    for st in FP.lung_rads_descriptor_facts(text):
+        cat, _, names = st.value
+        if cat == category.upper() and cat not in names:
+            d = FP.LUNG_RADS_DESCRIPTOR_RE.match(text, st.span[0])
+            assert d is not None  # the same match lung_rads_descriptor_facts read
+            return f"{text[: d.start('desc')]}{_capital_like(d.group('desc'), words)}"
+    return None
+
+
+#: A comparison with the prior as written: its own words ("stable", "increased in size", "new") or a prior size
+#: ("enlarged from 12 mm", "previously 9 mm").
+COMPARISON_RES: tuple[re.Pattern[str], ...] = (
+    LP.COMP_STABLE_RE,
+    LP.COMP_GROWING_RE,
+    LP.COMP_NEW_RE,
+    LP.COMP_DECREASED_RE,
+    re.compile(r"\b(?:increased|enlarged|grown)\s+from\b|\bpreviously\b|\bminimally\s+larger\b", re.IGNORECASE),
+)
+
+
+#: The verb a comparison is written with ("has increased", "is stable", "has been stable"), rewritten with it.
+_AUX_RE = re.compile(r"\b(?:has|have|is|are)(?:\s+been)?\s+$", re.IGNORECASE)
+
+
+def comparison_words(f: Finding, text: str) -> str | None:
+    """How the comparison of finding ``f`` with its prior is written, in the synthetic reports' words.
+
+    ``new`` (no prior match), ``increased from <prior mean diameter>`` (growth > 1.5 mm, the Lung-RADS growth
+    threshold; the prior size in the unit and precision of ``text``'s first size, mm when it has none), else
+    ``stable``. None when ``f`` was not compared with a prior.
+    """
+    if f.context == "new":
+        return "new"
+    if f.prior_mean_diameter_mm is None or f.growth_mm is None:
+        return None
+    if f.growth_mm > 1.5:
+        m = SIZE_RE.search(text)
+        written, unit = (m.group("a"), m.group("unit").lower()) if m else ("0", "mm")
+        spaced = " " if m is None or re.search(r"\d\s+(?:mm|cm)$", m.group(0), re.IGNORECASE) else ""
+        return f"increased from {format_like(written, unit, f.prior_mean_diameter_mm)}{spaced}{unit}"
+    return "stable"
+
+
+def restate_comparison(text: str, f: Finding) -> str | None:
+    """The beginning of ``text`` up to its first comparison with the prior, rewritten as finding ``f``'s.
+
+    "11 mm solid nodule in the RLL, enlarged from 1.2 cm on the prior study" for a finding that grew 0.3 mm →
+    "11 mm solid nodule in the RLL, stable"; for one that grew from 8.6 mm → "..., increased from 9 mm".
+
+    Args:
+        text: the generated text.
+        f: the grounded finding (its ``context``, ``prior_mean_diameter_mm`` and ``growth_mm``).
+
+    Returns:
+        ``text`` up to the comparison, then :func:`comparison_words` (initial capital kept), or None when
+        ``text`` writes no comparison, ``f`` has none, or rewriting changes nothing.
+    """
+    starts = [m for pattern in COMPARISON_RES if (m := pattern.search(text)) is not None]
+    words = comparison_words(f, text)
+    if not starts or words is None:
+        return None
+    m = min(starts, key=lambda m: m.start())
+    cut, written = m.start(), m.group(0)
+    aux = _AUX_RE.search(text[:cut])
+    if aux is not None:  # "has increased in size" → "is stable", "is new" → "has increased from 9 mm"
+        plural = aux.group(0).lower().startswith(("are", "have"))
+        verb = ("have " if plural else "has ") if words.startswith("increased") else ("are " if plural else "is ")
+        cut, written, words = aux.start(), aux.group(0), verb + words
+    out = f"{text[:cut]}{_capital_like(written, words)}"
+    return None if text.startswith(out) else out
 
 
 def _restated(text: str, fact: str, stated: object, measured: object, f: Finding | None) -> str | None:
@@ -251,6 +362,10 @@ def _restated(text: str, fact: str, stated: object, measured: object, f: Finding
         return restate_type(text, stated, f.type)
     if fact == "lung_rads" and isinstance(stated, str) and isinstance(measured, str):
         return restate_lung_rads(text, stated, measured)
+    if fact == "lung_rads_descriptor" and isinstance(stated, str):
+        return restate_descriptor(text, stated.split(":")[0])
+    if fact == "comparison" and f is not None:
+        return restate_comparison(text, f)
     return None
 
 
@@ -265,8 +380,9 @@ def restated_start(texts: Sequence[str], check: FactCheck, findings: Sequence[Fi
     Returns:
         The sentences before the one with the first restatable contradiction, then that sentence up to the
         contradicted fact that comes first in it, restated (a size as its grounded finding's mean diameter, one
-        number, or longest x short axis, two; a lobe as its finding's; a Lung-RADS category as the rule
-        engine's), all joined by spaces; None when no contradicted fact can be restated.
+        number, or longest x short axis, two; a lobe, type or comparison with the prior as its finding's; a
+        Lung-RADS category as the rule engine's; a descriptor as its category's), all joined by spaces; None
+        when no contradicted fact can be restated.
     """
     by_index = {f.index: f for f in findings}
     starts: list[tuple[int, int, str]] = []

@@ -314,6 +314,16 @@ LOBE_NAMES: dict[str, str] = {
     "LUL": "left upper lobe",
     "LLL": "left lower lobe",
 }
+#: Lung-RADS v2022 category descriptors (``../shared/clinical``), as reports write them after the category
+#: ("Lung-RADS 3: probably benign"; and as a restated category restates its descriptor).
+LUNG_RADS_WORDS: dict[str, str] = {
+    "1": "negative",
+    "2": "benign appearance or behavior",
+    "3": "probably benign",
+    "4A": "suspicious",
+    "4B": "very suspicious",
+    "4X": "very suspicious, with additional features of malignancy",
+}
 LOBE_CODE: dict[tuple[str, str], str] = {
     ("R", "upper"): "RUL",
     ("R", "middle"): "RML",

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from lungvl_model.clinical.lung_rads import category_rank, management
-from lungvl_model.text.labeler_patterns import LOBE_NAMES
+from lungvl_model.text.labeler_patterns import LOBE_NAMES, LUNG_RADS_WORDS
 
 from .cohorts import PROFILES, CohortProfile
 from .patients import NoduleState, PatientCase, exam_category, nodule_states, sample_patient
 
 __all__ = [
-    "CATEGORY_WORDS",
     "LOBE_NAMES",
+    "LUNG_RADS_WORDS",
     "PUBLIC_CORPUS_SEED_BASE",
     "PublicReport",
     "emphysema_sentence",
@@ -45,14 +45,6 @@ __all__ = [
 #: seeds generated sites use, so the corpus does not reproduce a simulated site's patients and reports.
 PUBLIC_CORPUS_SEED_BASE = 7_340_000_000
 
-CATEGORY_WORDS: dict[str, str] = {
-    "1": "negative",
-    "2": "benign appearance or behavior",
-    "3": "probably benign",
-    "4A": "suspicious",
-    "4B": "very suspicious",
-    "4X": "very suspicious, with additional features of malignancy",
-}
 _NEGATIVE = (
     "No pulmonary nodules.",
     "No pulmonary nodules or masses.",
@@ -294,7 +286,7 @@ def write_report(
     if case.emphysema.kind != "none":
         impression.append(f"{case.emphysema.kind.capitalize()} emphysema.")
     label = _pick(rng, (f"Lung-RADS {cat}", f"Lung-RADS category {cat}"))
-    impression.append(f"{label}: {CATEGORY_WORDS[cat]}.")
+    impression.append(f"{label}: {LUNG_RADS_WORDS[cat]}.")
     lines.append("IMPRESSION:")
     lines += [f"{i}. {t}" for i, t in enumerate(impression, start=1)]
     lines.append(f"RECOMMENDATION: {management(cat)}")
