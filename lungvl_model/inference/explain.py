@@ -33,6 +33,7 @@ from lungvl_model.inference.calibration import CalibrationState
 from lungvl_model.inference.candidate_filter import CandidateFilter
 from lungvl_model.inference.candidate_filter import score_findings as score_candidates
 from lungvl_model.inference.deferral import DeferralSignals
+from lungvl_model.inference.densitometry import emphysema_sentence
 from lungvl_model.inference.exam_facts import ExamFacts, exam_sentences
 from lungvl_model.inference.fact_check import FactCheck, check_report
 from lungvl_model.inference.fact_constraint import restated_start
@@ -363,6 +364,12 @@ def explain_study(
             model, vis, vt, layout, findings, grid=grid, volume=volume, grid_shape=shape, threshold=thr,
             max_new_tokens=n_new, verify=verify, checked=checked, restate=restate,
         )  # fmt: skip
+        measured = emphysema_sentence(None if math.isnan(emph) else emph)
+        if measured is not None:  # the lungs' densitometry, after the nodules (where reports write it)
+            found.append(
+                Sentence(text=measured, tokens=(0, 0), mean_entropy=0.0, confidence=1.0, key=False,
+                         low_confidence=False, section="findings", decoding="measured")
+            )  # fmt: skip
         sentences = found + impression
         text = compose_report(exam, found, impression)
     with torch.no_grad():

@@ -58,7 +58,9 @@ class Sentence:
         decoding: how it was chosen: ``"greedy"``, or for a finding sentence (or an IMPRESSION) whose
             greedy text the fact check faulted, ``"sampled k/n"`` (candidate k of n sampled ones;
             :class:`CheckedDecoding`), ``"greedy (n sampled, none better)"``, or ``"fact-constrained"`` (re-decoded
-            from a contradicted size, lobe or category restated as measured; :func:`write_findings_report`).
+            from a contradicted fact restated as measured; :func:`write_findings_report`); ``"measured"`` for a
+            sentence written from a measurement, not decoded (the emphysema sentence,
+            :mod:`~lungvl_model.inference.densitometry`).
     """
 
     text: str

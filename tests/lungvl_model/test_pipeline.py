@@ -15,6 +15,7 @@ from lungvl_model.data.dicom_io import read_series
 from lungvl_model.data.preprocess import PreprocessConfig
 from lungvl_model.data.synth import SynthConfig, generate_site
 from lungvl_model.evaluation.evaluate import evaluate
+from lungvl_model.inference.densitometry import emphysema_sentence
 from lungvl_model.inference.explain import explain_study
 from lungvl_model.inference.render import write_explanation
 from lungvl_model.models.config import HeadsConfig, LungVLConfig, TextConfig, VisionConfig
@@ -115,6 +116,16 @@ def test_explain_writes_every_output(trained, tmp_path: Path) -> None:
         assert not f["lung_rads"] and any("at most 300" in n for n in f["notes"]), f["notes"]
     assert any(p.name == "nodule_1.png" for p in paths)
     assert rep["answer"]["nodule"] == 1 and "Nodule 1" in rep["answer"]["measured"]
+    # the emphysema sentence is the measurement's, the last of FINDINGS, and the fact check reads it as supported
+    measured = [s for s in rep["sentences"] if s["decoding"] == "measured"]
+    assert [s["text"] for s in measured] == [emphysema_sentence(rep["emphysema_index_laa950"])]
+    assert (
+        measured[0]["section"] == "findings"
+        and measured[0] is [s for s in rep["sentences"] if s["section"] == "findings"][-1]
+    )
+    assert measured[0]["text"] in exp.text.split("IMPRESSION:")[0]
+    k = rep["sentences"].index(measured[0])
+    assert [v["verdict"] for v in rep["fact_check"]["verdicts"] if v["sentence"] == k] == ["supported"]
 
 
 def test_evaluate_end_to_end(trained) -> None:
