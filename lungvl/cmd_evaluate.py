@@ -101,6 +101,20 @@ def results_markdown(res: dict[str, Any], peer: dict[str, Any] | None) -> str:
             f"| deferral rate / error all / error non-deferred | {dfr['deferral_rate']:.3f} / "
             f"{dfr['error_rate_all']:.3f} / {dfr['error_rate_kept']:.3f} |" + (" |" if peer else "")
         )
+    concepts = o.get("concepts")
+    if concepts and any(c["gold"] for c in concepts.values()):
+        lines += [
+            "",
+            "## Clinical concepts of the generated text (the dominant nodule's and the report's)",
+            "",
+            "| concept | in reference | stated in both | agree | precision | recall |",
+            "|---|---|---|---|---|---|",
+        ]
+        for k, c in concepts.items():
+            lines.append(
+                f"| {k} | {int(c['gold'])} | {int(c['predicted'])} | {int(c['hits'])} | {_fmt(c['precision'])} | "
+                f"{_fmt(c['recall'])} |"
+            )
     lines += [
         "",
         "## By cohort and slice thickness",

@@ -56,7 +56,7 @@ from lungvl_model.inference.narrative import CheckedDecoding
 from lungvl_model.models.fine_detector import FineDetector
 from lungvl_model.models.nodule_risk import NoduleRiskHead
 from lungvl_model.text.labeler import label_report
-from lungvl_model.text.report_labels import concept_f1
+from lungvl_model.text.report_labels import CONCEPT_KEYS, concept_counts, concept_f1
 from lungvl_model.text.report_sections import decoder_target
 
 Progress = Callable[[int, int, str], None]
@@ -151,6 +151,7 @@ def score_study(exp: Explanation, entry: StudyEntry, volume: Any) -> dict[str, A
     v["generated"], v["reference"] = decoder_target(exp.text), decoder_target(ref_text) if ref_text else ""
     gen_lab, ref_lab = label_report(exp.text), label_report(ref_text)
     v["concept_f1"] = concept_f1(gen_lab, ref_lab) if ref_text else math.nan
+    v["concepts"] = concept_counts(gen_lab, ref_lab) if ref_text else {}
     v["report_lung_rads"] = lung_rads_index(gen_lab.lung_rads)
     v["deferred"] = exp.defer
     v["wrong"] = report_wrong(v["report_lung_rads"], v["lung_rads_true"]) if v["lung_rads_true"] >= 0 else None
@@ -168,6 +169,30 @@ def score_study(exp: Explanation, entry: StudyEntry, volume: Any) -> dict[str, A
         if s.key and ref_text
     ]
     return v
+
+
+def concept_table(per_study: Sequence[dict[str, Sequence[int]]]) -> dict[str, dict[str, float]]:
+    """Each clinical concept's counts summed over studies, with precision and recall (NaN when undefined).
+
+    Args:
+        per_study: each study's :func:`~lungvl_model.text.report_labels.concept_counts` (``{}`` without a
+            reference report).
+
+    Returns:
+        ``{concept: {"hits", "predicted", "gold", "precision", "recall"}}`` for every concept of
+        :data:`~lungvl_model.text.report_labels.CONCEPT_KEYS`.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for k in CONCEPT_KEYS:
+        hits, predicted, gold = (sum(int(c[k][i]) for c in per_study if k in c) for i in range(3))
+        out[k] = {
+            "hits": hits,
+            "predicted": predicted,
+            "gold": gold,
+            "precision": hits / predicted if predicted else math.nan,
+            "recall": hits / gold if gold else math.nan,
+        }
+    return out
 
 
 def _auc_ci(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
@@ -233,6 +258,7 @@ def aggregate(results: Sequence[StudyResult]) -> dict[str, Any]:
     out["bleu4"] = bleu4(hyps, refs) if refs else math.nan
     out["rouge_l"] = rouge_l_corpus(hyps, refs) if refs else math.nan
     out["concept_f1"] = float(np.nanmean(col("concept_f1"))) if np.isfinite(col("concept_f1")).any() else math.nan
+    out["concepts"] = concept_table([v.get("concepts", {}) for v in vals])
     deferred = np.asarray([bool(v["deferred"]) for v in vals])
     correct = col("report_lung_rads") == col("lung_rads_true")
     out["deferral"] = deferral_summary(deferred[known], correct[known]) if known.any() else {}

@@ -16,6 +16,7 @@ __all__ = [
     "CONCEPT_KEYS",
     "LabeledNodule",
     "ReportLabels",
+    "concept_counts",
     "concept_f1",
     "concept_vector",
     "dominant_nodule",
@@ -125,3 +126,18 @@ def concept_f1(pred: ReportLabels, ref: ReportLabels) -> float:
         return 0.0
     precision, recall = hits / len(predicted), hits / len(gold)
     return 2 * precision * recall / (precision + recall)
+
+
+def concept_counts(pred: ReportLabels, ref: ReportLabels) -> dict[str, tuple[int, int, int]]:
+    """Per slot of :data:`CONCEPT_KEYS`: ``(hit, predicted, gold)``, each 0 or 1, as :func:`concept_f1` counts them.
+
+    ``gold``: the reference knows the slot; ``predicted``: it is known in both; ``hit``: and they agree. Summed over
+    reports they give each concept's precision (hits / predicted) and recall (hits / gold).
+    """
+    pv, rv = concept_vector(pred), concept_vector(ref)
+    out: dict[str, tuple[int, int, int]] = {}
+    for k in CONCEPT_KEYS:
+        gold = rv[k] is not None
+        predicted = gold and pv[k] is not None
+        out[k] = (int(predicted and pv[k] == rv[k]), int(predicted), int(gold))
+    return out

@@ -12,6 +12,7 @@ from lungvl_model.text import (
     CONCEPT_KEYS,
     LabeledNodule,
     ReportLabels,
+    concept_counts,
     concept_f1,
     concept_vector,
     label_report,
@@ -504,6 +505,23 @@ def test_concept_f1_sanity() -> None:
     # gold: present, type, margin, lobe, bucket, comparison, emphysema (7); predicted 3, all hits
     assert concept_f1(partial, ref) == pytest.approx(2 * 1.0 * (3 / 7) / (1.0 + 3 / 7))
     assert concept_f1(ReportLabels(), ReportLabels()) == 1.0
+
+
+def test_concept_counts_are_what_concept_f1_counts() -> None:
+    ref = label_report("Enlarging 9 mm spiculated solid nodule in the right upper lobe. Mild emphysema.")
+    pred = label_report("9 mm nodule in the left upper lobe. No emphysema.")
+    counts = concept_counts(pred, ref)
+    assert set(counts) == set(CONCEPT_KEYS)
+    # present and size agree; lobe and emphysema are stated and wrong; type, margin, comparison not stated;
+    # calcification is unknown in the reference (not gold)
+    assert counts["nodule_present"] == (1, 1, 1) and counts["size_bucket"] == (1, 1, 1)
+    assert counts["lobe"] == (0, 1, 1) and counts["emphysema"] == (0, 1, 1)
+    assert counts["type"] == counts["margin"] == counts["comparison"] == (0, 0, 1)
+    assert counts["calcified"] == (0, 0, 0)
+    hits, predicted, gold = (sum(c[i] for c in counts.values()) for i in range(3))
+    assert (hits, predicted, gold) == (2, 4, 7)
+    precision, recall = hits / predicted, hits / gold
+    assert concept_f1(pred, ref) == pytest.approx(2 * precision * recall / (precision + recall))
 
 
 def test_concept_f1_ignores_slots_unknown_in_reference() -> None:

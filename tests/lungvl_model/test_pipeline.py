@@ -158,6 +158,16 @@ def test_evaluate_end_to_end(trained) -> None:
     assert 0.0 <= o["bleu4"] <= 1.0 and 0.0 <= o["rouge_l"] <= 1.0
     assert sum(map(sum, o["lung_rads_confusion"])) == o["n_studies"]
     assert "referral" in res["by_cohort"]
+    # the concept table sums the per-study counts concept_f1 is computed from
+    per_study = [st["concepts"] for st in res["studies"]]
+    for k, c in o["concepts"].items():
+        assert (c["hits"], c["predicted"], c["gold"]) == tuple(sum(p[k][i] for p in per_study) for i in range(3))
+        assert c["hits"] <= c["predicted"] <= c["gold"]
+    assert o["concepts"]["nodule_present"]["gold"] == o["n_studies"]  # every synthetic report says it
+    from lungvl.cmd_evaluate import results_markdown
+
+    md = results_markdown(res, None)
+    assert "## Clinical concepts of the generated text" in md and "| emphysema |" in md
 
 
 def test_coronal_overlay_puts_the_head_at_the_top() -> None:
