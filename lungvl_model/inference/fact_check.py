@@ -13,7 +13,8 @@ labeler :mod:`lungvl_model.text`; patient, technique, prior and count statements
 * **unsupported**: no source gives it (a nodule no finding matches, or any nodule when none is kept; a patient
   or technique fact :class:`~lungvl_model.inference.exam_facts.ExamFacts` does not hold; a comparison with a
   prior, or a prior date, when there is no prior; emphysema stated where the measured LAA-950 is below the
-  rule engine's threshold, or when none was measured).
+  rule engine's threshold, or when none was measured; a nodule's margin, which nothing measures: decoded
+  sentences have theirs taken out, :mod:`lungvl_model.inference.unmeasured`).
 
 Sentences with an unsupported fact are dropped from the cleaned text; contradictions are kept (a radiologist
 must see them) and force deferral. A nodule sentence is *grounded* to the finding whose ``index`` is its

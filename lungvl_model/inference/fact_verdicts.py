@@ -99,7 +99,7 @@ class FactVerdict:
 
     Attributes:
         sentence: index of the sentence.
-        fact: what kind of fact (``size``, ``lobe``, ``type``, ``calcified``, ``lung_rads``,
+        fact: what kind of fact (``size``, ``lobe``, ``type``, ``calcified``, ``margin``, ``lung_rads``,
             ``lung_rads_descriptor`` (the category its descriptor names), ``nodule``,
             ``nodule_present``, ``nodule_count``, ``comparison``, ``prior``, ``prior_date``, ``study_date``, or a
             :class:`~lungvl_model.inference.fact_patterns.Stated` fact).
@@ -197,10 +197,10 @@ def nodule_verdicts(
     i: int, text: str, labels: ReportLabels, given: int | None, findings: Sequence[Finding],
     has_prior: bool, cfg: FactCheckConfig,
 ) -> tuple[list[FactVerdict], list[Finding]]:  # fmt: skip
-    """Verdicts of the nodules the labeler read from sentence ``i``: size, lobe, type, calcification, comparison.
+    """Verdicts of the nodules the labeler read from sentence ``i``: size, lobe, type, calcification, margin, ...
 
-    Each nodule is grounded (module :mod:`~lungvl_model.inference.fact_check` docstring); one no finding matches,
-    or any when none is kept, is an unsupported ``nodule`` fact.
+    ... and comparison. Each nodule is grounded (module :mod:`~lungvl_model.inference.fact_check` docstring); one
+    no finding matches, or any when none is kept, is an unsupported ``nodule`` fact.
 
     Returns:
         ``(verdicts, the grounded findings)``.
@@ -243,6 +243,8 @@ def nodule_verdicts(
         if n.calcified is not None:
             verdict = "supported" if n.calcified == f.calcified else "contradiction"
             out.append(FactVerdict(i, "calcified", verdict, n.calcified, f.calcified, k))
+        if n.margin is not None:  # no measurement gives a margin (lungvl_model.inference.unmeasured)
+            out.append(FactVerdict(i, "margin", "unsupported", n.margin, None, k))
         if n.comparison is not None and has_prior:
             out.append(FactVerdict(i, "comparison", comparison_verdict(n.comparison, f), n.comparison, f.context, k))
         if stated == "a nodule":

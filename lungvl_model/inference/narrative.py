@@ -29,6 +29,7 @@ import torch
 from lungvl_model.data.targets import MAX_SLOTS, NODULE_ATTRIBUTES, nodule_attribute_row
 from lungvl_model.data.volume import CTVolume
 from lungvl_model.inference.findings import Finding, GridMap
+from lungvl_model.inference.unmeasured import without_margin
 from lungvl_model.models.decoder import Generation
 from lungvl_model.models.fusion import TokenLayout, attention_to_heatmap
 from lungvl_model.models.slots import SEQUENCE_KINDS, ball_mask, slot_memory
@@ -428,6 +429,8 @@ def write_findings_report(
             for s in sents:
                 s.section = section
                 s.nodule = kept[select[0]].index if kind == "finding" else None
+                s.text = without_margin(s.text)  # nothing measures a margin: the decoder's is not stated
+            sents = [s for s in sents if s.text]
             link_by_attention(sents, findings)  # IMPRESSION sentences: grounded as the final fact check grounds them
             out.append(sents)
         return out

@@ -8,6 +8,7 @@ prior; and the synthetic report generator's reports checked against their own gr
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -33,6 +34,7 @@ from lungvl_model.inference.fact_check import (
     split_report,
 )
 from lungvl_model.inference.findings import Finding
+from lungvl_model.inference.unmeasured import without_margin
 
 
 def finding(index, longest, short, lobe, type_="solid", calcified=False, lung_rads="", **kw) -> Finding:
@@ -330,7 +332,16 @@ def test_synthetic_reports_agree_with_their_own_truth():
     ]
     m = fact_metrics(checks)
     assert m["contradictions_per_report"] == 0.0, [c.defer_reasons for c in checks if c.defer]
-    assert m["unsupported_per_report"] == 0.0
+    # a finding holds no margin (nothing measures one), so the reports' margins are the only unsupported facts
+    unsupported = [v for c in checks for v in c.verdicts if v.verdict == "unsupported"]
+    assert {v.fact for v in unsupported} == {"margin"} and all(v.finding is not None for v in unsupported)
+    checks = [
+        check_report([dataclasses.replace(x, text=without_margin(x.text)) for x in split_report(t)], f, e,
+                     rule_lung_rads=r, has_prior=p, emphysema_index=laa)
+        for t, f, e, r, p, laa in reports
+    ]  # fmt: skip
+    m = fact_metrics(checks)
+    assert m["contradictions_per_report"] == 0.0 and m["unsupported_per_report"] == 0.0  # margins taken out
     facts = {v.fact for c in checks for v in c.verdicts}
     assert facts >= {
         "size",

@@ -82,7 +82,7 @@ def test_uncalibrated_policy_uses_the_entropy_threshold() -> None:
 
 
 def test_a_finding_sentence_without_its_size_or_lobe_defers() -> None:
-    vague = _sentence("A solid nodule with smooth margins.", nodule=1)
+    vague = _sentence("A solid nodule, as described.", nodule=1)
     vague.section = "findings"
     r = _review([vague])
     assert r.defer and r.signals.contradictions == 0 and r.kept == [vague]
