@@ -322,6 +322,7 @@ def calibration_records(results: Sequence[StudyResult]) -> list[CalibrationRecor
                 lung_rads_label=int(v["lung_rads_true"]),
                 signals=DeferralSignals.from_dict(v["signals"]),
                 wrong=bool(v["wrong"]),
+                malignancy_from_study_head=math.isnan(_num(v.get("nodule_malignancy"))),  # no nodule-level head
             )
         )
     return records

@@ -324,8 +324,11 @@ class CalibrationRecord:
         lung_rads_logits: ``RiskOutput.lung_rads_logits`` over :data:`LUNG_RADS_CLASSES`, ``(6,)``.
         lung_rads_label: reference index into :data:`LUNG_RADS_CLASSES`, -1 when unknown.
         signals: the report's deferral signals (its ``malignancy_probability`` is replaced by the
-            calibrated one when fitting).
+            calibrated study head's when fitting, if it came from the study head).
         wrong: whether the report is wrong (e.g. its Lung-RADS differs from the reference).
+        malignancy_from_study_head: the signals' malignancy probability is the study head's (``explain`` without
+            a nodule-level risk head). False: it is the nodule-level head's noisy-OR, which the study head's
+            temperature does not scale, and the policy is fitted on it as ``explain`` will give it.
     """
 
     study_uid: str
@@ -335,6 +338,7 @@ class CalibrationRecord:
     lung_rads_label: int
     signals: DeferralSignals
     wrong: bool
+    malignancy_from_study_head: bool = True
 
     def __post_init__(self) -> None:
         """Validate the fields (``ValueError`` naming the study, the field and the value)."""
@@ -355,6 +359,10 @@ class CalibrationRecord:
             raise ValueError(f"{where}: signals must be DeferralSignals, got {type(self.signals).__name__}")
         if not isinstance(self.wrong, bool | np.bool_):
             raise ValueError(f"{where}: wrong must be True or False, got {self.wrong!r}")
+        if not isinstance(self.malignancy_from_study_head, bool | np.bool_):
+            raise ValueError(
+                f"{where}: malignancy_from_study_head must be True or False, got {self.malignancy_from_study_head!r}"
+            )
 
 
 def fit_calibration(
@@ -410,8 +418,11 @@ def fit_calibration(
         ),
         len(known_lr),
     )
-    signals = [
-        dataclasses.replace(r.signals, malignancy_probability=float(expit(r.malignancy_logit / t_mal))) for r in records
+    signals = [  # the deferral feature as explain computes it: the calibrated study head, or the nodule-level head
+        dataclasses.replace(r.signals, malignancy_probability=float(expit(r.malignancy_logit / t_mal)))
+        if r.malignancy_from_study_head
+        else r.signals
+        for r in records
     ]
     wrong = np.array([bool(r.wrong) for r in records])
     policy, summary = fit_policy(signals, wrong, max_deferral_rate=max_deferral_rate, l2=l2, base=base_policy)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -242,6 +243,26 @@ def test_fit_calibration_recovers_temperatures_and_fits_a_policy(tmp_path: Path)
     save_state(tmp_path, st)
     back = load_state(tmp_path)
     assert back is not None and back.deferral_policy == st.deferral_policy and back.validation_split == split
+
+
+def test_policy_fitted_on_the_nodule_level_probability_explain_gives() -> None:
+    """With a nodule-level head, explain's malignancy signal is its noisy-OR, not the study head's: fit on that."""
+    recs = [
+        dataclasses.replace(
+            r,
+            signals=dataclasses.replace(r.signals, malignancy_probability=0.01 * (i % 40)),
+            malignancy_from_study_head=False,
+        )
+        for i, r in enumerate(_records(400, k=2.0))
+    ]
+    st = fit_calibration(recs, max_deferral_rate=0.3)
+    assert st.deferral_policy is not None and st.deferral_policy.learned is not None
+    kept = [0.01 * (i % 40) for i, r in enumerate(recs) if not r.signals.contradictions]
+    assert st.deferral_policy.learned.mean[2] == pytest.approx(float(np.mean(kept)))  # the signals' own values
+    head = [expit(r.malignancy_logit / st.malignancy_temperature) for r in recs if not r.signals.contradictions]
+    assert abs(st.deferral_policy.learned.mean[2] - float(np.mean(head))) > 0.05  # not the study head's
+    with pytest.raises(ValueError, match="'s0'.*malignancy_from_study_head must be True or False, got 'no'"):
+        dataclasses.replace(recs[0], malignancy_from_study_head="no")
 
 
 def test_fit_calibration_keeps_t_one_for_a_single_class_head() -> None:
