@@ -34,8 +34,8 @@ PEERS: tuple[str, ...] = ("dynunet",)
 #: Help of ``--checked-candidates`` (explain, evaluate): lungvl_model.inference.narrative.CheckedDecoding.
 CHECKED_HELP = (
     "finding sentences sampled when the greedy one states a fact the fact check contradicts or cannot support; "
-    "the one with the fewest faults is kept (0: no sampling; a contradicted size, lobe, type or category is still "
-    "re-decoded as measured)"
+    "the one with the fewest faults is kept (0: no sampling; a contradicted size, lobe, type, comparison with the "
+    "prior or Lung-RADS category is still re-decoded as measured)"
 )
 
 STDIN = "-"

@@ -125,6 +125,16 @@ def format_like(written: str, unit: str, value_mm: float) -> str:
     return f"{max(round(value, decimals), smallest):.{decimals}f}"
 
 
+def _capital_like(written: str, word: str) -> str:
+    """``word`` with an initial capital when ``written`` starts with one."""
+    return word[0].upper() + word[1:] if written[:1].isupper() else word
+
+
+def _unit_gap(written: str) -> str:
+    """The space between number and unit in a written size (``"23 mm"`` → ``" "``, ``"23mm"`` → ``""``)."""
+    return " " if re.search(r"\d\s+(?:mm|cm)$", written, re.IGNORECASE) else ""
+
+
 def restate_size(text: str, stated_mm: Sequence[float], target_mm: Sequence[float]) -> str | None:
     """The beginning of ``text`` up to its stated size, with the size rewritten to ``target_mm``.
 
@@ -154,8 +164,7 @@ def restate_size(text: str, stated_mm: Sequence[float], target_mm: Sequence[floa
     written = text[size.start : size.end]
     unit = written[-2:]
     body = " x ".join(new) if len(new) == 2 else new[0]
-    spaced = " " if re.search(r"\d\s+(mm|cm)$", written, re.IGNORECASE) else ""
-    return f"{text[: size.start]}{body}{spaced}{unit}"
+    return f"{text[: size.start]}{body}{_unit_gap(written)}{unit}"
 
 
 def restate_lobe(text: str, stated: str, target: str) -> str | None:
@@ -182,8 +191,7 @@ def restate_lobe(text: str, stated: str, target: str) -> str | None:
     for m in LP.LOBE_SIDE_RE.finditer(text):
         side = "R" if m.group("side").lower().startswith("r") else "L"
         if LP.LOBE_CODE.get((side, m.group("pos").lower())) == stated and m.group(0).lower().endswith("lobe"):
-            words = LP.LOBE_NAMES[target]
-            hits.append((m.start(), m.end(), words[0].upper() + words[1:] if m.group(0)[0].isupper() else words))
+            hits.append((m.start(), m.end(), _capital_like(m.group(0), LP.LOBE_NAMES[target])))
     if not hits:
         return None
     start, _, new = min(hits)
@@ -220,13 +228,7 @@ def restate_type(text: str, stated: str, target: str) -> str | None:
     m = TYPE_PHRASES[stated].search(text)
     if m is None:
         return None
-    word = TYPE_WORDS[target]
-    return f"{text[: m.start()]}{word[0].upper() + word[1:] if m.group(0)[0].isupper() else word}"
-
-
-def _capital_like(written: str, word: str) -> str:
-    """``word`` with an initial capital when ``written`` starts with one."""
-    return word[0].upper() + word[1:] if written[:1].isupper() else word
+    return f"{text[: m.start()]}{_capital_like(m.group(0), TYPE_WORDS[target])}"
 
 
 def restate_lung_rads(text: str, stated: str, target: str) -> str | None:
@@ -314,8 +316,8 @@ def comparison_words(f: Finding, text: str) -> str | None:
     if f.growth_mm > 1.5:
         m = SIZE_RE.search(text)
         written, unit = (m.group("a"), m.group("unit").lower()) if m else ("0", "mm")
-        spaced = " " if m is None or re.search(r"\d\s+(?:mm|cm)$", m.group(0), re.IGNORECASE) else ""
-        return f"increased from {format_like(written, unit, f.prior_mean_diameter_mm)}{spaced}{unit}"
+        gap = " " if m is None else _unit_gap(m.group(0))
+        return f"increased from {format_like(written, unit, f.prior_mean_diameter_mm)}{gap}{unit}"
     return "stable"
 
 
